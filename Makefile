@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` and `make test` (each creates .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: demo test unit e2e benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/medfed simulate
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit
+
+e2e: $(VENV)/.installed
+	$(PY) -m pytest -q tests/e2e
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/baselines.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

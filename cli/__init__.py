@@ -1,0 +1,1 @@
+"""The `medfed` command line: the composition root, which may import every package."""

@@ -1,0 +1,114 @@
+"""The two baselines a reviewer always asks for, on the same config, model and training budget as a federation.
+
+* centralized: every hospital's training split pooled into one model; ``train.rounds x train.local_epochs``
+  epochs; one "round" = ``local_epochs`` epochs; evaluated after each round on every hospital's validation split
+  (selection) and on the global test set (report).
+* local: each hospital alone, the same number of epochs, its own model selected on its own validation split.
+
+Both write the same files as ``medfed simulate`` (server.runs), so results compare side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.training import configure_threads, derive_seed, make_optimizer, select_device, train_epochs
+from common.config import Config
+from common.data import ArrayDataset, SiteData, load_site, load_test_set
+from common.inference import evaluate
+from common.models import build_model
+from server.runs import RunDirectory
+from server.tracking import RunTracker, SiteRound
+
+__all__ = ["run_centralized", "run_local"]
+
+logger = logging.getLogger(__name__)
+
+
+def _sites(cfg: Config, cache_dir: Path) -> list[SiteData]:
+    return [load_site(cfg, i, cache_dir=cache_dir) for i in range(cfg.federation.hospitals)]
+
+
+def _numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _timed_eval(model: torch.nn.Module, data: ArrayDataset, cfg: Config) -> tuple[dict[str, float], float]:
+    started = time.perf_counter()
+    metrics = evaluate(model, data.images, data.labels, batch_size=cfg.train.eval_batch_size, device=select_device())
+    return metrics, time.perf_counter() - started
+
+
+def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float | None = None) -> dict:
+    """Train one model on all hospitals' training data pooled; returns the summary."""
+    t0 = t0 if t0 is not None else time.time()
+    configure_threads(cfg.federation.threads, 1)
+    sites = _sites(cfg, cache_dir)
+    info, test_set = load_test_set(cfg)
+    pooled = ArrayDataset.concat([s.train for s in sites])
+    device = select_device()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0)
+    for server_round in range(1, cfg.train.rounds + 1):
+        result = train_epochs(
+            model, pooled, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
+            spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, "centralized"),
+            optimizer=optimizer, device=device,
+        )
+        rounds: dict[str, SiteRound] = {}
+        for site in sites:
+            val, eval_s = _timed_eval(model, site.val, cfg)
+            rounds[site.site_id] = SiteRound(
+                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss, eval_s=eval_s, val=val
+            )
+        test, test_s = _timed_eval(model, test_set, cfg)
+        tracker.record_round(
+            server_round, sites=rounds, test=test, arrays=_numpy_state(model), server_s=result.seconds + test_s
+        )
+    return tracker.finish(_numpy_state(model))
+
+
+def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float | None = None) -> dict:
+    """Train each hospital's model on its own data only; returns the summary."""
+    t0 = t0 if t0 is not None else time.time()
+    configure_threads(cfg.federation.threads, 1)
+    sites = _sites(cfg, cache_dir)
+    info, test_set = load_test_set(cfg)
+    device = select_device()
+    models, optimizers = [], []
+    for site in sites:
+        torch.manual_seed(cfg.train.seed)  # every hospital starts from the same initial model, as in FedAvg
+        model = build_model(
+            cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes
+        ).to(device)
+        models.append(model)
+        optimizers.append(make_optimizer(model, cfg.train))
+    tracker = RunTracker(run_dir, mode="local", total_rounds=cfg.train.rounds, t0=t0)
+    for server_round in range(1, cfg.train.rounds + 1):
+        rounds: dict[str, SiteRound] = {}
+        for site, model, optimizer in zip(sites, models, optimizers, strict=True):
+            result = train_epochs(
+                model, site.train, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
+                spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, site.site_id),
+                optimizer=optimizer, device=device,
+            )
+            val, eval_s = _timed_eval(model, site.val, cfg)
+            test, test_s = _timed_eval(model, test_set, cfg)
+            rounds[site.site_id] = SiteRound(
+                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss,
+                train_s=result.seconds, eval_s=eval_s + test_s, val=val, test=test,
+            )
+        mean_test = {
+            key: float(np.nanmean([r.test[key] for r in rounds.values() if r.test is not None]))
+            for key in ("auc", "acc")
+        }
+        tracker.record_round(server_round, sites=rounds, test=mean_test, arrays=None)
+    return tracker.finish(None)

@@ -1,0 +1,124 @@
+"""Terminal output of runs: a live per-round progress line and the final summary table (rich)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["RoundFollower", "fmt", "print_round", "summary_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A metric for humans: fixed digits, '-' when missing or undefined."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_round(console: Console, record: Mapping[str, Any], total_rounds: int) -> None:
+    """One line per finished round: losses, federated validation and test AUC, sites, time."""
+    sites = record.get("sites") or {}
+    dropped = record.get("dropped") or []
+    val = record.get("val") or {}
+    test = record.get("test") or {}
+    console.print(
+        f"[bold]round {record.get('round')}/{total_rounds}[/] | "
+        f"loss {fmt((record.get('train') or {}).get('loss'))} | "
+        f"val AUC {fmt(val.get('auc'))} acc {fmt(val.get('acc'))} | "
+        f"test AUC {fmt(test.get('auc'))} | "
+        f"{len(sites)} sites" + (f" [red]{len(dropped)} dropped[/]" if dropped else "") + " | "
+        f"{fmt(record.get('elapsed_s'), 0)} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+class RoundFollower:
+    """Follows ``metrics.jsonl`` in a background thread and prints each new round as it lands."""
+
+    def __init__(self, metrics_path: Path, total_rounds: int, console: Console, *, skip_rounds: int = 0) -> None:
+        self.metrics_path = metrics_path
+        self.total_rounds = total_rounds
+        self.console = console
+        self.skip_rounds = skip_rounds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="medfed-progress", daemon=True)
+        self._offset = 0
+
+    def __enter__(self) -> RoundFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()  # whatever landed last
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        if not self.metrics_path.is_file():
+            return
+        with self.metrics_path.open("r", encoding="utf-8") as handle:
+            handle.seek(self._offset)
+            while True:
+                line = handle.readline()
+                if not line.endswith("\n"):
+                    break
+                self._offset = handle.tell()
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if int(record.get("round", 0)) > self.skip_rounds:
+                    print_round(self.console, record, self.total_rounds)
+
+
+def summary_table(summary: Mapping[str, Any], title: str) -> Table:
+    """The final table: best-validation and final rounds, per-site validation, timings."""
+    table = Table(title=title, show_lines=False)
+    table.add_column("")
+    table.add_column("round", justify="right")
+    for name in ("val AUC", "val acc", "test AUC", "test acc"):
+        table.add_column(name, justify="right")
+    for label in ("best", "final"):
+        entry = summary.get(label) or {}
+        val, test = entry.get("val") or {}, entry.get("test") or {}
+        table.add_row(
+            f"{label} (by val AUC)" if label == "best" else label,
+            fmt(entry.get("round")),
+            fmt(val.get("auc")),
+            fmt(val.get("acc")),
+            fmt(test.get("auc")),
+            fmt(test.get("acc")),
+        )
+    table.add_section()
+    for site_id, site in sorted((summary.get("sites") or {}).items()):
+        val, test = site.get("val") or {}, site.get("test") or {}
+        table.add_row(
+            f"{site_id} (n={fmt(site.get('n_train'))}/{fmt(site.get('n_val'))})",
+            fmt(site.get("best_round")),
+            fmt(val.get("auc")),
+            fmt(val.get("acc")),
+            fmt(test.get("auc")),
+            fmt(test.get("acc")),
+        )
+    table.caption = (
+        f"wall {fmt(summary.get('wall_s'), 1)} s, compute {fmt(summary.get('compute_s'), 1)} s, "
+        f"overhead x{fmt(summary.get('overhead'), 2)}; site rows: n=train/val images, round = its best round"
+    )
+    return table

@@ -1,0 +1,227 @@
+"""The ``medfed`` command: simulate a federation, run the baselines, show the config.
+
+Arguments after the options are Hydra overrides (``key=value``), e.g.
+``medfed simulate dataset=medmnist dataset.name=breastmnist federation.hospitals=5 train.rounds=20``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cli.display import RoundFollower, summary_table
+from cli.runtime import flower_environment
+from common.config import Config, compose_config, config_to_yaml
+from common.errors import EXIT_CODES, MedfedError
+
+__all__ = ["app", "main"]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="medfed",
+    help="Federated learning for hospitals: train one classifier together without sharing a single image.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+baseline_app = typer.Typer(help="Baselines on the same config, model and training budget as `simulate`.")
+config_app = typer.Typer(help="Inspect the composed configuration.")
+app.add_typer(baseline_app, name="baseline")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Hydra overrides, key=value (e.g. train.rounds=20).")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go (default: runs/<time>).")]
+CacheOpt = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Simulated sites' decoded-data cache (default ~/.cache/medfed).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's INFO logs.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _default_run_dir(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cache_dir(option: Path | None) -> Path:
+    from client.site import default_cache_dir
+
+    return option if option is not None else default_cache_dir()
+
+
+def _fail(exc: MedfedError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
+    from server.runs import RunDirectory
+
+    cfg = compose_config(overrides)
+    if fresh:
+        target = RunDirectory(run_dir)
+        if target.metrics_path.exists():
+            raise MedfedConfigExists(run_dir)
+        target.write_config(config_to_yaml(cfg), overrides)
+    return cfg
+
+
+class MedfedConfigExists(MedfedError):
+    """A fresh run was pointed at a directory that already holds a run."""
+
+    exit_code = 2
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            f"--run-dir {run_dir} already holds a run (metrics.jsonl exists). Continue it with "
+            f"`medfed simulate --resume {run_dir}`, or choose another --run-dir."
+        )
+
+
+def _show(summary: dict[str, Any], title: str) -> None:
+    console.print(summary_table(summary, title))
+
+
+@app.command()
+def simulate(
+    overrides: Overrides = None,
+    run_dir: RunDirOpt = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")
+    ] = None,
+    cache_dir: CacheOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
+    from cli.runtime import run_simulation
+    from server.runs import RunDirectory
+
+    _setup_logging(verbose)
+    t0 = time.time()
+    try:
+        if resume is not None:
+            if overrides:
+                raise MedfedConfigConflict()
+            target = RunDirectory(resume)
+            overrides = target.read_overrides()
+            cfg = compose_config(overrides)
+            checkpoint = target.last_checkpoint_path
+            done = 0
+            if checkpoint.is_file():
+                from common.models.weights import load_checkpoint
+
+                done = int(load_checkpoint(checkpoint)[1].get("round", 0))
+            run_path = resume
+            console.print(f"resuming [bold]{resume}[/] after round {done} of {cfg.train.rounds}")
+        else:
+            overrides = list(overrides or [])
+            run_path = run_dir or _default_run_dir("sim")
+            cfg = _prepare(overrides, run_path, fresh=True)
+            done = 0
+            console.print(
+                f"simulating [bold]{cfg.federation.hospitals}[/] hospitals on [bold]{cfg.dataset.name}[/] "
+                f"({cfg.federation.partition}), {cfg.train.rounds} rounds of {cfg.strategy.name} -> {run_path}"
+            )
+        with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console, skip_rounds=done):
+            run_simulation(
+                cfg, overrides, run_path, resume=resume is not None, cache_dir=_cache_dir(cache_dir), t0=t0,
+                verbose=verbose,
+            )
+        summary = RunDirectory(run_path).read_summary()
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
+    console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
+
+
+class MedfedConfigConflict(MedfedError):
+    """--resume was given together with overrides."""
+
+    exit_code = 2
+
+    def __init__(self) -> None:
+        super().__init__(
+            "--resume continues a run with the config it was started with; drop the overrides, or start a new "
+            "run with --run-dir."
+        )
+
+
+def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):
+    from cli.baselines import run_centralized, run_local
+    from server.runs import RunDirectory
+
+    _setup_logging(verbose)
+    t0 = time.time()
+    try:
+        overrides = list(overrides or [])
+        run_path = run_dir or _default_run_dir(kind)
+        cfg = _prepare(overrides, run_path, fresh=True)
+        console.print(
+            f"{kind} baseline on [bold]{cfg.dataset.name}[/] ({cfg.federation.hospitals} hospitals' data), "
+            f"{cfg.train.rounds} x {cfg.train.local_epochs} epochs -> {run_path}"
+        )
+        runner = run_centralized if kind == "centralized" else run_local
+        with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console):
+            summary = runner(cfg, RunDirectory(run_path), cache_dir=_cache_dir(cache_dir), t0=t0)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    _show(summary, f"medfed baseline {kind} on {cfg.dataset.name}")
+    console.print(f"outputs in {run_path}/")
+
+
+@baseline_app.command("centralized")
+def baseline_centralized(
+    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """All hospitals' training data pooled into one model (the upper reference)."""
+    _baseline("centralized", overrides, run_dir, cache_dir, verbose)
+
+
+@baseline_app.command("local")
+def baseline_local(
+    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Each hospital alone, on its own data (the lower reference)."""
+    _baseline("local", overrides, run_dir, cache_dir, verbose)
+
+
+@config_app.command("show")
+def config_show(overrides: Overrides = None) -> None:
+    """Print the composed config for these overrides (every key can be overridden)."""
+    try:
+        cfg = compose_config(list(overrides or []))
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(config_to_yaml(cfg), highlight=False, markup=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    flower_environment()
+    app(prog_name="medfed")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Launch a federation in Flower's simulation runtime (one virtual SuperNode per hospital).
+
+The run config carries the Hydra overrides, so the ServerApp and every ClientApp compose the same typed config.
+Flower's public ``run_simulation`` cannot carry a run config, so this launches the runtime the way Flower's own
+``flwr-simulation`` process does: a ``Run`` whose app directory holds the run config as the app's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import keys
+from common.config import Config, run_config_from_overrides
+
+__all__ = ["flower_environment", "run_simulation"]
+
+logger = logging.getLogger(__name__)
+
+_APP_TOML = """[project]
+name = "medfed-simulation"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def flower_environment() -> None:
+    """Environment every medfed process sets before Flower starts: no telemetry, no update checks."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_app_dir(directory: Path, run_config: Mapping[str, Any]) -> None:
+    body = "\n".join(f'"{key}" = {_toml_value(value)}' for key, value in run_config.items())
+    (directory / "pyproject.toml").write_text(_APP_TOML.format(config=body), encoding="utf-8")
+
+
+def run_simulation(
+    cfg: Config,
+    overrides: Sequence[str],
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    cache_dir: Path,
+    t0: float | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run the ServerApp and ``federation.hospitals`` ClientApps in Flower's simulation runtime (blocking)."""
+    flower_environment()
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    flwr_logger = logging.getLogger("flwr")  # Flower sets its own level and handler on import
+    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    flwr_logger.propagate = False
+
+    run_config = run_config_from_overrides(
+        overrides,
+        **{
+            keys.RUN_DIR: str(run_dir.resolve()),
+            keys.RUN_MODE: "simulation",
+            keys.RUN_RESUME: resume,
+            keys.RUN_T0: float(t0 if t0 is not None else time.time()),
+            keys.RUN_CACHE_DIR: str(cache_dir.resolve()),
+        },
+    )
+    cores = os.cpu_count() or 1
+    parallel = max(1, min(cfg.federation.parallel, cfg.federation.hospitals))
+    backend_config = {
+        "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False},
+    }
+    with tempfile.TemporaryDirectory(prefix="medfed-app-") as app_dir:
+        _write_app_dir(Path(app_dir), run_config)
+        # Flower creates the Run; ClientApps read the run config from the app directory's defaults, the
+        # ServerApp from this context (its run id is informational: the Grid carries the real one).
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+        _run_simulation(
+            num_supernodes=cfg.federation.hospitals,
+            exit_event=_exit_event(),
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,  # type: ignore[arg-type]
+            server_app_context=context,
+            app_dir=app_dir,
+            verbose_logging=verbose,
+        )
+
+
+def _exit_event() -> Any:
+    from flwr.supercore.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE

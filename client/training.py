@@ -1,0 +1,150 @@
+"""Local training at a hospital: pure torch + MONAI, no Flower imports.
+
+The same loop trains a hospital's model in a federated round, the pooled centralized baseline and each hospital
+alone in the local-only baseline, so every comparison uses one training core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import TrainConfig
+from common.data import ArrayDataset, AugmentedDataset, build_augmentation
+
+__all__ = [
+    "LocalTrainResult",
+    "class_weights",
+    "configure_threads",
+    "derive_seed",
+    "make_optimizer",
+    "select_device",
+    "train_epochs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """What one call of :func:`train_epochs` did (all scalars; nothing here identifies an image)."""
+
+    loss: float  # mean per-sample training loss over all epochs of this call
+    num_examples: int  # training samples (not batches): FedAvg's weight
+    steps: int
+    seconds: float
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 31-bit seed derived deterministically from the parts (run seed, round, site ...)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def select_device() -> torch.device:
+    """The hospital's GPU when it has one, else its CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_threads(threads: int, parallel: int) -> int:
+    """Set torch's intra-op threads: ``threads`` if > 0, else the cores divided among ``parallel`` trainers."""
+    count = threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(1, parallel))
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` (validated by the config schema)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weights against class imbalance: ``balanced`` = N / (C * count_c); None for ``none``.
+
+    Classes absent from this hospital's training split get weight 1 (they contribute no samples anyway).
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(labels.astype(np.int64), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(n_classes, dtype=np.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _batches(
+    data: ArrayDataset, cfg: TrainConfig, spatial_dims: int, generator: torch.Generator, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
+    if augment is None:
+        images = torch.from_numpy(data.images)
+        labels = torch.from_numpy(data.labels)
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            yield images[idx], labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(
+        AugmentedDataset(data, augment), batch_size=cfg.batch_size, shuffle=True, generator=generator
+    )
+    yield from loader
+
+
+def train_epochs(
+    model: nn.Module,
+    data: ArrayDataset,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    n_classes: int,
+    spatial_dims: int,
+    seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | None = None,
+) -> LocalTrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``data``.
+
+    A new optimizer is made unless one is passed (the centralized baseline keeps its optimizer across calls;
+    a federated round starts fresh from the global weights). Shuffling and augmentation are seeded by ``seed``.
+    """
+    if len(data) == 0:
+        raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
+    device = device or select_device()
+    model.to(device)
+    model.train()
+    optimizer = optimizer or make_optimizer(model, cfg)
+    weights = class_weights(data.labels, n_classes, cfg.class_weighting)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    started = time.perf_counter()
+    total_loss, total_seen, steps = 0.0, 0, 0
+    for epoch in range(epochs):
+        for images, labels in _batches(data, cfg, spatial_dims, generator, seed + epoch):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(labels)
+            total_seen += len(labels)
+            steps += 1
+    seconds = time.perf_counter() - started
+    return LocalTrainResult(
+        loss=total_loss / max(1, total_seen), num_examples=len(data), steps=steps, seconds=seconds
+    )

@@ -1,0 +1,380 @@
+"""Typed configuration of medfed: schemas, validation, composition and the Flower run-config bridge.
+
+The schema lives here as dataclasses registered in Hydra's ConfigStore; the values live in the YAML groups of
+``common/conf``. ``compose_config(overrides)`` turns ``key=value`` strings into a validated :class:`Config`. Every
+``__post_init__`` validates (never mutates) and raises :class:`~common.errors.ConfigError` naming the key, the bad
+value and what is allowed.
+
+Both Flower apps receive the same overrides through the run config (``RUN_CONFIG_OVERRIDES``) and compose the same
+typed config from the same tree, so the ServerApp and every ClientApp agree on the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+__all__ = [
+    "CONF_DIR",
+    "RUN_CONFIG_OVERRIDES",
+    "AugmentConfig",
+    "Config",
+    "DatasetConfig",
+    "FederationConfig",
+    "MedMNISTConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "StrategyConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "compose_config",
+    "config_to_yaml",
+    "overrides_from_run_config",
+    "register_schemas",
+    "run_config_from_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+RUN_CONFIG_OVERRIDES = "medfed-overrides"
+
+PARTITIONS = ("iid", "dirichlet", "quantity")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+CLASS_WEIGHTINGS = ("none", "balanced")
+
+
+def _choice(key: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of: {', '.join(str(a) for a in allowed)} "
+            f"(e.g. `{key}={allowed[0]}` on the command line)."
+        )
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} is out of range; it must be a finite number {bound}.")
+
+
+def _fraction(key: str, value: float, *, low_open: bool = True, high_open: bool = False) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise ConfigError(f"{key}={value!r} is out of range; it must lie in {lo}, {hi}.")
+
+
+@dataclass
+class DatasetConfig:
+    """Base of every dataset option; ``source`` picks the loader (set by the group's YAML)."""
+
+    source: str = "synthetic"
+    name: str = "synthetic"
+
+
+@dataclass
+class MedMNISTConfig(DatasetConfig):
+    """An official MedMNIST v2/v3 npz file, ``ROOT/NAME.npz`` (28 px) or ``ROOT/NAME_SIZE.npz``."""
+
+    source: str = "medmnist"
+    name: str = "pneumoniamnist"
+    root: str = "~/.medmnist"
+    size: int = 28
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("dataset.size", self.size, (28, 64, 128, 224))
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ConfigError(
+                f"dataset.name={self.name!r} is not a MedMNIST flag; use e.g. pneumoniamnist, breastmnist, "
+                "organamnist or adrenalmnist3d."
+            )
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    """An offline synthetic imaging task whose hospitals differ like scanners (intensity, contrast, noise)."""
+
+    source: str = "synthetic"
+    name: str = "synthetic"
+    n_train: int = 1200
+    n_test: int = 400
+    n_classes: int = 2
+    channels: int = 1
+    spatial_dims: int = 2
+    image_size: int = 28
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("dataset.n_train", self.n_train)
+        _positive("dataset.n_test", self.n_test)
+        if self.n_classes < 2:
+            raise ConfigError(f"dataset.n_classes={self.n_classes!r} is out of range; it must be >= 2.")
+        _choice("dataset.channels", self.channels, (1, 3))
+        _choice("dataset.spatial_dims", self.spatial_dims, (2, 3))
+        if self.image_size < 8:
+            raise ConfigError(f"dataset.image_size={self.image_size!r} is out of range; it must be >= 8.")
+
+
+@dataclass
+class ModelConfig:
+    """Which registered network to build; channels, classes and dimensionality come from the dataset."""
+
+    name: str = "smallcnn"
+    width: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("model.width", self.width)
+        _fraction("model.dropout", self.dropout, low_open=False, high_open=True)
+
+
+@dataclass
+class StrategyConfig:
+    """Which aggregation strategy the coordinator runs, and how many hospitals take part each round."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+
+    def __post_init__(self) -> None:
+        _fraction("strategy.fraction_train", self.fraction_train)
+        _fraction("strategy.fraction_evaluate", self.fraction_evaluate, low_open=False)
+        for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"strategy.{key}={value!r} is out of range; it must be >= 1.")
+
+
+@dataclass
+class FederationConfig:
+    """How the simulated federation is made: how many hospitals and how the data is split between them."""
+
+    hospitals: int = 3
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    val_fraction: float = 0.2
+    min_samples: int = 10
+    threads: int = 0  # torch threads per hospital process; 0 = all cores / parallel
+
+    parallel: int = 1  # hospitals trained at once in simulation
+
+    def __post_init__(self) -> None:
+        if self.hospitals < 1:
+            raise ConfigError(f"federation.hospitals={self.hospitals!r} is out of range; it must be >= 1.")
+        _choice("federation.partition", self.partition, PARTITIONS)
+        _positive("federation.alpha", self.alpha)
+        _fraction("federation.val_fraction", self.val_fraction, high_open=True)
+        if self.min_samples < 1:
+            raise ConfigError(f"federation.min_samples={self.min_samples!r} is out of range; it must be >= 1.")
+        if self.threads < 0:
+            raise ConfigError(f"federation.threads={self.threads!r} is out of range; use 0 (auto) or more.")
+        if self.parallel < 1:
+            raise ConfigError(f"federation.parallel={self.parallel!r} is out of range; it must be >= 1.")
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentation applied to training images (2D and 3D): flip, rotate, scale, intensity."""
+
+    enabled: bool = False
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.1
+    prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        _fraction("train.augment.flip_prob", self.flip_prob, low_open=False)
+        _fraction("train.augment.prob", self.prob, low_open=False)
+        _positive("train.augment.rotate_deg", self.rotate_deg, allow_zero=True)
+        _fraction("train.augment.scale", self.scale, low_open=False, high_open=True)
+        _fraction("train.augment.intensity", self.intensity, low_open=False, high_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """The learning recipe: rounds, local epochs, optimizer and loss; identical for federated runs and baselines."""
+
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    class_weighting: str = "none"
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"train.{key}={value!r} is out of range; it must be >= 1.")
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _fraction("train.momentum", self.momentum, low_open=False, high_open=True)
+
+
+@dataclass
+class PrivacyConfig:
+    """Privacy mechanism of the run; ``none`` for now (sample-level DP arrives with the privacy issue)."""
+
+    name: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice("privacy.name", self.name, ("none",))
+
+
+@dataclass
+class Config:
+    """The whole typed configuration of one medfed run."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy.min_train_nodes > self.federation.hospitals:
+            raise ConfigError(
+                f"strategy.min_train_nodes={self.strategy.min_train_nodes} exceeds federation.hospitals="
+                f"{self.federation.hospitals}; lower strategy.min_train_nodes or add hospitals."
+            )
+
+
+_SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig},
+    "model": {"base": ModelConfig},
+    "strategy": {"base": StrategyConfig},
+    "federation": {"base": FederationConfig},
+    "train": {"base": TrainConfig},
+    "privacy": {"base": PrivacyConfig},
+}
+
+
+def register_schemas() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent; called by :func:`compose_config`)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="medfed_schema", node=Config)
+    for group, options in _SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
+
+
+def _group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigError:
+    text = str(exc).strip()
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~")
+        if "." not in group and group in _SCHEMAS and value and f"{group}/{value}" in text:
+            return ConfigError(
+                f"{group}={value!r} is not a known {group} option; choose one of: "
+                f"{', '.join(_group_choices(group))}."
+            )
+    if "Could not override" in text or "not in struct" in text:
+        key = text.split("'")[1] if text.count("'") >= 2 else text
+        return ConfigError(
+            f"{key!r} is not a key of the medfed config (a typo, or a key of another group option). "
+            "`medfed config show` lists every key with its current value."
+        )
+    cause = exc.__cause__
+    if cause is not None and "could not be converted" in str(cause):
+        detail = str(cause).splitlines()[0]
+        full_key = next((ln.split(":", 1)[1].strip() for ln in str(cause).splitlines() if "full_key:" in ln), "")
+        return ConfigError(f"{full_key}: {detail}; give a value of that type (`medfed config show` shows the current one).")
+    detail = f" ({str(cause).splitlines()[0]})" if cause is not None else ""
+    return ConfigError(f"Invalid configuration: {text.splitlines()[0]}{detail}")
+
+
+def compose_config(overrides: Iterable[str] = ()) -> Config:
+    """Compose ``common/conf/config.yaml`` with ``key=value`` overrides into a validated :class:`Config`.
+
+    Raises:
+        ConfigError: naming the key, the bad value and the allowed values, before anything starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(
+                f"Override {override!r} is not of the form key=value (e.g. `train.rounds=20` or `dataset=medmnist`)."
+            )
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="medfed"):
+            cfg = compose(config_name="config", overrides=overrides)
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # __post_init__ raised through OmegaConf, or a type conversion failed
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise _explain_hydra_error(overrides, exc) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, ConfigError):
+            raise inner from None
+        raise _explain_hydra_error(overrides, exc) from None
+    if not isinstance(obj, Config):  # pragma: no cover - guarded by the schema in config.yaml
+        raise ConfigError("common/conf/config.yaml does not use the medfed schema.")
+    return obj
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """Render a composed config as YAML (what the run directory keeps as ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def run_config_from_overrides(overrides: Sequence[str], **extra: str | int | float | bool) -> dict[str, Any]:
+    """Flower run config carrying the Hydra overrides (a JSON list) plus scalar extras."""
+    return {RUN_CONFIG_OVERRIDES: json.dumps(list(overrides)), **extra}
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """The Hydra overrides a run config carries; an absent key means the defaults."""
+    raw = run_config.get(RUN_CONFIG_OVERRIDES, "[]")
+    try:
+        overrides = json.loads(str(raw) or "[]")
+    except json.JSONDecodeError:
+        raise ConfigError(
+            f"Run config key {RUN_CONFIG_OVERRIDES!r} is not a JSON list of key=value strings; "
+            "launch runs with `medfed simulate` or `medfed train`."
+        ) from None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"Run config key {RUN_CONFIG_OVERRIDES!r} must be a JSON list of strings.")
+    return overrides

@@ -1,0 +1,81 @@
+"""Batched inference: class probabilities and evaluation metrics of a model on an in-memory image array.
+
+Images are expected already preprocessed (float, scaled the way the model was trained), shaped
+``(N, C, H, W)`` or ``(N, C, D, H, W)``. The model runs in eval mode under ``torch.no_grad()``; the train/eval
+flag of every submodule is restored afterwards, so a training loop can call :func:`evaluate` mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.metrics import classification_metrics
+
+__all__ = ["evaluate", "predict_proba"]
+
+logger = logging.getLogger(__name__)
+
+
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Softmax class probabilities ``(N, n_classes)`` as float64 numpy.
+
+    The model is moved to ``device`` (and stays there); batches of ``images`` are sent there as float32.
+
+    Raises:
+        ValueError: ``batch_size < 1``, empty ``images``, or ``images`` without a batch and channel axis.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is out of range; it must be an int >= 1.")
+    array = np.asarray(images)
+    if array.ndim < 3:
+        raise ValueError(
+            f"images must have shape (N, C, H, W) or (N, C, D, H, W); got shape {array.shape}."
+        )
+    if array.shape[0] == 0:
+        raise ValueError("images is empty (N=0); there is nothing to predict.")
+    torch_device = torch.device(device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.to(torch_device)
+    model.eval()
+    outputs: list[np.ndarray] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, array.shape[0], batch_size):
+                batch = torch.as_tensor(array[start : start + batch_size], dtype=torch.float32, device=torch_device)
+                logits = model(batch)
+                outputs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+    return np.concatenate(outputs, axis=0)
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """:func:`~common.metrics.classification_metrics` of the model's probabilities on ``images`` vs ``labels``.
+
+    Raises:
+        ValueError: the number of labels differs from the number of images, or any error of the two functions.
+    """
+    labels_array = np.asarray(labels).reshape(-1)
+    n_images = int(np.asarray(images).shape[0]) if np.ndim(images) > 0 else 0
+    if labels_array.size != n_images:
+        raise ValueError(f"labels has {labels_array.size} entries but images has {n_images}; they must match.")
+    probs = predict_proba(model, images, batch_size=batch_size, device=device)
+    return classification_metrics(labels_array, probs)

@@ -1,0 +1,160 @@
+"""Classification metrics of medfed, in numpy only: ROC AUC, accuracy, balanced accuracy, F1, loss, and for
+binary tasks sensitivity, specificity and precision.
+
+Every function returns plain Python floats. A metric that is undefined on the given data (AUC with one class
+present, sensitivity without positives, ...) is ``nan``, never an exception: with label skew a hospital's
+validation split can hold a single class. :func:`finite_or_none` turns ``nan``/``inf`` into ``None`` for JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["EPS", "classification_metrics", "finite_or_none", "roc_auc"]
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-12
+NAN = float("nan")
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing the average of their ranks."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # rank of the last member of each tie group
+    average = ends - (counts - 1) / 2.0
+    return average[inverse.reshape(-1)]
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Binary ROC AUC by ranks (Mann-Whitney U with average ranks for ties, so a tie counts 1/2).
+
+    Args:
+        y_true: ``(N,)`` labels in {0, 1} (or bool); 1 is the positive class.
+        scores: ``(N,)`` finite scores, higher meaning more likely positive.
+
+    Returns:
+        The AUC, or ``nan`` when only one class is present.
+
+    Raises:
+        ValueError: empty input, length mismatch, labels outside {0, 1} or non-finite scores.
+    """
+    y = np.asarray(y_true).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise ValueError("roc_auc: y_true is empty; AUC needs at least one positive and one negative sample.")
+    if y.shape != s.shape:
+        raise ValueError(f"roc_auc: y_true has {y.size} entries but scores has {s.size}; they must match.")
+    if not np.isin(y, (0, 1)).all():
+        bad = np.unique(y[~np.isin(y, (0, 1))])[:5].tolist()
+        raise ValueError(f"roc_auc: y_true must hold only 0 and 1 (binary labels); got values {bad}.")
+    if not np.isfinite(s).all():
+        raise ValueError("roc_auc: scores contain nan or inf; pass finite scores.")
+    positive = y.astype(bool)
+    n_pos = int(positive.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return NAN
+    ranks = _average_ranks(s)
+    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] == 1:  # MedMNIST labels come as (N, 1)
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"y_true must have shape (N,) (or (N, 1)); got shape {y.shape}.")
+    if y.size == 0:
+        raise ValueError("Cannot compute metrics on an empty set: y_true has no samples.")
+    if p.ndim != 2 or p.shape[0] != y.size or p.shape[1] < 2:
+        raise ValueError(
+            f"probs must have shape (N, C) with N={y.size} samples and C >= 2 classes; got shape {p.shape}."
+        )
+    if not np.issubdtype(y.dtype, np.integer) and not np.issubdtype(y.dtype, np.bool_):
+        if not np.all(np.mod(y, 1) == 0):
+            raise ValueError(f"y_true must hold integer class indices; got dtype {y.dtype} with fractions.")
+    y = y.astype(np.int64)
+    n_classes = p.shape[1]
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(
+            f"y_true holds labels in [{int(y.min())}, {int(y.max())}] but probs has {n_classes} classes; "
+            f"labels must lie in [0, {n_classes - 1}]."
+        )
+    if not np.isfinite(p).all():
+        raise ValueError("probs contain nan or inf; pass finite class probabilities (softmax outputs).")
+    return y, p
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator > 0 else NAN
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Metrics of class probabilities against integer labels.
+
+    Args:
+        y_true: ``(N,)`` (or ``(N, 1)``) integer labels in ``[0, C)``.
+        probs: ``(N, C)`` class probabilities (rows summing to 1, e.g. softmax outputs); prediction = argmax.
+
+    Returns:
+        ``auc`` (binary: AUC of class 1; multi-class: macro one-vs-rest mean over the classes present, as
+        MedMNIST reports; ``nan`` when fewer than two classes are present), ``acc``, ``bal_acc`` (mean recall over
+        classes present in ``y_true``), ``f1`` (macro over classes present in ``y_true`` or predicted), ``n``,
+        ``loss`` (mean cross-entropy of the true class, probabilities clipped at 1e-12), and for ``C == 2`` also
+        ``sensitivity``, ``specificity`` and ``precision`` of class 1 (``nan`` when undefined). All Python floats.
+
+    Raises:
+        ValueError: empty input or inconsistent shapes / labels.
+    """
+    y, p = _check_inputs(y_true, probs)
+    n, n_classes = p.shape
+    pred = p.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)  # rows: truth, columns: prediction
+    np.add.at(confusion, (y, pred), 1)
+    true_counts = confusion.sum(axis=1)
+    pred_counts = confusion.sum(axis=0)
+    tp = np.diag(confusion)
+
+    present = np.flatnonzero(true_counts > 0)
+    union = np.flatnonzero((true_counts > 0) | (pred_counts > 0))
+    recall = tp[present] / true_counts[present]
+    f1 = 2 * tp[union] / (true_counts[union] + pred_counts[union])
+
+    if n_classes == 2:
+        auc = roc_auc(y == 1, p[:, 1])
+    elif present.size < 2:
+        auc = NAN
+    else:
+        auc = float(np.mean([roc_auc(y == c, p[:, c]) for c in present]))
+
+    true_prob = np.clip(p[np.arange(n), y], EPS, 1.0)
+    metrics: dict[str, float] = {
+        "auc": float(auc),
+        "acc": float(tp.sum() / n),
+        "bal_acc": float(recall.mean()),
+        "f1": float(f1.mean()),
+        "n": float(n),
+        "loss": float(-np.log(true_prob).mean()),
+    }
+    if n_classes == 2:
+        tn, fp, fn, tp1 = (int(v) for v in confusion.reshape(-1))
+        metrics["sensitivity"] = _ratio(tp1, tp1 + fn)
+        metrics["specificity"] = _ratio(tn, tn + fp)
+        metrics["precision"] = _ratio(tp1, tp1 + fp)
+    return metrics
+
+
+def finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """Copy of ``metrics`` with ``nan``/``inf`` replaced by ``None`` (JSON has no nan), values as Python floats."""
+    out: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        number = float(value)
+        out[key] = number if math.isfinite(number) else None
+    return out

@@ -1,0 +1,124 @@
+"""Registry of the networks medfed can build, by name.
+
+Model modules register a factory with :func:`register_model`; :func:`build_model` maps a
+:class:`~common.config.ModelConfig` plus the dataset's geometry to a ``torch.nn.Module``. Names come from the
+(possibly remote) configuration, so only registered factories can ever be built: nothing is imported or
+instantiated from a string. The built-in models register themselves when ``common.models`` is imported, which
+happens before this module runs (it is a submodule of that package), so callers never import them by hand.
+
+A factory has the keyword-only signature
+``factory(*, spatial_dims, in_channels, n_classes, width, dropout) -> nn.Module`` and returns a module whose
+``forward`` maps ``(B, in_channels, *spatial)`` to logits ``(B, n_classes)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from common.config import ModelConfig
+
+__all__ = ["ModelFactory", "available_models", "build_model", "register_model"]
+
+logger = logging.getLogger(__name__)
+
+SPATIAL_DIMS = (2, 3)
+
+
+class ModelFactory(Protocol):
+    """Signature every registered factory implements."""
+
+    def __call__(
+        self, *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float
+    ) -> nn.Module: ...
+
+
+F = TypeVar("F", bound=Callable[..., "nn.Module"])
+
+# The one module-level mutable object: filled by @register_model when the model modules are imported.
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Decorator registering a model factory under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is empty or already taken by a different factory.
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"register_model(name={name!r}): the name must be a non-empty string without spaces.")
+
+    def decorator(factory: F) -> F:
+        existing = _REGISTRY.get(name)
+        if existing is not None and _qualified(existing) != _qualified(factory):
+            raise ValueError(
+                f"Model name {name!r} is already registered by {_qualified(existing)}; "
+                f"cannot register {_qualified(factory)} under the same name. Pick another name."
+            )
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def _qualified(factory: Callable[..., object]) -> str:
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+
+
+def available_models() -> list[str]:
+    """Names of every registered model, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _check_int(key: str, value: object, *, allowed: tuple[int, ...] = (), minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} is not an integer; it must be an int.")
+    if allowed and value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(map(str, allowed))}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value!r} is out of range; it must be >= {minimum}.")
+
+
+def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_classes: int) -> nn.Module:
+    """Build the registered network ``cfg.name`` for images with the given geometry.
+
+    Args:
+        cfg: model name, width and dropout.
+        spatial_dims: 2 for images ``(B, C, H, W)``, 3 for volumes ``(B, C, D, H, W)``.
+        in_channels: image channels (1 grey, 3 RGB).
+        n_classes: number of output logits, >= 2 (binary tasks use two logits and softmax).
+
+    Raises:
+        ConfigError: unknown model name (listing the choices) or an out-of-range argument.
+    """
+    if cfg.name not in _REGISTRY:
+        raise ConfigError(
+            f"model.name={cfg.name!r} is not a registered model; choose one of: {', '.join(available_models())}."
+        )
+    _check_int("spatial_dims", spatial_dims, allowed=SPATIAL_DIMS)
+    _check_int("in_channels", in_channels, minimum=1)
+    _check_int("n_classes", n_classes, minimum=2)
+    model = _REGISTRY[cfg.name](
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        n_classes=n_classes,
+        width=cfg.width,
+        dropout=cfg.dropout,
+    )
+    logger.debug(
+        "Built model %s (spatial_dims=%d, in_channels=%d, n_classes=%d, width=%d, dropout=%s): %d parameters",
+        cfg.name,
+        spatial_dims,
+        in_channels,
+        n_classes,
+        cfg.width,
+        cfg.dropout,
+        sum(p.numel() for p in model.parameters()),
+    )
+    return model

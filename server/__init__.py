@@ -1,0 +1,1 @@
+"""The coordinator side of medfed: the Flower ServerApp and run directories."""

@@ -1,0 +1,132 @@
+"""The Flower ServerApp of the coordinator: builds the strategy from config, runs rounds, records everything.
+
+Every round: hospitals train, the strategy aggregates, hospitals evaluate the new global model on their local
+validation splits (weighted and per site), the ServerApp evaluates it on the global test set when it has one
+(simulation), checkpoints it and appends one line to ``RUN_DIR/metrics.jsonl``. ``resume`` continues a stopped run
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common import keys
+from common.config import Config, compose_config, config_to_yaml, overrides_from_run_config
+from common.data import load_test_set
+from common.errors import ConfigError
+from common.inference import evaluate
+from common.models import build_model
+from server.runs import RunDirectory
+from server.tracking import RunTracker, SiteRound
+from strategies import ObservedStrategy, RoundObservations, build_strategy
+
+__all__ = ["app", "site_rounds"]
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def site_rounds(observed: RoundObservations) -> dict[str, SiteRound]:
+    """Turn what the hospitals reported in a round into per-site records."""
+    sites: dict[str, SiteRound] = {}
+    for site_id, metrics in observed.train.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
+        site.train_loss = metrics.get(keys.TRAIN_LOSS)
+        site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
+    for site_id, metrics in observed.evaluate.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
+        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
+        prefix = keys.EVAL_PREFIX
+        site.val = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return sites
+
+
+def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in arrays.to_torch_state_dict().items()}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured number of federated rounds (or the rest of them, when resuming)."""
+    overrides = overrides_from_run_config(context.run_config)
+    cfg: Config = compose_config(overrides)
+    if keys.RUN_DIR not in context.run_config:
+        raise ConfigError(f"Run config lacks {keys.RUN_DIR!r}; launch runs with `medfed simulate` or `medfed train`.")
+    run_dir = RunDirectory(Path(str(context.run_config[keys.RUN_DIR])))
+    t0 = float(context.run_config.get(keys.RUN_T0, time.time()))
+    simulation = context.run_config.get(keys.RUN_MODE, "simulation") == "simulation"
+
+    info, test_set = load_test_set(cfg) if simulation else (None, None)
+    if info is None:
+        raise ConfigError("Deployment runs are not supported yet: the coordinator needs the dataset's shape.")
+    model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+
+    start_round, tracker_state = 0, None
+    if context.run_config.get(keys.RUN_RESUME):
+        checkpoint = run_dir.load_last_checkpoint()
+        if checkpoint is not None:
+            arrays_np, meta = checkpoint
+            model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays_np.items()})
+            start_round = int(meta["round"])
+            tracker_state = meta.get("tracker")
+            run_dir.truncate_metrics(start_round)
+            logger.info("resuming %s after round %d", run_dir.path.name, start_round)
+    else:
+        run_dir.write_config(config_to_yaml(cfg), overrides)
+    remaining = cfg.train.rounds - start_round
+
+    tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state)
+    strategy = ObservedStrategy(build_strategy(cfg.strategy), round_offset=start_round)
+    device = torch.device("cpu")
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        started = time.perf_counter()
+        state = _state_dict(arrays)
+        test_metrics = None
+        if test_set is not None:
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+            test_metrics = evaluate(
+                model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
+            )
+        server_s = time.perf_counter() - started
+        if server_round == 0:
+            if start_round == 0:  # initial model, before any training: reported, never selected
+                logger.info("initial test metrics: %s", test_metrics)
+            return None
+        observed = strategy.take_observations()
+        dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
+        tracker.record_round(
+            server_round + start_round,
+            sites=site_rounds(observed),
+            test=test_metrics,
+            arrays=state,
+            server_s=server_s,
+            dropped=dropped,
+        )
+        return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
+
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=remaining,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate_round,
+        )
+        final_arrays = _state_dict(result.arrays) if result.arrays is not None else None
+    else:
+        final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    summary = tracker.finish(final_arrays)
+    logger.info("run finished: best round %s", (summary.get("best") or {}).get("round"))

@@ -1,0 +1,158 @@
+"""The run directory: the contract every run (federated or baseline) writes and reviewers rely on.
+
+```
+RUN_DIR/config.yaml        the resolved config
+RUN_DIR/overrides.json     the command-line overrides it was composed from (used by --resume)
+RUN_DIR/metrics.jsonl      one JSON line per round
+RUN_DIR/summary.json       best round (by federated validation AUC), final round, per-site entries, timings
+RUN_DIR/model.pt           the final model weights
+RUN_DIR/best_model.pt      the weights of the best-validation round
+RUN_DIR/checkpoints/last.pt  the latest round's weights and tracker state (for --resume)
+```
+Every file is written atomically (temp file + rename), so a crash never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import ConfigError
+from common.models.weights import load_checkpoint, save_checkpoint
+
+__all__ = ["RunDirectory", "json_safe"]
+
+logger = logging.getLogger(__name__)
+
+
+def json_safe(value: Any) -> Any:
+    """Recursively replace nan/inf by None and numpy scalars by Python numbers (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    """Reads and writes one run's files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def overrides_path(self) -> Path:
+        return self.path / "overrides.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.path / "best_model.pt"
+
+    @property
+    def last_checkpoint_path(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    # --- config --------------------------------------------------------------------------------------------------
+    def write_config(self, config_yaml: str, overrides: Sequence[str]) -> None:
+        """Keep the resolved config and the overrides it came from."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.config_path, config_yaml)
+        _atomic_write_text(self.overrides_path, json.dumps(list(overrides), indent=1) + "\n")
+
+    def read_overrides(self) -> list[str]:
+        """The overrides a run was started with (``--resume`` composes the same config from them)."""
+        if not self.overrides_path.is_file():
+            raise ConfigError(
+                f"{self.path.name}/overrides.json is missing: this is not a medfed run directory, or it was "
+                "created by another tool. Start a new run with `medfed simulate --run-dir DIR`."
+            )
+        overrides = json.loads(self.overrides_path.read_text(encoding="utf-8"))
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{self.path.name}/overrides.json must hold a JSON list of key=value strings.")
+        return overrides
+
+    # --- metrics -------------------------------------------------------------------------------------------------
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one round's record as a strict-JSON line and flush it to disk."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete line of metrics.jsonl (a torn last line from a crash is ignored)."""
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("ignoring a torn line in %s", self.metrics_path.name)
+        return records
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop lines of rounds after ``last_round`` (written after the last checkpoint, before a crash)."""
+        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    # --- summary and weights -------------------------------------------------------------------------------------
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        _atomic_write_text(self.summary_path, json.dumps(json_safe(summary), indent=2, sort_keys=True) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def save_weights(self, path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, arrays, json_safe(meta))
+
+    def load_last_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The latest checkpoint's weights and metadata, or None when the run has none yet."""
+        if not self.last_checkpoint_path.is_file():
+            return None
+        arrays, meta = load_checkpoint(self.last_checkpoint_path)
+        return dict(arrays), meta

@@ -1,0 +1,232 @@
+"""Per-round bookkeeping shared by federated runs and baselines: metrics lines, model selection, checkpoints.
+
+Model selection uses validation data only. The best round is the one with the best federated validation AUC
+(the sample-weighted mean over hospitals whose validation split has both classes); when no round has a defined
+AUC (every validation split holds one class) the lowest validation loss decides. The test set is only ever
+*reported* at the selected round, never used to select.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.runs import RunDirectory
+
+__all__ = ["RunTracker", "SiteRound", "selection_key", "weighted_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRound:
+    """One hospital's scalars in one round (any of them may be missing when the site dropped out)."""
+
+    n_train: int | None = None
+    n_val: int | None = None
+    train_loss: float | None = None
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] | None = None  # only for the local-only baseline (each site's own model)
+
+    def as_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss}
+        record["val"] = dict(self.val)
+        if self.test is not None:
+            record["test"] = dict(self.test)
+        return record
+
+
+def weighted_metrics(sites: Mapping[str, SiteRound]) -> dict[str, float]:
+    """Validation metrics averaged over sites weighted by validation size, each skipping sites where undefined."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for site in sites.values():
+        w = float(site.n_val or 0)
+        for key, value in site.val.items():
+            sums.setdefault(key, 0.0)
+            weights.setdefault(key, 0.0)
+            if w > 0 and value is not None and math.isfinite(value):
+                sums[key] += w * value
+                weights[key] += w
+    return {k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in sums}
+
+
+def selection_key(val: Mapping[str, float]) -> tuple[int, float]:
+    """Order rounds for model selection: any defined AUC beats none; then higher AUC, else lower loss."""
+    auc = val.get("auc", math.nan)
+    if auc is not None and math.isfinite(auc):
+        return (1, float(auc))
+    loss = val.get("loss", math.nan)
+    return (0, -float(loss)) if loss is not None and math.isfinite(loss) else (0, -math.inf)
+
+
+def _mean_min_max(values: list[float]) -> dict[str, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(np.mean(finite)), "min": float(np.min(finite)), "max": float(np.max(finite))}
+
+
+class RunTracker:
+    """Writes metrics.jsonl, checkpoints and summary.json of one run; resumable from its own state."""
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        *,
+        mode: str,
+        total_rounds: int,
+        t0: float,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.mode = mode
+        self.total_rounds = total_rounds
+        self.t0 = t0
+        state = dict(state or {})
+        self.compute_s: float = float(state.get("compute_s", 0.0))
+        self.wall_before_s: float = float(state.get("wall_s", 0.0))  # wall time of earlier sessions (resume)
+        self.best: dict[str, Any] | None = state.get("best")
+        self.site_best: dict[str, dict[str, Any]] = dict(state.get("site_best", {}))
+        self.site_sizes: dict[str, dict[str, int | None]] = dict(state.get("site_sizes", {}))
+        self.last: dict[str, Any] | None = state.get("last")
+        self.dropped_total: int = int(state.get("dropped_total", 0))
+
+    # --- state ---------------------------------------------------------------------------------------------------
+    def wall_s(self) -> float:
+        return self.wall_before_s + (time.time() - self.t0)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "compute_s": self.compute_s,
+            "wall_s": self.wall_s(),
+            "best": self.best,
+            "site_best": self.site_best,
+            "site_sizes": self.site_sizes,
+            "last": self.last,
+            "dropped_total": self.dropped_total,
+            "mode": self.mode,
+        }
+
+    # --- rounds --------------------------------------------------------------------------------------------------
+    def record_round(
+        self,
+        server_round: int,
+        *,
+        sites: Mapping[str, SiteRound],
+        test: Mapping[str, float] | None,
+        arrays: Mapping[str, np.ndarray] | None,
+        server_s: float = 0.0,
+        dropped: list[dict[str, str]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a finished round: update selection, checkpoint, then append its metrics line."""
+        dropped = list(dropped or [])
+        round_compute = server_s + sum(s.train_s + s.eval_s for s in sites.values())
+        self.compute_s += round_compute
+        self.dropped_total += len(dropped)
+        val = weighted_metrics(sites)
+        train_losses = [(s.train_loss, s.n_train or 0) for s in sites.values() if s.train_loss is not None]
+        total = sum(n for _, n in train_losses)
+        train_loss = sum(v * n for v, n in train_losses) / total if total > 0 else math.nan
+        record: dict[str, Any] = {
+            "round": server_round,
+            "mode": self.mode,
+            "train": {"loss": train_loss},
+            "val": val,
+            "test": dict(test) if test is not None else None,
+            "sites": {site_id: s.as_record() for site_id, s in sorted(sites.items())},
+            "dropped": dropped,
+            "round_compute_s": round_compute,
+            "compute_s": self.compute_s,
+            "elapsed_s": self.wall_s(),
+        }
+        if extra:
+            record.update(extra)
+
+        for site_id, s in sites.items():
+            sizes = self.site_sizes.setdefault(site_id, {"n_train": None, "n_val": None})
+            sizes["n_train"] = s.n_train if s.n_train is not None else sizes["n_train"]
+            sizes["n_val"] = s.n_val if s.n_val is not None else sizes["n_val"]
+            if s.val and (
+                site_id not in self.site_best
+                or selection_key(s.val) > selection_key(self.site_best[site_id]["val"])
+            ):
+                self.site_best[site_id] = {"round": server_round, "val": dict(s.val), "test": s.test}
+
+        improved = self.best is None or selection_key(val) > selection_key(self.best["val"])
+        if improved and (val or test is not None):
+            self.best = {"round": server_round, "val": val, "test": dict(test) if test is not None else None}
+            if arrays is not None:
+                self.run_dir.save_weights(self.run_dir.best_model_path, arrays, {"round": server_round})
+        self.last = {"round": server_round, "val": val, "test": dict(test) if test is not None else None}
+        self.last_sites = {site_id: s.as_record() for site_id, s in sites.items()}
+        if arrays is not None:
+            self.run_dir.save_weights(
+                self.run_dir.last_checkpoint_path, arrays, {"round": server_round, "tracker": self.state()}
+            )
+        self.run_dir.append_metrics(record)
+        return record
+
+    # --- end -----------------------------------------------------------------------------------------------------
+    def finish(
+        self, arrays: Mapping[str, np.ndarray] | None, *, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write the final weights and summary.json; return the summary."""
+        if arrays is not None:
+            self.run_dir.save_weights(self.run_dir.model_path, arrays, {"round": (self.last or {}).get("round")})
+        wall = self.wall_s()
+        sites: dict[str, Any] = {}
+        for site_id in sorted(set(self.site_sizes) | set(self.site_best)):
+            entry: dict[str, Any] = dict(self.site_sizes.get(site_id, {}))
+            best_round = self.best["round"] if self.best else None
+            # federated: a site's validation metrics at the federation's best round; local: at its own best round
+            entry["val"] = self._site_val_at(site_id, best_round) if self.mode != "local" else {}
+            if site_id in self.site_best:
+                entry["best_round"] = self.site_best[site_id]["round"]
+                if self.mode == "local":
+                    entry["val"] = self.site_best[site_id]["val"]
+                    entry["test"] = self.site_best[site_id]["test"]
+            sites[site_id] = entry
+        summary: dict[str, Any] = {
+            "mode": self.mode,
+            "rounds": (self.last or {}).get("round", 0),
+            "planned_rounds": self.total_rounds,
+            "best": self.best,
+            "final": self.last,
+            "sites": sites,
+            "wall_s": wall,
+            "compute_s": self.compute_s,
+            "overhead": wall / self.compute_s if self.compute_s > 0 else math.nan,
+            "dropped": self.dropped_total,
+        }
+        if self.mode == "local":
+            # each hospital alone: its own model, selected at its own best-validation round
+            auc = _mean_min_max([(s.get("test") or {}).get("auc", math.nan) for s in sites.values()])
+            acc = _mean_min_max([(s.get("test") or {}).get("acc", math.nan) for s in sites.values()])
+            summary["local"] = {"test_auc": auc, "test_acc": acc}
+            summary["best"] = {
+                "round": None,
+                "val": {"auc": _mean_min_max([(s.get("val") or {}).get("auc", math.nan) for s in sites.values()])["mean"]},
+                "test": {"auc": auc["mean"], "acc": acc["mean"]},
+            }
+        if extra:
+            summary.update(extra)
+        self.run_dir.write_summary(summary)
+        return summary
+
+    def _site_val_at(self, site_id: str, server_round: int | None) -> dict[str, float]:
+        if server_round is None:
+            return {}
+        for record in reversed(self.run_dir.read_metrics()):
+            if record.get("round") == server_round:
+                return dict((record.get("sites", {}).get(site_id) or {}).get("val") or {})
+        return {}

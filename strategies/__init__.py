@@ -1,0 +1,14 @@
+"""Aggregation strategies: Flower's Message-API strategies by name, plus medfed's wrappers."""
+
+from strategies.metrics import weighted_mean_ignoring_nan
+from strategies.observed import ObservedStrategy, RoundObservations, SiteDrop
+from strategies.registry import available_strategies, build_strategy
+
+__all__ = [
+    "ObservedStrategy",
+    "RoundObservations",
+    "SiteDrop",
+    "available_strategies",
+    "build_strategy",
+    "weighted_mean_ignoring_nan",
+]

@@ -1,0 +1,112 @@
+"""A wrapper that lets the ServerApp see each hospital's reply without changing how a strategy aggregates.
+
+``ObservedStrategy`` delegates every decision to the wrapped Flower strategy (sampling, aggregation, its state)
+and records, per round, each site's scalar metrics and which hospitals failed or dropped out. It also shifts the
+round number by ``round_offset`` so that a resumed run continues counting where it stopped (per-round values
+such as ``server-round`` stay absolute).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import keys
+
+__all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteDrop:
+    """A hospital that was asked to take part in a round but sent no usable reply."""
+
+    site_id: str
+    phase: str  # "train" or "evaluate"
+    reason: str
+
+
+@dataclass
+class RoundObservations:
+    """What the hospitals reported in one round, by site id."""
+
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    dropped: list[SiteDrop] = field(default_factory=list)
+
+
+class ObservedStrategy(Strategy):
+    """Delegate to ``inner``; remember each site's metrics and failures of the current round."""
+
+    def __init__(self, inner: Strategy, *, round_offset: int = 0) -> None:
+        self.inner = inner
+        self.round_offset = round_offset
+        self.current = RoundObservations()
+        self._site_of_node: dict[int, str] = {}
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------
+    def take_observations(self) -> RoundObservations:
+        """Return the observations of the round just finished and start a fresh record."""
+        observed, self.current = self.current, RoundObservations()
+        return observed
+
+    def _site_id(self, msg: Message) -> str:
+        node_id = msg.metadata.src_node_id
+        if not msg.has_error():
+            for record in msg.content.config_records.values():
+                site = record.get(keys.SITE_ID)
+                if isinstance(site, str) and site:
+                    self._site_of_node[node_id] = site
+        return self._site_of_node.get(node_id, f"node-{node_id}")
+
+    def _observe(self, replies: list[Message], phase: str) -> dict[str, dict[str, float]]:
+        seen: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            site = self._site_id(msg)
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                self.current.dropped.append(SiteDrop(site_id=site, phase=phase, reason=reason))
+                logger.warning("%s did not complete %s: %s", site, phase, reason)
+                continue
+            metrics: dict[str, float] = {}
+            for record in msg.content.metric_records.values():
+                metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
+            seen[site] = metrics
+        return seen
+
+    # --- Strategy interface (delegation) ------------------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask the wrapped strategy, with the absolute round number."""
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record each site's training metrics, then aggregate with the wrapped strategy."""
+        replies = list(replies)
+        self.current.train = self._observe(replies, "train")
+        return self.inner.aggregate_train(server_round + self.round_offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask the wrapped strategy, with the absolute round number."""
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each site's validation metrics, then aggregate with the wrapped strategy."""
+        replies = list(replies)
+        self.current.evaluate = self._observe(replies, "evaluate")
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)

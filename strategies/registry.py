@@ -1,0 +1,63 @@
+"""Registry of aggregation strategies by name (``strategy=<name>`` in Hydra).
+
+Names map to factories; nothing that arrives over the network is ever imported or instantiated. Every factory
+builds one of Flower's Message-API strategies (``flwr.serverapp.strategy``) from a :class:`StrategyConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from common import keys
+from common.config import StrategyConfig
+from common.errors import ConfigError
+from strategies.metrics import weighted_mean_ignoring_nan
+
+__all__ = ["StrategyFactory", "available_strategies", "build_strategy"]
+
+logger = logging.getLogger(__name__)
+
+StrategyFactory = Callable[[StrategyConfig], Strategy]
+
+
+def _fedavg(cfg: StrategyConfig) -> Strategy:
+    return FedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        weighted_by_key=keys.NUM_EXAMPLES,
+        arrayrecord_key=keys.ARRAYS,
+        configrecord_key=keys.CONFIG,
+        train_metrics_aggr_fn=weighted_mean_ignoring_nan,
+        evaluate_metrics_aggr_fn=weighted_mean_ignoring_nan,
+    )
+
+
+_FACTORIES: dict[str, StrategyFactory] = {
+    "fedavg": _fedavg,
+}
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by ``strategy.name``."""
+    return sorted(_FACTORIES)
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    """Build the named strategy.
+
+    Raises:
+        ConfigError: if ``cfg.name`` is not registered (the message lists the choices).
+    """
+    factory = _FACTORIES.get(cfg.name)
+    if factory is None:
+        raise ConfigError(
+            f"strategy.name={cfg.name!r} is not a registered strategy; choose one of: "
+            f"{', '.join(available_strategies())}."
+        )
+    return factory(cfg)

@@ -1,0 +1,75 @@
+"""Shared test fixtures: Flower environment, the shared MedMNIST files, Flower message builders."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Set before any test imports flwr: no telemetry, no update checks.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def medmnist_dir() -> Path:
+    """Where the shared MedMNIST npz files live (MEDFED_DATA_DIR overrides)."""
+    env = os.environ.get("MEDFED_DATA_DIR")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data" / "medmnist")
+
+
+@pytest.fixture(autouse=True)
+def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets a temporary FLWR_HOME, so nothing touches the user's Flower state."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared MedMNIST folder; tests that need it skip with a reason when it is absent."""
+    path = medmnist_dir()
+    if not (path / "breastmnist.npz").is_file():
+        pytest.skip(f"shared MedMNIST data not found at {path} (set MEDFED_DATA_DIR)")
+    return path
+
+
+def instruction(content, message_type: str, *, dst_node_id: int = 7, message_id: str = "m-1"):
+    """A Message as the ServerApp would send it to a node (built with explicit metadata, no SuperLink)."""
+    from flwr.app import DEFAULT_TTL, Message, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=0,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=message_type,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def reply(content, *, src_node_id: int, message_type: str = "train", error=None):
+    """A Message as a node would reply (for strategy tests with mocked replies)."""
+    from flwr.app import DEFAULT_TTL, Message, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"r-{src_node_id}",
+        src_node_id=src_node_id,
+        dst_node_id=0,
+        reply_to_message_id="m-1",
+        group_id="1",
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=message_type,
+    )
+    if error is not None:
+        return Message(error, metadata=metadata)
+    return Message(content=content, metadata=metadata)

@@ -1,0 +1,109 @@
+"""FedAvg through medfed's registry and observer: sample-weighted averages computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+
+from common import keys
+from common.config import StrategyConfig
+from common.errors import ConfigError
+from strategies import ObservedStrategy, available_strategies, build_strategy, weighted_mean_ignoring_nan
+from tests.conftest import reply
+
+
+def _train_reply(node: int, site: str, weights: list[np.ndarray], n: int, loss: float):
+    content = RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord(weights),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: loss}),
+            keys.SITE: ConfigRecord({keys.SITE_ID: site}),
+        }
+    )
+    return reply(content, src_node_id=node)
+
+
+def test_fedavg_weights_by_number_of_samples():
+    # Prepare: two hospitals, 10 and 30 samples
+    strategy = ObservedStrategy(build_strategy(StrategyConfig()))
+    replies = [
+        _train_reply(1, "hospital-0", [np.array([1.0, 2.0]), np.array([[0.0]])], 10, 1.0),
+        _train_reply(2, "hospital-1", [np.array([5.0, 6.0]), np.array([[4.0]])], 30, 3.0),
+    ]
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: (10*x0 + 30*x1) / 40, by hand
+    got = arrays.to_numpy_ndarrays()
+    np.testing.assert_allclose(got[0], [4.0, 5.0])
+    np.testing.assert_allclose(got[1], [[3.0]])
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+    observed = strategy.take_observations()
+    assert set(observed.train) == {"hospital-0", "hospital-1"}
+    assert observed.train["hospital-1"][keys.NUM_EXAMPLES] == 30
+
+
+def test_failed_hospital_is_recorded_and_the_others_are_averaged():
+    # Prepare
+    strategy = ObservedStrategy(build_strategy(StrategyConfig()))
+    ok = _train_reply(1, "hospital-0", [np.array([2.0])], 5, 0.5)
+    failed = reply(None, src_node_id=2, error=Error(code=0, reason="SiteFailure: out of memory"))
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(3, [ok, failed])
+
+    # Assert
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [2.0])
+    observed = strategy.take_observations()
+    assert [(d.site_id, d.phase) for d in observed.dropped] == [("node-2", "train")]
+    assert "out of memory" in observed.dropped[0].reason
+    assert strategy.take_observations().dropped == []  # a fresh record per round
+
+
+def test_nan_metric_of_one_site_does_not_poison_the_federation():
+    # Prepare: hospital-1's validation split holds one class, so its AUC is undefined
+    records = [
+        RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, "val-auc": 0.8, "val-acc": 0.5})}),
+        RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 30, "val-auc": math.nan, "val-acc": 0.9})}),
+    ]
+
+    # Execute
+    agg = weighted_mean_ignoring_nan(records, keys.NUM_EXAMPLES)
+
+    # Assert
+    assert agg["val-auc"] == pytest.approx(0.8)  # only the site where it is defined votes
+    assert agg["val-acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert keys.NUM_EXAMPLES not in agg
+
+
+def test_metric_undefined_everywhere_stays_nan():
+    records = [RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3, "val-auc": math.nan})})]
+    assert math.isnan(weighted_mean_ignoring_nan(records, keys.NUM_EXAMPLES)["val-auc"])
+
+
+def test_round_offset_reaches_the_wrapped_strategy():
+    # Prepare
+    seen = {}
+
+    class Spy(type(build_strategy(StrategyConfig()))):
+        def configure_train(self, server_round, arrays, config, grid):
+            seen["round"] = server_round
+            return []
+
+    strategy = ObservedStrategy(Spy(), round_offset=4)
+
+    # Execute
+    strategy.configure_train(1, ArrayRecord([np.zeros(1)]), ConfigRecord(), grid=None)
+
+    # Assert
+    assert seen["round"] == 5
+
+
+def test_unknown_strategy_lists_choices():
+    assert "fedavg" in available_strategies()
+    with pytest.raises(ConfigError, match="strategy.name='fedsgd' is not a registered strategy; choose one of: fedavg"):
+        build_strategy(StrategyConfig(name="fedsgd"))
