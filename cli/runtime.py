@@ -111,6 +111,7 @@ def run_simulation(
             backend_config=backend_config,  # type: ignore[arg-type]
             server_app_context=context,
             app_dir=app_dir,
+            is_app=True,  # nodes read their run config from app_dir only when it is an app directory
             verbose_logging=verbose,
         )
 

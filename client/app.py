@@ -8,6 +8,7 @@ handlers is logged in full at the site only; what Flower forwards to the server 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,14 +20,14 @@ from flwr.clientapp import ClientApp
 from client.site import resolve_site
 from client.training import configure_threads, derive_seed, select_device, train_epochs
 from common import keys
-from common.config import Config, compose_config, overrides_from_run_config
+from common.config import Config, compose_config, config_from_dict, config_to_dict, overrides_from_run_config
 from common.data import SiteData
 from common.errors import IncompatibleUpdateError, MedfedError
 from common.inference import evaluate
 from common.models import build_model
 from common.models.weights import load_state_dict_numpy
 
-__all__ = ["SiteFailure", "app"]
+__all__ = ["SiteFailure", "app", "node_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,19 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
     return run
 
 
+def node_config(context: Context) -> Config:
+    """The run's composed config; composed with Hydra once per node and run, then kept in ``context.state``."""
+    overrides = json.dumps(overrides_from_run_config(context.run_config))
+    cached = context.state.config_records.get(keys.STATE_CONFIG)
+    if cached is not None and cached.get("overrides") == overrides:
+        return config_from_dict(json.loads(str(cached["config"])))
+    cfg = compose_config(json.loads(overrides))
+    context.state[keys.STATE_CONFIG] = ConfigRecord({"overrides": overrides, "config": json.dumps(config_to_dict(cfg))})
+    return cfg
+
+
 def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.Module, int]:
-    cfg = compose_config(overrides_from_run_config(context.run_config))
+    cfg = node_config(context)
     configure_threads(cfg.federation.threads, cfg.federation.parallel)
     site = resolve_site(cfg, context.node_config, context.run_config)
     model = build_model(

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ __all__ = [
     "SyntheticConfig",
     "TrainConfig",
     "compose_config",
+    "config_from_dict",
+    "config_to_dict",
     "config_to_yaml",
     "overrides_from_run_config",
     "register_schemas",
@@ -358,6 +360,32 @@ def config_to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain-dict form of a composed config (JSON-serialisable)."""
+    return asdict(cfg)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :func:`config_to_dict` output, validating every section again.
+
+    Cheap (no Hydra): used to keep a node's composed config in Flower's ``context.state`` between messages.
+    """
+    dataset = dict(data["dataset"])
+    dataset_cls = {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig}.get(dataset.get("source", ""))
+    if dataset_cls is None:
+        raise ConfigError(f"dataset.source={dataset.get('source')!r} is not a known dataset source.")
+    train = dict(data["train"])
+    train["augment"] = AugmentConfig(**train["augment"])
+    return Config(
+        dataset=dataset_cls(**dataset),
+        model=ModelConfig(**data["model"]),
+        strategy=StrategyConfig(**data["strategy"]),
+        federation=FederationConfig(**data["federation"]),
+        train=TrainConfig(**train),
+        privacy=PrivacyConfig(**data["privacy"]),
+    )
 
 
 def run_config_from_overrides(overrides: Sequence[str], **extra: str | int | float | bool) -> dict[str, Any]:

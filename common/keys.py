@@ -24,6 +24,7 @@ __all__ = [
     "SERVER_ROUND",
     "SITE",
     "SITE_ID",
+    "STATE_CONFIG",
     "TRAIN_LOSS",
     "TRAIN_TIME_S",
 ]
@@ -52,6 +53,9 @@ RUN_DIR = "run-dir"
 RUN_MODE = "mode"  # "simulation" or "deployment"
 RUN_RESUME = "resume"
 RUN_T0 = "t0"  # launch time (epoch seconds) for wall_s
+
+# Keys of a node's own Flower context.state (never sent anywhere)
+STATE_CONFIG = "medfed-config"  # the composed config, so Hydra runs once per node and run
 
 # Node config keys
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime

@@ -90,3 +90,22 @@ def test_node_without_data_is_refused_clearly(context):
     # Execute / Assert
     with pytest.raises(SiteFailure, match="SiteDataError: This SuperNode has no data configured"):
         app(_message(MessageType.TRAIN, _global_arrays()), context)
+
+
+def test_config_is_composed_once_per_node_and_follows_the_run_config(context, monkeypatch):
+    # Prepare
+    import client.app as client_app
+
+    calls = []
+    real = client_app.compose_config
+    monkeypatch.setattr(client_app, "compose_config", lambda o: calls.append(o) or real(o))
+
+    # Execute
+    first = client_app.node_config(context)
+    second = client_app.node_config(context)
+    context.run_config = run_config_from_overrides([*OVERRIDES, "train.lr=0.05"])
+    third = client_app.node_config(context)
+
+    # Assert
+    assert first == second and len(calls) == 2
+    assert third.train.lr == 0.05

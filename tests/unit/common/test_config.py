@@ -89,3 +89,22 @@ def test_resolved_yaml_lists_every_group():
     # Assert
     for group in ("dataset:", "model:", "strategy:", "federation:", "train:", "privacy:"):
         assert group in text
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["dataset=medmnist", "dataset.name=breastmnist", "train.augment.enabled=true", "train.lr=0.02"]]
+)
+def test_dict_round_trip_rebuilds_the_same_config(overrides):
+    from common.config import config_from_dict, config_to_dict
+
+    cfg = compose_config(overrides)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_dict_round_trip_still_validates():
+    from common.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(compose_config([]))
+    data["train"]["lr"] = -1.0
+    with pytest.raises(ConfigError, match="train.lr=-1.0 is out of range"):
+        config_from_dict(data)

@@ -1,0 +1,230 @@
+"""Simulated federations: which hospital holds which samples, and a cheap per-site loader with an on-disk cache.
+
+:func:`build_sites` shares a dataset's development pool out to ``federation.hospitals`` hospitals
+(:mod:`common.data.partition`), holds out a stratified local validation split at each, and, for the synthetic
+dataset, renders each hospital's images with its own scanner style. :func:`load_site` returns one hospital's data
+and is meant to be called every round from a fresh process: with ``cache_dir`` the sites are built once and then
+read back from uncompressed ``.npz`` files written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from common.config import Config, DatasetConfig, FederationConfig, MedMNISTConfig, SyntheticConfig
+from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from common.data.medmnist import load_medmnist
+from common.data.partition import partition_indices, stratified_split
+from common.data.synthetic import load_synthetic, scanner_effect
+from common.errors import ConfigError, SiteDataError
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "LOADERS",
+    "SiteData",
+    "build_sites",
+    "cache_key",
+    "load_site",
+    "load_splits",
+    "load_test_set",
+    "site_id_for",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+_FEDERATION_KEYS = ("hospitals", "partition", "alpha", "seed", "val_fraction", "min_samples")
+
+# source -> (config schema, loader). Extend by adding an entry; unknown sources fail listing these choices.
+LOADERS: MappingProxyType[str, tuple[type[DatasetConfig], Callable[[Any], DatasetSplits]]] = MappingProxyType(
+    {"medmnist": (MedMNISTConfig, load_medmnist), "synthetic": (SyntheticConfig, load_synthetic)}
+)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's local data: a training split, a local validation split, and the dataset's description."""
+
+    site_id: str
+    train: ArrayDataset
+    val: ArrayDataset
+    info: DatasetInfo
+
+
+def site_id_for(index: int) -> str:
+    """The site id of simulated hospital ``index``: ``hospital-0``, ``hospital-1``, ..."""
+    return f"hospital-{index}"
+
+
+def load_splits(dataset_cfg: DatasetConfig) -> DatasetSplits:
+    """Load the dataset ``dataset_cfg.source`` names (``medmnist`` or ``synthetic``)."""
+    entry = LOADERS.get(dataset_cfg.source)
+    if entry is None:
+        raise ConfigError(
+            f"dataset.source={dataset_cfg.source!r} is not a known dataset source; choose one of: "
+            f"{', '.join(LOADERS)} (e.g. `dataset=medmnist` on the command line)."
+        )
+    schema, loader = entry
+    if not isinstance(dataset_cfg, schema):  # a bare DatasetConfig: fill in the schema's defaults
+        dataset_cfg = schema(**{f.name: getattr(dataset_cfg, f.name) for f in fields(dataset_cfg)})
+    return loader(dataset_cfg)
+
+
+def _dataset_seed(dataset_cfg: DatasetConfig) -> int:
+    return int(getattr(dataset_cfg, "seed", 0))
+
+
+def _site_seed(fed: FederationConfig, index: int) -> int:
+    words = [int(fed.seed) & ((1 << 63) - 1), index, 0x5A1]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def build_sites(splits: DatasetSplits, fed: FederationConfig, *, dataset_seed: int = 0) -> list[SiteData]:
+    """Share ``splits.train`` out to ``fed.hospitals`` hospitals, each with a stratified local validation split.
+
+    Datasets marked ``info.simulate_scanners`` (the synthetic one) get each hospital's scanner style
+    (:func:`common.data.synthetic.scanner_effect` with the site index and ``dataset_seed``).
+    """
+    parts = partition_indices(
+        splits.train.labels,
+        fed.hospitals,
+        fed.partition,
+        alpha=fed.alpha,
+        seed=fed.seed,
+        min_size=fed.min_samples,
+    )
+    sites = []
+    for index, part in enumerate(parts):
+        local = splits.train.subset(part)
+        if splits.info.simulate_scanners:
+            local = ArrayDataset(images=scanner_effect(local.images, index, dataset_seed), labels=local.labels)
+        keep, held = stratified_split(local.labels, fed.val_fraction, seed=_site_seed(fed, index))
+        site = SiteData(site_id_for(index), train=local.subset(keep), val=local.subset(held), info=splits.info)
+        logger.debug(
+            "%s: %d train, %d val, class counts %s",
+            site.site_id, len(site.train), len(site.val), site.train.class_counts(splits.info.n_classes).tolist(),
+        )
+        sites.append(site)
+    return sites
+
+
+def cache_key(cfg: Config) -> str:
+    """First 16 hex digits of the sha256 of everything that decides the sites' arrays (and a format version)."""
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "dataset": {"type": type(cfg.dataset).__name__, **asdict(cfg.dataset)},
+        "federation": {key: getattr(cfg.federation, key) for key in _FEDERATION_KEYS},
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _info_to_json(info: DatasetInfo) -> str:
+    return json.dumps(asdict(info), sort_keys=True)
+
+
+def _info_from_json(text: str) -> DatasetInfo:
+    raw = json.loads(text)
+    raw["class_names"] = tuple(raw["class_names"])
+    return DatasetInfo(**raw)
+
+
+def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` (uncompressed) to a temp file in the same folder, then ``os.replace`` onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file, or ``None`` when it is absent or unreadable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        logger.warning("Ignoring unreadable cache file %s (%s); rebuilding it.", path.name, type(exc).__name__)
+        return None
+
+
+def _site_arrays(site: SiteData) -> dict[str, np.ndarray]:
+    return {
+        "site_id": np.array(site.site_id),
+        "info": np.array(_info_to_json(site.info)),
+        "train_images": site.train.images,
+        "train_labels": site.train.labels,
+        "val_images": site.val.images,
+        "val_labels": site.val.labels,
+    }
+
+
+def _site_from_arrays(arrays: dict[str, np.ndarray]) -> SiteData:
+    return SiteData(
+        site_id=str(arrays["site_id"]),
+        train=ArrayDataset(images=arrays["train_images"], labels=arrays["train_labels"]),
+        val=ArrayDataset(images=arrays["val_images"], labels=arrays["val_labels"]),
+        info=_info_from_json(str(arrays["info"])),
+    )
+
+
+def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
+    """Hospital ``index``'s data, i.e. ``build_sites(...)[index]``; cached under ``cache_dir`` when given.
+
+    On a cache miss every site's file is written (building one site costs as much as building all).
+    """
+    if not 0 <= index < cfg.federation.hospitals:
+        raise ConfigError(
+            f"Site index {index} is out of range: federation.hospitals={cfg.federation.hospitals} allows "
+            f"0..{cfg.federation.hospitals - 1}. Raise federation.hospitals or pick a smaller index."
+        )
+    folder = Path(cache_dir) / cache_key(cfg) if cache_dir is not None else None
+    if folder is not None:
+        cached = _read_cache(folder / f"site-{index}.npz")
+        if cached is not None:
+            try:
+                return _site_from_arrays(cached)
+            except (KeyError, ValueError, TypeError, SiteDataError) as exc:
+                logger.warning("Ignoring cache file site-%d.npz with a bad layout (%s).", index, exc)
+    sites = build_sites(load_splits(cfg.dataset), cfg.federation, dataset_seed=_dataset_seed(cfg.dataset))
+    if folder is not None:
+        for site_index, site in enumerate(sites):
+            _write_atomic(folder / f"site-{site_index}.npz", _site_arrays(site))
+        logger.info("Cached %d sites under cache key %s", len(sites), folder.name)
+    return sites[index]
+
+
+def load_test_set(cfg: Config, *, cache_dir: Path | None = None) -> tuple[DatasetInfo, ArrayDataset]:
+    """The global test set (the official test split; for synthetic data a mix of scanner styles)."""
+    path = Path(cache_dir) / cache_key(cfg) / "test.npz" if cache_dir is not None else None
+    if path is not None:
+        cached = _read_cache(path)
+        if cached is not None:
+            try:
+                test = ArrayDataset(images=cached["images"], labels=cached["labels"])
+                return _info_from_json(str(cached["info"])), test
+            except (KeyError, ValueError, TypeError, SiteDataError) as exc:
+                logger.warning("Ignoring cache file test.npz with a bad layout (%s).", exc)
+    splits = load_splits(cfg.dataset)
+    if path is not None:
+        _write_atomic(path, {"info": np.array(_info_to_json(splits.info)), "images": splits.test.images,
+                             "labels": splits.test.labels})
+    return splits.info, splits.test

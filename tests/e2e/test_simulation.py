@@ -1,0 +1,161 @@
+"""Real Flower simulations (ServerApp + ClientApps in Flower's simulation runtime), run as `medfed` processes.
+
+Every process is started in its own session and killed by its PID (process group) in `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+FAST = ["dataset.n_train=600", "dataset.n_test=200", "federation.hospitals=3"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(REPO_ROOT),
+        COLUMNS="160",
+    )
+    return env
+
+
+def _medfed(args: list[str], tmp_path: Path, *, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # by PID: the session we started, never by name
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _assert_run_outputs(run_dir: Path, rounds: int) -> dict:
+    for name in ("config.yaml", "overrides.json", "metrics.jsonl", "summary.json", "model.pt", "best_model.pt"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == list(range(1, rounds + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("wall_s", "compute_s"):
+        assert summary[key] > 0
+    assert 1 <= summary["best"]["round"] <= rounds
+    assert summary["final"]["round"] == rounds
+    for part in ("best", "final"):
+        assert 0.0 <= summary[part]["test"]["auc"] <= 1.0
+        assert 0.0 <= summary[part]["test"]["acc"] <= 1.0
+    for site in summary["sites"].values():
+        assert site["n_train"] > 0
+        assert "auc" in site["val"]
+    return summary
+
+
+def test_default_synthetic_simulation_learns(tmp_path):
+    # Execute
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=2"], tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 2)
+    assert sorted(summary["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    # the ClientApps composed the same config as the ServerApp: dataset.n_train=600 shared out
+    assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 600
+    assert summary["best"]["test"]["auc"] > 0.7  # chance is 0.5
+    assert "round 2/2" in result.stdout
+    assert "best (by val AUC)" in result.stdout
+
+
+def test_breastmnist_simulation_learns(tmp_path, data_dir):
+    # Execute
+    result = _medfed(
+        [
+            "simulate", "--run-dir", "run", "--cache-dir", "cache",
+            "dataset=medmnist", "dataset.name=breastmnist", f"dataset.root={data_dir}",
+            "federation.hospitals=3", "federation.partition=dirichlet", "federation.alpha=1.0",
+            "train.rounds=2", "train.local_epochs=3",
+        ],
+        tmp_path,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 2)
+    assert summary["best"]["test"]["auc"] > 0.6  # chance is 0.5
+    assert sum(s["n_train"] for s in summary["sites"].values()) + sum(
+        s["n_val"] for s in summary["sites"].values()
+    ) == 546 + 78  # the official train + val images, shared out
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    # Prepare: start a 3-round run and kill it as soon as round 1 is checkpointed
+    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.2)
+    finally:
+        _kill_group(proc)
+    assert metrics.is_file(), "the run never finished round 1"
+    done = metrics.read_text().count("\n")
+    assert done < 3, "the run finished before it could be killed"
+
+    # Execute
+    result = _medfed(["simulate", "--resume", "run", "--cache-dir", "cache"], tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "resuming" in result.stdout
+    summary = _assert_run_outputs(tmp_path / "run", 3)
+    assert summary["rounds"] == 3
+
+
+@pytest.mark.parametrize("kind", ["centralized", "local"])
+def test_baselines_write_the_same_outputs(tmp_path, kind):
+    # Execute
+    result = _medfed(["baseline", kind, "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=2"], tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:]
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mode"] == kind
+    assert summary["best"]["test"]["auc"] > 0.7
+    assert sorted(summary["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    if kind == "local":
+        assert summary["local"]["test_auc"]["min"] <= summary["local"]["test_auc"]["max"]
+        assert all("test" in s for s in summary["sites"].values())

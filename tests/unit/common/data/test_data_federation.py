@@ -1,0 +1,173 @@
+"""Tests of common.data.federation: dataset dispatch, building sites, the per-site cache, the test set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import Config, DatasetConfig, FederationConfig, MedMNISTConfig, StrategyConfig, SyntheticConfig
+from common.data import federation
+from common.data.federation import build_sites, load_site, load_splits, load_test_set, site_id_for
+from common.errors import ConfigError
+
+DATA_DIR = Path(
+    os.environ.get("MEDFED_DATA_DIR", Path(__file__).resolve().parents[4].parent / "shared" / "data" / "medmnist")
+)
+
+
+def _no_rebuild(*_: object, **__: object) -> None:
+    raise AssertionError("the cache was not used: the dataset was loaded again")
+
+
+def _config(hospitals: int = 3, partition: str = "iid", **dataset: int) -> Config:
+    return Config(
+        dataset=SyntheticConfig(n_train=dataset.pop("n_train", 300), n_test=dataset.pop("n_test", 40), **dataset),
+        federation=FederationConfig(hospitals=hospitals, partition=partition, min_samples=10),
+        strategy=StrategyConfig(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+    )
+
+
+@pytest.mark.parametrize(("index", "expected"), [(0, "hospital-0"), (12, "hospital-12")])
+def test_site_ids(index: int, expected: str) -> None:
+    # Execute / Assert
+    assert site_id_for(index) == expected
+
+
+def test_load_splits_dispatches_and_rejects_unknown_sources() -> None:
+    # Execute
+    splits = load_splits(DatasetConfig())  # a bare base config falls back to the synthetic defaults
+
+    # Assert
+    assert splits.info.name == "synthetic" and len(splits.train) == 1200
+    with pytest.raises(ConfigError, match="dataset.source='dicom'.*medmnist, synthetic"):
+        load_splits(DatasetConfig(source="dicom"))
+
+
+@pytest.mark.parametrize(("hospitals", "partition"), [(1, "iid"), (3, "iid"), (4, "dirichlet"), (5, "quantity")])
+def test_build_sites_sizes_add_up(hospitals: int, partition: str) -> None:
+    # Prepare
+    cfg = _config(hospitals, partition)
+    splits = load_splits(cfg.dataset)
+
+    # Execute
+    sites = build_sites(splits, cfg.federation, dataset_seed=0)
+
+    # Assert
+    assert [s.site_id for s in sites] == [site_id_for(i) for i in range(hospitals)]
+    assert sum(len(s.train) + len(s.val) for s in sites) == len(splits.train)
+    for site in sites:
+        assert len(site.val) > 0 and len(site.train) > len(site.val)
+        assert site.info == splits.info
+
+
+def test_synthetic_sites_get_their_own_scanner_style() -> None:
+    # Prepare
+    cfg = _config(2)
+    splits = load_splits(cfg.dataset)
+
+    # Execute
+    sites = build_sites(splits, cfg.federation, dataset_seed=0)
+
+    # Assert
+    means = [float(s.train.images.mean()) for s in sites]
+    assert abs(means[0] - means[1]) > 0.01
+    assert all(0.0 <= s.train.images.min() and s.train.images.max() <= 1.0 for s in sites)
+
+
+def test_medmnist_sites_keep_their_pixels() -> None:
+    # Prepare
+    if not (DATA_DIR / "breastmnist.npz").is_file():
+        pytest.skip(f"breastmnist.npz not found in MEDFED_DATA_DIR ({DATA_DIR}); set MEDFED_DATA_DIR")
+    splits = load_splits(MedMNISTConfig(name="breastmnist", root=str(DATA_DIR)))
+    fed = FederationConfig(hospitals=3, partition="dirichlet", alpha=0.5)
+
+    # Execute
+    sites = build_sites(splits, fed)
+
+    # Assert
+    pooled = np.sort(np.concatenate([np.concatenate([s.train.images, s.val.images]) for s in sites]).sum(axis=(1, 2, 3)))
+    assert np.allclose(pooled, np.sort(splits.train.images.sum(axis=(1, 2, 3))))
+
+
+def test_load_site_matches_build_sites_without_cache() -> None:
+    # Prepare
+    cfg = _config()
+    expected = build_sites(load_splits(cfg.dataset), cfg.federation, dataset_seed=cfg.dataset.seed)[1]
+
+    # Execute
+    site = load_site(cfg, 1)
+
+    # Assert
+    assert np.array_equal(site.train.images, expected.train.images)
+    assert np.array_equal(site.val.labels, expected.val.labels)
+
+
+def test_load_site_cache_round_trip_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    cfg = _config()
+    first = load_site(cfg, 2, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*/*.npz"))
+    monkeypatch.setattr(federation, "load_splits", _no_rebuild)
+
+    # Execute
+    again = load_site(cfg, 2, cache_dir=tmp_path)
+    other = load_site(cfg, 0, cache_dir=tmp_path)
+
+    # Assert
+    assert files == ["site-0.npz", "site-1.npz", "site-2.npz"]
+    assert not list(tmp_path.glob("*/*.tmp"))
+    assert again.site_id == first.site_id == "hospital-2" and again.info == first.info
+    for name in ("train", "val"):
+        assert np.array_equal(getattr(again, name).images, getattr(first, name).images)
+        assert np.array_equal(getattr(again, name).labels, getattr(first, name).labels)
+        assert getattr(again, name).images.dtype == np.float32
+    assert other.site_id == "hospital-0"
+
+
+def test_cache_key_changes_with_the_partition(tmp_path: Path) -> None:
+    # Prepare
+    load_site(_config(3, "iid"), 0, cache_dir=tmp_path)
+
+    # Execute
+    load_site(_config(3, "quantity"), 0, cache_dir=tmp_path)
+
+    # Assert
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path: Path) -> None:
+    # Prepare
+    cfg = _config()
+    first = load_site(cfg, 0, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("*/site-0.npz")
+    cache_file.write_bytes(b"half a file")
+
+    # Execute
+    again = load_site(cfg, 0, cache_dir=tmp_path)
+
+    # Assert
+    assert np.array_equal(again.train.images, first.train.images)
+
+
+@pytest.mark.parametrize("index", [-1, 3])
+def test_load_site_rejects_an_index_out_of_range(index: int) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="federation.hospitals=3"):
+        load_site(_config(3), index)
+
+
+def test_test_set_mixes_scanner_styles_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    cfg = _config()
+    info, test = load_test_set(cfg, cache_dir=tmp_path)
+    monkeypatch.setattr(federation, "load_splits", _no_rebuild)
+
+    # Execute
+    info_again, test_again = load_test_set(cfg, cache_dir=tmp_path)
+
+    # Assert
+    assert len(test) == 40 and info == info_again
+    assert np.array_equal(test.images, test_again.images)

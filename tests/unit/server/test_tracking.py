@@ -1,0 +1,110 @@
+"""Run directory and model selection: validation selects, test only reports; resume state round-trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from server.runs import RunDirectory, json_safe
+from server.tracking import RunTracker, SiteRound, selection_key, weighted_metrics
+
+
+def _sites(val_auc_a: float, val_auc_b: float) -> dict[str, SiteRound]:
+    return {
+        "hospital-0": SiteRound(n_train=40, n_val=10, train_loss=0.5, train_s=1.0, eval_s=0.1, val={"auc": val_auc_a, "acc": 0.5, "loss": 0.7}),
+        "hospital-1": SiteRound(n_train=120, n_val=30, train_loss=0.3, train_s=2.0, eval_s=0.2, val={"auc": val_auc_b, "acc": 0.9, "loss": 0.4}),
+    }
+
+
+def test_weighted_metrics_by_validation_size_skip_undefined():
+    # Execute
+    val = weighted_metrics(_sites(0.6, math.nan))
+    both = weighted_metrics(_sites(0.6, 0.8))
+
+    # Assert (by hand)
+    assert val["auc"] == pytest.approx(0.6)
+    assert both["auc"] == pytest.approx((10 * 0.6 + 30 * 0.8) / 40)
+    assert both["acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+
+
+def test_selection_prefers_defined_auc_then_lower_loss():
+    assert selection_key({"auc": 0.7}) > selection_key({"auc": 0.6})
+    assert selection_key({"auc": 0.51}) > selection_key({"auc": math.nan, "loss": 0.01})
+    assert selection_key({"auc": math.nan, "loss": 0.2}) > selection_key({"auc": math.nan, "loss": 0.3})
+
+
+def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
+    # Prepare: round 2 has the better validation AUC but the worse test AUC
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=3, t0=time.time())
+    arrays = {"w": np.zeros(2, dtype=np.float32)}
+
+    # Execute
+    tracker.record_round(1, sites=_sites(0.6, 0.6), test={"auc": 0.95, "acc": 0.9}, arrays=arrays)
+    tracker.record_round(2, sites=_sites(0.9, 0.9), test={"auc": 0.70, "acc": 0.6}, arrays=arrays)
+    tracker.record_round(3, sites=_sites(0.7, 0.7), test={"auc": 0.99, "acc": 0.99}, arrays=arrays)
+    summary = tracker.finish(arrays)
+
+    # Assert
+    assert summary["best"]["round"] == 2
+    assert summary["best"]["test"]["auc"] == pytest.approx(0.70)
+    assert summary["final"]["round"] == 3
+    assert summary["sites"]["hospital-1"]["n_train"] == 120
+    assert summary["sites"]["hospital-1"]["val"]["auc"] == pytest.approx(0.9)  # at the best round
+    assert summary["compute_s"] == pytest.approx(3 * (1.0 + 0.1 + 2.0 + 0.2))
+    lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert run.model_path.is_file() and run.best_model_path.is_file() and run.last_checkpoint_path.is_file()
+    on_disk = json.loads(run.summary_path.read_text())
+    assert on_disk["best"]["round"] == 2
+
+
+def test_tracker_state_survives_a_restart(tmp_path):
+    # Prepare: two rounds, then a "crash" after a third metrics line without checkpoint
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=4, t0=time.time())
+    arrays = {"w": np.ones(2, dtype=np.float32)}
+    tracker.record_round(1, sites=_sites(0.8, 0.8), test=None, arrays=arrays)
+    tracker.record_round(2, sites=_sites(0.6, 0.6), test=None, arrays=arrays)
+    run.append_metrics({"round": 3})
+
+    # Execute: what the ServerApp does on --resume
+    weights, meta = run.load_last_checkpoint()
+    run.truncate_metrics(int(meta["round"]))
+    resumed = RunTracker(run, mode="fedavg", total_rounds=4, t0=time.time(), state=meta["tracker"])
+    resumed.record_round(3, sites=_sites(0.9, 0.9), test=None, arrays=arrays)
+
+    # Assert
+    assert meta["round"] == 2
+    np.testing.assert_array_equal(weights["w"], arrays["w"])
+    assert [r["round"] for r in run.read_metrics()] == [1, 2, 3]
+    assert resumed.best["round"] == 3
+    assert resumed.compute_s == pytest.approx(3 * 3.3)
+
+
+def test_local_mode_summarises_each_hospital_at_its_own_best_round(tmp_path):
+    # Prepare
+    tracker = RunTracker(RunDirectory(tmp_path / "run"), mode="local", total_rounds=2, t0=time.time())
+    r1 = _sites(0.9, 0.5)
+    r1["hospital-0"].test, r1["hospital-1"].test = {"auc": 0.8, "acc": 0.7}, {"auc": 0.6, "acc": 0.5}
+    r2 = _sites(0.7, 0.8)
+    r2["hospital-0"].test, r2["hospital-1"].test = {"auc": 0.9, "acc": 0.8}, {"auc": 0.7, "acc": 0.6}
+
+    # Execute
+    tracker.record_round(1, sites=r1, test=None, arrays=None)
+    tracker.record_round(2, sites=r2, test=None, arrays=None)
+    summary = tracker.finish(None)
+
+    # Assert: hospital-0 selects round 1 (test 0.8), hospital-1 round 2 (test 0.7)
+    assert summary["sites"]["hospital-0"]["best_round"] == 1
+    assert summary["sites"]["hospital-1"]["best_round"] == 2
+    assert summary["local"]["test_auc"] == pytest.approx({"mean": 0.75, "min": 0.7, "max": 0.8})
+    assert summary["best"]["test"]["auc"] == pytest.approx(0.75)
+
+
+def test_json_safe_writes_strict_json():
+    assert json_safe({"a": math.nan, "b": [np.float32(1.5), math.inf], "c": np.int64(3)}) == {"a": None, "b": [1.5, None], "c": 3}
