@@ -5,7 +5,7 @@ Test AUC/ACC are reported at the best-*validation* round (each local hospital at
 `medfed` process of its own (started in a new session and killed by PID when done), reading its figures from the
 run's summary.json.
 
-    python benchmarks/baselines.py --data-dir ../shared/data/medmnist          # ~20 min on 2 cores
+    python benchmarks/baselines.py --data-dir ../shared/data/medmnist          # ~15 min on 2 cores
     python benchmarks/baselines.py --data-dir ../shared/data/medmnist --quick  # a smoke run of the script
 
 Writes the results into docs/benchmarks.md (between the `baselines` markers) and benchmarks/results/baselines.json.
@@ -34,7 +34,7 @@ START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 # (a sweep over local epochs / optimizer / class weighting on BreastMNIST; see docs/benchmarks.md), never on test.
 RECIPES: dict[str, list[str]] = {
     "pneumoniamnist": ["train.rounds=20", "train.local_epochs=2"],
-    "breastmnist": ["train.rounds=30", "train.local_epochs=5"],
+    "breastmnist": ["train.rounds=60", "train.local_epochs=5"],
 }
 FEDERATION = ["federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5", "federation.seed=0"]
 
@@ -91,7 +91,8 @@ def bench_dataset(name: str, data_dir: Path, work: Path, quick: bool) -> dict[st
     return results
 
 
-def floors(name: str, r: dict[str, Any]) -> list[tuple[str, bool]]:
+def floors(name: str, r: dict[str, Any]) -> list[tuple[str, bool | None]]:
+    """The issue's floors as (text, passed); None marks a figure that is reported, not a floor."""
     fed, cen, loc = r["fedavg"]["test_auc"], r["centralized"]["test_auc"], r["local"]["local"]["test_auc"]["mean"]
     checks = [(f"FedAvg overhead x{r['fedavg']['overhead']:.3f} <= 1.15", r["fedavg"]["overhead"] <= 1.15)]
     if name == "pneumoniamnist":
@@ -103,7 +104,7 @@ def floors(name: str, r: dict[str, Any]) -> list[tuple[str, bool]]:
         checks += [
             (f"FedAvg AUC {fed:.4f} >= 0.95 x centralized {cen:.4f} = {0.95 * cen:.4f}", fed >= 0.95 * cen),
             (f"FedAvg AUC {fed:.4f} >= mean local-only {loc:.4f} + 0.05 = {loc + 0.05:.4f}", fed >= loc + 0.05),
-            (f"FedAvg AUC {fed:.4f} vs the published 0.901 (ResNet-18, 28 px): gap {0.901 - fed:+.4f}", True),
+            (f"FedAvg AUC {fed:.4f} vs the published centralized ResNet-18 (28 px) 0.901: {fed - 0.901:+.4f}", None),
         ]
     return checks
 
@@ -142,7 +143,8 @@ def render(results: dict[str, Any], demo: dict[str, Any], total_s: float, comman
     lines += ["", "Floors:", ""]
     for name, r in results.items():
         for text, ok in floors(name, r):
-            lines.append(f"- {name}: {text} — {'PASS' if ok else 'FAIL'}")
+            verdict = "reported" if ok is None else ("PASS" if ok else "FAIL")
+            lines.append(f"- {name}: {text} — {verdict}")
     lines.append(
         f"- default demo `medfed simulate` (synthetic, 3 hospitals, 5 rounds): {demo['wall_s']:.1f} s "
         f"(process {demo['process_s']:.1f} s) < 180 s — {'PASS' if demo['process_s'] < 180 else 'FAIL'}"

@@ -73,10 +73,26 @@ def _fail(exc: MedfedError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _check_registries(cfg: Config) -> None:
+    """Names resolved through registries (model, strategy) are checked before anything starts."""
+    from common.errors import ConfigError
+    from common.models import available_models
+    from strategies import available_strategies
+
+    for key, value, choices in (
+        ("model.name", cfg.model.name, available_models()),
+        ("strategy.name", cfg.strategy.name, available_strategies()),
+    ):
+        if value not in choices:
+            kind = key.split(".")[0]
+            raise ConfigError(f"{key}={value!r} is not a registered {kind}; choose one of: {', '.join(choices)}.")
+
+
 def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
     from server.runs import RunDirectory
 
     cfg = compose_config(overrides)
+    _check_registries(cfg)
     if fresh:
         target = RunDirectory(run_dir)
         if target.metrics_path.exists():

@@ -66,6 +66,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(Path(str(context.run_config[keys.RUN_DIR])))
     t0 = float(context.run_config.get(keys.RUN_T0, time.time()))
     simulation = context.run_config.get(keys.RUN_MODE, "simulation") == "simulation"
+    if simulation and hasattr(grid, "pull_interval"):
+        # Flower's in-memory Grid polls for replies every 0.1 s; in-process polling is cheap, so poll faster
+        # (measured: ~0.1 s less wall time per round with 5 hospitals).
+        grid.pull_interval = 0.01
 
     info, test_set = load_test_set(cfg) if simulation else (None, None)
     if info is None:
