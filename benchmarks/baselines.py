@@ -33,7 +33,7 @@ START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 # Recipes: training budget per dataset (identical for the three methods). Chosen on federated *validation* AUC
 # (a sweep over local epochs / optimizer / class weighting on BreastMNIST; see docs/benchmarks.md), never on test.
 RECIPES: dict[str, list[str]] = {
-    "pneumoniamnist": ["train.rounds=20", "train.local_epochs=2"],
+    "pneumoniamnist": ["train.rounds=20", "train.local_epochs=2", "train.lr_schedule=cosine"],
     "breastmnist": ["train.rounds=60", "train.local_epochs=5"],
 }
 FEDERATION = ["federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5", "federation.seed=0"]
@@ -126,7 +126,7 @@ def render(results: dict[str, Any], demo: dict[str, Any], total_s: float, comman
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        budget = " ".join(o.split(".")[-1] for o in r["overrides"] if o.startswith("train."))
+        budget = " ".join(o.split(".", 1)[1] for o in r["overrides"] if o.startswith("train."))
         for method in ("centralized", "local", "fedavg"):
             m = r[method]
             if method == "local":
@@ -189,7 +189,9 @@ def main() -> None:
     demo = {"process_s": demo_wall, "wall_s": json.loads((demo_dir / "summary.json").read_text())["wall_s"]}
     logger.info("default demo: %.1f s", demo_wall)
 
-    results = {name: bench_dataset(name, args.data_dir.resolve(), args.work.resolve(), args.quick) for name in args.datasets}
+    results = {
+        name: bench_dataset(name, args.data_dir.resolve(), args.work.resolve(), args.quick) for name in args.datasets
+    }
     total = time.time() - started
     command = "python benchmarks/baselines.py --data-dir ../shared/data/medmnist" + (" --quick" if args.quick else "")
     section = render(results, demo, total, command)

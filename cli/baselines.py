@@ -61,7 +61,7 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
         result = train_epochs(
             model, pooled, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
             spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, "centralized"),
-            optimizer=optimizer, device=device,
+            lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
         )
         rounds: dict[str, SiteRound] = {}
         for site in sites:
@@ -98,7 +98,7 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
             result = train_epochs(
                 model, site.train, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
                 spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, site.site_id),
-                optimizer=optimizer, device=device,
+                lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
             )
             val, eval_s = _timed_eval(model, site.val, cfg)
             test, test_s = _timed_eval(model, test_set, cfg)
@@ -106,9 +106,9 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
                 n_train=len(site.train), n_val=len(site.val), train_loss=result.loss,
                 train_s=result.seconds, eval_s=eval_s + test_s, val=val, test=test,
             )
-        mean_test = {
-            key: float(np.nanmean([r.test[key] for r in rounds.values() if r.test is not None]))
-            for key in ("auc", "acc")
-        }
+        mean_test = {}
+        for key in ("auc", "acc"):
+            values = [r.test[key] for r in rounds.values() if r.test is not None and np.isfinite(r.test[key])]
+            mean_test[key] = float(np.mean(values)) if values else float("nan")
         tracker.record_round(server_round, sites=rounds, test=mean_test, arrays=None)
     return tracker.finish(None)

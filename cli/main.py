@@ -19,7 +19,7 @@ from rich.console import Console
 from cli.display import RoundFollower, summary_table
 from cli.runtime import flower_environment
 from common.config import Config, compose_config, config_to_yaml
-from common.errors import EXIT_CODES, MedfedError
+from common.errors import EXIT_CODES, ConfigError, MedfedError
 
 __all__ = ["app", "main"]
 
@@ -46,6 +46,26 @@ CacheOpt = Annotated[
     Path | None, typer.Option("--cache-dir", help="Simulated sites' decoded-data cache (default ~/.cache/medfed).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's INFO logs.")]
+
+
+class RunDirectoryInUse(ConfigError):
+    """A fresh run was pointed at a directory that already holds a run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            f"--run-dir {run_dir} already holds a run (metrics.jsonl exists). Continue it with "
+            f"`medfed simulate --resume {run_dir}`, or choose another --run-dir."
+        )
+
+
+class ResumeWithOverrides(ConfigError):
+    """--resume was given together with overrides."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "--resume continues a run with the config it was started with; drop the overrides, or start a new "
+            "run with --run-dir."
+        )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -75,7 +95,6 @@ def _fail(exc: MedfedError) -> None:
 
 def _check_registries(cfg: Config) -> None:
     """Names resolved through registries (model, strategy) are checked before anything starts."""
-    from common.errors import ConfigError
     from common.models import available_models
     from strategies import available_strategies
 
@@ -96,21 +115,9 @@ def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
     if fresh:
         target = RunDirectory(run_dir)
         if target.metrics_path.exists():
-            raise MedfedConfigExists(run_dir)
+            raise RunDirectoryInUse(run_dir)
         target.write_config(config_to_yaml(cfg), overrides)
     return cfg
-
-
-class MedfedConfigExists(MedfedError):
-    """A fresh run was pointed at a directory that already holds a run."""
-
-    exit_code = 2
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(
-            f"--run-dir {run_dir} already holds a run (metrics.jsonl exists). Continue it with "
-            f"`medfed simulate --resume {run_dir}`, or choose another --run-dir."
-        )
 
 
 def _show(summary: dict[str, Any], title: str) -> None:
@@ -136,7 +143,7 @@ def simulate(
     try:
         if resume is not None:
             if overrides:
-                raise MedfedConfigConflict()
+                raise ResumeWithOverrides()
             target = RunDirectory(resume)
             overrides = target.read_overrides()
             cfg = compose_config(overrides)
@@ -168,18 +175,6 @@ def simulate(
         return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
-
-
-class MedfedConfigConflict(MedfedError):
-    """--resume was given together with overrides."""
-
-    exit_code = 2
-
-    def __init__(self) -> None:
-        super().__init__(
-            "--resume continues a run with the config it was started with; drop the overrides, or start a new "
-            "run with --run-dir."
-        )
 
 
 def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):

@@ -109,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
         n_classes=site.info.n_classes,
         spatial_dims=site.info.spatial_dims,
         seed=derive_seed(cfg.train.seed, server_round, site.site_id),
+        lr=cfg.train.round_lr(server_round),
         device=select_device(),
     )
     model.cpu()

@@ -27,6 +27,7 @@ __all__ = [
     "derive_seed",
     "make_optimizer",
     "select_device",
+    "set_lr",
     "train_epochs",
 ]
 
@@ -62,14 +63,21 @@ def configure_threads(threads: int, parallel: int) -> int:
     return count
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer`` (validated by the config schema)."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` (validated by the config schema), at ``lr`` or ``train.lr``."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (a persistent optimizer following the round schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
@@ -113,20 +121,25 @@ def train_epochs(
     n_classes: int,
     spatial_dims: int,
     seed: int,
+    lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``.
 
     A new optimizer is made unless one is passed (the centralized baseline keeps its optimizer across calls;
-    a federated round starts fresh from the global weights). Shuffling and augmentation are seeded by ``seed``.
+    a federated round starts fresh from the global weights); ``lr`` (the round's rate) overrides ``train.lr``.
+    Shuffling and augmentation are seeded by ``seed``.
     """
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
     device = device or select_device()
     model.to(device)
     model.train()
-    optimizer = optimizer or make_optimizer(model, cfg)
+    if optimizer is None:
+        optimizer = make_optimizer(model, cfg, lr=lr)
+    elif lr is not None:
+        set_lr(optimizer, lr)
     weights = class_weights(data.labels, n_classes, cfg.class_weighting)
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
     generator = torch.Generator().manual_seed(seed)

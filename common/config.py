@@ -50,6 +50,7 @@ RUN_CONFIG_OVERRIDES = "medfed-overrides"
 
 PARTITIONS = ("iid", "dirichlet", "quantity")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTINGS = ("none", "balanced")
 
 
@@ -219,11 +220,21 @@ class TrainConfig:
     eval_batch_size: int = 256
     optimizer: str = "adamw"
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # cosine: decay from lr to lr * lr_min_factor over the rounds
+    lr_min_factor: float = 0.1
     weight_decay: float = 1e-4
     momentum: float = 0.9
     class_weighting: str = "none"
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of a round (1-based): constant, or cosine-decayed to ``lr * lr_min_factor``."""
+        if self.lr_schedule == "constant" or self.rounds <= 1:
+            return self.lr
+        progress = min(max(server_round - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        low = self.lr * self.lr_min_factor
+        return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
 
     def __post_init__(self) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
@@ -232,6 +243,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={value!r} is out of range; it must be >= 1.")
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _fraction("train.lr_min_factor", self.lr_min_factor, low_open=False)
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _fraction("train.momentum", self.momentum, low_open=False, high_open=True)
@@ -311,7 +324,9 @@ def _explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigErro
     if cause is not None and "could not be converted" in str(cause):
         detail = str(cause).splitlines()[0]
         full_key = next((ln.split(":", 1)[1].strip() for ln in str(cause).splitlines() if "full_key:" in ln), "")
-        return ConfigError(f"{full_key}: {detail}; give a value of that type (`medfed config show` shows the current one).")
+        return ConfigError(
+            f"{full_key}: {detail}; give a value of that type (`medfed config show` shows the current one)."
+        )
     detail = f" ({str(cause).splitlines()[0]})" if cause is not None else ""
     return ConfigError(f"Invalid configuration: {text.splitlines()[0]}{detail}")
 

@@ -56,9 +56,15 @@ class PrivacyBudgetExceeded(MedfedError):
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Unexpected error; see the log above.",
-    ConfigError.exit_code: "Bad configuration: fix the named key (see `medfed simulate --help` and README 'How config works').",
-    DatasetUnavailableError.exit_code: "Dataset file missing: place it where the message says, or go online with medfed[download].",
+    ConfigError.exit_code: (
+        "Bad configuration: fix the named key (see `medfed config show` and README 'How config works')."
+    ),
+    DatasetUnavailableError.exit_code: (
+        "Dataset file missing: place it where the message says, or go online with medfed[download]."
+    ),
     SiteDataError.exit_code: "A site's data is unusable: run `medfed hospital check` on it.",
-    IncompatibleUpdateError.exit_code: "A model update does not match the global model: all sites must run the same model config.",
+    IncompatibleUpdateError.exit_code: (
+        "A model update does not match the global model: all sites must run the same model config."
+    ),
     PrivacyBudgetExceeded.exit_code: "A site reached its privacy cap: it stopped training to stay within its budget.",
 }

@@ -94,9 +94,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = ObservedStrategy(build_strategy(cfg.strategy), round_offset=start_round)
     device = torch.device("cpu")
 
+    latest: dict[str, dict[str, np.ndarray]] = {}
+
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         started = time.perf_counter()
         state = _state_dict(arrays)
+        latest["arrays"] = state
         test_metrics = None
         if test_set is not None:
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -129,7 +132,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate_round,
         )
-        final_arrays = _state_dict(result.arrays) if result.arrays is not None else None
+        final_arrays = _state_dict(result.arrays) if result.arrays is not None else latest.get("arrays")
     else:
         final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     summary = tracker.finish(final_arrays)

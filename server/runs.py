@@ -18,13 +18,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.atomic import atomic_write
 from common.errors import ConfigError
 from common.models.weights import load_checkpoint, save_checkpoint
 
@@ -47,17 +47,8 @@ def json_safe(value: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, binary=False) as handle:
+        handle.write(text)
 
 
 class RunDirectory:
@@ -147,7 +138,6 @@ class RunDirectory:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
     def save_weights(self, path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, arrays, json_safe(meta))
 
     def load_last_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -168,7 +168,6 @@ class RunTracker:
             if arrays is not None:
                 self.run_dir.save_weights(self.run_dir.best_model_path, arrays, {"round": server_round})
         self.last = {"round": server_round, "val": val, "test": dict(test) if test is not None else None}
-        self.last_sites = {site_id: s.as_record() for site_id, s in sites.items()}
         if arrays is not None:
             self.run_dir.save_weights(
                 self.run_dir.last_checkpoint_path, arrays, {"round": server_round, "tracker": self.state()}
@@ -213,9 +212,10 @@ class RunTracker:
             auc = _mean_min_max([(s.get("test") or {}).get("auc", math.nan) for s in sites.values()])
             acc = _mean_min_max([(s.get("test") or {}).get("acc", math.nan) for s in sites.values()])
             summary["local"] = {"test_auc": auc, "test_acc": acc}
+            val_auc = _mean_min_max([(s.get("val") or {}).get("auc", math.nan) for s in sites.values()])
             summary["best"] = {
                 "round": None,
-                "val": {"auc": _mean_min_max([(s.get("val") or {}).get("auc", math.nan) for s in sites.values()])["mean"]},
+                "val": {"auc": val_auc["mean"]},
                 "test": {"auc": auc["mean"], "acc": acc["mean"]},
             }
         if extra:

@@ -65,6 +65,11 @@ class ObservedStrategy(Strategy):
                     self._site_of_node[node_id] = site
         return self._site_of_node.get(node_id, f"node-{node_id}")
 
+    def _ordered(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies sorted by site id (errors last): Flower samples nodes in random order, and float sums in a
+        different order make two runs with the same seed drift apart; a fixed order makes runs reproducible."""
+        return sorted(replies, key=lambda m: (m.has_error(), self._site_id(m), m.metadata.src_node_id))
+
     def _observe(self, replies: list[Message], phase: str) -> dict[str, dict[str, float]]:
         seen: dict[str, dict[str, float]] = {}
         for msg in replies:
@@ -94,8 +99,8 @@ class ObservedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each site's training metrics, then aggregate with the wrapped strategy."""
-        replies = list(replies)
+        """Record each site's training metrics, then aggregate with the wrapped strategy (in site order)."""
+        replies = self._ordered(replies)
         self.current.train = self._observe(replies, "train")
         return self.inner.aggregate_train(server_round + self.round_offset, replies)
 
@@ -106,7 +111,7 @@ class ObservedStrategy(Strategy):
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record each site's validation metrics, then aggregate with the wrapped strategy."""
-        replies = list(replies)
+        """Record each site's validation metrics, then aggregate with the wrapped strategy (in site order)."""
+        replies = self._ordered(replies)
         self.current.evaluate = self._observe(replies, "evaluate")
         return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)

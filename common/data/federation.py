@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -28,6 +27,7 @@ from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
 from common.data.medmnist import load_medmnist
 from common.data.partition import partition_indices, stratified_split
 from common.data.synthetic import load_synthetic, scanner_effect
+from common.atomic import atomic_write
 from common.errors import ConfigError, SiteDataError
 
 __all__ = [
@@ -143,15 +143,8 @@ def _info_from_json(text: str) -> DatasetInfo:
 
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` (uncompressed) to a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:

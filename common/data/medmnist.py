@@ -39,7 +39,7 @@ KNOWN_CLASS_NAMES: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
 
 
 def medmnist_path(cfg: MedMNISTConfig) -> Path:
-    """Where the npz of ``cfg`` lives: ``ROOT/NAME.npz`` for 28 px, ``ROOT/NAME_SIZE.npz`` otherwise (``~`` expanded)."""
+    """Where the npz of ``cfg`` lives: ``ROOT/NAME.npz`` for 28 px, else ``ROOT/NAME_SIZE.npz`` (``~`` expanded)."""
     root = Path(cfg.root).expanduser()
     return root / (f"{cfg.name}.npz" if cfg.size == 28 else f"{cfg.name}_{cfg.size}.npz")
 

@@ -66,7 +66,9 @@ def _quantity(
 
 
 _Scheme = Callable[[np.ndarray, int, float, int, np.random.Generator], list[np.ndarray]]
-SCHEMES: MappingProxyType[str, _Scheme] = MappingProxyType({"iid": _iid, "dirichlet": _dirichlet, "quantity": _quantity})
+SCHEMES: MappingProxyType[str, _Scheme] = MappingProxyType(
+    {"iid": _iid, "dirichlet": _dirichlet, "quantity": _quantity}
+)
 
 
 def partition_indices(

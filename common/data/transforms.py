@@ -1,8 +1,8 @@
 """Training-time augmentation with MONAI array transforms, and torch views of :class:`ArrayDataset`.
 
 :func:`build_augmentation` composes random flips along every spatial axis, a small rotation (about every axis in
-3D) with a zoom (one ``RandAffine``), and intensity scaling/shifting. It works on one channel-first sample (2D or 3D) and returns a plain
-float32 torch tensor of the same shape. The stored arrays are never modified in place.
+3D) with a zoom (one ``RandAffine``), and intensity scaling/shifting. It works on one channel-first sample (2D or
+3D) and returns a plain float32 torch tensor of the same shape. The stored arrays are never modified in place.
 """
 
 from __future__ import annotations

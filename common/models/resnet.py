@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common.models.registry import register_model
-from common.models.smallcnn import adaptive_avg_pool_layer, check_model_args, conv_layer, group_norm
+from common.models.smallcnn import PooledClassifier, check_model_args, conv_layer, group_norm
 
 __all__ = ["BasicBlock", "ResNet18", "resnet18"]
 
@@ -61,7 +61,7 @@ class BasicBlock(nn.Module):
         return self.act2(out)
 
 
-class ResNet18(nn.Module):
+class ResNet18(PooledClassifier):
     """ResNet-18-style classifier (see the module docstring).
 
     Args:
@@ -103,21 +103,7 @@ class ResNet18(nn.Module):
                 )
                 channels = out_channels
             layers[f"layer{stage + 1}"] = nn.Sequential(*blocks)
-        layers["pool"] = adaptive_avg_pool_layer(spatial_dims)
-        layers["flatten"] = nn.Flatten(1)
-        self.spatial_dims = spatial_dims
-        self.num_features = channels
-        self.encoder = nn.Sequential(layers)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, n_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``(B, num_features)`` of images ``(B, C, *spatial)``."""
-        return self.encoder(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, n_classes)``."""
-        return self.head(self.dropout(self.encoder(x)))
+        self._attach_head(layers, channels, spatial_dims=spatial_dims, n_classes=n_classes, dropout=dropout)
 
 
 @register_model("resnet18")

@@ -11,7 +11,8 @@ then global average pooling, dropout and a linear ``head``. There is no BatchNor
 ``(B, 4w)`` features for linear probing.
 
 This module also holds the helpers shared with :mod:`common.models.resnet`: :func:`group_norm`,
-:func:`conv_layer`, :func:`max_pool_layer` and :func:`adaptive_avg_pool_layer`.
+:func:`conv_layer`, :func:`max_pool_layer`, :func:`adaptive_avg_pool_layer` and the base class
+:class:`PooledClassifier`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from common.errors import ConfigError
 from common.models.registry import register_model
 
 __all__ = [
+    "PooledClassifier",
     "SmallCNN",
     "adaptive_avg_pool_layer",
     "check_model_args",
@@ -93,7 +95,33 @@ def _conv_block(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Se
     )
 
 
-class SmallCNN(nn.Module):
+class PooledClassifier(nn.Module):
+    """Base of the registered networks: ``encoder`` (ending in global pooling) -> dropout -> linear ``head``."""
+
+    encoder: nn.Sequential
+    head: nn.Linear
+
+    def _attach_head(
+        self, layers: OrderedDict[str, nn.Module], channels: int, *, spatial_dims: int, n_classes: int, dropout: float
+    ) -> None:
+        layers["pool"] = adaptive_avg_pool_layer(spatial_dims)
+        layers["flatten"] = nn.Flatten(1)
+        self.spatial_dims = spatial_dims
+        self.num_features = channels
+        self.encoder = nn.Sequential(layers)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, n_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, num_features)`` of images ``(B, C, *spatial)``."""
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_classes)``."""
+        return self.head(self.dropout(self.encoder(x)))
+
+
+class SmallCNN(PooledClassifier):
     """Small GroupNorm CNN classifier for 2D images or 3D volumes (see the module docstring for the layout).
 
     Args:
@@ -136,21 +164,7 @@ class SmallCNN(nn.Module):
             for index in range(n_convs):
                 layers[f"block{stage + 1}_{index + 1}"] = _conv_block(spatial_dims, channels, out_channels)
                 channels = out_channels
-        layers["pool"] = adaptive_avg_pool_layer(spatial_dims)
-        layers["flatten"] = nn.Flatten(1)
-        self.spatial_dims = spatial_dims
-        self.num_features = channels
-        self.encoder = nn.Sequential(layers)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, n_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``(B, num_features)`` of images ``(B, C, *spatial)``."""
-        return self.encoder(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, n_classes)``."""
-        return self.head(self.dropout(self.encoder(x)))
+        self._attach_head(layers, channels, spatial_dims=spatial_dims, n_classes=n_classes, dropout=dropout)
 
 
 @register_model("smallcnn")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.atomic import atomic_write
 from common.errors import IncompatibleUpdateError
 
 __all__ = [
@@ -176,16 +176,8 @@ def save_checkpoint(path: Path, model_arrays: Mapping[str, np.ndarray], meta: Ma
         "state_dict": {str(k): torch.tensor(np.asarray(v)) for k, v in model_arrays.items()},
         "meta": dict(meta),
     }
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
     logger.debug("Saved checkpoint %s (%d arrays)", path.name, len(payload["state_dict"]))
 
 

@@ -108,3 +108,16 @@ def test_dict_round_trip_still_validates():
     data["train"]["lr"] = -1.0
     with pytest.raises(ConfigError, match="train.lr=-1.0 is out of range"):
         config_from_dict(data)
+
+
+def test_round_learning_rate_schedules():
+    # Prepare
+    constant = compose_config(["train.rounds=3", "train.lr=0.001"]).train
+    cosine = compose_config(["train.rounds=3", "train.lr=0.001", "train.lr_schedule=cosine", "train.lr_min_factor=0.1"]).train
+
+    # Assert (by hand: low = 1e-4; middle = low + (lr - low) / 2)
+    assert [constant.round_lr(r) for r in (1, 2, 3)] == [0.001, 0.001, 0.001]
+    assert cosine.round_lr(1) == pytest.approx(1e-3)
+    assert cosine.round_lr(2) == pytest.approx(5.5e-4)
+    assert cosine.round_lr(3) == pytest.approx(1e-4)
+    assert cosine.round_lr(9) == pytest.approx(1e-4)  # resumed or extra rounds stay at the floor

@@ -107,3 +107,27 @@ def test_unknown_strategy_lists_choices():
     assert "fedavg" in available_strategies()
     with pytest.raises(ConfigError, match="strategy.name='fedsgd' is not a registered strategy; choose one of: fedavg"):
         build_strategy(StrategyConfig(name="fedsgd"))
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
+    # Prepare: float32 values whose weighted sum depends on the summation order (Flower's FedAvg alone gives
+    # 0.0 or 0.333 depending on arrival order; nodes are sampled in random order, so runs drifted apart)
+    import itertools
+
+    replies = [
+        _train_reply(1, "hospital-0", [np.array([3e7], dtype=np.float32)], 10, 0.1),
+        _train_reply(2, "hospital-1", [np.array([1.0], dtype=np.float32)], 10, 0.1),
+        _train_reply(3, "hospital-2", [np.array([-3e7], dtype=np.float32)], 10, 0.1),
+    ]
+    inner = build_strategy(StrategyConfig())
+    plain = {float(inner.aggregate_train(1, list(p))[0].to_numpy_ndarrays()[0][0]) for p in itertools.permutations(replies)}
+    assert len(plain) > 1  # the hazard is real
+
+    # Execute
+    strategy = ObservedStrategy(build_strategy(StrategyConfig()))
+    results = {
+        float(strategy.aggregate_train(1, list(p))[0].to_numpy_ndarrays()[0][0]) for p in itertools.permutations(replies)
+    }
+
+    # Assert
+    assert len(results) == 1
