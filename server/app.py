@@ -74,6 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     info, test_set = load_test_set(cfg) if simulation else (None, None)
     if info is None:
         raise ConfigError("Deployment runs are not supported yet: the coordinator needs the dataset's shape.")
+    torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
 
     start_round, tracker_state = 0, None
