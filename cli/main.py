@@ -95,16 +95,11 @@ def _fail(exc: MedfedError) -> None:
 
 def _check_registries(cfg: Config) -> None:
     """Names resolved through registries (model, strategy) are checked before anything starts."""
-    from common.models import available_models
-    from strategies import available_strategies
+    from common.models.registry import require_model
+    from strategies import require_strategy
 
-    for key, value, choices in (
-        ("model.name", cfg.model.name, available_models()),
-        ("strategy.name", cfg.strategy.name, available_strategies()),
-    ):
-        if value not in choices:
-            kind = key.split(".")[0]
-            raise ConfigError(f"{key}={value!r} is not a registered {kind}; choose one of: {', '.join(choices)}.")
+    require_model(cfg.model.name)
+    require_strategy(cfg.strategy.name)
 
 
 def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:

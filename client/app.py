@@ -59,12 +59,13 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 
 def node_config(context: Context) -> Config:
     """The run's composed config; composed with Hydra once per node and run, then kept in ``context.state``."""
-    overrides = json.dumps(overrides_from_run_config(context.run_config))
+    overrides = overrides_from_run_config(context.run_config)
+    key = json.dumps(overrides)
     cached = context.state.config_records.get(keys.STATE_CONFIG)
-    if cached is not None and cached.get("overrides") == overrides:
+    if cached is not None and cached.get("overrides") == key:
         return config_from_dict(json.loads(str(cached["config"])))
-    cfg = compose_config(json.loads(overrides))
-    context.state[keys.STATE_CONFIG] = ConfigRecord({"overrides": overrides, "config": json.dumps(config_to_dict(cfg))})
+    cfg = compose_config(overrides)
+    context.state[keys.STATE_CONFIG] = ConfigRecord({"overrides": key, "config": json.dumps(config_to_dict(cfg))})
     return cfg
 
 

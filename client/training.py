@@ -63,15 +63,14 @@ def configure_threads(threads: int, parallel: int) -> int:
     return count
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer`` (validated by the config schema), at ``lr`` or ``train.lr``."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` (validated by the config schema)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -136,9 +135,8 @@ def train_epochs(
     device = device or select_device()
     model.to(device)
     model.train()
-    if optimizer is None:
-        optimizer = make_optimizer(model, cfg, lr=lr)
-    elif lr is not None:
+    optimizer = optimizer or make_optimizer(model, cfg)
+    if lr is not None:
         set_lr(optimizer, lr)
     weights = class_weights(data.labels, n_classes, cfg.class_weighting)
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")

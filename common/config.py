@@ -388,7 +388,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     Cheap (no Hydra): used to keep a node's composed config in Flower's ``context.state`` between messages.
     """
     dataset = dict(data["dataset"])
-    dataset_cls = {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig}.get(dataset.get("source", ""))
+    dataset_cls = _SCHEMAS["dataset"].get(dataset.get("source", ""))
     if dataset_cls is None:
         raise ConfigError(f"dataset.source={dataset.get('source')!r} is not a known dataset source.")
     train = dict(data["train"])

@@ -2,7 +2,7 @@
 
 from strategies.metrics import weighted_mean_ignoring_nan
 from strategies.observed import ObservedStrategy, RoundObservations, SiteDrop
-from strategies.registry import available_strategies, build_strategy
+from strategies.registry import available_strategies, build_strategy, require_strategy
 
 __all__ = [
     "ObservedStrategy",
@@ -10,5 +10,6 @@ __all__ = [
     "SiteDrop",
     "available_strategies",
     "build_strategy",
+    "require_strategy",
     "weighted_mean_ignoring_nan",
 ]

@@ -16,7 +16,7 @@ from common.config import StrategyConfig
 from common.errors import ConfigError
 from strategies.metrics import weighted_mean_ignoring_nan
 
-__all__ = ["StrategyFactory", "available_strategies", "build_strategy"]
+__all__ = ["StrategyFactory", "available_strategies", "build_strategy", "require_strategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,13 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
     Raises:
         ConfigError: if ``cfg.name`` is not registered (the message lists the choices).
     """
-    factory = _FACTORIES.get(cfg.name)
-    if factory is None:
+    require_strategy(cfg.name)
+    return _FACTORIES[cfg.name](cfg)
+
+
+def require_strategy(name: str) -> None:
+    """Raise :class:`ConfigError` (listing the choices) unless ``name`` is a registered strategy."""
+    if name not in _FACTORIES:
         raise ConfigError(
-            f"strategy.name={cfg.name!r} is not a registered strategy; choose one of: "
-            f"{', '.join(available_strategies())}."
+            f"strategy.name={name!r} is not a registered strategy; choose one of: {', '.join(available_strategies())}."
         )
-    return factory(cfg)

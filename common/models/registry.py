@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from common.config import ModelConfig
 
-__all__ = ["ModelFactory", "available_models", "build_model", "register_model"]
+__all__ = ["ModelFactory", "available_models", "build_model", "register_model", "require_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ def _check_int(key: str, value: object, *, allowed: tuple[int, ...] = (), minimu
         raise ConfigError(f"{key}={value!r} is out of range; it must be >= {minimum}.")
 
 
+def require_model(name: str) -> None:
+    """Raise :class:`ConfigError` (listing the choices) unless ``name`` is a registered model."""
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"model.name={name!r} is not a registered model; choose one of: {', '.join(available_models())}."
+        )
+
+
 def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_classes: int) -> nn.Module:
     """Build the registered network ``cfg.name`` for images with the given geometry.
 
@@ -97,10 +105,7 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
     Raises:
         ConfigError: unknown model name (listing the choices) or an out-of-range argument.
     """
-    if cfg.name not in _REGISTRY:
-        raise ConfigError(
-            f"model.name={cfg.name!r} is not a registered model; choose one of: {', '.join(available_models())}."
-        )
+    require_model(cfg.name)
     _check_int("spatial_dims", spatial_dims, allowed=SPATIAL_DIMS)
     _check_int("in_channels", in_channels, minimum=1)
     _check_int("n_classes", n_classes, minimum=2)
