@@ -95,6 +95,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = ObservedStrategy(build_strategy(cfg.strategy), round_offset=start_round)
     device = torch.device("cpu")
 
+    # the global weights as evaluate_round last saw them: Flower calls it after every round with the current
+    # model (and before round 1 with the initial one), so this is the final model even if no round aggregated
     latest: dict[str, dict[str, np.ndarray]] = {}
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -125,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
 
     if remaining > 0:
-        result = strategy.start(
+        strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
@@ -133,7 +135,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate_round,
         )
-        final_arrays = _state_dict(result.arrays) if result.arrays is not None else latest.get("arrays")
+        final_arrays = latest["arrays"]
     else:
         final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     summary = tracker.finish(final_arrays)

@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from common.models.weights import load_checkpoint
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -65,6 +67,10 @@ def _assert_run_outputs(run_dir: Path, rounds: int) -> dict:
         assert (run_dir / name).is_file(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == list(range(1, rounds + 1))
+    final, _ = load_checkpoint(run_dir / "model.pt")
+    last, _ = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert final.keys() == last.keys() and len(final) > 0
+    assert all(np.array_equal(final[k], last[k]) for k in final)  # the final model is the last round's
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("wall_s", "compute_s"):
         assert summary[key] > 0
