@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +74,12 @@ def run_simulation(
 ) -> None:
     """Run the ServerApp and ``federation.hospitals`` ClientApps in Flower's simulation runtime (blocking)."""
     flower_environment()
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-
-    from client.app import app as client_app
-    from server.app import app as server_app
-
-    flwr_logger = logging.getLogger("flwr")  # Flower sets its own level and handler on import
-    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    flwr_logger.propagate = False
-
+    cores = os.cpu_count() or 1
+    parallel = max(1, min(cfg.federation.parallel, cfg.federation.hospitals))
+    backend_config = {
+        "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False},
+    }
     run_config = run_config_from_overrides(
         overrides,
         **{
@@ -91,29 +90,71 @@ def run_simulation(
             keys.RUN_CACHE_DIR: str(cache_dir.resolve()),
         },
     )
-    cores = os.cpu_count() or 1
-    parallel = max(1, min(cfg.federation.parallel, cfg.federation.hospitals))
-    backend_config = {
-        "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False},
-    }
-    with tempfile.TemporaryDirectory(prefix="medfed-app-") as app_dir:
-        _write_app_dir(Path(app_dir), run_config)
-        # Flower creates the Run; ClientApps read the run config from the app directory's defaults, the
-        # ServerApp from this context (its run id is informational: the Grid carries the real one).
-        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-        _run_simulation(
-            num_supernodes=cfg.federation.hospitals,
-            exit_event=_exit_event(),
-            client_app=client_app,
-            server_app=server_app,
-            backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
-            server_app_context=context,
-            app_dir=app_dir,
-            is_app=True,  # nodes read their run config from app_dir only when it is an app directory
-            verbose_logging=verbose,
-        )
+    # Ray's ~2 s start overlaps the imports of Flower, torch and the apps
+    with _ray_started_early(backend_config["init_args"]) as ray_ready:
+        from flwr.app import Context, RecordDict
+        from flwr.simulation.run_simulation import _run_simulation
+
+        from client.app import app as client_app
+        from server.app import app as server_app
+
+        flwr_logger = logging.getLogger("flwr")  # Flower sets its own level and handler on import
+        flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        flwr_logger.propagate = False
+
+        ray_ready.wait()  # Flower's backend initialises Ray only when it is not running yet
+        with tempfile.TemporaryDirectory(prefix="medfed-app-") as app_dir:
+            _write_app_dir(Path(app_dir), run_config)
+            # Flower creates the Run; ClientApps read the run config from the app directory's defaults, the
+            # ServerApp from this context (its run id is informational: the Grid carries the real one).
+            context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+            _run_simulation(
+                num_supernodes=cfg.federation.hospitals,
+                exit_event=_exit_event(),
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=backend_config,  # type: ignore[arg-type]
+                server_app_context=context,
+                app_dir=app_dir,
+                is_app=True,  # nodes read their run config from app_dir only when it is an app directory
+                verbose_logging=verbose,
+            )
+
+
+@contextmanager
+def _ray_started_early(init_args: Mapping[str, Any]) -> Iterator[threading.Event]:
+    """Start Ray in the background with the arguments Flower's Ray backend uses; Flower then reuses it.
+
+    Like Flower, Ray's workers get this process's ``sys.path`` as PYTHONPATH, but through the inherited
+    environment rather than a ``runtime_env``: that lets the actor use a worker Ray pre-started, instead of
+    a new one (measured: ~1.7 s less start-up). The starting thread lives until the block ends, because Ray ties
+    its GCS and raylet to the life of the thread that started them. If this start fails, Flower's backend
+    starts Ray itself and reports any error.
+    """
+    ready, done = threading.Event(), threading.Event()
+
+    def start() -> None:
+        try:
+            import ray
+
+            pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+            os.environ["PYTHONPATH"] = pythonpath
+            if not ray.is_initialized():
+                ray.init(**init_args)  # workers inherit PYTHONPATH from this environment
+        except Exception:  # noqa: BLE001 - Flower's own start raises the real error
+            logger.debug("starting Ray early failed; Flower's backend will start it", exc_info=True)
+        finally:
+            ready.set()
+        done.wait()
+
+    thread = threading.Thread(target=start, name="medfed-ray-start", daemon=True)
+    thread.start()
+    try:
+        yield ready
+    finally:
+        done.set()
+        thread.join()
 
 
 def _exit_event() -> Any:

@@ -132,6 +132,7 @@ def train_epochs(
     """
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
+    started = time.perf_counter()  # everything local training does, optimizer set-up included
     device = device or select_device()
     model.to(device)
     model.train()
@@ -143,7 +144,6 @@ def train_epochs(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
-    started = time.perf_counter()
     total_loss, total_seen, steps = 0.0, 0, 0
     for epoch in range(epochs):
         for images, labels in _batches(data, cfg, spatial_dims, generator, seed + epoch):

@@ -11,6 +11,7 @@ typed config from the same tree, so the ServerApp and every ClientApp agree on t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -331,18 +332,30 @@ def _explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigErro
     return ConfigError(f"Invalid configuration: {text.splitlines()[0]}{detail}")
 
 
+_COMPOSED: dict[tuple[str, ...], Config] = {}
+
+
 def compose_config(overrides: Iterable[str] = ()) -> Config:
     """Compose ``common/conf/config.yaml`` with ``key=value`` overrides into a validated :class:`Config`.
+
+    Hydra costs 0.1-0.3 s per composition, and in simulation one process hosts the ServerApp or every virtual
+    hospital, so results are kept per process (keyed by the overrides); each call returns its own copy.
 
     Raises:
         ConfigError: naming the key, the bad value and the allowed values, before anything starts.
     """
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = _compose(list(key))
+    return copy.deepcopy(_COMPOSED[key])
+
+
+def _compose(overrides: list[str]) -> Config:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(

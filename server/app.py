@@ -113,6 +113,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             if start_round == 0:  # initial model, before any training: reported, never selected
                 logger.info("initial test metrics: %s", test_metrics)
+            tracker.add_compute(server_s)
             return None
         observed = strategy.take_observations()
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]

@@ -117,6 +117,10 @@ class RunTracker:
         }
 
     # --- rounds --------------------------------------------------------------------------------------------------
+    def add_compute(self, seconds: float) -> None:
+        """Count compute that belongs to no round (the server's evaluation of the initial model)."""
+        self.compute_s += seconds
+
     def record_round(
         self,
         server_round: int,

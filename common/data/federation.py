@@ -36,6 +36,7 @@ __all__ = [
     "SiteData",
     "build_sites",
     "cache_key",
+    "forget_loaded_sites",
     "load_site",
     "load_splits",
     "load_test_set",
@@ -179,10 +180,33 @@ def _site_from_arrays(arrays: dict[str, np.ndarray]) -> SiteData:
     )
 
 
+#: Sites this process has read from a cache folder, so a Flower actor hosting several virtual hospitals reads each
+#: file once per run, not once per message. Bounded: past ``_MEMORY_LIMIT_BYTES`` the oldest entries are dropped.
+_IN_MEMORY: dict[tuple[str, int], SiteData] = {}
+_MEMORY_LIMIT_BYTES = 2 << 30
+
+
+def _site_bytes(site: SiteData) -> int:
+    return sum(a.nbytes for a in (site.train.images, site.train.labels, site.val.images, site.val.labels))
+
+
+def _remember(key: tuple[str, int], site: SiteData) -> SiteData:
+    _IN_MEMORY[key] = site
+    while len(_IN_MEMORY) > 1 and sum(_site_bytes(s) for s in _IN_MEMORY.values()) > _MEMORY_LIMIT_BYTES:
+        del _IN_MEMORY[next(iter(_IN_MEMORY))]
+    return site
+
+
+def forget_loaded_sites() -> None:
+    """Drop the sites this process keeps in memory (the next :func:`load_site` reads the cache files again)."""
+    _IN_MEMORY.clear()
+
+
 def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
     """Hospital ``index``'s data, i.e. ``build_sites(...)[index]``; cached under ``cache_dir`` when given.
 
-    On a cache miss every site's file is written (building one site costs as much as building all).
+    On a cache miss every site's file is written (building one site costs as much as building all). With a cache
+    folder, the process also keeps what it read in memory (callers must not modify the arrays).
     """
     if not 0 <= index < cfg.federation.hospitals:
         raise ConfigError(
@@ -191,16 +215,20 @@ def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> Site
         )
     folder = Path(cache_dir) / cache_key(cfg) if cache_dir is not None else None
     if folder is not None:
+        memory_key = (str(folder.resolve()), index)
+        if memory_key in _IN_MEMORY:
+            return _IN_MEMORY[memory_key]
         cached = _read_cache(folder / f"site-{index}.npz")
         if cached is not None:
             try:
-                return _site_from_arrays(cached)
+                return _remember(memory_key, _site_from_arrays(cached))
             except (KeyError, ValueError, TypeError, SiteDataError) as exc:
                 logger.warning("Ignoring cache file site-%d.npz with a bad layout (%s).", index, exc)
     sites = build_sites(load_splits(cfg.dataset), cfg.federation, dataset_seed=_dataset_seed(cfg.dataset))
     if folder is not None:
         for site_index, site in enumerate(sites):
             _write_atomic(folder / f"site-{site_index}.npz", _site_arrays(site))
+            _remember((str(folder.resolve()), site_index), site)
         logger.info("Cached %d sites under cache key %s", len(sites), folder.name)
     return sites[index]
 

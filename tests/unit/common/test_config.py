@@ -27,6 +27,25 @@ def test_defaults_compose_to_typed_config():
     assert cfg.privacy.name == "none"
 
 
+def test_repeated_compositions_are_independent_copies():
+    # Prepare
+    first = compose_config(["train.rounds=7"])
+
+    # Execute
+    first.train.rounds = 99
+    second = compose_config(["train.rounds=7"])
+
+    # Assert
+    assert second.train.rounds == 7
+    assert second is not first
+
+
+def test_a_bad_value_fails_every_time_it_is_composed():
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="train.rounds"):
+            compose_config(["train.rounds=0"])
+
+
 def test_group_option_switches_schema_and_overrides_apply():
     # Execute
     cfg = compose_config(

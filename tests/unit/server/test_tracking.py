@@ -44,6 +44,7 @@ def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     arrays = {"w": np.zeros(2, dtype=np.float32)}
 
     # Execute
+    tracker.add_compute(0.5)  # the server's evaluation of the initial model
     tracker.record_round(1, sites=_sites(0.6, 0.6), test={"auc": 0.95, "acc": 0.9}, arrays=arrays)
     tracker.record_round(2, sites=_sites(0.9, 0.9), test={"auc": 0.70, "acc": 0.6}, arrays=arrays)
     tracker.record_round(3, sites=_sites(0.7, 0.7), test={"auc": 0.99, "acc": 0.99}, arrays=arrays)
@@ -55,7 +56,7 @@ def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     assert summary["final"]["round"] == 3
     assert summary["sites"]["hospital-1"]["n_train"] == 120
     assert summary["sites"]["hospital-1"]["val"]["auc"] == pytest.approx(0.9)  # at the best round
-    assert summary["compute_s"] == pytest.approx(3 * (1.0 + 0.1 + 2.0 + 0.2))
+    assert summary["compute_s"] == pytest.approx(0.5 + 3 * (1.0 + 0.1 + 2.0 + 0.2))
     lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2, 3]
     assert run.model_path.is_file() and run.best_model_path.is_file() and run.last_checkpoint_path.is_file()

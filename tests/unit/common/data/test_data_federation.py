@@ -111,6 +111,7 @@ def test_load_site_cache_round_trip_reads_the_cache(tmp_path: Path, monkeypatch:
     first = load_site(cfg, 2, cache_dir=tmp_path)
     files = sorted(p.name for p in tmp_path.glob("*/*.npz"))
     monkeypatch.setattr(federation, "load_splits", _no_rebuild)
+    federation.forget_loaded_sites()  # a fresh process: only the files remain
 
     # Execute
     again = load_site(cfg, 2, cache_dir=tmp_path)
@@ -125,6 +126,23 @@ def test_load_site_cache_round_trip_reads_the_cache(tmp_path: Path, monkeypatch:
         assert np.array_equal(getattr(again, name).labels, getattr(first, name).labels)
         assert getattr(again, name).images.dtype == np.float32
     assert other.site_id == "hospital-0"
+
+
+def test_a_process_reads_each_cache_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    cfg = _config()
+    first = load_site(cfg, 1, cache_dir=tmp_path)
+    for path in tmp_path.glob("*/*.npz"):
+        path.unlink()
+    monkeypatch.setattr(federation, "load_splits", _no_rebuild)
+
+    # Execute
+    again = load_site(cfg, 1, cache_dir=tmp_path)
+    other = load_site(cfg, 2, cache_dir=tmp_path)  # built alongside site 1, so also kept
+
+    # Assert
+    assert again is first
+    assert other.site_id == "hospital-2"
 
 
 def test_cache_key_changes_with_the_partition(tmp_path: Path) -> None:
@@ -144,6 +162,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path: Path) -> None:
     first = load_site(cfg, 0, cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("*/site-0.npz")
     cache_file.write_bytes(b"half a file")
+    federation.forget_loaded_sites()
 
     # Execute
     again = load_site(cfg, 0, cache_dir=tmp_path)
