@@ -154,24 +154,37 @@ def render(results: dict[str, Any], demo: dict[str, Any], total_s: float, comman
     return "\n".join(lines)
 
 
-def write_doc(section: str, path: Path) -> None:
+def write_doc(
+    section: str,
+    path: Path,
+    *,
+    start: str = START,
+    end: str = END,
+    heading: str = "Walking skeleton: centralized vs local-only vs FedAvg",
+) -> None:
+    """Put ``section`` (which begins with ``start`` and ends with ``end``) into ``path``, replacing the old one."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# medfed benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Walking skeleton: centralized vs local-only vs FedAvg\n\n" + section + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(doc: str | None, work: str, datasets: list[str]) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (data folder, work folder, datasets, --quick, the doc to write)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "medmnist")
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--datasets", nargs="+", default=list(RECIPES))
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / work)
+    parser.add_argument("--datasets", nargs="+", default=datasets)
     parser.add_argument("--quick", action="store_true", help="2 rounds x 1 epoch: checks the script, not the figures")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = benchmark_parser(__doc__, "bench", list(RECIPES)).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in args.datasets:
         if not (args.data_dir / f"{name}.npz").is_file():

@@ -33,16 +33,24 @@ def print_round(console: Console, record: Mapping[str, Any], total_rounds: int) 
     dropped = record.get("dropped") or []
     val = record.get("val") or {}
     test = record.get("test") or {}
+    epsilons = {k: v["epsilon"] for k, v in sorted(sites.items()) if (v or {}).get("epsilon") is not None}
+    privacy = (
+        " | eps " + " ".join(f"{k.rsplit('-', 1)[-1]}:{fmt(e, 2)}" for k, e in epsilons.items()) if epsilons else ""
+    )
     console.print(
         f"[bold]round {record.get('round')}/{total_rounds}[/] | "
         f"loss {fmt((record.get('train') or {}).get('loss'))} | "
         f"val AUC {fmt(val.get('auc'))} acc {fmt(val.get('acc'))} | "
         f"test AUC {fmt(test.get('auc'))} | "
-        f"{len(sites)} sites" + (f" [red]{len(dropped)} dropped[/]" if dropped else "") + " | "
+        f"{len(sites)} sites" + (f" [red]{len(dropped)} dropped[/]" if dropped else "") + privacy + " | "
         f"{fmt(record.get('elapsed_s'), 0)} s",
         highlight=False,
         soft_wrap=True,
     )
+    for drop in dropped:
+        console.print(
+            f"  [red]{drop.get('site')} ({drop.get('phase')}):[/] {drop.get('reason')}", highlight=False, soft_wrap=True
+        )
 
 
 class RoundFollower:
@@ -117,8 +125,15 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
             fmt(test.get("auc")),
             fmt(test.get("acc")),
         )
+    privacy = summary.get("privacy")
     table.caption = (
         f"wall {fmt(summary.get('wall_s'), 1)} s, compute {fmt(summary.get('compute_s'), 1)} s, "
         f"overhead x{fmt(summary.get('overhead'), 2)}; site rows: n=train/val images, round = its best round"
+        + (
+            f"; privacy: max epsilon {fmt(privacy.get('max_epsilon'), 2)} at delta {privacy.get('delta'):g} "
+            "(cumulative per hospital)"
+            if privacy
+            else ""
+        )
     )
     return table

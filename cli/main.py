@@ -46,6 +46,14 @@ CacheOpt = Annotated[
     Path | None, typer.Option("--cache-dir", help="Simulated sites' decoded-data cache (default ~/.cache/medfed).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's INFO logs.")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="Simulated hospitals' state: their privacy ledgers, which span runs on the same data "
+        "(default ~/.local/share/medfed, or $MEDFED_STATE_DIR).",
+    ),
+]
 
 
 class RunDirectoryInUse(ConfigError):
@@ -85,6 +93,12 @@ def _cache_dir(option: Path | None) -> Path:
     from client.site import default_cache_dir
 
     return option if option is not None else default_cache_dir()
+
+
+def _state_dir(option: Path | None) -> Path:
+    from client.privacy import default_state_dir
+
+    return option if option is not None else default_state_dir()
 
 
 def _fail(exc: MedfedError) -> None:
@@ -127,6 +141,7 @@ def simulate(
         Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")
     ] = None,
     cache_dir: CacheOpt = None,
+    state_dir: StateOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
@@ -161,7 +176,8 @@ def simulate(
             )
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console, skip_rounds=done):
             run_simulation(
-                cfg, overrides, run_path, resume=resume is not None, cache_dir=_cache_dir(cache_dir), t0=t0,
+                cfg, overrides, run_path, resume=resume is not None, cache_dir=_cache_dir(cache_dir),
+                state_dir=_state_dir(state_dir), t0=t0,
                 verbose=verbose,
             )
         summary = RunDirectory(run_path).read_summary()

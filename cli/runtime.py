@@ -69,6 +69,7 @@ def run_simulation(
     *,
     resume: bool = False,
     cache_dir: Path,
+    state_dir: Path,
     t0: float | None = None,
     verbose: bool = False,
 ) -> None:
@@ -88,6 +89,7 @@ def run_simulation(
             keys.RUN_RESUME: resume,
             keys.RUN_T0: float(t0 if t0 is not None else time.time()),
             keys.RUN_CACHE_DIR: str(cache_dir.resolve()),
+            keys.RUN_STATE_DIR: str(state_dir.expanduser().resolve()),
         },
     )
     # Ray's ~2 s start overlaps the imports of Flower, torch and the apps

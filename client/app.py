@@ -12,15 +12,37 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.privacy import (
+    LedgerEntry,
+    PrivacyLedger,
+    RoundPlan,
+    dataset_fingerprint,
+    default_state_dir,
+    entries_from_state,
+    entries_to_state,
+    plan_round,
+    site_cap,
+)
 from client.site import resolve_site
-from client.training import configure_threads, derive_seed, select_device, train_epochs
+from client.training import DPTraining, configure_threads, derive_seed, select_device, train_epochs
 from common import keys
-from common.config import Config, compose_config, config_from_dict, config_to_dict, overrides_from_run_config
+from common.config import (
+    Config,
+    DPConfig,
+    FederationConfig,
+    compose_config,
+    config_from_dict,
+    config_to_dict,
+    overrides_from_run_config,
+)
 from common.data import SiteData
 from common.errors import IncompatibleUpdateError, MedfedError
 from common.inference import evaluate
@@ -31,7 +53,16 @@ __all__ = ["SiteFailure", "app", "node_config"]
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+def _central_dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``fixedclipping_mod`` on the train messages of central-DP runs (they carry the clipping norm);
+    every other message passes through untouched."""
+    config = msg.content.config_records.get(keys.CONFIG) if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_central_dp_clipping])
 
 
 class SiteFailure(RuntimeError):
@@ -83,9 +114,12 @@ def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.M
             "must send the global model (is it running another medfed version?)."
         )
     load_state_dict_numpy(model, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
+    return cfg, site, model, _server_round(msg)
+
+
+def _server_round(msg: Message) -> int:
     config = msg.content.config_records.get(keys.CONFIG)
-    server_round = int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
-    return cfg, site, model, server_round
+    return int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
 
 
 def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
@@ -97,11 +131,56 @@ def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], arrays
     return Message(content=content, reply_to=msg)
 
 
+def _state_dir(context: Context) -> Path:
+    """The hospital's state directory: its node config decides; in simulation the researcher's run config may."""
+    if keys.NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[keys.NODE_STATE_DIR])).expanduser()
+    if keys.NODE_PARTITION_ID in context.node_config and keys.RUN_STATE_DIR in context.run_config:
+        return Path(str(context.run_config[keys.RUN_STATE_DIR])).expanduser()
+    return default_state_dir()
+
+
+def _privacy_round(cfg: Config, dp: DPConfig, site: SiteData, msg: Message, context: Context) -> RoundPlan:
+    """Plan this round under the site's cap and record it in the ledger before training (crash-safe)."""
+    dp.require_runtime()
+    simulated = keys.NODE_PARTITION_ID in context.node_config
+    # in deployment only the hospital's node config sets its cap; the coordinator's federation.* never does
+    cap = site_cap(
+        cfg.federation if simulated else FederationConfig(),
+        context.node_config,
+        int(context.node_config[keys.NODE_PARTITION_ID]) if simulated else None,  # type: ignore[arg-type]
+    )
+    ledger = PrivacyLedger(_state_dir(context), dataset_fingerprint(site))
+    kept = context.state.config_records.get(keys.STATE_LEDGER)
+    entries = ledger.record(entries_from_state(str(kept["entries"]) if kept is not None else None))
+    server_round = _server_round(msg)
+    plan = plan_round(
+        dp,
+        cap,
+        n_train=len(site.train),
+        batch_size=cfg.train.batch_size,
+        local_epochs=cfg.train.local_epochs,
+        rounds_left=cfg.train.rounds - server_round + 1,
+        entries=entries,
+        run_id=msg.metadata.run_id,
+    )
+    entry = LedgerEntry.new(msg.metadata.run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
+    entries = ledger.record([entry])
+    context.state[keys.STATE_LEDGER] = ConfigRecord({"entries": entries_to_state(entries)})
+    return plan
+
+
 @app.train()
 @_guarded
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this hospital's training split for ``train.local_epochs``."""
+    """Train the received global model on this hospital's training split for ``train.local_epochs``.
+
+    With ``privacy=dp`` the site first plans the round under its own cap (refusing with a PHI-free reason when
+    the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD.
+    """
     cfg, site, model, server_round = _setup(msg, context)
+    dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
+    plan = _privacy_round(cfg, dp, site, msg, context) if dp is not None else None
     result = train_epochs(
         model,
         site.train,
@@ -112,6 +191,17 @@ def train(msg: Message, context: Context) -> Message:
         seed=derive_seed(cfg.train.seed, server_round, site.site_id),
         lr=cfg.train.round_lr(server_round),
         device=select_device(),
+        privacy=(
+            DPTraining(
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                max_physical_batch_size=dp.max_physical_batch_size,
+                grad_sample_mode=dp.grad_sample_mode,
+                secure_mode=dp.secure_mode,
+            )
+            if dp is not None and plan is not None
+            else None
+        ),
     )
     model.cpu()
     metrics: dict[str, float | int] = {
@@ -120,6 +210,12 @@ def train(msg: Message, context: Context) -> Message:
         keys.TRAIN_TIME_S: result.seconds,
         keys.N_TRAIN: len(site.train),
     }
+    if plan is not None:
+        if result.steps != plan.steps or result.sample_rate != plan.sample_rate:  # never expected: say so loudly
+            logger.error("DP training took %s steps at q=%s; the ledger holds the plan (%d at q=%s)",
+                         result.steps, result.sample_rate, plan.steps, plan.sample_rate)
+        metrics.update({keys.EPSILON: plan.epsilon_after, keys.DELTA: plan.delta,
+                        keys.NOISE_MULTIPLIER: plan.noise_multiplier})
     return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
 
 
@@ -134,5 +230,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     )
     seconds = time.perf_counter() - started
     metrics: dict[str, float | int] = {f"{keys.EVAL_PREFIX}{k}": float(v) for k, v in scores.items()}
-    metrics.update({keys.NUM_EXAMPLES: len(site.val), keys.EVAL_TIME_S: seconds, keys.N_VAL: len(site.val)})
+    metrics.update(
+        {keys.NUM_EXAMPLES: len(site.val), keys.EVAL_TIME_S: seconds, keys.N_VAL: len(site.val),
+         keys.N_TRAIN: len(site.train)}
+    )
     return _reply(msg, site, metrics, None)

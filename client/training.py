@@ -6,12 +6,14 @@ alone in the local-only baseline, so every comparison uses one training core.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from common.config import TrainConfig
 from common.data import ArrayDataset, AugmentedDataset, build_augmentation
 
 __all__ = [
+    "DPTraining",
     "LocalTrainResult",
     "class_weights",
     "configure_threads",
@@ -40,8 +43,20 @@ class LocalTrainResult:
 
     loss: float  # mean per-sample training loss over all epochs of this call
     num_examples: int  # training samples (not batches): FedAvg's weight
-    steps: int
+    steps: int  # optimizer steps (with DP: logical batches the accountant counted)
     seconds: float
+    sample_rate: float | None = None  # with DP: the Poisson sampling rate the accountant used
+
+
+@dataclass(frozen=True)
+class DPTraining:
+    """Opacus DP-SGD settings of one training call (the noise comes from the site's privacy plan)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    max_physical_batch_size: int = 64
+    grad_sample_mode: str = "hooks"
+    secure_mode: bool = False
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -123,12 +138,15 @@ def train_epochs(
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
+    privacy: DPTraining | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``.
 
     A new optimizer is made unless one is passed (the centralized baseline keeps its optimizer across calls;
     a federated round starts fresh from the global weights); ``lr`` (the round's rate) overrides ``train.lr``.
-    Shuffling and augmentation are seeded by ``seed``.
+    Shuffling and augmentation are seeded by ``seed``. With ``privacy`` the same loop runs Opacus DP-SGD: Poisson
+    sampling (an epoch is ``ceil(n / batch_size)`` logical batches), per-sample clipping and Gaussian noise, with
+    logical batches split to ``max_physical_batch_size`` in memory. ``model`` itself stays unwrapped.
     """
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
@@ -143,19 +161,81 @@ def train_epochs(
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None
+    forward, optimizer, criterion = private[:3] if private else (model, optimizer, criterion)
 
     total_loss, total_seen, steps = 0.0, 0, 0
     for epoch in range(epochs):
-        for images, labels in _batches(data, cfg, spatial_dims, generator, seed + epoch):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(labels)
-            total_seen += len(labels)
-            steps += 1
+        batches = private[3]() if private else _batches(data, cfg, spatial_dims, generator, seed + epoch)
+        with batches if private else contextlib.nullcontext(batches) as epoch_batches:
+            for images, labels in epoch_batches:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(forward(images), labels)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(labels)
+                total_seen += len(labels)
+                steps += 1
+    sample_rate = None
+    if private:
+        forward.remove_hooks()
+        history = private[4].accountant.history
+        steps = sum(n for _, _, n in history)
+        sample_rate = history[-1][1] if history else None
     seconds = time.perf_counter() - started
     return LocalTrainResult(
-        loss=total_loss / max(1, total_seen), num_examples=len(data), steps=steps, seconds=seconds
+        loss=total_loss / max(1, total_seen),
+        num_examples=len(data),
+        steps=steps,
+        seconds=seconds,
+        sample_rate=sample_rate,
     )
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    data: ArrayDataset,
+    cfg: TrainConfig,
+    spatial_dims: int,
+    seed: int,
+    privacy: DPTraining,
+) -> tuple[Any, Any, Any, Callable[[], Any], Any]:
+    """Opacus' wrapped model, DP optimizer, loss, a per-epoch batch source and the engine (its accountant)."""
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
+    dataset: torch.utils.data.Dataset = (
+        AugmentedDataset(data, augment)
+        if augment is not None
+        else torch.utils.data.TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
+    )
+    generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, generator=generator)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=privacy.secure_mode)
+    noise = None if privacy.secure_mode else torch.Generator().manual_seed(seed + 1)
+    made = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise,
+        grad_sample_mode=privacy.grad_sample_mode,
+    )
+    if privacy.grad_sample_mode == "ghost":
+        wrapped, dp_optimizer, dp_criterion, dp_loader = made
+    else:
+        (wrapped, dp_optimizer, dp_loader), dp_criterion = made, criterion
+
+    def epoch() -> BatchMemoryManager:
+        return BatchMemoryManager(
+            data_loader=dp_loader, max_physical_batch_size=privacy.max_physical_batch_size, optimizer=dp_optimizer
+        )
+
+    return wrapped, dp_optimizer, dp_criterion, epoch, engine

@@ -26,7 +26,9 @@ __all__ = [
     "CONF_DIR",
     "RUN_CONFIG_OVERRIDES",
     "AugmentConfig",
+    "CentralDPConfig",
     "Config",
+    "DPConfig",
     "DatasetConfig",
     "FederationConfig",
     "MedMNISTConfig",
@@ -177,6 +179,12 @@ class FederationConfig:
     threads: int = 0  # torch threads per hospital process; 0 = all cores / parallel
 
     parallel: int = 1  # hospitals trained at once in simulation
+    # Each simulated hospital's own privacy cap (in deployment a hospital sets it in its node config):
+    # cumulative epsilon over every run on its data, the largest delta it accepts, the least noise it accepts.
+    site_max_epsilon: float = math.inf
+    site_max_epsilon_each: list[float] = field(default_factory=list)  # per hospital, overrides site_max_epsilon
+    site_max_delta: float = 1e-5
+    site_min_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -190,6 +198,18 @@ class FederationConfig:
             raise ConfigError(f"federation.threads={self.threads!r} is out of range; use 0 (auto) or more.")
         if self.parallel < 1:
             raise ConfigError(f"federation.parallel={self.parallel!r} is out of range; it must be >= 1.")
+        for key, cap in [("federation.site_max_epsilon", self.site_max_epsilon)] + [
+            (f"federation.site_max_epsilon_each[{i}]", c) for i, c in enumerate(self.site_max_epsilon_each)
+        ]:
+            if not cap > 0:
+                raise ConfigError(f"{key}={cap!r} is out of range; it must be > 0 (inf: no cap).")
+        if self.site_max_epsilon_each and len(self.site_max_epsilon_each) != self.hospitals:
+            raise ConfigError(
+                f"federation.site_max_epsilon_each has {len(self.site_max_epsilon_each)} values but "
+                f"federation.hospitals={self.hospitals}; give one cap per hospital or leave it empty."
+            )
+        _fraction("federation.site_max_delta", self.site_max_delta, high_open=True)
+        _positive("federation.site_min_noise", self.site_min_noise, allow_zero=True)
 
 
 @dataclass
@@ -251,15 +271,83 @@ class TrainConfig:
         _fraction("train.momentum", self.momentum, low_open=False, high_open=True)
 
 
+PRIVACY_MECHANISMS = ("none", "dp", "central_dp")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
 @dataclass
 class PrivacyConfig:
-    """Privacy mechanism of the run; ``none`` for now (sample-level DP arrives with the privacy issue)."""
+    """Privacy mechanism the coordinator requests (``none``: images stay at the sites, nothing more)."""
 
     name: str = "none"
 
     def __post_init__(self) -> None:
-        _choice("privacy.name", self.name, ("none",))
+        _choice("privacy.name", self.name, PRIVACY_MECHANISMS)
 
+
+@dataclass
+class DPConfig(PrivacyConfig):
+    """Sample-level differential privacy at every hospital: Opacus DP-SGD (Poisson sampling, clipping, noise).
+
+    ``target_epsilon`` is what one run may spend at each hospital; the noise multiplier is derived from it over the
+    planned rounds and the hospital's data size. A hospital's own cap (``federation.site_*`` in simulation, its
+    node config in deployment) can only make this stricter.
+    """
+
+    name: str = "dp"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_noise_multiplier: float = 10.0  # a site refuses when fitting its cap would need more noise (useless updates)
+    accountant: str = "rdp"
+    max_physical_batch_size: int = 64  # Opacus BatchMemoryManager: the logical batch is train.batch_size
+    grad_sample_mode: str = "hooks"  # hooks | ghost (ghost clipping: no per-sample gradients in memory)
+    secure_mode: bool = False  # cryptographically secure noise (needs torchcsprng); on in deployment configs
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("privacy.target_epsilon", self.target_epsilon)
+        _fraction("privacy.delta", self.delta, high_open=True)
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        _positive("privacy.max_noise_multiplier", self.max_noise_multiplier)
+        _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
+        if self.max_physical_batch_size < 1:
+            raise ConfigError(
+                f"privacy.max_physical_batch_size={self.max_physical_batch_size!r} is out of range; it must be >= 1."
+            )
+        _choice("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+
+    def require_runtime(self) -> None:
+        """Fail before training when this machine cannot do what the config asks (secure RNG)."""
+        import importlib.util
+
+        if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
+            raise ConfigError(
+                "privacy.secure_mode=true needs the torchcsprng package for cryptographically secure noise, and it "
+                "is not installed (it has no wheel for this torch/Python). Install it, or set "
+                "privacy.secure_mode=false for experiments (Opacus then warns that the RNG is not secure)."
+            )
+
+
+
+@dataclass
+class CentralDPConfig(PrivacyConfig):
+    """Client-level DP: each hospital's update is clipped at the hospital (Flower's ``fixedclipping_mod``) and the
+    coordinator adds Gaussian noise to the sum (Flower's ``DifferentialPrivacyClientSideFixedClipping``), with
+    Flower's RDP accountant reporting the run-level epsilon. Protects whole hospitals, trusts the coordinator with
+    the noise."""
+
+    name: str = "central_dp"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # L2 bound on each hospital's model update
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("privacy.noise_multiplier", self.noise_multiplier)
+        _positive("privacy.clipping_norm", self.clipping_norm)
+        _fraction("privacy.delta", self.delta, high_open=True)
 
 @dataclass
 class Config:
@@ -286,7 +374,7 @@ _SCHEMAS: dict[str, dict[str, type]] = {
     "strategy": {"base": StrategyConfig},
     "federation": {"base": FederationConfig},
     "train": {"base": TrainConfig},
-    "privacy": {"base": PrivacyConfig},
+    "privacy": {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig},
 }
 
 
@@ -412,8 +500,15 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         strategy=StrategyConfig(**data["strategy"]),
         federation=FederationConfig(**data["federation"]),
         train=TrainConfig(**train),
-        privacy=PrivacyConfig(**data["privacy"]),
+        privacy=_privacy_from_dict(dict(data["privacy"])),
     )
+
+
+def _privacy_from_dict(privacy: dict[str, Any]) -> PrivacyConfig:
+    privacy_cls = _SCHEMAS["privacy"].get(privacy.get("name", ""))
+    if privacy_cls is None:
+        raise ConfigError(f"privacy.name={privacy.get('name')!r} is not a known privacy mechanism.")
+    return privacy_cls(**privacy)
 
 
 def run_config_from_overrides(overrides: Sequence[str], **extra: str | int | float | bool) -> dict[str, Any]:

@@ -9,22 +9,31 @@ from __future__ import annotations
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "DELTA",
+    "EPSILON",
     "EVAL_PREFIX",
     "EVAL_TIME_S",
     "METRICS",
     "RUN_CACHE_DIR",
+    "NODE_MAX_DELTA",
+    "NODE_MAX_EPSILON",
+    "NODE_MIN_NOISE",
     "NODE_PARTITION_ID",
+    "NODE_STATE_DIR",
+    "NOISE_MULTIPLIER",
     "NUM_EXAMPLES",
     "N_TRAIN",
     "N_VAL",
     "RUN_DIR",
     "RUN_MODE",
     "RUN_RESUME",
+    "RUN_STATE_DIR",
     "RUN_T0",
     "SERVER_ROUND",
     "SITE",
     "SITE_ID",
     "STATE_CONFIG",
+    "STATE_LEDGER",
     "TRAIN_LOSS",
     "TRAIN_TIME_S",
 ]
@@ -47,6 +56,9 @@ TRAIN_LOSS = "train-loss"
 TRAIN_TIME_S = "train-time-s"
 EVAL_TIME_S = "eval-time-s"
 EVAL_PREFIX = "val-"  # validation metrics travel as val-auc, val-acc, ...
+EPSILON = "epsilon"  # the site's cumulative epsilon (all runs on its data) after this round
+DELTA = "delta"  # the delta that epsilon is stated at
+NOISE_MULTIPLIER = "noise-multiplier"
 
 # Run config keys (set by `medfed simulate` / `medfed train`)
 RUN_DIR = "run-dir"
@@ -54,9 +66,16 @@ RUN_MODE = "mode"  # "simulation" or "deployment"
 RUN_RESUME = "resume"
 RUN_T0 = "t0"  # launch time (epoch seconds) for wall_s
 
+RUN_STATE_DIR = "state-dir"  # simulation: where simulated sites keep their privacy ledgers
+
 # Keys of a node's own Flower context.state (never sent anywhere)
 STATE_CONFIG = "medfed-config"  # the composed config, so Hydra runs once per node and run
+STATE_LEDGER = "medfed-privacy-ledger"  # this node's privacy ledger entries (mirrors the on-disk ledger)
 
 # Node config keys
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
+NODE_STATE_DIR = "state-dir"  # a hospital's state directory (privacy ledger)
+NODE_MAX_EPSILON = "max-epsilon"  # a hospital's privacy cap: cumulative epsilon over every run on its data
+NODE_MAX_DELTA = "max-delta"  # the largest delta it accepts
+NODE_MIN_NOISE = "min-noise"  # the least noise multiplier it accepts
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data

@@ -19,14 +19,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.config import Config, compose_config, config_to_yaml, overrides_from_run_config
+from common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
 from common.data import load_test_set
 from common.errors import ConfigError
 from common.inference import evaluate
-from common.models import build_model
+from common.models import build_model, require_dp_compatible
 from server.runs import RunDirectory
 from server.tracking import RunTracker, SiteRound
-from strategies import ObservedStrategy, RoundObservations, build_strategy
+from strategies import ObservedStrategy, RoundObservations, build_strategy, with_central_dp
 
 __all__ = ["app", "site_rounds"]
 
@@ -43,9 +43,13 @@ def site_rounds(observed: RoundObservations) -> dict[str, SiteRound]:
         site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
         site.train_loss = metrics.get(keys.TRAIN_LOSS)
         site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
+        site.epsilon = metrics.get(keys.EPSILON)
+        site.delta = metrics.get(keys.DELTA)
     for site_id, metrics in observed.evaluate.items():
         site = sites.setdefault(site_id, SiteRound())
         site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
+        if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
+            site.n_train = int(metrics[keys.N_TRAIN])
         site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
         prefix = keys.EVAL_PREFIX
         site.val = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
@@ -76,6 +80,9 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("Deployment runs are not supported yet: the coordinator needs the dataset's shape.")
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch
+        require_dp_compatible(model, cfg.model.name)
+        cfg.privacy.require_runtime()
 
     start_round, tracker_state = 0, None
     if context.run_config.get(keys.RUN_RESUME):
@@ -92,7 +99,17 @@ def main(grid: Grid, context: Context) -> None:
     remaining = cfg.train.rounds - start_round
 
     tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state)
-    strategy = ObservedStrategy(build_strategy(cfg.strategy), round_offset=start_round)
+    inner = build_strategy(cfg.strategy)
+    if isinstance(cfg.privacy, CentralDPConfig):
+        if cfg.strategy.fraction_train < 1.0:
+            raise ConfigError(
+                f"privacy=central_dp accounts for every hospital in every round (no sampling amplification), but "
+                f"strategy.fraction_train={cfg.strategy.fraction_train}; set strategy.fraction_train=1.0."
+            )
+        inner = with_central_dp(inner, cfg.privacy, cfg.federation.hospitals)
+        if tracker.accountant_state is not None:  # resumed: keep counting where the stopped run was
+            inner.accountant.load_state_dict(tracker.accountant_state)
+    strategy = ObservedStrategy(inner, round_offset=start_round)
     device = torch.device("cpu")
 
     # the global weights as evaluate_round last saw them: Flower calls it after every round with the current
@@ -115,6 +132,12 @@ def main(grid: Grid, context: Context) -> None:
                 logger.info("initial test metrics: %s", test_metrics)
             tracker.add_compute(server_s)
             return None
+        if strategy.stopped_after is not None and server_round + start_round > strategy.stopped_after:
+            return None  # the run has ended (no hospital can train): nothing more to record
+        spent = inner.privacy_spent() if isinstance(cfg.privacy, CentralDPConfig) else None
+        if spent is not None:  # central DP: Flower's accountant, one release per round
+            tracker.run_privacy = {"run_epsilon": spent.epsilon, "delta": spent.delta}
+            tracker.accountant_state = inner.accountant.state_dict()
         observed = strategy.take_observations()
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
         tracker.record_round(
@@ -139,5 +162,7 @@ def main(grid: Grid, context: Context) -> None:
         final_arrays = latest["arrays"]
     else:
         final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    summary = tracker.finish(final_arrays)
+    summary = tracker.finish(
+        final_arrays, extra={"stopped": strategy.stop_reason} if strategy.stop_reason is not None else None
+    )
     logger.info("run finished: best round %s", (summary.get("best") or {}).get("round"))

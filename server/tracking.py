@@ -35,12 +35,16 @@ class SiteRound:
     eval_s: float = 0.0
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] | None = None  # only for the local-only baseline (each site's own model)
+    epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
+    delta: float | None = None
 
     def as_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss}
         record["val"] = dict(self.val)
         if self.test is not None:
             record["test"] = dict(self.test)
+        if self.epsilon is not None:
+            record["epsilon"], record["delta"] = self.epsilon, self.delta
         return record
 
 
@@ -99,6 +103,10 @@ class RunTracker:
         self.site_sizes: dict[str, dict[str, int | None]] = dict(state.get("site_sizes", {}))
         self.last: dict[str, Any] | None = state.get("last")
         self.dropped_total: int = int(state.get("dropped_total", 0))
+        self.site_privacy: dict[str, dict[str, float | None]] = dict(state.get("site_privacy", {}))
+        # central DP: Flower's accountant state (JSON), checkpointed so a resumed run keeps counting
+        self.accountant_state: dict[str, Any] | None = state.get("accountant_state")
+        self.run_privacy: dict[str, float] | None = state.get("run_privacy")
 
     # --- state ---------------------------------------------------------------------------------------------------
     def wall_s(self) -> float:
@@ -113,6 +121,9 @@ class RunTracker:
             "site_sizes": self.site_sizes,
             "last": self.last,
             "dropped_total": self.dropped_total,
+            "site_privacy": self.site_privacy,
+            "accountant_state": self.accountant_state,
+            "run_privacy": self.run_privacy,
             "mode": self.mode,
         }
 
@@ -153,10 +164,17 @@ class RunTracker:
             "compute_s": self.compute_s,
             "elapsed_s": self.wall_s(),
         }
+        epsilons = [s.epsilon for s in sites.values() if s.epsilon is not None]
+        if epsilons:
+            record["privacy"] = {"max_epsilon": max(epsilons)}
+        if self.run_privacy is not None:
+            record["privacy"] = {**record.get("privacy", {}), **self.run_privacy}
         if extra:
             record.update(extra)
 
         for site_id, s in sites.items():
+            if s.epsilon is not None:
+                self.site_privacy[site_id] = {"epsilon": s.epsilon, "delta": s.delta}
             sizes = self.site_sizes.setdefault(site_id, {"n_train": None, "n_val": None})
             sizes["n_train"] = s.n_train if s.n_train is not None else sizes["n_train"]
             sizes["n_val"] = s.n_val if s.n_val is not None else sizes["n_val"]
@@ -198,6 +216,8 @@ class RunTracker:
                 if self.mode == "local":
                     entry["val"] = self.site_best[site_id]["val"]
                     entry["test"] = self.site_best[site_id]["test"]
+            if site_id in self.site_privacy:
+                entry.update(self.site_privacy[site_id])
             sites[site_id] = entry
         summary: dict[str, Any] = {
             "mode": self.mode,
@@ -211,6 +231,13 @@ class RunTracker:
             "overhead": wall / self.compute_s if self.compute_s > 0 else math.nan,
             "dropped": self.dropped_total,
         }
+        if self.site_privacy:
+            summary["privacy"] = {
+                "max_epsilon": max(float(p["epsilon"] or 0.0) for p in self.site_privacy.values()),
+                "delta": max(float(p["delta"] or 0.0) for p in self.site_privacy.values()),
+            }
+        if self.run_privacy is not None:
+            summary["privacy"] = {**summary.get("privacy", {}), **self.run_privacy}
         if self.mode == "local":
             # each hospital alone: its own model, selected at its own best-validation round
             auc = _mean_min_max([(s.get("test") or {}).get("auc", math.nan) for s in sites.values()])

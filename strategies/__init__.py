@@ -2,7 +2,7 @@
 
 from strategies.metrics import weighted_mean_ignoring_nan
 from strategies.observed import ObservedStrategy, RoundObservations, SiteDrop
-from strategies.registry import available_strategies, build_strategy, require_strategy
+from strategies.registry import available_strategies, build_strategy, require_strategy, with_central_dp
 
 __all__ = [
     "ObservedStrategy",
@@ -12,4 +12,5 @@ __all__ = [
     "build_strategy",
     "require_strategy",
     "weighted_mean_ignoring_nan",
+    "with_central_dp",
 ]

@@ -22,6 +22,8 @@ __all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
 
 logger = logging.getLogger(__name__)
 
+_PRIVACY_REFUSAL = "PrivacyBudgetExceeded"  # the error type a hospital names when it refuses at its cap
+
 
 @dataclass(frozen=True)
 class SiteDrop:
@@ -49,6 +51,9 @@ class ObservedStrategy(Strategy):
         self.round_offset = round_offset
         self.current = RoundObservations()
         self._site_of_node: dict[int, str] = {}
+        # set when no hospital can train any more (every one refused at its privacy cap): later rounds send nothing
+        self.stop_reason: str | None = None
+        self.stopped_after: int | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
     def take_observations(self) -> RoundObservations:
@@ -93,21 +98,33 @@ class ObservedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask the wrapped strategy, with the absolute round number."""
+        """Ask the wrapped strategy, with the absolute round number (nothing once the run has stopped)."""
+        if self.stop_reason is not None:
+            return []
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record each site's training metrics, then aggregate with the wrapped strategy (in site order)."""
+        if self.stop_reason is not None:
+            return None, None
         replies = self._ordered(replies)
+        earlier_drops = len(self.current.dropped)
         self.current.train = self._observe(replies, "train")
+        drops = self.current.dropped[earlier_drops:]
+        if replies and not self.current.train and all(_PRIVACY_REFUSAL in d.reason for d in drops):
+            self.stop_reason = "every hospital asked to train refused at its privacy cap"
+            self.stopped_after = server_round + self.round_offset
+            logger.warning("stopping after round %d: %s", self.stopped_after, self.stop_reason)
         return self.inner.aggregate_train(server_round + self.round_offset, replies)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask the wrapped strategy, with the absolute round number."""
+        """Ask the wrapped strategy, with the absolute round number (nothing once the run has stopped)."""
+        if self.stopped_after is not None and server_round + self.round_offset > self.stopped_after:
+            return []
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
-from common.config import StrategyConfig
+from common.config import CentralDPConfig, StrategyConfig
 from common.errors import ConfigError
 from strategies.metrics import weighted_mean_ignoring_nan
 
-__all__ = ["StrategyFactory", "available_strategies", "build_strategy", "require_strategy"]
+__all__ = ["StrategyFactory", "available_strategies", "build_strategy", "require_strategy", "with_central_dp"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +64,38 @@ def require_strategy(name: str) -> None:
         raise ConfigError(
             f"strategy.name={name!r} is not a registered strategy; choose one of: {', '.join(available_strategies())}."
         )
+
+
+def with_central_dp(strategy: Strategy, privacy: CentralDPConfig, hospitals: int) -> Strategy:
+    """Wrap ``strategy`` in Flower's client-level DP (client-side fixed clipping, server-side noise) with Flower's
+    RDP accountant over the ``hospitals`` that make up the population; every hospital trains every round.
+
+    Raises:
+        ConfigError: Flower's accountant needs the ``dp-accounting`` package, or sampling that is not every hospital.
+    """
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+    from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    try:
+        accountant = RdpAccountant(
+            FlowerPrivacyConfig(
+                target_delta=privacy.delta,
+                population_size=hospitals,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            f"privacy=central_dp needs Flower's accountant backend, the dp-accounting package ({exc}); "
+            "install medfed with its dependencies (pip install -e .)."
+        ) from None
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy,
+        noise_multiplier=privacy.noise_multiplier,
+        clipping_norm=privacy.clipping_norm,
+        num_sampled_clients=hospitals,
+        accountant=accountant,
+    )

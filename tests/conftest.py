@@ -24,8 +24,9 @@ def medmnist_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets a temporary FLWR_HOME, so nothing touches the user's Flower state."""
+    """Every test gets a temporary FLWR_HOME and medfed state dir, so nothing touches the user's state."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+    monkeypatch.setenv("MEDFED_STATE_DIR", str(tmp_path_factory.mktemp("medfed-state")))
 
 
 @pytest.fixture
@@ -37,12 +38,12 @@ def data_dir() -> Path:
     return path
 
 
-def instruction(content, message_type: str, *, dst_node_id: int = 7, message_id: str = "m-1"):
+def instruction(content, message_type: str, *, dst_node_id: int = 7, message_id: str = "m-1", run_id: int = 1):
     """A Message as the ServerApp would send it to a node (built with explicit metadata, no SuperLink)."""
     from flwr.app import DEFAULT_TTL, Message, Metadata
 
     metadata = Metadata(
-        run_id=1,
+        run_id=run_id,
         message_id=message_id,
         src_node_id=0,
         dst_node_id=dst_node_id,

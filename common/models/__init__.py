@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from common.models.registry import available_models, build_model, register_model
+from common.models.registry import available_models, build_model, register_model, require_dp_compatible
 
 # Imported for their side effect: each module registers its factory with @register_model.
 from common.models import resnet as resnet  # noqa: E402  (after the registry, on purpose)
@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_numpy",
     "register_model",
+    "require_dp_compatible",
     "save_checkpoint",
     "set_weights",
     "state_dict_to_numpy",

@@ -24,7 +24,14 @@ if TYPE_CHECKING:
 
     from common.config import ModelConfig
 
-__all__ = ["ModelFactory", "available_models", "build_model", "register_model", "require_model"]
+__all__ = [
+    "ModelFactory",
+    "available_models",
+    "build_model",
+    "register_model",
+    "require_dp_compatible",
+    "require_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +134,20 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         sum(p.numel() for p in model.parameters()),
     )
     return model
+
+
+def require_dp_compatible(model: nn.Module, name: str) -> None:
+    """Refuse, at start-up, a model Opacus cannot train with per-sample gradients (BatchNorm, in-place ops ...).
+
+    Raises:
+        ConfigError: listing Opacus' findings and the registered models that pass.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        found = "; ".join(sorted({str(e).splitlines()[0] for e in errors})[:5])
+        raise ConfigError(
+            f"model.name={name!r} cannot be trained with differential privacy: Opacus reports {found}. Use a model "
+            "with GroupNorm and no in-place operations (medfed's smallcnn and resnet18 are), or privacy=none."
+        )

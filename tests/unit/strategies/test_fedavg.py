@@ -64,6 +64,28 @@ def test_failed_hospital_is_recorded_and_the_others_are_averaged():
     assert strategy.take_observations().dropped == []  # a fresh record per round
 
 
+def test_the_run_stops_cleanly_when_every_hospital_is_at_its_privacy_cap():
+    # Prepare
+    strategy = ObservedStrategy(build_strategy(StrategyConfig()))
+    refusals = [
+        reply(None, src_node_id=n, error=Error(code=0, reason="PrivacyBudgetExceeded: Privacy cap reached: ..."))
+        for n in (1, 2)
+    ]
+    other_failure = [reply(None, src_node_id=3, error=Error(code=0, reason="SiteFailure: out of memory"))]
+
+    # Execute
+    strategy.aggregate_train(2, other_failure)
+    still_running = strategy.stop_reason is None
+    arrays, _ = strategy.aggregate_train(3, refusals)
+
+    # Assert
+    assert still_running  # a failure of another kind is not a reason to end the run
+    assert arrays is None
+    assert strategy.stopped_after == 3 and "privacy cap" in strategy.stop_reason
+    assert list(strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid=None)) == []
+    assert list(strategy.configure_evaluate(4, ArrayRecord(), ConfigRecord(), grid=None)) == []
+
+
 def test_nan_metric_of_one_site_does_not_poison_the_federation():
     # Prepare: hospital-1's validation split holds one class, so its AUC is undefined
     records = [

@@ -1,0 +1,306 @@
+"""A hospital's differential-privacy budget: its cap, its persistent ledger, and the noise each round gets.
+
+The hospital decides. Its cap (cumulative epsilon over every run on its data, the largest delta, the least noise)
+comes from its own node config, or in simulation from ``federation.site_*``; the coordinator's ``privacy=dp``
+request can only be made stricter by it. What the site has spent lives in a ledger on its own disk, keyed by a
+fingerprint of its training data (so it spans runs and restarts), mirrored in Flower's ``context.state``.
+Epsilon is always computed by Opacus' accountant from the ledger's full history (sequential composition).
+
+Before a round trains, :func:`plan_round` checks that the round's steps keep the site within its cap; if not it
+raises :class:`~common.errors.PrivacyBudgetExceeded` with a PHI-free reason and the site does not train.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common import keys
+from common.atomic import atomic_write
+from common.config import DPConfig, FederationConfig
+from common.data import SiteData
+from common.errors import ConfigError, PrivacyBudgetExceeded
+
+__all__ = [
+    "LedgerEntry",
+    "PrivacyLedger",
+    "RoundPlan",
+    "SiteCap",
+    "dataset_fingerprint",
+    "default_state_dir",
+    "entries_from_state",
+    "entries_to_state",
+    "epsilon_spent",
+    "plan_round",
+    "site_cap",
+]
+
+logger = logging.getLogger(__name__)
+
+LEDGER_VERSION = 1
+_MAX_NOISE = 1e4
+
+
+def default_state_dir() -> Path:
+    """Where a hospital keeps its state (privacy ledger) when its config names no other place."""
+    return Path(os.environ.get("MEDFED_STATE_DIR") or "~/.local/share/medfed").expanduser()
+
+
+@dataclass(frozen=True)
+class SiteCap:
+    """A hospital's own privacy limits."""
+
+    max_epsilon: float = math.inf
+    max_delta: float = 1e-5
+    min_noise: float = 0.0
+
+
+def _node_float(node_config: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:
+    if key not in node_config:
+        return default
+    raw = node_config[key]
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"Node config {key}={raw!r} is not a number; set it in the site config.") from None
+    if not low <= value <= high or math.isnan(value):
+        raise ConfigError(f"Node config {key}={raw!r} is out of range; it must lie in [{low}, {high}].")
+    return value
+
+
+def site_cap(federation: FederationConfig, node_config: Mapping[str, object], site_index: int | None) -> SiteCap:
+    """The hospital's cap: its node config wins; in simulation ``federation.site_*`` stands in for it."""
+    default_eps = federation.site_max_epsilon
+    if federation.site_max_epsilon_each and site_index is not None:
+        default_eps = federation.site_max_epsilon_each[site_index]
+    return SiteCap(
+        max_epsilon=_node_float(node_config, keys.NODE_MAX_EPSILON, default_eps, 1e-9, math.inf),
+        max_delta=_node_float(node_config, keys.NODE_MAX_DELTA, federation.site_max_delta, 1e-300, 0.999999),
+        min_noise=_node_float(node_config, keys.NODE_MIN_NOISE, federation.site_min_noise, 0.0, _MAX_NOISE),
+    )
+
+
+_FINGERPRINTS: dict[int, tuple[SiteData, str]] = {}
+
+
+def dataset_fingerprint(site: SiteData) -> str:
+    """A digest of the site's training images and labels: the ledger's key (it never leaves the site)."""
+    cached = _FINGERPRINTS.get(id(site))
+    if cached is not None and cached[0] is site:
+        return cached[1]
+    digest = hashlib.sha256()
+    for array in (site.train.images, site.train.labels):
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    value = digest.hexdigest()[:32]
+    _FINGERPRINTS[id(site)] = (site, value)
+    return value
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of DP training at this site: what the accountant needs, and where it came from."""
+
+    id: str
+    run_id: int
+    server_round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    recorded_at: float
+
+    @staticmethod
+    def new(run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
+        return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time())
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """Opacus' RDP of one subsampled Gaussian step at its default orders (~0.1 s each, so kept per process)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    return tuple(float(x) for x in rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                                    orders=orders))
+
+
+def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of every entry (sequential composition) at ``delta``, by Opacus' accountant.
+
+    Entries with the same noise and sampling rate are composed as one (their steps add up), which is exact.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for e in entries:
+        if e.steps > 0:
+            steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+    if not steps:
+        return 0.0
+    if any(sigma <= 0 for sigma, _ in steps):
+        return math.inf
+    if accountant == "rdp":
+        import numpy as np
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp
+
+        total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
+        eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+        return float(eps)
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """The on-disk ledger of one site's data: ``STATE_DIR/privacy/<fingerprint>.json``, written atomically.
+
+    A ledger that exists but cannot be read is never treated as empty: the site refuses to train until it is
+    restored (an empty ledger would silently reset the budget).
+    """
+
+    def __init__(self, state_dir: Path, fingerprint: str) -> None:
+        self.path = Path(state_dir).expanduser() / "privacy" / f"{fingerprint}.json"
+        self.fingerprint = fingerprint
+
+    def entries(self) -> list[LedgerEntry]:
+        if not self.path.is_file():
+            return []
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("version") != LEDGER_VERSION or data.get("dataset") != self.fingerprint:
+                raise ValueError("version or dataset fingerprint differs")
+            return [LedgerEntry(**entry) for entry in data["entries"]]
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise PrivacyBudgetExceeded(
+                f"This hospital's privacy ledger {self.path.name} is unreadable ({type(exc).__name__}); it refuses "
+                "to train rather than forget what it spent. Restore the file from backup (it is in the site's "
+                "state directory, privacy/)."
+            ) from None
+
+    def record(self, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+        """Add entries (kept once by id) and write the ledger; returns every entry now on disk."""
+        merged = {e.id: e for e in self.entries()}
+        known = len(merged)
+        for entry in entries:
+            merged.setdefault(entry.id, entry)
+        ordered = sorted(merged.values(), key=lambda e: (e.recorded_at, e.id))
+        if len(merged) == known and self.path.is_file():
+            return ordered
+        payload = {"version": LEDGER_VERSION, "dataset": self.fingerprint, "entries": [asdict(e) for e in ordered]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path, binary=False) as handle:
+            json.dump(payload, handle, indent=1)
+        return ordered
+
+
+def entries_from_state(raw: str | None) -> list[LedgerEntry]:
+    """Ledger entries kept in ``context.state`` (a JSON list)."""
+    return [LedgerEntry(**entry) for entry in json.loads(raw)] if raw else []
+
+
+def entries_to_state(entries: Iterable[LedgerEntry]) -> str:
+    return json.dumps([asdict(e) for e in entries])
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round of DP training at a site will be, decided before it trains."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon_before: float
+    epsilon_after: float
+    cap: SiteCap
+
+
+def sampling(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """Poisson sampling rate and optimizer steps of one round, as Opacus' DP data loader makes them."""
+    batches = math.ceil(n_train / batch_size)
+    return 1.0 / batches, local_epochs * batches
+
+
+def _noise_for(
+    target: float, delta: float, sample_rate: float, steps: int, prior: list[LedgerEntry], mech: str, ceiling: float
+) -> float:
+    """The least noise multiplier (to 0.1%) with which ``prior`` plus ``steps`` more steps stays within ``target``;
+    ``inf`` when even ``ceiling`` does not fit."""
+
+    def eps(sigma: float) -> float:
+        return epsilon_spent([*prior, LedgerEntry("plan", 0, 0, sigma, sample_rate, steps, 0.0)], delta, mech)
+
+    if eps(ceiling) > target:
+        return math.inf
+    low, high = 0.0, ceiling
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target else (low, mid)
+    return high
+
+
+def plan_round(
+    dp: DPConfig,
+    cap: SiteCap,
+    *,
+    n_train: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds_left: int,
+    entries: list[LedgerEntry],
+    run_id: int,
+) -> RoundPlan:
+    """Decide this round's noise and check the site's cap; raises :class:`PrivacyBudgetExceeded` if it would pass.
+
+    The noise multiplier is fixed per run (the first round a site trains in a run derives it): the least noise with
+    which this run's planned rounds spend at most ``privacy.target_epsilon``, raised if needed so that everything
+    spent on this data so far plus the planned rounds stays within the hospital's cap, and never below its
+    ``min_noise``. A site whose remaining budget would need more than ``privacy.max_noise_multiplier`` refuses
+    (its updates would be mostly noise).
+    """
+    delta = min(dp.delta, cap.max_delta)
+    sample_rate, steps = sampling(n_train, batch_size, local_epochs)
+    spent = epsilon_spent(entries, delta, dp.accountant)
+    this_run = [e for e in entries if e.run_id == run_id and e.steps > 0]
+    if this_run:
+        sigma = this_run[-1].noise_multiplier
+    else:
+        planned = steps * max(1, rounds_left)
+        ceiling = max(dp.max_noise_multiplier, cap.min_noise)
+        sigma = _noise_for(dp.target_epsilon, delta, sample_rate, planned, [], dp.accountant, ceiling)
+        if math.isfinite(cap.max_epsilon) and math.isfinite(sigma):
+            sigma = max(
+                sigma, _noise_for(cap.max_epsilon, delta, sample_rate, planned, entries, dp.accountant, ceiling)
+            )
+        sigma = max(sigma, cap.min_noise)
+    if sigma > max(dp.max_noise_multiplier, cap.min_noise):
+        raise PrivacyBudgetExceeded(
+            f"Privacy cap reached: the hospital has spent epsilon {spent:.3g} of its cap {cap.max_epsilon:g} "
+            f"(delta {delta:g}); fitting this run's target epsilon {dp.target_epsilon:g} and its rounds into that "
+            f"would need a noise multiplier above privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it "
+            "does not train. The run goes on without it. To train more, the hospital must raise its own cap "
+            "(max-epsilon), or the coordinator may plan fewer rounds or a larger target_epsilon."
+        )
+    after = (
+        epsilon_spent([*entries, LedgerEntry("plan", run_id, 0, sigma, sample_rate, steps, 0.0)], delta, dp.accountant)
+        if math.isfinite(sigma)
+        else math.inf
+    )
+    if not after <= cap.max_epsilon:
+        raise PrivacyBudgetExceeded(
+            f"Privacy cap reached: this round would raise the hospital's epsilon from {spent:.3g} to "
+            f"{after:.3g} (delta {delta:g}), above its cap {cap.max_epsilon:g}; it does not train. The run goes "
+            "on without it. To train more, the hospital must raise its own cap (max-epsilon)."
+        )
+    return RoundPlan(sigma, sample_rate, steps, delta, spent, after, cap)

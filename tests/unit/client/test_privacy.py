@@ -1,0 +1,286 @@
+"""Differential privacy at a hospital: accounting, the persistent ledger, the site's cap, DP-SGD itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+
+from client.app import SiteFailure, app
+from client.privacy import (
+    LedgerEntry,
+    PrivacyLedger,
+    SiteCap,
+    epsilon_spent,
+    plan_round,
+    sampling,
+    site_cap,
+)
+from client.training import DPTraining, train_epochs
+from common import keys
+from common.config import DPConfig, FederationConfig, ModelConfig, TrainConfig, compose_config
+from common.config import run_config_from_overrides
+from common.data import ArrayDataset
+from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.models import available_models, build_model, require_dp_compatible
+from tests.conftest import instruction
+
+DP = ["privacy=dp", "privacy.target_epsilon=4", "dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3",
+      "train.rounds=3"]
+
+
+def _entry(sigma: float, q: float, steps: int, run_id: int = 1) -> LedgerEntry:
+    return LedgerEntry.new(run_id, 1, sigma, q, steps)
+
+
+# --- accounting ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "expected"),
+    # golden values from Opacus' RDP accountant (opacus 1.6.0), recorded once by hand
+    [(1.0, 0.01, 1000, 2.1014), (1.1, 0.05, 300, 5.3685), (4.0, 1.0, 10, 3.6171)],
+)
+def test_epsilon_matches_opacus_rdp_accountant(sigma: float, q: float, steps: int, expected: float) -> None:
+    from opacus.accountants import RDPAccountant
+
+    reference = RDPAccountant()
+    reference.history = [(sigma, q, steps)]
+
+    assert epsilon_spent([_entry(sigma, q, steps)], 1e-5) == pytest.approx(reference.get_epsilon(1e-5))
+    assert epsilon_spent([_entry(sigma, q, steps)], 1e-5) == pytest.approx(expected, abs=1e-3)
+
+
+def test_epsilon_composes_across_entries_and_runs() -> None:
+    one = epsilon_spent([_entry(1.0, 0.1, 50, run_id=1)], 1e-5)
+    two = epsilon_spent([_entry(1.0, 0.1, 50, run_id=1), _entry(1.0, 0.1, 50, run_id=2)], 1e-5)
+    same_as_one_long = epsilon_spent([_entry(1.0, 0.1, 100)], 1e-5)
+
+    assert 0 < one < two
+    assert two == pytest.approx(same_as_one_long)
+
+
+def test_noise_is_derived_from_the_target_over_the_planned_rounds() -> None:
+    dp = DPConfig(target_epsilon=3.0)
+    plan = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=2, rounds_left=5, entries=[], run_id=1)
+    q, steps = sampling(100, 20, 2)
+
+    whole_run = epsilon_spent([_entry(plan.noise_multiplier, q, steps * 5)], dp.delta)
+    assert (plan.sample_rate, plan.steps) == (q, steps) == (0.2, 10)
+    assert whole_run <= 3.0
+    assert whole_run > 2.9  # the least noise that fits, not an arbitrary large one
+    assert plan.epsilon_before == 0.0 and 0 < plan.epsilon_after < whole_run
+
+
+def test_site_cap_is_stricter_never_looser() -> None:
+    federation = FederationConfig(hospitals=2, site_max_epsilon=2.0, site_max_epsilon_each=[], site_max_delta=1e-6)
+    cap = site_cap(federation, {}, 0)
+    dp = DPConfig(target_epsilon=8.0, delta=1e-5)
+
+    plan = plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
+    loose = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
+
+    assert plan.delta == 1e-6  # the site's delta, smaller than the request
+    assert plan.noise_multiplier > loose.noise_multiplier
+    q, steps = sampling(100, 20, 1)
+    assert epsilon_spent([_entry(plan.noise_multiplier, q, 4 * steps)], 1e-6) <= 2.0
+
+
+def test_node_config_cap_wins_over_simulation_defaults_and_bad_values_are_clear() -> None:
+    federation = FederationConfig(hospitals=2, site_max_epsilon_each=[5.0, 6.0])
+
+    assert site_cap(federation, {}, 1).max_epsilon == 6.0
+    assert site_cap(federation, {keys.NODE_MAX_EPSILON: 1.5, keys.NODE_MIN_NOISE: 0.8}, 1) == SiteCap(1.5, 1e-5, 0.8)
+    with pytest.raises(ConfigError, match="max-epsilon='lots'"):
+        site_cap(federation, {keys.NODE_MAX_EPSILON: "lots"}, 0)
+
+
+def test_min_noise_of_the_site_is_respected() -> None:
+    plan = plan_round(DPConfig(target_epsilon=50.0), SiteCap(min_noise=2.5), n_train=64, batch_size=32,
+                      local_epochs=1, rounds_left=2, entries=[], run_id=1)
+    assert plan.noise_multiplier == 2.5
+
+
+def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
+    spent = [_entry(0.8, 0.5, 40, run_id=7)]
+    before = epsilon_spent(spent, 1e-5)
+
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        plan_round(DPConfig(), SiteCap(max_epsilon=before + 0.01), n_train=64, batch_size=32, local_epochs=1,
+                   rounds_left=1, entries=spent, run_id=7)
+
+    text = str(info.value)
+    assert "cap" in text and f"{before:.3g}" in text and "does not train" in text
+    assert "/" not in text  # no paths
+
+
+# --- the ledger ------------------------------------------------------------------------------------------------
+def test_ledger_persists_merges_by_id_and_refuses_when_unreadable(tmp_path) -> None:
+    ledger = PrivacyLedger(tmp_path, "abc")
+    first, second = _entry(1.0, 0.1, 10), _entry(1.0, 0.1, 10)
+
+    ledger.record([first])
+    after_restart = PrivacyLedger(tmp_path, "abc")
+    entries = after_restart.record([first, second])  # first again (from context.state): kept once
+
+    assert [e.id for e in entries] == [first.id, second.id]
+    assert [e.id for e in PrivacyLedger(tmp_path, "abc").entries()] == [first.id, second.id]
+    ledger.path.write_text("{half a json", encoding="utf-8")
+    with pytest.raises(PrivacyBudgetExceeded, match="unreadable"):
+        PrivacyLedger(tmp_path, "abc").entries()
+
+
+# --- DP-SGD ----------------------------------------------------------------------------------------------------
+def _tiny_data(n: int = 16) -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    return ArrayDataset(images=rng.normal(size=(n, 1, 28, 28)).astype(np.float32),
+                        labels=rng.integers(0, 2, size=n).astype(np.int64))
+
+
+def test_dp_sgd_without_noise_or_clipping_equals_plain_sgd() -> None:
+    # Prepare: one full batch (Poisson rate 1 includes every sample), SGD, no momentum
+    data = _tiny_data()
+    cfg = TrainConfig(optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.1, batch_size=len(data))
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name="smallcnn", width=4), spatial_dims=2, in_channels=1, n_classes=2)
+    private = copy.deepcopy(plain)
+
+    # Execute
+    train_epochs(plain, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=3)
+    result = train_epochs(private, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=3,
+                          privacy=DPTraining(noise_multiplier=0.0, max_grad_norm=1e9))
+
+    # Assert
+    assert result.steps == 1 and result.sample_rate == 1.0
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(private.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_training_counts_poisson_steps_and_leaves_the_model_unwrapped(mode: str) -> None:
+    data = _tiny_data(40)
+    cfg = TrainConfig(batch_size=16)
+    model = build_model(ModelConfig(name="smallcnn", width=4), spatial_dims=2, in_channels=1, n_classes=2)
+
+    result = train_epochs(model, data, cfg, epochs=2, n_classes=2, spatial_dims=2, seed=0,
+                          privacy=DPTraining(noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=8,
+                                             grad_sample_mode=mode))
+
+    assert (result.sample_rate, result.steps) == sampling(40, 16, 2)
+    assert all(not k.startswith("_module") for k in model.state_dict())
+    assert math.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_registered_model_passes_opacus_validation(name: str, dims: int) -> None:
+    from opacus.validators import ModuleValidator
+
+    model = build_model(ModelConfig(name=name, width=4), spatial_dims=dims, in_channels=3, n_classes=3)
+
+    assert ModuleValidator.validate(model, strict=False) == []
+    require_dp_compatible(model, name)
+
+
+def test_secure_mode_without_torchcsprng_is_a_clear_config_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    with pytest.raises(ConfigError, match="secure_mode=true needs the torchcsprng package"):
+        DPConfig(secure_mode=True).require_runtime()
+
+
+def test_a_batchnorm_model_is_refused_at_start_up() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match="cannot be trained with differential privacy.*BatchNorm"):
+        require_dp_compatible(model, "custom")
+
+
+# --- the ClientApp with DP -------------------------------------------------------------------------------------
+def _context(tmp_path, node_config: dict | None = None, overrides: list[str] = DP) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={keys.NODE_PARTITION_ID: 1, "num-partitions": 3, **(node_config or {})},
+        state=RecordDict(),
+        run_config=run_config_from_overrides(overrides, **{keys.RUN_CACHE_DIR: str(tmp_path / "cache"),
+                                                         keys.RUN_STATE_DIR: str(tmp_path / "state")}),
+    )
+
+
+def _train_message(server_round: int, run_id: int = 1):
+    cfg = compose_config(DP)
+    arrays = ArrayRecord(build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
+    content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round})})
+    return instruction(content, MessageType.TRAIN, run_id=run_id)
+
+
+def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path) -> None:
+    context = _context(tmp_path)
+    eps = []
+    for server_round in (1, 2):
+        out = app(_train_message(server_round), context)
+        assert not out.has_error(), out.error
+        eps.append(out.content[keys.METRICS][keys.EPSILON])
+
+    restarted = _context(tmp_path)  # a new daemon: empty context.state, the ledger on disk remains
+    out = app(_train_message(3), restarted)
+    eps.append(out.content[keys.METRICS][keys.EPSILON])
+
+    assert 0 < eps[0] < eps[1] < eps[2] <= 4.0
+    assert out.content[keys.METRICS][keys.DELTA] == 1e-5
+    # what leaves the site: the model's own arrays, scalars, the site id; no pixel array rides along
+    cfg = compose_config(DP)
+    model_keys = set(build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
+    assert set(out.content.keys()) == {keys.ARRAYS, keys.METRICS, keys.SITE}
+    assert set(out.content[keys.ARRAYS].keys()) == model_keys
+    assert all(isinstance(v, (int, float)) for v in out.content[keys.METRICS].values())
+    assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.TRAIN_TIME_S, keys.N_TRAIN,
+                                              keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER}
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    assert len(json.loads(ledger.read_text())["entries"]) == 3
+
+
+def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
+    # Prepare: the hospital allows epsilon 1 in all; the run asks for 4. Its noise is raised so the run fits 1.
+    cap = {keys.NODE_MAX_EPSILON: 1.0}
+    context = _context(tmp_path, cap)
+    rounds = [app(_train_message(r), context) for r in (1, 2, 3)]
+
+    # Execute: a second run on the same data finds the budget spent
+    with pytest.raises(SiteFailure) as refused:  # what Flower forwards to the server as the error reason
+        app(_train_message(1, run_id=2), _context(tmp_path, cap))
+
+    # Assert
+    assert not any(m.has_error() for m in rounds)
+    assert [m.content[keys.METRICS][keys.EPSILON] for m in rounds][-1] <= 1.0
+    reason = str(refused.value)
+    assert reason.startswith("PrivacyBudgetExceeded: Privacy cap reached") and "does not train" in reason
+    assert str(tmp_path) not in reason
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
+    assert len(entries) == 3  # the refused round spent nothing
+    assert epsilon_spent(entries, 1e-5) <= 1.0
+
+
+# --- client-level DP (privacy=central_dp) ----------------------------------------------------------------------
+def test_central_dp_runs_clip_each_hospital_update_and_other_runs_are_untouched(tmp_path) -> None:
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    overrides = ["dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3", "train.lr=0.05"]
+    cfg = compose_config(overrides)
+    sent = ArrayRecord(build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
+    before = np.concatenate([a.ravel() for a in sent.to_numpy_ndarrays()])
+
+    def update_norm(config: dict) -> float:
+        content = RecordDict({keys.ARRAYS: sent, keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1, **config})})
+        out = app(instruction(content, MessageType.TRAIN), _context(tmp_path, overrides=overrides))
+        after = np.concatenate([a.ravel() for a in out.content[keys.ARRAYS].to_numpy_ndarrays()])
+        return float(np.linalg.norm(after - before))
+
+    assert update_norm({KEY_CLIPPING_NORM: 0.01}) == pytest.approx(0.01, rel=1e-3)
+    assert update_norm({}) > 0.05  # without the server's clipping norm nothing is clipped
