@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,20 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.privacy import (
@@ -47,11 +61,15 @@ from common.data import SiteData
 from common.errors import IncompatibleUpdateError, MedfedError
 from common.inference import evaluate
 from common.models import build_model
-from common.models.weights import load_state_dict_numpy
+from common.models.weights import get_weights, load_state_dict_numpy, set_weights
 
 __all__ = ["SiteFailure", "app", "node_config"]
 
 logger = logging.getLogger(__name__)
+
+# record keys of the legacy (FitIns / EvaluateIns) layout Flower's SecAgg+ workflow uses
+_LEGACY_FIT = "fitins.parameters"
+_LEGACY_EVALUATE = "evaluateins.parameters"
 
 def _central_dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower's ``fixedclipping_mod`` on the train messages of central-DP runs (they carry the clipping norm);
@@ -62,7 +80,15 @@ def _central_dp_clipping(msg: Message, context: Context, call_next: Callable[[Me
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_central_dp_clipping])
+def _secure_aggregation(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``secaggplus_mod`` on the messages of SecAgg+ runs (they carry its stage configs); every other
+    message passes through untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_secure_aggregation, _central_dp_clipping])
 
 
 class SiteFailure(RuntimeError):
@@ -107,6 +133,10 @@ def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.M
     model = build_model(
         cfg.model, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
     )
+    legacy = _legacy_instruction(msg)
+    if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
+        set_weights(model, parameters_to_ndarrays(legacy.parameters))
+        return cfg, site, model, int(legacy.config.get(keys.SERVER_ROUND, 0))
     arrays = msg.content.array_records.get(keys.ARRAYS)
     if arrays is None:
         raise IncompatibleUpdateError(
@@ -118,14 +148,43 @@ def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.M
 
 
 def _server_round(msg: Message) -> int:
+    legacy = _legacy_instruction(msg)
+    if legacy is not None:
+        return int(legacy.config.get(keys.SERVER_ROUND, 0))
     config = msg.content.config_records.get(keys.CONFIG)
     return int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
 
 
-def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
+def _legacy_instruction(msg: Message) -> FitIns | EvaluateIns | None:
+    """The FitIns/EvaluateIns of a message from Flower's legacy workflow (used for SecAgg+), else None."""
+    if _LEGACY_FIT in msg.content.array_records:
+        return compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if _LEGACY_EVALUATE in msg.content.array_records:
+        return compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    return None
+
+
+def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], model: torch.nn.Module | None) -> Message:
+    """The reply: the model's weights (train), scalar metrics and the site id; in the legacy layout for SecAgg+."""
+    if _LEGACY_FIT in msg.content.array_records and model is not None:
+        fitres = FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters(get_weights(model)),
+            num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            metrics={**metrics, keys.SITE_ID: site.site_id},
+        )
+        return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+    if _LEGACY_EVALUATE in msg.content.array_records:
+        evaluateres = EvaluateRes(
+            status=Status(code=Code.OK, message=""),
+            loss=float(metrics.get(f"{keys.EVAL_PREFIX}loss", math.nan)),
+            num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            metrics={**metrics, keys.SITE_ID: site.site_id},
+        )
+        return Message(content=compat.evaluateres_to_recorddict(evaluateres), reply_to=msg)
     content = RecordDict()
-    if arrays is not None:
-        content[keys.ARRAYS] = arrays
+    if model is not None:
+        content[keys.ARRAYS] = ArrayRecord(model.state_dict())
     content[keys.METRICS] = MetricRecord(metrics)
     content[keys.SITE] = ConfigRecord({keys.SITE_ID: site.site_id})
     return Message(content=content, reply_to=msg)
@@ -216,7 +275,7 @@ def train(msg: Message, context: Context) -> Message:
                          result.steps, result.sample_rate, plan.steps, plan.sample_rate)
         metrics.update({keys.EPSILON: plan.epsilon_after, keys.DELTA: plan.delta,
                         keys.NOISE_MULTIPLIER: plan.noise_multiplier})
-    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+    return _reply(msg, site, metrics, model)
 
 
 @app.evaluate()

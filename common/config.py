@@ -281,9 +281,18 @@ class PrivacyConfig:
     """Privacy mechanism the coordinator requests (``none``: images stay at the sites, nothing more)."""
 
     name: str = "none"
+    # Flower's SecAgg+ (legacy workflow): the coordinator only ever sees the sum of the hospitals' updates
+    secure_aggregation: bool = False
+    secagg_shares: int = 0  # secret shares per hospital's key; 0 = every other hospital
+    secagg_threshold: int = 0  # shares needed to reconstruct; 0 = two thirds of the shares (at least 2)
+    secagg_max_weight: float = 2000.0  # >= the largest hospital's training images (larger costs precision)
 
     def __post_init__(self) -> None:
         _choice("privacy.name", self.name, PRIVACY_MECHANISMS)
+        for key in ("secagg_shares", "secagg_threshold"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"privacy.{key}={getattr(self, key)!r} is out of range; use 0 (auto) or more.")
+        _positive("privacy.secagg_max_weight", self.secagg_max_weight)
 
 
 @dataclass
@@ -347,6 +356,11 @@ class CentralDPConfig(PrivacyConfig):
         super().__post_init__()
         _positive("privacy.noise_multiplier", self.noise_multiplier)
         _positive("privacy.clipping_norm", self.clipping_norm)
+        if self.secure_aggregation:
+            raise ConfigError(
+                "privacy=central_dp cannot be combined with privacy.secure_aggregation=true (Flower's central-DP "
+                "wrapper and SecAgg+ live in different workflows); use privacy=dp with secure aggregation instead."
+            )
         _fraction("privacy.delta", self.delta, high_open=True)
 
 @dataclass

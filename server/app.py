@@ -25,6 +25,7 @@ from common.errors import ConfigError
 from common.inference import evaluate
 from common.models import build_model, require_dp_compatible
 from server.runs import RunDirectory
+from server.secure_aggregation import run_secure_aggregation
 from server.tracking import RunTracker, SiteRound
 from strategies import ObservedStrategy, RoundObservations, build_strategy, with_central_dp
 
@@ -116,16 +117,22 @@ def main(grid: Grid, context: Context) -> None:
     # model (and before round 1 with the initial one), so this is the final model even if no round aggregated
     latest: dict[str, dict[str, np.ndarray]] = {}
 
+    def evaluate_test(state: dict[str, np.ndarray]) -> tuple[dict[str, float] | None, float]:
+        """The global model's metrics on the test set (simulation) and the seconds it took."""
+        started = time.perf_counter()
+        test_metrics = None
+        if test_set is not None:
+            model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+            test_metrics = evaluate(
+                model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
+            )
+        return test_metrics, time.perf_counter() - started
+
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         started = time.perf_counter()
         state = _state_dict(arrays)
         latest["arrays"] = state
-        test_metrics = None
-        if test_set is not None:
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-            test_metrics = evaluate(
-                model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
-            )
+        test_metrics, _ = evaluate_test(state)
         server_s = time.perf_counter() - started
         if server_round == 0:
             if start_round == 0:  # initial model, before any training: reported, never selected
@@ -150,7 +157,18 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
 
-    if remaining > 0:
+    if remaining > 0 and cfg.privacy.secure_aggregation:
+        final_arrays = run_secure_aggregation(
+            grid,
+            context,
+            cfg,
+            {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+            tracker=tracker,
+            num_rounds=remaining,
+            start_round=start_round,
+            evaluate_test=evaluate_test,
+        )
+    elif remaining > 0:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from common.models.weights import load_checkpoint
 from tests.e2e.test_simulation import FAST, _assert_run_outputs, _medfed
 
 pytestmark = pytest.mark.e2e
@@ -56,3 +58,25 @@ def test_central_dp_simulation_reports_flowers_run_level_epsilon(tmp_path):
     assert 0 < eps[0] < eps[1]
     assert summary["privacy"]["run_epsilon"] == pytest.approx(eps[1])
     assert summary["privacy"]["delta"] == 1e-5
+
+
+def test_secagg_plus_aggregates_to_the_same_weights_as_plain_fedavg(tmp_path):
+    # Execute: the same federation and seed, one round, once plain and once under Flower's SecAgg+
+    common = ["--cache-dir", "cache", *FAST, "train.rounds=1"]
+    plain = _medfed(["simulate", "--run-dir", "plain", *common], tmp_path)
+    secure = _medfed(["simulate", "--run-dir", "secure", *common, "privacy.secure_aggregation=true"], tmp_path)
+
+    # Assert
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    assert secure.returncode == 0, secure.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "secure", 1)
+    assert sorted(summary["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    ours, _ = load_checkpoint(tmp_path / "secure" / "model.pt")
+    reference, _ = load_checkpoint(tmp_path / "plain" / "model.pt")
+    assert ours.keys() == reference.keys()
+    worst = max(float(np.max(np.abs(ours[k] - reference[k]))) for k in ours)
+    print("largest difference", worst)
+    # SecAgg+ quantizes each hospital's weighted weights (range +-8 in 2^22 levels, ~4e-6) and its weight
+    # (n / max_weight in 2^22 levels); the sum divided by the total weight is equal to FedAvg up to ~1e-4
+    assert worst < 1e-4, worst
+    assert any(not np.array_equal(ours[k], reference[k]) for k in ours)  # it really went through SecAgg+

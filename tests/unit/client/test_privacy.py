@@ -284,3 +284,4 @@ def test_central_dp_runs_clip_each_hospital_update_and_other_runs_are_untouched(
 
     assert update_norm({KEY_CLIPPING_NORM: 0.01}) == pytest.approx(0.01, rel=1e-3)
     assert update_norm({}) > 0.05  # without the server's clipping norm nothing is clipped
+
