@@ -42,6 +42,7 @@ from client.privacy import (
     default_state_dir,
     entries_from_state,
     entries_to_state,
+    epsilon_spent,
     plan_round,
     site_cap,
 )
@@ -270,11 +271,16 @@ def train(msg: Message, context: Context) -> Message:
         keys.N_TRAIN: len(site.train),
     }
     if plan is not None:
-        if result.steps != plan.steps or result.sample_rate != plan.sample_rate:  # never expected: say so loudly
-            logger.error("DP training took %s steps at q=%s; the ledger holds the plan (%d at q=%s)",
-                         result.steps, result.sample_rate, plan.steps, plan.sample_rate)
-        metrics.update({keys.EPSILON: plan.epsilon_after, keys.DELTA: plan.delta,
-                        keys.NOISE_MULTIPLIER: plan.noise_multiplier})
+        epsilon = plan.epsilon_after
+        if result.steps > plan.steps:  # never expected (the ledger holds the plan): count the excess too
+            logger.error("DP training took %d steps, %d planned; recording the excess", result.steps, plan.steps)
+            excess = LedgerEntry.new(msg.metadata.run_id, server_round, plan.noise_multiplier, plan.sample_rate,
+                                     result.steps - plan.steps)
+            ledger = PrivacyLedger(_state_dir(context), dataset_fingerprint(site))
+            entries = ledger.record([excess])
+            context.state[keys.STATE_LEDGER] = ConfigRecord({"entries": entries_to_state(entries)})
+            epsilon = epsilon_spent(entries, plan.delta, dp.accountant)  # type: ignore[union-attr]
+        metrics.update({keys.EPSILON: epsilon, keys.DELTA: plan.delta, keys.NOISE_MULTIPLIER: plan.noise_multiplier})
     return _reply(msg, site, metrics, model)
 
 

@@ -147,19 +147,15 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str 
         return 0.0
     if any(sigma <= 0 for sigma, _ in steps):
         return math.inf
-    if accountant == "rdp":
-        import numpy as np
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis import rdp
+    if accountant != "rdp":
+        raise ConfigError(f"privacy.accountant={accountant!r} is not supported; use rdp.")
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
 
-        total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
-        eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
-        return float(eps)
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
-    return float(acc.get_epsilon(delta=delta))
+    total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
+    eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return math.inf if math.isnan(eps) else float(eps)  # NaN (numerical overflow) never counts as "fits"
 
 
 class PrivacyLedger:
@@ -284,6 +280,14 @@ def plan_round(
                 sigma, _noise_for(cap.max_epsilon, delta, sample_rate, planned, entries, dp.accountant, ceiling)
             )
         sigma = max(sigma, cap.min_noise)
+    if sigma > max(dp.max_noise_multiplier, cap.min_noise) and not math.isfinite(cap.max_epsilon):
+        raise PrivacyBudgetExceeded(
+            f"Privacy target out of reach for this hospital: spending at most target_epsilon "
+            f"{dp.target_epsilon:g} (delta {delta:g}) over {max(1, rounds_left)} more rounds of {steps} DP steps "
+            f"at sampling rate {sample_rate:.3g} ({n_train} training images) would need a noise multiplier above "
+            f"privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it does not train this round (it tries "
+            "again next round, with fewer rounds left). Raise privacy.target_epsilon or plan fewer rounds."
+        )
     if sigma > max(dp.max_noise_multiplier, cap.min_noise):
         raise PrivacyBudgetExceeded(
             f"Privacy cap reached: the hospital has spent epsilon {spent:.3g} of its cap {cap.max_epsilon:g} "

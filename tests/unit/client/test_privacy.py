@@ -104,6 +104,12 @@ def test_min_noise_of_the_site_is_respected() -> None:
     assert plan.noise_multiplier == 2.5
 
 
+def test_a_tiny_site_that_cannot_reach_the_target_says_so_and_sits_out() -> None:
+    with pytest.raises(PrivacyBudgetExceeded, match="target out of reach.*13 training images"):
+        plan_round(DPConfig(target_epsilon=1.0), SiteCap(), n_train=13, batch_size=128, local_epochs=1,
+                   rounds_left=20, entries=[], run_id=1)
+
+
 def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
     spent = [_entry(0.8, 0.5, 40, run_id=7)]
     before = epsilon_spent(spent, 1e-5)
@@ -285,3 +291,23 @@ def test_central_dp_runs_clip_each_hospital_update_and_other_runs_are_untouched(
     assert update_norm({KEY_CLIPPING_NORM: 0.01}) == pytest.approx(0.01, rel=1e-3)
     assert update_norm({}) > 0.05  # without the server's clipping norm nothing is clipped
 
+
+
+def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
+    import client.app as client_app
+    from client.training import LocalTrainResult
+
+    real = client_app.train_epochs
+
+    def one_step_too_many(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return LocalTrainResult(result.loss, result.num_examples, result.steps + 1, result.seconds, result.sample_rate)
+
+    monkeypatch.setattr(client_app, "train_epochs", one_step_too_many)
+
+    out = app(_train_message(1), _context(tmp_path))
+
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
+    assert [e.steps for e in entries][-1] == 1  # the excess, after the planned entry
+    assert out.content[keys.METRICS][keys.EPSILON] == pytest.approx(epsilon_spent(entries, 1e-5))
