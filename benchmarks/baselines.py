@@ -34,7 +34,7 @@ START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 # (a sweep over local epochs / optimizer / class weighting on BreastMNIST; see docs/benchmarks.md), never on test.
 RECIPES: dict[str, list[str]] = {
     "pneumoniamnist": ["train.rounds=20", "train.local_epochs=2", "train.lr_schedule=cosine"],
-    "breastmnist": ["train.rounds=60", "train.local_epochs=5"],
+    "breastmnist": ["train.rounds=30", "train.local_epochs=10"],
 }
 FEDERATION = ["federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5", "federation.seed=0"]
 
