@@ -145,15 +145,8 @@ def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.M
             "must send the global model (is it running another medfed version?)."
         )
     load_state_dict_numpy(model, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
-    return cfg, site, model, _server_round(msg)
-
-
-def _server_round(msg: Message) -> int:
-    legacy = _legacy_instruction(msg)
-    if legacy is not None:
-        return int(legacy.config.get(keys.SERVER_ROUND, 0))
     config = msg.content.config_records.get(keys.CONFIG)
-    return int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
+    return cfg, site, model, int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
 
 
 def _legacy_instruction(msg: Message) -> FitIns | EvaluateIns | None:
@@ -200,7 +193,16 @@ def _state_dir(context: Context) -> Path:
     return default_state_dir()
 
 
-def _privacy_round(cfg: Config, dp: DPConfig, site: SiteData, msg: Message, context: Context) -> RoundPlan:
+def _record(ledger: PrivacyLedger, context: Context, entries: list[LedgerEntry]) -> list[LedgerEntry]:
+    """Add entries to the on-disk ledger and mirror the whole ledger in ``context.state``; returns every entry."""
+    recorded = ledger.record(entries)
+    context.state[keys.STATE_LEDGER] = ConfigRecord({"entries": entries_to_state(recorded)})
+    return recorded
+
+
+def _privacy_round(
+    cfg: Config, dp: DPConfig, site: SiteData, msg: Message, context: Context, server_round: int
+) -> tuple[RoundPlan, PrivacyLedger]:
     """Plan this round under the site's cap and record it in the ledger before training (crash-safe)."""
     dp.require_runtime()
     simulated = keys.NODE_PARTITION_ID in context.node_config
@@ -213,7 +215,6 @@ def _privacy_round(cfg: Config, dp: DPConfig, site: SiteData, msg: Message, cont
     ledger = PrivacyLedger(_state_dir(context), dataset_fingerprint(site))
     kept = context.state.config_records.get(keys.STATE_LEDGER)
     entries = ledger.record(entries_from_state(str(kept["entries"]) if kept is not None else None))
-    server_round = _server_round(msg)
     plan = plan_round(
         dp,
         cap,
@@ -225,9 +226,8 @@ def _privacy_round(cfg: Config, dp: DPConfig, site: SiteData, msg: Message, cont
         run_id=msg.metadata.run_id,
     )
     entry = LedgerEntry.new(msg.metadata.run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
-    entries = ledger.record([entry])
-    context.state[keys.STATE_LEDGER] = ConfigRecord({"entries": entries_to_state(entries)})
-    return plan
+    _record(ledger, context, [entry])
+    return plan, ledger
 
 
 @app.train()
@@ -240,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
     """
     cfg, site, model, server_round = _setup(msg, context)
     dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
-    plan = _privacy_round(cfg, dp, site, msg, context) if dp is not None else None
+    plan, ledger = _privacy_round(cfg, dp, site, msg, context, server_round) if dp is not None else (None, None)
     result = train_epochs(
         model,
         site.train,
@@ -270,16 +270,13 @@ def train(msg: Message, context: Context) -> Message:
         keys.TRAIN_TIME_S: result.seconds,
         keys.N_TRAIN: len(site.train),
     }
-    if plan is not None:
+    if dp is not None and plan is not None and ledger is not None:
         epsilon = plan.epsilon_after
         if result.steps > plan.steps:  # never expected (the ledger holds the plan): count the excess too
             logger.error("DP training took %d steps, %d planned; recording the excess", result.steps, plan.steps)
             excess = LedgerEntry.new(msg.metadata.run_id, server_round, plan.noise_multiplier, plan.sample_rate,
                                      result.steps - plan.steps)
-            ledger = PrivacyLedger(_state_dir(context), dataset_fingerprint(site))
-            entries = ledger.record([excess])
-            context.state[keys.STATE_LEDGER] = ConfigRecord({"entries": entries_to_state(entries)})
-            epsilon = epsilon_spent(entries, plan.delta, dp.accountant)  # type: ignore[union-attr]
+            epsilon = epsilon_spent(_record(ledger, context, [excess]), plan.delta, dp.accountant)
         metrics.update({keys.EPSILON: epsilon, keys.DELTA: plan.delta, keys.NOISE_MULTIPLIER: plan.noise_multiplier})
     return _reply(msg, site, metrics, model)
 

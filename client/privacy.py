@@ -20,6 +20,7 @@ import math
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,20 +90,23 @@ def site_cap(federation: FederationConfig, node_config: Mapping[str, object], si
     )
 
 
-_FINGERPRINTS: dict[int, tuple[SiteData, str]] = {}
+# fingerprints of the SiteData objects alive in this process (an entry goes when its object is collected, so this
+# never keeps site data in memory that the site cache has let go)
+_FINGERPRINTS: dict[int, str] = {}
 
 
 def dataset_fingerprint(site: SiteData) -> str:
     """A digest of the site's training images and labels: the ledger's key (it never leaves the site)."""
     cached = _FINGERPRINTS.get(id(site))
-    if cached is not None and cached[0] is site:
-        return cached[1]
+    if cached is not None:
+        return cached
     digest = hashlib.sha256()
     for array in (site.train.images, site.train.labels):
         digest.update(str((array.dtype.str, array.shape)).encode())
         digest.update(array.tobytes())
     value = digest.hexdigest()[:32]
-    _FINGERPRINTS[id(site)] = (site, value)
+    _FINGERPRINTS[id(site)] = value
+    weakref.finalize(site, _FINGERPRINTS.pop, id(site), None)
     return value
 
 

@@ -502,27 +502,24 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
     Cheap (no Hydra): used to keep a node's composed config in Flower's ``context.state`` between messages.
     """
-    dataset = dict(data["dataset"])
-    dataset_cls = _SCHEMAS["dataset"].get(dataset.get("source", ""))
-    if dataset_cls is None:
-        raise ConfigError(f"dataset.source={dataset.get('source')!r} is not a known dataset source.")
     train = dict(data["train"])
     train["augment"] = AugmentConfig(**train["augment"])
     return Config(
-        dataset=dataset_cls(**dataset),
+        dataset=_option_from_dict("dataset", "source", "dataset source", data["dataset"]),
         model=ModelConfig(**data["model"]),
         strategy=StrategyConfig(**data["strategy"]),
         federation=FederationConfig(**data["federation"]),
         train=TrainConfig(**train),
-        privacy=_privacy_from_dict(dict(data["privacy"])),
+        privacy=_option_from_dict("privacy", "name", "privacy mechanism", data["privacy"]),
     )
 
 
-def _privacy_from_dict(privacy: dict[str, Any]) -> PrivacyConfig:
-    privacy_cls = _SCHEMAS["privacy"].get(privacy.get("name", ""))
-    if privacy_cls is None:
-        raise ConfigError(f"privacy.name={privacy.get('name')!r} is not a known privacy mechanism.")
-    return privacy_cls(**privacy)
+def _option_from_dict(group: str, key: str, what: str, section: Mapping[str, Any]) -> Any:
+    """A group with one schema per option: the schema its ``key`` field names, filled from ``section``."""
+    schema = _SCHEMAS[group].get(section.get(key, ""))
+    if schema is None:
+        raise ConfigError(f"{group}.{key}={section.get(key)!r} is not a known {what}.")
+    return schema(**section)
 
 
 def run_config_from_overrides(overrides: Sequence[str], **extra: str | int | float | bool) -> dict[str, Any]:

@@ -26,35 +26,14 @@ from common.inference import evaluate
 from common.models import build_model, require_dp_compatible
 from server.runs import RunDirectory
 from server.secure_aggregation import run_secure_aggregation
-from server.tracking import RunTracker, SiteRound
-from strategies import ObservedStrategy, RoundObservations, build_strategy, with_central_dp
+from server.tracking import RunTracker, site_rounds
+from strategies import ObservedStrategy, build_strategy, with_central_dp
 
-__all__ = ["app", "site_rounds"]
+__all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
-
-
-def site_rounds(observed: RoundObservations) -> dict[str, SiteRound]:
-    """Turn what the hospitals reported in a round into per-site records."""
-    sites: dict[str, SiteRound] = {}
-    for site_id, metrics in observed.train.items():
-        site = sites.setdefault(site_id, SiteRound())
-        site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
-        site.train_loss = metrics.get(keys.TRAIN_LOSS)
-        site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
-        site.epsilon = metrics.get(keys.EPSILON)
-        site.delta = metrics.get(keys.DELTA)
-    for site_id, metrics in observed.evaluate.items():
-        site = sites.setdefault(site_id, SiteRound())
-        site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
-        if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
-            site.n_train = int(metrics[keys.N_TRAIN])
-        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
-        prefix = keys.EVAL_PREFIX
-        site.val = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-    return sites
 
 
 def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -149,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
         tracker.record_round(
             server_round + start_round,
-            sites=site_rounds(observed),
+            sites=site_rounds(observed.train, observed.evaluate),
             test=test_metrics,
             arrays=state,
             server_s=server_s,

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import Config
-from server.tracking import RunTracker, SiteRound
+from server.tracking import RunTracker, SiteRound, site_rounds
 
 __all__ = ["run_secure_aggregation", "secagg_parameters"]
 
@@ -54,20 +54,14 @@ class _RecordingFedAvg(FedAvg):
     def __init__(self, *, record: Callable[[int, dict[str, SiteRound], list[dict[str, str]]], None], **kwargs: Any):
         super().__init__(**kwargs)
         self._record = record
-        self._sites: dict[int, dict[str, SiteRound]] = {}
+        self._train: dict[int, dict[str, dict[str, float]]] = {}
         self._dropped: dict[int, list[dict[str, str]]] = {}
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        sites = self._sites.setdefault(server_round, {})
-        for _, res in results:  # under SecAgg+ every res carries the already-summed parameters
-            site_id, metrics = _site(res.metrics)
-            site = sites.setdefault(site_id, SiteRound())
-            site.n_train = int(metrics.get(keys.N_TRAIN, res.num_examples))
-            site.train_loss = metrics.get(keys.TRAIN_LOSS)
-            site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
-            site.epsilon, site.delta = metrics.get(keys.EPSILON), metrics.get(keys.DELTA)
+        # under SecAgg+ every result carries the already-summed parameters; its metrics are the site's own
+        self._train[server_round] = dict(_site(res.metrics) for _, res in results)
         self._dropped[server_round] = [
             {"site": "unknown-site", "phase": "train", "reason": _reason(f)} for f in failures
         ]
@@ -76,19 +70,11 @@ class _RecordingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        sites = self._sites.pop(server_round, {})
-        for _, res in results:
-            site_id, metrics = _site(res.metrics)
-            site = sites.setdefault(site_id, SiteRound())
-            site.n_val = int(metrics.get(keys.N_VAL, res.num_examples))
-            site.n_train = site.n_train if site.n_train is not None else int(metrics.get(keys.N_TRAIN, 0))
-            site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
-            prefix = keys.EVAL_PREFIX
-            site.val = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        evaluated = dict(_site(res.metrics) for _, res in results)
         dropped = self._dropped.pop(server_round, []) + [
             {"site": "unknown-site", "phase": "evaluate", "reason": _reason(f)} for f in failures
         ]
-        self._record(server_round, sites, dropped)
+        self._record(server_round, site_rounds(self._train.pop(server_round, {}), evaluated), dropped)
         return super().aggregate_evaluate(server_round, results, failures)
 
 

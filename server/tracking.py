@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from common import keys
 from server.runs import RunDirectory
 
-__all__ = ["RunTracker", "SiteRound", "selection_key", "weighted_metrics"]
+__all__ = ["RunTracker", "SiteRound", "selection_key", "site_rounds", "weighted_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,29 @@ class SiteRound:
         if self.epsilon is not None:
             record["epsilon"], record["delta"] = self.epsilon, self.delta
         return record
+
+
+def site_rounds(
+    train: Mapping[str, Mapping[str, float]], evaluate: Mapping[str, Mapping[str, float]]
+) -> dict[str, SiteRound]:
+    """Per-site records of a round from the scalar metrics each hospital replied with, by site id."""
+    sites: dict[str, SiteRound] = {}
+    for site_id, metrics in train.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
+        site.train_loss = metrics.get(keys.TRAIN_LOSS)
+        site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
+        site.epsilon = metrics.get(keys.EPSILON)
+        site.delta = metrics.get(keys.DELTA)
+    for site_id, metrics in evaluate.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
+        if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
+            site.n_train = int(metrics[keys.N_TRAIN])
+        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
+        prefix = keys.EVAL_PREFIX
+        site.val = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return sites
 
 
 def weighted_metrics(sites: Mapping[str, SiteRound]) -> dict[str, float]:

@@ -23,6 +23,7 @@ __all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
 logger = logging.getLogger(__name__)
 
 _PRIVACY_REFUSAL = "PrivacyBudgetExceeded"  # the error type a hospital names when it refuses at its cap
+_STOP_REASON = "every hospital asked to train refused at its privacy cap"
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,14 @@ class ObservedStrategy(Strategy):
         self.round_offset = round_offset
         self.current = RoundObservations()
         self._site_of_node: dict[int, str] = {}
-        # set when no hospital can train any more (every one refused at its privacy cap): later rounds send nothing
-        self.stop_reason: str | None = None
+        # the round in which no hospital could train any more (every one refused at its privacy cap): later rounds
+        # send nothing
         self.stopped_after: int | None = None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run stopped early, or None while it runs."""
+        return _STOP_REASON if self.stopped_after is not None else None
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
     def take_observations(self) -> RoundObservations:
@@ -114,7 +120,6 @@ class ObservedStrategy(Strategy):
         self.current.train = self._observe(replies, "train")
         drops = self.current.dropped[earlier_drops:]
         if replies and not self.current.train and all(_PRIVACY_REFUSAL in d.reason for d in drops):
-            self.stop_reason = "every hospital asked to train refused at its privacy cap"
             self.stopped_after = server_round + self.round_offset
             logger.warning("stopping after round %d: %s", self.stopped_after, self.stop_reason)
         return self.inner.aggregate_train(server_round + self.round_offset, replies)

@@ -124,6 +124,27 @@ def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
 
 
 # --- the ledger ------------------------------------------------------------------------------------------------
+def test_fingerprint_follows_the_data_and_is_forgotten_with_its_site() -> None:
+    import gc
+
+    from client import privacy
+    from client.privacy import dataset_fingerprint
+    from common.data import SiteData
+    from common.data.arrays import DatasetInfo
+
+    def site(data: ArrayDataset) -> SiteData:
+        return SiteData("hospital-0", data, _tiny_data(4), DatasetInfo("t", 2, 1, 2, 28, ("a", "b")))
+
+    first, same, other = site(_tiny_data()), site(_tiny_data()), site(_tiny_data(17))
+
+    assert dataset_fingerprint(first) == dataset_fingerprint(same) != dataset_fingerprint(other)
+    key = id(first)
+    assert key in privacy._FINGERPRINTS
+    del first
+    gc.collect()
+    assert key not in privacy._FINGERPRINTS  # no site data kept alive by the cache
+
+
 def test_ledger_persists_merges_by_id_and_refuses_when_unreadable(tmp_path) -> None:
     ledger = PrivacyLedger(tmp_path, "abc")
     first, second = _entry(1.0, 0.1, 10), _entry(1.0, 0.1, 10)
