@@ -16,9 +16,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cli.deploy import register_commands
 from cli.display import RoundFollower, summary_table
-from cli.runtime import flower_environment
 from common.config import Config, compose_config, config_to_yaml
+from common.environment import flower_environment
 from common.errors import EXIT_CODES, ConfigError, MedfedError
 
 __all__ = ["app", "main"]
@@ -36,6 +37,7 @@ baseline_app = typer.Typer(help="Baselines on the same config, model and trainin
 config_app = typer.Typer(help="Inspect the composed configuration.")
 app.add_typer(baseline_app, name="baseline")
 app.add_typer(config_app, name="config")
+register_commands(app)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -20,8 +20,9 @@ from typing import Any
 
 from common import keys
 from common.config import Config, run_config_from_overrides
+from common.environment import flower_environment
 
-__all__ = ["flower_environment", "run_simulation"]
+__all__ = ["run_simulation"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ clientapp = "client.app:app"
 [tool.flwr.app.config]
 {config}
 """
-
-
-def flower_environment() -> None:
-    """Environment every medfed process sets before Flower starts: no telemetry, no update checks."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _toml_value(value: Any) -> str:

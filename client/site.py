@@ -1,24 +1,42 @@
-"""Where a hospital's data comes from: the Flower node config decides, never the coordinator.
+"""Where a hospital's data comes from, and what the hospital decides: its site config, never the coordinator.
 
 In simulation, Flower's runtime gives every virtual SuperNode a ``partition-id``; the simulated hospital is that
-partition of the configured dataset (the researcher plays every role). Deployment sites (a site config naming a
-data folder) arrive with the deployment issue; until then a node without a partition id is refused clearly.
+partition of the configured dataset (the researcher plays every role). In deployment, the hospital's daemon passes
+its site config file in the node config (``site-config``); the file names the site's data, its privacy cap, its
+state directory and the app bundles it approves. See :class:`SiteConfig` for the file's keys.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from common import keys
+from common.atomic import atomic_write
 from common.config import Config
-from common.data import SiteData, load_site
-from common.errors import SiteDataError
+from common.data import DatasetInfo, SiteData, load_site, stratified_split
+from common.data.site_files import load_array_file
+from common.errors import ConfigError, SiteDataError
 
-__all__ = ["default_cache_dir", "resolve_site"]
+__all__ = [
+    "SiteConfig",
+    "default_cache_dir",
+    "load_site_config",
+    "node_config_for",
+    "resolve_site",
+    "write_site_config",
+]
 
 logger = logging.getLogger(__name__)
+
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def default_cache_dir() -> Path:
@@ -26,12 +44,151 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/medfed/sites").expanduser()
 
 
+@dataclass
+class SiteConfig:
+    """A hospital's own settings (``site.yaml``); only the hospital edits this file.
+
+    Keys: ``site_id`` (shown to the coordinator), ``data_path`` (the array file, see
+    :mod:`common.data.site_files`), ``labels`` (optional label CSV), ``n_classes``, ``val_fraction`` and
+    ``split_seed`` (the local validation split), ``max_epsilon`` / ``max_delta`` / ``min_noise`` (the privacy cap,
+    cumulative over every run on this data), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
+    of every app bundle this site runs), ``superlink`` (the coordinator's address), ``ca_certificate`` and
+    ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the SuperNode's Runtime API). Relative paths are relative to the file's folder.
+    """
+
+    site_id: str
+    data_path: str
+    n_classes: int
+    labels: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    max_epsilon: float = 10.0
+    max_delta: float = 1e-5
+    min_noise: float = 0.0
+    state_dir: str = "state"
+    approved_apps: list[str] = field(default_factory=list)
+    superlink: str = "127.0.0.1:9093"
+    ca_certificate: str = "ca.crt"
+    auth_key: str = "node.key"
+    runtime_port: int = 9094  # the SuperNode's local Runtime API (127.0.0.1 only); one port per site on a machine
+    source: Path | None = field(default=None, repr=False, compare=False)  # the file it was read from
+
+    def __post_init__(self) -> None:
+        if not _SITE_ID.match(str(self.site_id)):
+            raise ConfigError(
+                f"site_id={self.site_id!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-' (it is shown "
+                "to the coordinator, so never a patient or staff name)."
+            )
+        if isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or self.n_classes < 2:
+            raise ConfigError(f"n_classes={self.n_classes!r} is out of range; it must be an integer >= 2.")
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction!r} is out of range; it must lie in (0, 1).")
+        if not float(self.max_epsilon) > 0.0:
+            raise ConfigError(f"max_epsilon={self.max_epsilon!r} is out of range; it must be > 0 (.inf: no cap).")
+        if not 0.0 < float(self.max_delta) < 1.0:
+            raise ConfigError(f"max_delta={self.max_delta!r} is out of range; it must lie in (0, 1), e.g. 1e-5.")
+        if not float(self.min_noise) >= 0.0:
+            raise ConfigError(f"min_noise={self.min_noise!r} is out of range; it must be >= 0.")
+        bad = [h for h in self.approved_apps if not _SHA256.match(str(h))]
+        if bad:
+            raise ConfigError(
+                f"approved_apps holds {bad[0]!r}, which is not a sha256 hex digest (64 lowercase hex digits); add "
+                "bundles with `medfed hospital approve`."
+            )
+
+    def path(self, value: str) -> Path:
+        """A path from this file, made absolute against the file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or self.source is None else (self.source.parent / p).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    def approves(self, fab_hash: str) -> bool:
+        return fab_hash in self.approved_apps
+
+
+_FIELDS = {f for f in SiteConfig.__dataclass_fields__ if f != "source"}
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate a site config file; unknown keys and bad values fail naming the key."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"Site config {path} does not exist; create one with `medfed hospital init`.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Site config {path.name} is not valid YAML ({exc}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Site config {path.name} must be a mapping of keys to values.")
+    unknown = sorted(set(raw) - _FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"Site config {path.name} has unknown key(s) {unknown}; allowed keys: {sorted(_FIELDS)}."
+        )
+    missing = [k for k in ("site_id", "data_path", "n_classes") if k not in raw]
+    if missing:
+        raise ConfigError(f"Site config {path.name} lacks {missing}; see `medfed hospital init --help`.")
+    try:
+        return SiteConfig(**raw, source=path)
+    except TypeError as exc:
+        raise ConfigError(f"Site config {path.name}: {exc}") from None
+
+
+def write_site_config(site: SiteConfig, path: Path) -> None:
+    """Write ``site`` to ``path`` atomically (the daemon re-reads it on every message)."""
+    data: dict[str, Any] = {k: v for k, v in asdict(site).items() if k != "source"}
+    with atomic_write(Path(path), binary=False) as handle:
+        handle.write("# medfed site config: only this hospital edits it (see `medfed hospital --help`).\n")
+        yaml.safe_dump(data, handle, sort_keys=False)
+
+
+def node_config_for(site: SiteConfig) -> dict[str, str | float]:
+    """The Flower node config the hospital daemon gives its SuperNode (the ClientApp reads it)."""
+    assert site.source is not None, "node_config_for needs a site config read from a file"
+    return {
+        keys.NODE_SITE_CONFIG: str(site.source),
+        keys.NODE_STATE_DIR: str(site.state_path),
+        keys.NODE_MAX_EPSILON: float(site.max_epsilon),
+        keys.NODE_MAX_DELTA: float(site.max_delta),
+        keys.NODE_MIN_NOISE: float(site.min_noise),
+    }
+
+
+def _deployment_site(site_cfg: SiteConfig) -> SiteData:
+    data = load_array_file(
+        site_cfg.path(site_cfg.data_path),
+        n_classes=site_cfg.n_classes,
+        labels_csv=site_cfg.path(site_cfg.labels) if site_cfg.labels else None,
+    )
+    keep, held = stratified_split(data.labels, site_cfg.val_fraction, seed=site_cfg.split_seed)
+    if len(keep) == 0 or len(held) == 0:
+        raise SiteDataError(
+            f"Site {site_cfg.site_id} has {len(data)} labelled images, too few for a training and a validation "
+            "split; a site needs at least 2 images of one class."
+        )
+    spatial_dims = data.images.ndim - 2
+    info = DatasetInfo(
+        name=f"site:{site_cfg.site_id}",
+        n_classes=site_cfg.n_classes,
+        channels=int(data.images.shape[1]),
+        spatial_dims=spatial_dims,
+        image_size=int(data.images.shape[-1]),
+        class_names=tuple(str(i) for i in range(site_cfg.n_classes)),
+    )
+    return SiteData(site_cfg.site_id, train=data.subset(keep), val=data.subset(held), info=info)
+
+
 def resolve_site(cfg: Config, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteData:
-    """Load this node's site data (cheap after the first call: decoded arrays are cached on local disk)."""
+    """Load this node's site data: a simulated partition, or the hospital's own data from its site config."""
+    if keys.NODE_SITE_CONFIG in node_config:
+        return _deployment_site(load_site_config(Path(str(node_config[keys.NODE_SITE_CONFIG]))))
     if keys.NODE_PARTITION_ID not in node_config:
         raise SiteDataError(
-            "This SuperNode has no data configured: its node config lacks 'partition-id' (simulation) and "
-            "deployment site configs are not supported yet. Run `medfed simulate` for a local federation."
+            "This SuperNode has no data configured: its node config has neither 'site-config' (a hospital "
+            "daemon started with `medfed hospital start`) nor 'partition-id' (simulation)."
         )
     index = int(node_config[keys.NODE_PARTITION_ID])  # type: ignore[arg-type]
     cache = run_config.get(keys.RUN_CACHE_DIR)

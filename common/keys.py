@@ -19,6 +19,7 @@ __all__ = [
     "NODE_MAX_EPSILON",
     "NODE_MIN_NOISE",
     "NODE_PARTITION_ID",
+    "NODE_SITE_CONFIG",
     "NODE_STATE_DIR",
     "NOISE_MULTIPLIER",
     "NUM_EXAMPLES",
@@ -79,3 +80,4 @@ NODE_MAX_EPSILON = "max-epsilon"  # a hospital's privacy cap: cumulative epsilon
 NODE_MAX_DELTA = "max-delta"  # the largest delta it accepts
 NODE_MIN_NOISE = "min-noise"  # the least noise multiplier it accepts
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data
+NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)

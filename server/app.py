@@ -20,8 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
-from common.data import load_test_set
-from common.errors import ConfigError
+from common.data import ArrayDataset, DatasetInfo, load_test_set
+from common.errors import ConfigError, DatasetUnavailableError
 from common.inference import evaluate
 from common.models import build_model, require_dp_compatible
 from server.runs import RunDirectory
@@ -40,6 +40,23 @@ def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in arrays.to_torch_state_dict().items()}
 
 
+def _test_set(cfg: Config, simulation: bool) -> tuple[DatasetInfo, ArrayDataset]:
+    """The dataset's description and global test split: the model is built from it and evaluated on it.
+
+    In deployment the coordinator holds no hospital's images; it needs the task's public test split (a MedMNIST
+    test split under ``dataset.root``, or the generated synthetic one).
+    """
+    try:
+        return load_test_set(cfg)
+    except DatasetUnavailableError as exc:
+        if simulation:
+            raise
+        raise ConfigError(
+            f"The coordinator needs the dataset's public test split to build and evaluate the global model, and "
+            f"it is not available here ({exc}). Place it under dataset.root on the coordinator."
+        ) from None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured number of federated rounds (or the rest of them, when resuming)."""
@@ -55,9 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         # (measured: ~0.1 s less wall time per round with 5 hospitals).
         grid.pull_interval = 0.01
 
-    info, test_set = load_test_set(cfg) if simulation else (None, None)
-    if info is None:
-        raise ConfigError("Deployment runs are not supported yet: the coordinator needs the dataset's shape.")
+    info, test_set = _test_set(cfg, simulation)
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
     if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch

@@ -1,0 +1,91 @@
+"""medfed's Flower app bundle (FAB): built the same way from the installed code at the coordinator and at a site.
+
+The bundle holds the app packages (``client``, ``common``, ``server``, ``strategies``: Python sources and the
+Hydra config tree) and a fixed ``pyproject.toml``. Flower writes FABs with fixed timestamps, so two machines with
+the same medfed release build byte-identical bundles: a hospital approves the sha256 that
+``medfed hospital approve`` computes from its own installation, and the coordinator's ``medfed train`` submits
+exactly that bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from common import keys
+from common.config import RUN_CONFIG_OVERRIDES
+
+__all__ = ["APP_PACKAGES", "bundle_hash", "staged_app"]
+
+logger = logging.getLogger(__name__)
+
+APP_PACKAGES = ("client", "common", "server", "strategies")
+_SUFFIXES = (".py", ".yaml")
+
+_PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "medfed"
+version = "{version}"
+description = "medfed's Flower app: the coordinator's ServerApp and the hospitals' ClientApp."
+license = "Apache-2.0"
+dependencies = []  # a site never installs packages at run time: the app runs on the site's own medfed install
+
+[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+"{overrides}" = "[]"
+"{run_dir}" = "runs/deployment"
+"{mode}" = "deployment"
+"{resume}" = false
+"{t0}" = 0.0
+"""
+
+
+def _medfed_version() -> str:
+    try:
+        return version("medfed")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"
+
+
+@contextmanager
+def staged_app() -> Iterator[Path]:
+    """A temporary app directory holding exactly what goes into the bundle."""
+    with tempfile.TemporaryDirectory(prefix="medfed-fab-") as tmp:
+        root = Path(tmp)
+        for package in APP_PACKAGES:
+            source = Path(importlib.import_module(package).__file__ or "").parent
+            for path in sorted(source.rglob("*")):
+                if path.is_file() and path.suffix in _SUFFIXES and "__pycache__" not in path.parts:
+                    target = root / package / path.relative_to(source)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+        (root / "pyproject.toml").write_text(
+            _PYPROJECT.format(version=_medfed_version(), overrides=RUN_CONFIG_OVERRIDES, run_dir=keys.RUN_DIR,
+                              mode=keys.RUN_MODE, resume=keys.RUN_RESUME, t0=keys.RUN_T0),
+            encoding="utf-8",
+        )
+        yield root
+
+
+def bundle_hash() -> str:
+    """The sha256 of the bundle this installation builds (what a hospital puts in ``approved_apps``)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    with staged_app() as app:
+        return hashlib.sha256(build_fab_from_disk(app)).hexdigest()

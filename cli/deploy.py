@@ -1,0 +1,403 @@
+"""``medfed coordinator|hospitals|train|runs`` (the coordinator) and ``medfed hospital`` (a site): real deployments.
+
+Coordinator::
+
+    medfed coordinator init --dir coord --host coordinator.example.org     # CA + SuperLink certificate
+    medfed coordinator start --dir coord --address 0.0.0.0:9093             # the SuperLink (TLS, node auth)
+    medfed hospitals register node.pub --dir coord --name hospital-a
+    medfed train --dir coord dataset=medmnist dataset.name=pneumoniamnist train.rounds=20
+    medfed runs list|logs RUN_ID|stop RUN_ID --dir coord
+
+Hospital::
+
+    medfed hospital init --dir site --site-id hospital-a --data images.npz --n-classes 2 \\
+        --superlink coordinator.example.org:9093 --ca ca.crt --max-epsilon 8
+    medfed hospital approve --config site/site.yaml        # this installation's app bundle
+    medfed hospital start --config site/site.yaml
+    medfed hospital audit --config site/site.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import EXIT_CODES, ConfigError, MedfedError
+
+__all__ = ["register_commands"]
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+err_console = Console(stderr=True)
+
+coordinator_app = typer.Typer(help="The coordinator's daemon: certificates and the Flower SuperLink.")
+hospitals_app = typer.Typer(help="Hospitals known to the coordinator (their SuperNode keys).")
+runs_app = typer.Typer(help="Training runs on the coordinator: list, follow logs, stop.")
+hospital_app = typer.Typer(help="A hospital's own side: site config, keys, approved code, the client daemon.")
+
+CoordDir = Annotated[Path, typer.Option("--dir", help="The coordinator directory (certificates, state, runs).")]
+SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site config (site.yaml).")]
+
+
+def _fail(exc: MedfedError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _coordinator(directory: Path) -> Any:
+    from server.coordinator import Coordinator
+
+    settings = Path(directory) / "coordinator.json"
+    if not settings.is_file():
+        raise ConfigError(f"{directory} is not a coordinator directory; create it with `medfed coordinator init`.")
+    values = json.loads(settings.read_text(encoding="utf-8"))
+    return Coordinator(directory, address=values["address"], insecure=bool(values.get("insecure", False)))
+
+
+def _save_settings(directory: Path, address: str, insecure: bool) -> None:
+    from common.atomic import atomic_write
+
+    with atomic_write(Path(directory) / "coordinator.json", binary=False) as handle:
+        json.dump({"address": address, "insecure": insecure}, handle, indent=2)
+
+
+# --- coordinator ------------------------------------------------------------------------------------------------
+@coordinator_app.command("init")
+def coordinator_init(
+    directory: CoordDir,
+    host: Annotated[list[str], typer.Option("--host", help="Name or IP hospitals use to reach the coordinator.")],
+    address: Annotated[str, typer.Option(help="Where the SuperLink listens (host:port).")] = "0.0.0.0:9093",
+    force: Annotated[bool, typer.Option(help="Replace existing keys and certificates.")] = False,
+) -> None:
+    """Create the deployment's certificate authority and the SuperLink's TLS certificate."""
+    from common.pki import create_ca, create_server_certificate, load_ca
+
+    try:
+        create_ca(directory, force=force)
+        create_server_certificate(directory, load_ca(directory), host, force=force)
+        _save_settings(directory, address, insecure=False)
+    except MedfedError as exc:
+        _fail(exc)
+    console.print(f"coordinator directory {directory}: give every hospital [bold]{directory / 'ca.crt'}[/] "
+                  "(never ca.key or server.key)")
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    directory: CoordDir,
+    address: Annotated[str | None, typer.Option(help="host:port to listen on (default: the one from init).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+) -> None:
+    """Run the SuperLink in the foreground until Ctrl-C / SIGTERM (TLS and SuperNode authentication on)."""
+    try:
+        coordinator = _coordinator(directory)
+        if address is not None or insecure:
+            _save_settings(directory, address or coordinator.address, insecure)
+            coordinator = _coordinator(directory)
+        process = coordinator.start()
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"SuperLink pid {process.pid} listening on {coordinator.address} "
+                  f"({'INSECURE' if coordinator.insecure else 'TLS'}, SuperNode authentication on)")
+    stopping = {"now": False}
+
+    def stop(*_: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping["now"] and process.poll() is None:
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except Exception:  # noqa: BLE001 - kill whatever did not stop in time
+                process.kill()
+    raise typer.Exit(0 if stopping["now"] else (process.returncode or 1))
+
+
+# --- hospitals (coordinator side) ------------------------------------------------------------------------------
+@hospitals_app.command("register")
+def hospitals_register(
+    public_key: Annotated[Path, typer.Argument(help="The hospital's node.pub (OpenSSH public key).")],
+    directory: CoordDir,
+    name: Annotated[str | None, typer.Option(help="A name for the hospital.")] = None,
+) -> None:
+    """Allow a hospital's SuperNode to connect (no one else's credentials change)."""
+    from common.pki import public_key_fingerprint
+
+    try:
+        node_id = _coordinator(directory).register(public_key, name=name)
+        fingerprint = public_key_fingerprint(Path(public_key).read_bytes())
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"registered {name or public_key.name} ({fingerprint}) as node {node_id}")
+
+
+@hospitals_app.command("list")
+def hospitals_list(directory: CoordDir) -> None:
+    """Registered hospitals and whether they are online."""
+    try:
+        nodes = _coordinator(directory).nodes()
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    table = Table("node id", "status", "online since", "registered")
+    for node in nodes:
+        table.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at")),
+                      str(node.get("created-at")))
+    console.print(table)
+
+
+# --- runs --------------------------------------------------------------------------------------------------------
+def launch_run(directory: Path, overrides: list[str], run_dir: Path | None, *, resume: bool = False) -> tuple[int, Path]:
+    """Launch a training run of this installation's app bundle on the coordinator; returns (run id, run dir)."""
+    from cli.bundle import staged_app
+    from common import keys
+    from common.config import compose_config, run_config_from_overrides
+    from server.runs import RunDirectory
+
+    coordinator = _coordinator(directory)
+    compose_config(overrides)  # bad overrides fail here, before anything is submitted
+    run_path = (run_dir or coordinator.runs_dir / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+    if not resume and RunDirectory(run_path).metrics_path.exists():
+        raise ConfigError(f"--run-dir {run_path} already holds a run; choose another or pass --resume.")
+    run_config = run_config_from_overrides(
+        overrides, **{keys.RUN_DIR: str(run_path), keys.RUN_MODE: "deployment", keys.RUN_RESUME: resume,
+                      keys.RUN_T0: time.time()},
+    )
+    with staged_app() as app_dir:
+        run_id = coordinator.launch(app_dir, run_config)
+    return run_id, run_path
+
+
+def train(
+    directory: CoordDir,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, key=value.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish and show its summary.")] = False,
+) -> None:
+    """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
+    from cli.display import RoundFollower, summary_table
+    from common.config import compose_config
+    from server.runs import RunDirectory
+
+    try:
+        if resume and run_dir is not None and not overrides:
+            overrides = RunDirectory(run_dir).read_overrides()
+        run_id, run_path = launch_run(directory, list(overrides or []), run_dir, resume=resume)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"run {run_id} launched -> {run_path}")
+    if wait:
+        cfg = compose_config(list(overrides or []))
+        target = RunDirectory(run_path)
+        with RoundFollower(target.metrics_path, cfg.train.rounds, console):
+            while not (run_path / "summary.json").exists():
+                status = _coordinator(directory).status(run_id)
+                if status and str(status[0].get("status", "")).startswith("finished") and not (
+                    run_path / "summary.json"
+                ).exists():
+                    err_console.print(f"run {run_id} ended: {status[0].get('status')}")
+                    raise typer.Exit(1)
+                time.sleep(2)
+        console.print(summary_table(target.read_summary(), f"medfed train: run {run_id}"))
+
+
+@runs_app.command("list")
+def runs_list(directory: CoordDir) -> None:
+    """Every run of this coordinator with its status and run directory."""
+    try:
+        coordinator = _coordinator(directory)
+        runs, index = coordinator.status(), coordinator.runs()
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    table = Table("run id", "status", "elapsed s", "run dir")
+    for run in runs:
+        rid = str(run.get("run-id"))
+        table.add_row(rid, str(run.get("status")), f"{float(run.get('elapsed', 0)):.0f}",
+                      str(index.get(rid, {}).get("run-dir", "-")))
+    console.print(table)
+
+
+@runs_app.command("stop")
+def runs_stop(run_id: int, directory: CoordDir) -> None:
+    """Stop a run (hospitals finish nothing further for it)."""
+    try:
+        _coordinator(directory).stop_run(run_id)
+    except MedfedError as exc:
+        _fail(exc)
+    console.print(f"run {run_id} stopped")
+
+
+@runs_app.command("logs")
+def runs_logs(run_id: int, directory: CoordDir, follow: Annotated[bool, typer.Option("--follow")] = False) -> None:
+    """The ServerApp's log of a run (Flower's `flwr log`)."""
+    import subprocess
+
+    from server.coordinator import CONNECTION
+
+    try:
+        coordinator = _coordinator(directory)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    args = ["flwr", "log", str(run_id), CONNECTION] + ([] if follow else ["--show"])
+    raise typer.Exit(subprocess.call(args, env=coordinator.environment()))
+
+
+# --- hospital (site side) ----------------------------------------------------------------------------------------
+@hospital_app.command("init")
+def hospital_init(
+    directory: Annotated[Path, typer.Option("--dir", help="The site's folder (config, keys, state).")],
+    site_id: Annotated[str, typer.Option(help="The name the coordinator sees (no patient or staff names).")],
+    data: Annotated[Path, typer.Option(help="The site's array file (images + labels, .npz).")],
+    n_classes: Annotated[int, typer.Option(help="Classes of the task (labels 0..n_classes-1).")],
+    superlink: Annotated[str, typer.Option(help="The coordinator's address, host:port.")],
+    ca: Annotated[Path, typer.Option(help="The coordinator's ca.crt.")],
+    labels: Annotated[Path | None, typer.Option(help="Optional label CSV (index,label rows).")] = None,
+    max_epsilon: Annotated[float, typer.Option(help="The site's privacy cap over every run on its data.")] = 10.0,
+    max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
+    min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
+    runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's Runtime API.")] = 9094,
+    approve_installed: Annotated[bool, typer.Option(help="Approve this installation's app bundle.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
+) -> None:
+    """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
+    from client.site import SiteConfig, write_site_config
+    from common.pki import KeyExists, create_node_keys, public_key_fingerprint
+
+    try:
+        config_path = Path(directory) / "site.yaml"
+        if config_path.exists() and not force:
+            raise KeyExists(config_path)
+        _, pub = create_node_keys(directory, force=force)
+        approved = []
+        if approve_installed:
+            from cli.bundle import bundle_hash
+
+            approved.append(bundle_hash())
+        site = SiteConfig(
+            site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
+            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
+            superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
+            runtime_port=runtime_port, approved_apps=approved,
+        )
+        write_site_config(site, config_path)
+        fingerprint = public_key_fingerprint(pub.read_bytes())
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"site {site_id}: wrote {config_path}; send [bold]{pub}[/] ({fingerprint}) to the coordinator")
+
+
+@hospital_app.command("approve")
+def hospital_approve(
+    config: SiteOpt,
+    sha256: Annotated[str | None, typer.Option(help="A bundle hash to approve (default: this installation's).")] = None,
+) -> None:
+    """Approve an app bundle: the site runs only bundles listed in its site config."""
+    from cli.bundle import bundle_hash
+    from client.site import SiteConfig, load_site_config, write_site_config
+
+    try:
+        site = load_site_config(config)
+        digest = (sha256 or bundle_hash()).lower()
+        if digest not in site.approved_apps:
+            site = SiteConfig(**{**{k: getattr(site, k) for k in site.__dataclass_fields__ if k != "source"},
+                                 "approved_apps": [*site.approved_apps, digest]})
+            write_site_config(site, config)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"approved app bundle {digest}")
+
+
+@hospital_app.command("start")
+def hospital_start(
+    config: SiteOpt,
+    insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+) -> None:
+    """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
+    from client.daemon import HospitalDaemon
+    from client.site import load_site_config
+
+    try:
+        site = load_site_config(config)
+        if not site.approved_apps:
+            err_console.print("warning: approved_apps is empty, so every run will be refused; see "
+                              "`medfed hospital approve`.")
+        daemon = HospitalDaemon(site, insecure=insecure)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"hospital {site.site_id} -> {site.superlink} ({'INSECURE' if insecure else 'TLS'})")
+    raise typer.Exit(daemon.run())
+
+
+@hospital_app.command("audit")
+def hospital_audit(config: SiteOpt) -> None:
+    """Every message this site sent (and every bundle it refused)."""
+    from client.gate import read_audit
+    from client.site import load_site_config
+
+    try:
+        entries = read_audit(load_site_config(config).state_path)
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    table = Table("time", "event", "run", "round", "type", "bytes", "sha256", "epsilon")
+    for e in entries:
+        table.add_row(datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"), e["event"], str(e.get("run")),
+                      str(e.get("round", "")), str(e.get("type", "")), str(e.get("bytes", "")),
+                      str(e.get("sha256") or e.get("fab_sha256", ""))[:16], str(e.get("epsilon", "")))
+    console.print(table)
+
+
+@hospital_app.command("export-demo")
+def hospital_export_demo(
+    index: Annotated[int, typer.Option(help="Which simulated hospital (0-based).")],
+    out: Annotated[Path, typer.Option(help="The array file to write (.npz).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides choosing dataset and federation.")] = None,
+) -> None:
+    """Write one simulated hospital's data as a site array file (for walk-throughs and tests)."""
+    from common.config import compose_config
+    from common.data import ArrayDataset, load_site
+    from common.data.site_files import write_array_file
+
+    try:
+        cfg = compose_config(list(overrides or []))
+        site = load_site(cfg, index)
+        write_array_file(out, ArrayDataset.concat([site.train, site.val]))
+    except MedfedError as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {len(site.train) + len(site.val)} images of {site.site_id} to {out}")
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Add the deployment commands to the ``medfed`` command."""
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(hospitals_app, name="hospitals")
+    app.add_typer(runs_app, name="runs")
+    app.add_typer(hospital_app, name="hospital")
+    app.command("train")(train)

@@ -1,0 +1,25 @@
+"""The process environment every medfed process sets before Flower starts."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["flower_environment"]
+
+
+def flower_environment() -> None:
+    """No telemetry, no update checks, no Ray usage stats (set unless the user set them already).
+
+    Flower starts its helper processes (``flower-superexec``, ``flwr-serverapp``, ...) by name: this
+    environment's scripts folder goes first on ``PATH`` so they are the ones installed beside medfed.
+    """
+    scripts = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,0 +1,187 @@
+"""The coordinator daemon: a Flower SuperLink with TLS and SuperNode authentication, and the runs it launches.
+
+A coordinator directory holds everything the coordinator owns::
+
+    ca.crt ca.key            the deployment's certificate authority (hospitals get ca.crt only)
+    server.pem server.key    the SuperLink's TLS certificate and key
+    state.db                 the SuperLink's persistent state (registered hospitals, runs)
+    flwr-home/config.toml    the connection Flower's CLI uses to reach this SuperLink
+    runs/                    one run directory per training run (config, metrics.jsonl, summary.json, checkpoints)
+    runs.json                run id -> run directory
+    superlink.log            the SuperLink's log
+
+The SuperLink always runs with SuperNode authentication, with runtime dependency installation disabled, and with
+TLS unless ``insecure=True`` (local experiments only). Hospital registration, run launch, listing, logs and stop go
+through Flower's own CLI against this SuperLink (``flwr supernode register``, ``flwr run``, ``flwr ls``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_write
+from common.environment import flower_environment
+from common.errors import ConfigError
+
+__all__ = ["CONNECTION", "Coordinator", "FlowerCommandError"]
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "medfed"  # the SuperLink connection's name in flwr-home/config.toml
+
+
+class FlowerCommandError(ConfigError):
+    """A Flower CLI call against the coordinator's SuperLink failed."""
+
+
+def _bin(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else name
+
+
+class Coordinator:
+    """One coordinator directory and the SuperLink serving it."""
+
+    def __init__(self, directory: Path, *, address: str = "127.0.0.1:9093", insecure: bool = False) -> None:
+        self.dir = Path(directory).expanduser().resolve()
+        self.address = address
+        self.insecure = insecure
+
+    # --- files --------------------------------------------------------------------------------------------------
+    @property
+    def flwr_home(self) -> Path:
+        return self.dir / "flwr-home"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    def _require_tls_files(self) -> None:
+        if self.insecure:
+            return
+        for name in ("ca.crt", "server.pem", "server.key"):
+            if not (self.dir / name).is_file():
+                raise ConfigError(
+                    f"{name} is missing in {self.dir}; create the coordinator's certificates first with "
+                    f"`medfed coordinator init --dir {self.dir} --host HOST`."
+                )
+
+    def write_connection(self) -> Path:
+        """Write ``flwr-home/config.toml`` so Flower's CLI reaches this SuperLink (over TLS, verified by our CA)."""
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.dir / "ca.crt"}"')
+        path = self.flwr_home / "config.toml"
+        with atomic_write(path, binary=False) as handle:
+            handle.write("\n".join(lines) + "\n")
+        return path
+
+    def environment(self) -> dict[str, str]:
+        flower_environment()
+        return {**os.environ, "FLWR_HOME": str(self.flwr_home)}
+
+    # --- the SuperLink ------------------------------------------------------------------------------------------
+    def superlink_command(self) -> list[str]:
+        host, _, port = self.address.rpartition(":")
+        command = [_bin("flower-superlink"), "--enable-supernode-auth", "--database", str(self.dir / "state.db"),
+                   "--disable-runtime-dependency-installation", "--host", host or "0.0.0.0", "--port", port]
+        if self.insecure:
+            command.append("--insecure")
+        else:
+            command += ["--ssl-ca-certfile", str(self.dir / "ca.crt"), "--ssl-certfile", str(self.dir / "server.pem"),
+                        "--ssl-keyfile", str(self.dir / "server.key")]
+        return command
+
+    def start(self, *, stdout: Any = None) -> subprocess.Popen[bytes]:
+        """Start the SuperLink (a child process; the caller stops it by PID) and wait until it answers."""
+        self._require_tls_files()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(exist_ok=True)
+        self.write_connection()
+        log = stdout if stdout is not None else (self.dir / "superlink.log").open("ab")
+        process = subprocess.Popen(self.superlink_command(), env=self.environment(), stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=self.dir)
+        (self.dir / "superlink.pid").write_text(str(process.pid), encoding="utf-8")
+        self.wait_ready(process)
+        return process
+
+    def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
+        """Block until the SuperLink answers Flower's CLI (or fail naming the log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise ConfigError(f"The SuperLink exited with {process.returncode}; see {self.dir / 'superlink.log'}.")
+            try:
+                self.flwr(["ls"], timeout=20)
+                return
+            except FlowerCommandError:
+                time.sleep(0.5)
+        raise ConfigError(f"The SuperLink did not answer within {timeout:.0f} s; see {self.dir / 'superlink.log'}.")
+
+    # --- Flower's CLI -------------------------------------------------------------------------------------------
+    def flwr(self, args: Sequence[str], *, timeout: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr ARGS... medfed --format json`` against this SuperLink; return its JSON answer."""
+        command = [_bin("flwr"), *args, "--format", "json"]
+        done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
+                              cwd=self.dir)
+        try:
+            answer = json.loads(done.stdout[done.stdout.index("{"):]) if "{" in done.stdout else {}
+        except json.JSONDecodeError:
+            answer = {}
+        if done.returncode != 0 or not answer.get("success", False):
+            reason = answer.get("error-message") or (done.stderr or done.stdout).strip()[-800:]
+            raise FlowerCommandError(f"`flwr {' '.join(args[:2])}` failed: {reason}")
+        return answer
+
+    def register(self, public_key: Path, *, name: str | None = None) -> int:
+        """Register a hospital's SuperNode public key; returns the node id Flower assigned."""
+        from common.pki import public_key_fingerprint
+
+        public_key = Path(public_key).expanduser()
+        if not public_key.is_file():
+            raise ConfigError(f"{public_key} does not exist; ask the hospital for the node.pub `medfed hospital init` wrote.")
+        public_key_fingerprint(public_key.read_bytes())  # a clear error for anything but an OpenSSH public key
+        args = ["supernode", "register", str(public_key), CONNECTION]
+        if name:
+            args += ["--name", name]
+        return int(self.flwr(args)["node-id"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.flwr(["supernode", "list", CONNECTION]).get("nodes", []))
+
+    def launch(self, app_dir: Path, run_config: dict[str, Any]) -> int:
+        """Submit a run of the app in ``app_dir`` with ``run_config``; returns Flower's run id."""
+        toml = self.dir / ".run-config.toml"
+        body = "\n".join(f'"{k}" = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}'
+                         for k, v in run_config.items())
+        with atomic_write(toml, binary=False) as handle:
+            handle.write(body + "\n")
+        answer = self.flwr(["run", str(app_dir), CONNECTION, "--run-config", str(toml)])
+        run_id = int(answer["run-id"])
+        self._remember_run(run_id, run_config)
+        return run_id
+
+    def _remember_run(self, run_id: int, run_config: dict[str, Any]) -> None:
+        index = self.runs()
+        index[str(run_id)] = {k: v for k, v in run_config.items() if k in ("run-dir", "t0")}
+        with atomic_write(self.dir / "runs.json", binary=False) as handle:
+            json.dump(index, handle, indent=2)
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        path = self.dir / "runs.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def status(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        args = ["ls", CONNECTION] + (["--run-id", str(run_id)] if run_id is not None else [])
+        return list(self.flwr(args).get("runs", []))
+
+    def stop_run(self, run_id: int) -> None:
+        self.flwr(["stop", str(run_id), CONNECTION])

@@ -1,0 +1,53 @@
+"""The gate's audit line of an outgoing message: size, content address, epsilon and layout, never values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.gate import UnapprovedApp, audit_entry
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    """Flower stamps replies with the running task's identity (set by its ClientApp process)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 7
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+
+
+def _reply(content: RecordDict | None = None, error: Error | None = None) -> Message:
+    request = Message(RecordDict(), dst_node_id=7, message_type="train")
+    return Message(content, reply_to=request) if error is None else Message(error, reply_to=request)
+
+
+def test_audit_entry_of_a_train_reply() -> None:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.ones(3, 4)}),
+        "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
+        "site": ConfigRecord({"site-id": "hospital-a"}),
+    })
+    entry = audit_entry(_reply(content), site_id="hospital-a", server_round=3)
+    assert entry["round"] == 3 and entry["type"] == "train" and entry["epsilon"] == 1.5
+    assert entry["bytes"] > 48 and len(entry["sha256"]) == 64
+    assert entry["records"]["arrays"] == {"kind": "ArrayRecord", "arrays": 1, "elements": 12}
+    assert entry["records"]["site"] == {"kind": "ConfigRecord", "keys": ["site-id"], "types": ["str"]}
+    assert "hospital-a" not in str(entry["records"])  # keys and kinds only, never values
+    # a different payload has a different address
+    other = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 4)})})
+    assert audit_entry(_reply(other), site_id="hospital-a")["sha256"] != entry["sha256"]
+
+
+def test_audit_entry_of_an_error_reply() -> None:
+    entry = audit_entry(_reply(error=Error(code=0, reason="refused")), site_id="hospital-a")
+    assert entry["error"] == "refused" and entry["records"] == {} and entry["epsilon"] is None
+
+
+def test_refusal_names_the_bundle_and_the_fix() -> None:
+    text = str(UnapprovedApp("hospital-a", "ab" * 32))
+    assert "ab" * 32 in text and "medfed hospital approve" in text

@@ -1,0 +1,86 @@
+"""The hospital's site config and array file: validation, node config, and the data the ClientApp trains on."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.daemon import node_config_arg
+from client.site import SiteConfig, load_site_config, node_config_for, resolve_site, write_site_config
+from common import keys
+from common.config import compose_config
+from common.data.site_files import load_array_file
+from common.errors import ConfigError, SiteDataError
+
+
+def _data(path: Path, n: int = 40, labels: np.ndarray | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    np.savez(path, images=images, labels=labels if labels is not None else np.arange(n) % 2)
+    return path
+
+
+def _site(tmp_path: Path, **kw: object) -> Path:
+    values = {"site_id": "hospital-a", "data_path": str(_data(tmp_path / "d.npz")), "n_classes": 2, **kw}
+    write_site_config(SiteConfig(**values), tmp_path / "site.yaml")  # type: ignore[arg-type]
+    return tmp_path / "site.yaml"
+
+
+def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
+    path = _site(tmp_path, max_epsilon=math.inf, approved_apps=["a" * 64])
+    site = load_site_config(path)
+    assert site.max_epsilon == math.inf and site.approves("a" * 64) and not site.approves("b" * 64)
+    node = node_config_for(site)
+    assert node[keys.NODE_SITE_CONFIG] == str(path.resolve())
+    assert node[keys.NODE_STATE_DIR] == str(tmp_path.resolve() / "state")  # relative to the file's folder
+    text = node_config_arg(node)
+    assert 'max-epsilon=inf' in text and f'site-config="{path.resolve()}"' in text
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"site_id": "Jane Doe"}, "site_id="),
+        ({"n_classes": 1}, "n_classes=1"),
+        ({"max_delta": 0.5e1}, "max_delta="),
+        ({"approved_apps": ["nope"]}, "not a sha256"),
+        ({"val_fraction": 1.0}, "val_fraction="),
+    ],
+)
+def test_bad_site_config_values_name_the_key(tmp_path: Path, edit: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SiteConfig(**{"site_id": "a", "data_path": "d.npz", "n_classes": 2, **edit})  # type: ignore[arg-type]
+
+
+def test_unknown_and_missing_keys_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("site_id: a\ndata_path: d.npz\nn_classes: 2\nmax_epsilom: 3\n")
+    with pytest.raises(ConfigError, match="max_epsilom"):
+        load_site_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("site_id: a\n")
+    with pytest.raises(ConfigError, match="lacks"):
+        load_site_config(tmp_path / "b.yaml")
+
+
+def test_deployment_site_data_comes_from_the_site_config(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    site = resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(path)}, {})
+    assert site.site_id == "hospital-a"
+    assert len(site.train) + len(site.val) == 40 and len(site.val) == 8  # stratified 20 %
+    assert site.train.images.dtype == np.float32 and site.train.images.max() <= 1.0
+    assert site.info.channels == 1 and site.info.spatial_dims == 2 and site.info.n_classes == 2
+
+
+def test_bad_labels_are_refused_with_counts_not_values(tmp_path: Path) -> None:
+    path = _data(tmp_path / "d.npz", labels=np.array([0, 1, 7, 1] * 10))
+    with pytest.raises(SiteDataError, match=r"10 labels are outside 0..1 \(first at image index 2\)"):
+        load_array_file(path, n_classes=2)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("index,label\n0,1\n1,0\n")
+    with pytest.raises(SiteDataError, match="38 of 40 images have no label"):
+        load_array_file(path, n_classes=2, labels_csv=csv)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(SiteDataError, match="not a readable .npz"):
+        load_array_file(tmp_path / "broken.npz", n_classes=2)
