@@ -22,12 +22,22 @@ from pathlib import Path
 from common import keys
 from common.config import RUN_CONFIG_OVERRIDES
 
-__all__ = ["APP_PACKAGES", "bundle_hash", "staged_app"]
+__all__ = ["APP_PACKAGES", "APP_SECTION", "bundle_hash", "staged_app"]
 
 logger = logging.getLogger(__name__)
 
 APP_PACKAGES = ("client", "common", "server", "strategies")
 _SUFFIXES = (".py", ".yaml")
+
+# the Flower app section of every medfed app directory (the bundle here, the simulation's in cli/runtime.py)
+APP_SECTION = """[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]"""
 
 _PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]
@@ -40,14 +50,7 @@ description = "medfed's Flower app: the coordinator's ServerApp and the hospital
 license = "Apache-2.0"
 dependencies = []  # a site never installs packages at run time: the app runs on the site's own medfed install
 
-[tool.flwr.app]
-publisher = "medfed"
-
-[tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
-
-[tool.flwr.app.config]
+{app_section}
 "{overrides}" = "[]"
 "{run_dir}" = "runs/deployment"
 "{mode}" = "deployment"
@@ -76,7 +79,7 @@ def staged_app() -> Iterator[Path]:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, target)
         (root / "pyproject.toml").write_text(
-            _PYPROJECT.format(version=_medfed_version(), overrides=RUN_CONFIG_OVERRIDES, run_dir=keys.RUN_DIR,
+            _PYPROJECT.format(version=_medfed_version(), app_section=APP_SECTION, overrides=RUN_CONFIG_OVERRIDES, run_dir=keys.RUN_DIR,
                               mode=keys.RUN_MODE, resume=keys.RUN_RESUME, t0=keys.RUN_T0),
             encoding="utf-8",
         )

@@ -19,6 +19,7 @@ Hospital::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -31,7 +32,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import EXIT_CODES, ConfigError, MedfedError
+from cli.display import fail
+from common.errors import ConfigError, MedfedError
 
 __all__ = ["register_commands"]
 
@@ -47,12 +49,6 @@ hospital_app = typer.Typer(help="A hospital's own side: site config, keys, appro
 
 CoordDir = Annotated[Path, typer.Option("--dir", help="The coordinator directory (certificates, state, runs).")]
 SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site config (site.yaml).")]
-
-
-def _fail(exc: MedfedError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    err_console.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 def _coordinator(directory: Path) -> Any:
@@ -88,7 +84,7 @@ def coordinator_init(
         create_server_certificate(directory, load_ca(directory), host, force=force)
         _save_settings(directory, address, insecure=False)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"coordinator directory {directory}: give every hospital [bold]{directory / 'ca.crt'}[/] "
                   "(never ca.key or server.key)")
 
@@ -107,7 +103,7 @@ def coordinator_start(
             coordinator = _coordinator(directory)
         process = coordinator.start()
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"SuperLink pid {process.pid} listening on {coordinator.address} "
                   f"({'INSECURE' if coordinator.insecure else 'TLS'}, SuperNode authentication on)")
@@ -145,7 +141,7 @@ def hospitals_register(
         node_id = _coordinator(directory).register(public_key, name=name)
         fingerprint = public_key_fingerprint(Path(public_key).read_bytes())
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"registered {name or public_key.name} ({fingerprint}) as node {node_id}")
 
@@ -156,7 +152,7 @@ def hospitals_list(directory: CoordDir) -> None:
     try:
         nodes = _coordinator(directory).nodes()
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     table = Table("node id", "status", "online since", "registered")
     for node in nodes:
@@ -204,7 +200,7 @@ def train(
             overrides = RunDirectory(run_dir).read_overrides()
         run_id, run_path = launch_run(directory, list(overrides or []), run_dir, resume=resume)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"run {run_id} launched -> {run_path}")
     if wait:
@@ -229,7 +225,7 @@ def runs_list(directory: CoordDir) -> None:
         coordinator = _coordinator(directory)
         runs, index = coordinator.status(), coordinator.runs()
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     table = Table("run id", "status", "elapsed s", "run dir")
     for run in runs:
@@ -245,7 +241,7 @@ def runs_stop(run_id: int, directory: CoordDir) -> None:
     try:
         _coordinator(directory).stop_run(run_id)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"run {run_id} stopped")
 
 
@@ -254,14 +250,15 @@ def runs_logs(run_id: int, directory: CoordDir, follow: Annotated[bool, typer.Op
     """The ServerApp's log of a run (Flower's `flwr log`)."""
     import subprocess
 
+    from common.environment import script
     from server.coordinator import CONNECTION
 
     try:
         coordinator = _coordinator(directory)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
-    args = ["flwr", "log", str(run_id), CONNECTION] + ([] if follow else ["--show"])
+    args = [script("flwr"), "log", str(run_id), CONNECTION] + ([] if follow else ["--show"])
     raise typer.Exit(subprocess.call(args, env=coordinator.environment()))
 
 
@@ -305,7 +302,7 @@ def hospital_init(
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"site {site_id}: wrote {config_path}; send [bold]{pub}[/] ({fingerprint}) to the coordinator")
 
@@ -317,17 +314,15 @@ def hospital_approve(
 ) -> None:
     """Approve an app bundle: the site runs only bundles listed in its site config."""
     from cli.bundle import bundle_hash
-    from client.site import SiteConfig, load_site_config, write_site_config
+    from client.site import load_site_config, write_site_config
 
     try:
         site = load_site_config(config)
         digest = (sha256 or bundle_hash()).lower()
         if digest not in site.approved_apps:
-            site = SiteConfig(**{**{k: getattr(site, k) for k in site.__dataclass_fields__ if k != "source"},
-                                 "approved_apps": [*site.approved_apps, digest]})
-            write_site_config(site, config)
+            write_site_config(dataclasses.replace(site, approved_apps=[*site.approved_apps, digest]), config)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"approved app bundle {digest}")
 
@@ -348,7 +343,7 @@ def hospital_start(
                               "`medfed hospital approve`.")
         daemon = HospitalDaemon(site, insecure=insecure)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"hospital {site.site_id} -> {site.superlink} ({'INSECURE' if insecure else 'TLS'})")
     raise typer.Exit(daemon.run())
@@ -363,7 +358,7 @@ def hospital_audit(config: SiteOpt) -> None:
     try:
         entries = read_audit(load_site_config(config).state_path)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     table = Table("time", "event", "run", "round", "type", "bytes", "sha256", "epsilon")
     for e in entries:
@@ -389,7 +384,7 @@ def hospital_export_demo(
         site = load_site(cfg, index)
         write_array_file(out, ArrayDataset.concat([site.train, site.val]))
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote {len(site.train) + len(site.val)} images of {site.site_id} to {out}")
 

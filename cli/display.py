@@ -10,12 +10,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["RoundFollower", "fmt", "print_round", "summary_table"]
+from common.errors import EXIT_CODES, MedfedError
+
+__all__ = ["RoundFollower", "fail", "fmt", "print_round", "summary_table"]
 
 logger = logging.getLogger(__name__)
+
+
+def fail(exc: MedfedError) -> None:
+    """Print a medfed error and what its exit code means on stderr, then exit with that code."""
+    err = Console(stderr=True)
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
+    raise typer.Exit(exc.exit_code)
 
 
 def fmt(value: Any, digits: int = 3) -> str:

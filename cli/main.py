@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 
 from cli.deploy import register_commands
-from cli.display import RoundFollower, summary_table
+from cli.display import RoundFollower, fail, summary_table
 from common.config import Config, compose_config, config_to_yaml
 from common.environment import flower_environment
-from common.errors import EXIT_CODES, ConfigError, MedfedError
+from common.errors import ConfigError, MedfedError
 
 __all__ = ["app", "main"]
 
@@ -40,7 +40,6 @@ app.add_typer(config_app, name="config")
 register_commands(app)
 
 console = Console()
-err_console = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Hydra overrides, key=value (e.g. train.rounds=20).")]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go (default: runs/<time>).")]
@@ -101,12 +100,6 @@ def _state_dir(option: Path | None) -> Path:
     from client.privacy import default_state_dir
 
     return option if option is not None else default_state_dir()
-
-
-def _fail(exc: MedfedError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    err_console.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 def _check_registries(cfg: Config) -> None:
@@ -184,7 +177,7 @@ def simulate(
             )
         summary = RunDirectory(run_path).read_summary()
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
@@ -208,7 +201,7 @@ def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cach
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console):
             summary = runner(cfg, RunDirectory(run_path), cache_dir=_cache_dir(cache_dir), t0=t0)
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     _show(summary, f"medfed baseline {kind} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/")
@@ -236,7 +229,7 @@ def config_show(overrides: Overrides = None) -> None:
     try:
         cfg = compose_config(list(overrides or []))
     except MedfedError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(config_to_yaml(cfg), highlight=False, markup=False)
 

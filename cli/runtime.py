@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cli.bundle import APP_SECTION
 from common import keys
 from common.config import Config, run_config_from_overrides
 from common.environment import flower_environment
@@ -30,14 +31,7 @@ _APP_TOML = """[project]
 name = "medfed-simulation"
 version = "1.0.0"
 
-[tool.flwr.app]
-publisher = "medfed"
-
-[tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
-
-[tool.flwr.app.config]
+{app_section}
 {config}
 """
 
@@ -52,7 +46,7 @@ def _toml_value(value: Any) -> str:
 
 def _write_app_dir(directory: Path, run_config: Mapping[str, Any]) -> None:
     body = "\n".join(f'"{key}" = {_toml_value(value)}' for key, value in run_config.items())
-    (directory / "pyproject.toml").write_text(_APP_TOML.format(config=body), encoding="utf-8")
+    (directory / "pyproject.toml").write_text(_APP_TOML.format(app_section=APP_SECTION, config=body), encoding="utf-8")
 
 
 def run_simulation(

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.site import SiteConfig, node_config_for
-from common.environment import flower_environment
+from common.environment import flower_environment, script
 from common.errors import ConfigError
 
 __all__ = ["HospitalDaemon", "node_config_arg", "supernode_command"]
@@ -35,17 +34,6 @@ __all__ = ["HospitalDaemon", "node_config_arg", "supernode_command"]
 logger = logging.getLogger(__name__)
 
 PID_FILE = "daemon.pid"
-
-
-def _executable(name: str) -> str:
-    """A console script of this environment (beside the interpreter), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise ConfigError(f"{name} is not installed in this environment; reinstall medfed (pip install medfed).")
-    return found
 
 
 def node_config_arg(values: dict[str, str | float]) -> str:
@@ -61,7 +49,7 @@ def node_config_arg(values: dict[str, str | float]) -> str:
 
 def supernode_command(site: SiteConfig, *, insecure: bool = False) -> list[str]:
     """The ``flower-supernode`` command line of a hospital."""
-    command = [_executable("flower-supernode"), "--superlink", site.superlink, "--isolation", "process",
+    command = [script("flower-supernode"), "--superlink", site.superlink, "--isolation", "process",
                "--host", "127.0.0.1", "--port", str(site.runtime_port),
                "--node-config", node_config_arg(node_config_for(site))]
     if insecure:
@@ -147,7 +135,7 @@ def _run_superexec(argv: Sequence[str]) -> None:
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
     from flwr.supercore.superexec.run_superexec import run_superexec
 
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = _executable("medfed-clientapp")
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = script("medfed-clientapp")
     run_superexec(
         runtime_api_address=args.runtime_api_address,
         insecure=True,  # the Runtime API listens on 127.0.0.1 only, inside the hospital's machine

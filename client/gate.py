@@ -129,12 +129,14 @@ class _Gate:
     def __init__(self) -> None:
         self.refusal: UnapprovedApp | None = None
         self.round: int | None = None  # the server round of the message being answered
+        self.site: tuple[Any, Path] | None = None  # the site config and audit file, read once per message
 
     def pull(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def pull_task_input(client: Any) -> Any:
             message, context, run, fab = original(client)
             self.round = _server_round(message)
-            site, audit = _site_of(context)
+            self.site = _site_of(context)
+            site, audit = self.site
             content_hash = hashlib.sha256(fab.content).hexdigest()
             if content_hash != fab.hash_str or not site.approves(content_hash):
                 _append(audit, {"time": time.time(), "event": "refused-app", "site": site.site_id,
@@ -156,7 +158,7 @@ class _Gate:
 
     def push(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def push_message(client: Any, message: Any, context: Any) -> Any:
-            site, audit = _site_of(context)
+            site, audit = self.site if self.site is not None else _site_of(context)
             _append(audit, audit_entry(message, site_id=site.site_id, server_round=self.round))
             return original(client, message, context)
 

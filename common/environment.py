@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["flower_environment"]
+__all__ = ["flower_environment", "script"]
 
 
 def flower_environment() -> None:
@@ -23,3 +24,16 @@ def flower_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def script(name: str) -> str:
+    """The path of a console script installed beside this interpreter (medfed's, Flower's), else from PATH."""
+    from common.errors import ConfigError
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{name} is not installed in this environment; reinstall medfed (pip install medfed).")
+    return found

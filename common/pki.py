@@ -12,11 +12,11 @@ readable by others, not even for a moment, and a reader never sees half a key. N
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.atomic import atomic_write
 from common.errors import ConfigError
 
 __all__ = [
@@ -66,20 +67,9 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
-    path = Path(path)
-    _refuse_existing([path], force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: mode 0600
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _refuse_existing([Path(path)], force)
+    with atomic_write(Path(path), mode=mode) as handle:
+        handle.write(data)
 
 
 def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
@@ -220,9 +210,6 @@ def create_node_keys(directory: Path, *, force: bool = False) -> tuple[Path, Pat
 
 def public_key_fingerprint(public_openssh: bytes) -> str:
     """SHA-256 fingerprint of an OpenSSH public key, as ``ssh-keygen -l`` prints it (``SHA256:...``)."""
-    import base64
-    import hashlib
-
     try:
         blob = base64.b64decode(public_openssh.split()[1])
         serialization.load_ssh_public_key(public_openssh.strip())

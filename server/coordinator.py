@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write
-from common.environment import flower_environment
+from common.environment import flower_environment, script
 from common.errors import ConfigError
 
 __all__ = ["CONNECTION", "Coordinator", "FlowerCommandError"]
@@ -40,11 +39,6 @@ CONNECTION = "medfed"  # the SuperLink connection's name in flwr-home/config.tom
 
 class FlowerCommandError(ConfigError):
     """A Flower CLI call against the coordinator's SuperLink failed."""
-
-
-def _bin(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() else name
 
 
 class Coordinator:
@@ -91,7 +85,7 @@ class Coordinator:
     # --- the SuperLink ------------------------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
         host, _, port = self.address.rpartition(":")
-        command = [_bin("flower-superlink"), "--enable-supernode-auth", "--database", str(self.dir / "state.db"),
+        command = [script("flower-superlink"), "--enable-supernode-auth", "--database", str(self.dir / "state.db"),
                    "--disable-runtime-dependency-installation", "--host", host or "0.0.0.0", "--port", port]
         if self.insecure:
             command.append("--insecure")
@@ -129,7 +123,7 @@ class Coordinator:
     # --- Flower's CLI -------------------------------------------------------------------------------------------
     def flwr(self, args: Sequence[str], *, timeout: float = 120.0) -> dict[str, Any]:
         """Run ``flwr ARGS... medfed --format json`` against this SuperLink; return its JSON answer."""
-        command = [_bin("flwr"), *args, "--format", "json"]
+        command = [script("flwr"), *args, "--format", "json"]
         done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
                               cwd=self.dir)
         try:
