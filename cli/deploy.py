@@ -4,7 +4,9 @@ Coordinator::
 
     medfed coordinator init --dir coord --host coordinator.example.org     # CA + SuperLink certificate
     medfed coordinator start --dir coord --address 0.0.0.0:9093             # the SuperLink (TLS, node auth)
+    medfed coordinator renew-cert --dir coord --host coordinator.example.org  # new server cert, same CA
     medfed hospitals register node.pub --dir coord --name hospital-a
+    medfed hospitals unregister NODE_ID --dir coord
     medfed train --dir coord dataset=medmnist dataset.name=pneumoniamnist train.rounds=20
     medfed runs list|logs RUN_ID|stop RUN_ID --dir coord
 
@@ -56,16 +58,23 @@ def _coordinator(directory: Path) -> Any:
 
     settings = Path(directory) / "coordinator.json"
     if not settings.is_file():
-        raise ConfigError(f"{directory} is not a coordinator directory; create it with `medfed coordinator init`.")
+        raise ConfigError(
+            f"{directory} is not a coordinator directory; create it with `medfed coordinator init`, or start with "
+            "`medfed coordinator start --dir DIR --tls-dir FOLDER` when the certificates were made elsewhere."
+        )
     values = json.loads(settings.read_text(encoding="utf-8"))
-    return Coordinator(directory, address=values["address"], insecure=bool(values.get("insecure", False)))
+    return Coordinator(directory, address=values["address"], insecure=bool(values.get("insecure", False)),
+                       tls_dir=values.get("tls_dir"))
 
 
-def _save_settings(directory: Path, address: str, insecure: bool) -> None:
+def _save_settings(directory: Path, address: str, insecure: bool, tls_dir: Path | None = None) -> None:
     from common.atomic import atomic_write
 
+    settings = {"address": address, "insecure": insecure}
+    if tls_dir is not None:
+        settings["tls_dir"] = str(Path(tls_dir).resolve())
     with atomic_write(Path(directory) / "coordinator.json", binary=False) as handle:
-        json.dump({"address": address, "insecure": insecure}, handle, indent=2)
+        json.dump(settings, handle, indent=2)
 
 
 # --- coordinator ------------------------------------------------------------------------------------------------
@@ -89,17 +98,68 @@ def coordinator_init(
                   "(never ca.key or server.key)")
 
 
+@coordinator_app.command("renew-cert")
+def coordinator_renew_cert(
+    directory: CoordDir,
+    host: Annotated[list[str], typer.Option("--host", help="Name or IP hospitals use to reach the coordinator.")],
+) -> None:
+    """Issue a new SuperLink certificate from the same CA (hospitals keep their ca.crt); restart to use it."""
+    from common.pki import create_server_certificate, load_ca
+
+    try:
+        coordinator = _coordinator(directory)
+        cert, _ = create_server_certificate(coordinator.tls_dir, load_ca(directory), host, force=True)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"renewed {cert}; restart the coordinator (`medfed coordinator start`) to serve it")
+
+
+def resume_interrupted(directory: Path) -> None:
+    """Relaunch every run a coordinator stop or crash cut off, from its last checkpoint. A run that cannot be
+    relaunched is reported and left for the next start, and one that made no progress since it was last resumed
+    this way is left alone (it fails by itself); the coordinator keeps serving the others."""
+    from server.coordinator import AUTO_RESUMED_AT
+
+    for run in _coordinator(directory).interrupted_runs():
+        if run.stalled:
+            err_console.print(
+                f"[yellow]warning:[/] run {run.run_id} ({run.run_dir}) did not finish a round since it was last "
+                f"resumed (after round {run.rounds_done}); see `medfed runs logs {run.run_id}`, then resume it with "
+                f"`medfed train --dir {directory} --run-dir {run.run_dir} --resume`."
+            )
+            continue
+        try:
+            new_id, _, _ = launch_run(directory, run.overrides, run.run_dir, resume=True,
+                                      note={AUTO_RESUMED_AT: run.rounds_done})
+        except MedfedError as exc:
+            err_console.print(f"[red]error:[/] run {run.run_id} ({run.run_dir}) could not be resumed: {exc}")
+            continue
+        console.print(f"run {run.run_id} was cut off after round {run.rounds_done}: resumed as run {new_id} -> "
+                      f"{run.run_dir}")
+
+
 @coordinator_app.command("start")
 def coordinator_start(
     directory: CoordDir,
     address: Annotated[str | None, typer.Option(help="host:port to listen on (default: the one from init).")] = None,
+    tls_dir: Annotated[Path | None, typer.Option(
+        help="Folder with ca.crt, server.pem and server.key (default: the coordinator directory).")] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Resume the runs an earlier stop or crash of the coordinator cut off, from their last checkpoint.")] = True,
 ) -> None:
     """Run the SuperLink in the foreground until Ctrl-C / SIGTERM (TLS and SuperNode authentication on)."""
+    from common.processes import stop_tree
+
     try:
+        if not (Path(directory) / "coordinator.json").is_file() and (tls_dir is not None or insecure):
+            # certificates made elsewhere (e.g. container secrets): this directory holds state and runs only
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            _save_settings(directory, address or "0.0.0.0:9093", insecure, tls_dir)
         coordinator = _coordinator(directory)
-        if address is not None or insecure:
-            _save_settings(directory, address or coordinator.address, insecure)
+        if address is not None or insecure or tls_dir is not None:
+            _save_settings(directory, address or coordinator.address, insecure, tls_dir or coordinator.tls_dir)
             coordinator = _coordinator(directory)
         process = coordinator.start()
     except MedfedError as exc:
@@ -115,16 +175,19 @@ def coordinator_start(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        if resume:
+            resume_interrupted(directory)
         while not stopping["now"] and process.poll() is None:
             time.sleep(0.5)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except Exception:  # noqa: BLE001 - kill whatever did not stop in time
-                process.kill()
-    raise typer.Exit(0 if stopping["now"] else (process.returncode or 1))
+    finally:  # the SuperLink, its SuperExec and every ServerApp it started: none may outlive the coordinator
+        crashed = process.poll() is not None
+        stop_tree(process.pid)
+        process.wait()
+    if crashed and not stopping["now"]:
+        err_console.print(f"[red]error:[/] the SuperLink exited with {process.returncode}; see "
+                          f"{coordinator.dir / 'superlink.log'}")
+        raise typer.Exit(1)
+    raise typer.Exit(0)
 
 
 # --- hospitals (coordinator side) ------------------------------------------------------------------------------
@@ -143,7 +206,18 @@ def hospitals_register(
     except MedfedError as exc:
         fail(exc)
         return
-    console.print(f"registered {name or public_key.name} ({fingerprint}) as node {node_id}")
+    console.print(f"registered {name or public_key.name} ({fingerprint}) as node {node_id}", soft_wrap=True)
+
+
+@hospitals_app.command("unregister")
+def hospitals_unregister(node_id: int, directory: CoordDir) -> None:
+    """Revoke a hospital's key (it is refused from now on; nobody else's credentials change)."""
+    try:
+        _coordinator(directory).unregister(node_id)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"unregistered node {node_id}")
 
 
 @hospitals_app.command("list")
@@ -162,15 +236,19 @@ def hospitals_list(directory: CoordDir) -> None:
 
 
 # --- runs --------------------------------------------------------------------------------------------------------
-def launch_run(directory: Path, overrides: list[str], run_dir: Path | None, *, resume: bool = False) -> tuple[int, Path]:
-    """Launch a training run of this installation's app bundle on the coordinator; returns (run id, run dir)."""
+def launch_run(
+    directory: Path, overrides: list[str], run_dir: Path | None, *, resume: bool = False,
+    note: dict[str, Any] | None = None,
+) -> tuple[int, Path, Any]:
+    """Launch a training run of this installation's app bundle on the coordinator; returns (run id, run dir,
+    composed config)."""
     from cli.bundle import staged_app
     from common import keys
     from common.config import compose_config, run_config_from_overrides
     from server.runs import RunDirectory
 
     coordinator = _coordinator(directory)
-    compose_config(overrides)  # bad overrides fail here, before anything is submitted
+    cfg = compose_config(overrides)  # bad overrides fail here, before anything is submitted
     run_path = (run_dir or coordinator.runs_dir / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
     if not resume and RunDirectory(run_path).metrics_path.exists():
         raise ConfigError(f"--run-dir {run_path} already holds a run; choose another or pass --resume.")
@@ -179,8 +257,8 @@ def launch_run(directory: Path, overrides: list[str], run_dir: Path | None, *, r
                       keys.RUN_T0: time.time()},
     )
     with staged_app() as app_dir:
-        run_id = coordinator.launch(app_dir, run_config)
-    return run_id, run_path
+        run_id = coordinator.launch(app_dir, run_config, note=note)
+    return run_id, run_path, cfg
 
 
 def train(
@@ -192,29 +270,30 @@ def train(
 ) -> None:
     """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
     from cli.display import RoundFollower, summary_table
-    from common.config import compose_config
     from server.runs import RunDirectory
 
     try:
         if resume and run_dir is not None and not overrides:
             overrides = RunDirectory(run_dir).read_overrides()
-        run_id, run_path = launch_run(directory, list(overrides or []), run_dir, resume=resume)
+        run_id, run_path, cfg = launch_run(directory, list(overrides or []), run_dir, resume=resume)
     except MedfedError as exc:
         fail(exc)
         return
     console.print(f"run {run_id} launched -> {run_path}")
     if wait:
-        cfg = compose_config(list(overrides or []))
         target = RunDirectory(run_path)
+        next_status = time.monotonic() + 10
         with RoundFollower(target.metrics_path, cfg.train.rounds, console):
-            while not (run_path / "summary.json").exists():
-                status = _coordinator(directory).status(run_id)
-                if status and str(status[0].get("status", "")).startswith("finished") and not (
-                    run_path / "summary.json"
-                ).exists():
-                    err_console.print(f"run {run_id} ended: {status[0].get('status')}")
-                    raise typer.Exit(1)
-                time.sleep(2)
+            while not target.summary_path.exists():
+                if time.monotonic() >= next_status:  # Flower's CLI is a process start: ask it now and then
+                    next_status = time.monotonic() + 10
+                    status = _coordinator(directory).status(run_id)
+                    if status and str(status[0].get("status", "")).startswith("finished") and not (
+                        target.summary_path.exists()
+                    ):
+                        err_console.print(f"run {run_id} ended: {status[0].get('status')}")
+                        raise typer.Exit(1)
+                time.sleep(0.5)
         console.print(summary_table(target.read_summary(), f"medfed train: run {run_id}"))
 
 
@@ -276,6 +355,9 @@ def hospital_init(
     max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
     min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
     runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's Runtime API.")] = 9094,
+    state_dir: Annotated[str, typer.Option(
+        help="Privacy ledger and audit log; relative paths are under --dir. Back it up: it holds the budget spent.")
+    ] = "state",
     approve_installed: Annotated[bool, typer.Option(help="Approve this installation's app bundle.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
 ) -> None:
@@ -297,7 +379,7 @@ def hospital_init(
             site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
             n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
-            runtime_port=runtime_port, approved_apps=approved,
+            runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir,
         )
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())
@@ -389,8 +471,17 @@ def hospital_export_demo(
     console.print(f"wrote {len(site.train) + len(site.val)} images of {site.site_id} to {out}")
 
 
+def show_bundle_hash() -> None:
+    """The sha256 of the app bundle this installation builds and `medfed train` submits: the coordinator announces
+    it, and each hospital approves it (`medfed hospital approve --sha256 ...`) after checking its own matches."""
+    from cli.bundle import bundle_hash
+
+    console.print(bundle_hash(), highlight=False)
+
+
 def register_commands(app: typer.Typer) -> None:
     """Add the deployment commands to the ``medfed`` command."""
+    app.command("bundle-hash")(show_bundle_hash)
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(hospitals_app, name="hospitals")
     app.add_typer(runs_app, name="runs")

@@ -9,7 +9,8 @@
 - Flower's SuperExec loop, launching ``medfed-clientapp`` (:mod:`client.gate`) instead of ``flwr-clientapp`` for
   each message, so every bundle is checked against the site's approved list and every reply is audited.
 
-Both children are stopped by PID when the daemon stops (SIGTERM / SIGINT) or when one of them exits.
+Both children, and any ClientApp process still running, are stopped by PID when the daemon stops (SIGTERM /
+SIGINT) or when one of them exits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from client.site import SiteConfig, node_config_for
 from common.environment import flower_environment, script
 from common.errors import ConfigError
+from common.processes import stop_tree
 
 __all__ = ["HospitalDaemon", "node_config_arg", "supernode_command"]
 
@@ -93,17 +95,12 @@ class HospitalDaemon:
         logger.info("hospital %s: SuperNode pid %d, SuperExec pid %d", self.site.site_id, supernode.pid, superexec.pid)
 
     def stop(self, *_: object) -> None:
+        """Stop both children and every ClientApp process the SuperExec started (each by its PID)."""
         self._stopping = True
         for child in self.children:
             if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + 10
-        for child in self.children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                stop_tree(child.pid, timeout=10)
+            child.wait()
         (self.site.state_path / PID_FILE).unlink(missing_ok=True)
 
     def run(self) -> int:

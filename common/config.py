@@ -156,6 +156,7 @@ class StrategyConfig:
     min_train_nodes: int = 2
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
+    round_timeout_s: float = 3600.0  # how long each phase of a round waits for replies before going on without
 
     def __post_init__(self) -> None:
         _fraction("strategy.fraction_train", self.fraction_train)
@@ -164,6 +165,11 @@ class StrategyConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"strategy.{key}={value!r} is out of range; it must be >= 1.")
+        if not self.round_timeout_s > 0:
+            raise ConfigError(
+                f"strategy.round_timeout_s={self.round_timeout_s!r} is out of range; it must be > 0 seconds (the "
+                "time each phase of a round waits for the hospitals' replies)."
+            )
 
 
 @dataclass

@@ -65,6 +65,11 @@ def main(grid: Grid, context: Context) -> None:
     if keys.RUN_DIR not in context.run_config:
         raise ConfigError(f"Run config lacks {keys.RUN_DIR!r}; launch runs with `medfed simulate` or `medfed train`.")
     run_dir = RunDirectory(Path(str(context.run_config[keys.RUN_DIR])))
+    with run_dir.exclusive():  # one writer per run: a resumed run waits for what is left of the interrupted one
+        _run(grid, context, cfg, overrides, run_dir)
+
+
+def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_dir: RunDirectory) -> None:
     t0 = float(context.run_config.get(keys.RUN_T0, time.time()))
     simulation = context.run_config.get(keys.RUN_MODE, "simulation") == "simulation"
     if simulation and hasattr(grid, "pull_interval"):
@@ -170,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate_round,
+            timeout=cfg.strategy.round_timeout_s,
         )
         final_arrays = latest["arrays"]
     else:

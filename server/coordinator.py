@@ -2,12 +2,14 @@
 
 A coordinator directory holds everything the coordinator owns::
 
-    ca.crt ca.key            the deployment's certificate authority (hospitals get ca.crt only)
-    server.pem server.key    the SuperLink's TLS certificate and key
+    ca.crt ca.key            the deployment's certificate authority (hospitals get ca.crt only; keep ca.key
+                             offline once the server certificate is issued)
+    server.pem server.key    the SuperLink's TLS certificate and key (``tls_dir`` may hold ca.crt, server.pem
+                             and server.key elsewhere, e.g. container secrets under /run/secrets)
     state.db                 the SuperLink's persistent state (registered hospitals, runs)
     flwr-home/config.toml    the connection Flower's CLI uses to reach this SuperLink
     runs/                    one run directory per training run (config, metrics.jsonl, summary.json, checkpoints)
-    runs.json                run id -> run directory
+    runs.json                run id -> run directory, overrides, and whether it was stopped or resumed
     superlink.log            the SuperLink's log
 
 The SuperLink always runs with SuperNode authentication, with runtime dependency installation disabled, and with
@@ -23,31 +25,52 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import keys
 from common.atomic import atomic_write
+from common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from common.environment import flower_environment, script
 from common.errors import ConfigError
+from server.runs import RunDirectory
 
-__all__ = ["CONNECTION", "Coordinator", "FlowerCommandError"]
+__all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun"]
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "medfed"  # the SuperLink connection's name in flwr-home/config.toml
 
 
+AUTO_RESUMED_AT = "auto-resumed-at"  # runs.json: the rounds a run had done when a coordinator start resumed it
+
+
 class FlowerCommandError(ConfigError):
     """A Flower CLI call against the coordinator's SuperLink failed."""
+
+
+@dataclass(frozen=True)
+class InterruptedRun:
+    """A run that has not finished and is not running: its Flower run id, directory, overrides and rounds done."""
+
+    run_id: int
+    run_dir: Path
+    overrides: list[str]
+    rounds_done: int
+    stalled: bool = False  # resumed at start-up before, and no round finished since: it fails by itself
 
 
 class Coordinator:
     """One coordinator directory and the SuperLink serving it."""
 
-    def __init__(self, directory: Path, *, address: str = "127.0.0.1:9093", insecure: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, address: str = "127.0.0.1:9093", insecure: bool = False, tls_dir: Path | None = None
+    ) -> None:
         self.dir = Path(directory).expanduser().resolve()
         self.address = address
         self.insecure = insecure
+        self.tls_dir = Path(tls_dir).expanduser().resolve() if tls_dir is not None else self.dir
 
     # --- files --------------------------------------------------------------------------------------------------
     @property
@@ -62,9 +85,9 @@ class Coordinator:
         if self.insecure:
             return
         for name in ("ca.crt", "server.pem", "server.key"):
-            if not (self.dir / name).is_file():
+            if not (self.tls_dir / name).is_file():
                 raise ConfigError(
-                    f"{name} is missing in {self.dir}; create the coordinator's certificates first with "
+                    f"{name} is missing in {self.tls_dir}; create the coordinator's certificates first with "
                     f"`medfed coordinator init --dir {self.dir} --host HOST`."
                 )
 
@@ -72,7 +95,7 @@ class Coordinator:
         """Write ``flwr-home/config.toml`` so Flower's CLI reaches this SuperLink (over TLS, verified by our CA)."""
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "{self.address}"']
-        lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.dir / "ca.crt"}"')
+        lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.tls_dir / "ca.crt"}"')
         path = self.flwr_home / "config.toml"
         with atomic_write(path, binary=False) as handle:
             handle.write("\n".join(lines) + "\n")
@@ -90,12 +113,14 @@ class Coordinator:
         if self.insecure:
             command.append("--insecure")
         else:
-            command += ["--ssl-ca-certfile", str(self.dir / "ca.crt"), "--ssl-certfile", str(self.dir / "server.pem"),
-                        "--ssl-keyfile", str(self.dir / "server.key")]
+            tls = self.tls_dir
+            command += ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
+                        "--ssl-keyfile", str(tls / "server.key")]
         return command
 
     def start(self, *, stdout: Any = None) -> subprocess.Popen[bytes]:
-        """Start the SuperLink (a child process; the caller stops it by PID) and wait until it answers."""
+        """Start the SuperLink (a child process; the caller stops it and its helpers with
+        :func:`common.processes.stop_tree`) and wait until it answers."""
         self._require_tls_files()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
@@ -148,11 +173,16 @@ class Coordinator:
             args += ["--name", name]
         return int(self.flwr(args)["node-id"])
 
+    def unregister(self, node_id: int) -> None:
+        """Revoke a hospital: its key can no longer connect (nobody else's credentials change)."""
+        self.flwr(["supernode", "unregister", str(node_id), CONNECTION])
+
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.flwr(["supernode", "list", CONNECTION]).get("nodes", []))
 
-    def launch(self, app_dir: Path, run_config: dict[str, Any]) -> int:
-        """Submit a run of the app in ``app_dir`` with ``run_config``; returns Flower's run id."""
+    def launch(self, app_dir: Path, run_config: dict[str, Any], *, note: dict[str, Any] | None = None) -> int:
+        """Submit a run of the app in ``app_dir`` with ``run_config``; returns Flower's run id. ``note`` is kept
+        with the run in ``runs.json``."""
         toml = self.dir / ".run-config.toml"
         body = "\n".join(f'"{k}" = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}'
                          for k, v in run_config.items())
@@ -160,12 +190,20 @@ class Coordinator:
             handle.write(body + "\n")
         answer = self.flwr(["run", str(app_dir), CONNECTION, "--run-config", str(toml)])
         run_id = int(answer["run-id"])
-        self._remember_run(run_id, run_config)
+        self._remember_run(run_id, run_config, note)
         return run_id
 
-    def _remember_run(self, run_id: int, run_config: dict[str, Any]) -> None:
+    def _remember_run(self, run_id: int, run_config: dict[str, Any], note: dict[str, Any] | None = None) -> None:
         index = self.runs()
-        index[str(run_id)] = {k: v for k, v in run_config.items() if k in ("run-dir", "t0")}
+        run_dir = run_config.get(keys.RUN_DIR)
+        for earlier in index.values():  # a resumed run supersedes the earlier runs writing the same directory
+            if earlier.get(keys.RUN_DIR) == run_dir and not earlier.get("stopped"):
+                earlier.setdefault("resumed-as", run_id)
+        index[str(run_id)] = {k: v for k, v in run_config.items() if k in (keys.RUN_DIR, keys.RUN_T0, RUN_CONFIG_OVERRIDES)}
+        index[str(run_id)].update(note or {})
+        self._write_runs(index)
+
+    def _write_runs(self, index: dict[str, dict[str, Any]]) -> None:
         with atomic_write(self.dir / "runs.json", binary=False) as handle:
             json.dump(index, handle, indent=2)
 
@@ -178,4 +216,24 @@ class Coordinator:
         return list(self.flwr(args).get("runs", []))
 
     def stop_run(self, run_id: int) -> None:
+        """Stop a run; it is marked stopped so that a coordinator restart does not resume it."""
         self.flwr(["stop", str(run_id), CONNECTION])
+        index = self.runs()
+        if str(run_id) in index:
+            index[str(run_id)]["stopped"] = True
+            self._write_runs(index)
+
+    def interrupted_runs(self) -> list[InterruptedRun]:
+        """Runs that neither finished (no summary.json) nor were stopped nor already resumed. When the coordinator
+        starts, no ServerApp of an earlier SuperLink still runs, so these were cut off by a coordinator stop or
+        crash, or failed by themselves (``stalled``: auto-resumed before at the same number of rounds)."""
+        out = []
+        for rid, entry in self.runs().items():
+            if entry.get("stopped") or "resumed-as" in entry or keys.RUN_DIR not in entry:
+                continue
+            run_dir = RunDirectory(Path(entry[keys.RUN_DIR]))
+            if not run_dir.summary_path.exists():
+                rounds = len(run_dir.read_metrics())
+                out.append(InterruptedRun(int(rid), run_dir.path, overrides_from_run_config(entry), rounds,
+                                          stalled=entry.get(AUTO_RESUMED_AT) == rounds))
+        return out

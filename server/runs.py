@@ -8,17 +8,23 @@ RUN_DIR/summary.json       best round (by federated validation AUC), final round
 RUN_DIR/model.pt           the final model weights
 RUN_DIR/best_model.pt      the weights of the best-validation round
 RUN_DIR/checkpoints/last.pt  the latest round's weights and tracker state (for --resume)
+RUN_DIR/.lock              held (flock) by the one process writing the run
 ```
-Every file is written atomically (temp file + rename), so a crash never leaves half a file behind.
+Every file is written atomically (temp file + rename), so a crash never leaves half a file behind, and one process
+at a time writes a run (:meth:`RunDirectory.exclusive`): a resumed run waits until nothing of the interrupted one
+is left writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +92,31 @@ class RunDirectory:
         return self.path / "checkpoints" / "last.pt"
 
     # --- config --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 60.0) -> Iterator[None]:
+        """Hold the run's lock while writing it; wait up to ``timeout`` seconds for an earlier writer to end.
+
+        The lock is an OS file lock: it is released when its holder exits, however it exits.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+b") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ConfigError(
+                            f"Another process is still writing the run in {self.path} (it holds {self.path / '.lock'}"
+                            f" after {timeout:.0f} s); stop it, or choose another --run-dir."
+                        ) from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def write_config(self, config_yaml: str, overrides: Sequence[str]) -> None:
         """Keep the resolved config and the overrides it came from."""
         self.path.mkdir(parents=True, exist_ok=True)

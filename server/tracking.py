@@ -40,7 +40,8 @@ class SiteRound:
     delta: float | None = None
 
     def as_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss}
+        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
+                                  "train_s": self.train_s, "eval_s": self.eval_s}
         record["val"] = dict(self.val)
         if self.test is not None:
             record["test"] = dict(self.test)

@@ -52,6 +52,7 @@ class ObservedStrategy(Strategy):
         self.round_offset = round_offset
         self.current = RoundObservations()
         self._site_of_node: dict[int, str] = {}
+        self._asked: dict[str, list[Message]] = {}  # phase -> the messages sent in the current round
         # the round in which no hospital could train any more (every one refused at its privacy cap): later rounds
         # send nothing
         self.stopped_after: int | None = None
@@ -67,8 +68,20 @@ class ObservedStrategy(Strategy):
         observed, self.current = self.current, RoundObservations()
         return observed
 
+    def _node(self, msg: Message) -> int:
+        """The hospital a reply is about: its sender, or, for the error the SuperLink sends in place of the reply
+        of a hospital that went offline, the hospital the instruction went to."""
+        sender = msg.metadata.src_node_id
+        asked = [m for messages in self._asked.values() for m in messages]
+        if any(m.metadata.dst_node_id == sender for m in asked):
+            return sender
+        for sent in asked:
+            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return sender
+
     def _site_id(self, msg: Message) -> str:
-        node_id = msg.metadata.src_node_id
+        node_id = self._node(msg)
         if not msg.has_error():
             for record in msg.content.config_records.values():
                 site = record.get(keys.SITE_ID)
@@ -81,8 +94,20 @@ class ObservedStrategy(Strategy):
         different order make two runs with the same seed drift apart; a fixed order makes runs reproducible."""
         return sorted(replies, key=lambda m: (m.has_error(), self._site_id(m), m.metadata.src_node_id))
 
+    def _asking(self, phase: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._asked[phase] = messages  # Flower gives each its message id when it sends them
+        return messages
+
     def _observe(self, replies: list[Message], phase: str) -> dict[str, dict[str, float]]:
         seen: dict[str, dict[str, float]] = {}
+        answered = {self._node(m) for m in replies}
+        silent = {m.metadata.dst_node_id for m in self._asked.get(phase, [])} - answered
+        for node_id in sorted(silent):  # Flower drops a message that got no reply before the round's timeout
+            site = self._site_of_node.get(node_id, f"node-{node_id}")
+            reason = "no reply within strategy.round_timeout_s"
+            self.current.dropped.append(SiteDrop(site_id=site, phase=phase, reason=reason))
+            logger.warning("%s did not complete %s: %s", site, phase, reason)
         for msg in replies:
             site = self._site_id(msg)
             if msg.has_error():
@@ -94,6 +119,7 @@ class ObservedStrategy(Strategy):
             for record in msg.content.metric_records.values():
                 metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
             seen[site] = metrics
+        self._asked.pop(phase, None)
         return seen
 
     # --- Strategy interface (delegation) ------------------------------------------------------------------------
@@ -107,7 +133,7 @@ class ObservedStrategy(Strategy):
         """Ask the wrapped strategy, with the absolute round number (nothing once the run has stopped)."""
         if self.stop_reason is not None:
             return []
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        return self._asking("train", self.inner.configure_train(server_round + self.round_offset, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -130,7 +156,8 @@ class ObservedStrategy(Strategy):
         """Ask the wrapped strategy, with the absolute round number (nothing once the run has stopped)."""
         if self.stopped_after is not None and server_round + self.round_offset > self.stopped_after:
             return []
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return self._asking(
+            "evaluate", self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each site's validation metrics, then aggregate with the wrapped strategy (in site order)."""

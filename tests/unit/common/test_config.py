@@ -70,6 +70,7 @@ def test_group_option_switches_schema_and_overrides_apply():
         (["train.rounds=abc"], r"train.rounds"),
         (["federation.val_fraction=1.5"], r"federation.val_fraction=1.5 is out of range"),
         (["federation.alpha=0"], r"federation.alpha=0.0 is out of range"),
+        (["strategy.round_timeout_s=0"], r"strategy.round_timeout_s=0.0 is out of range; it must be > 0 seconds"),
         (["train.foo=1"], r"train.foo"),
         (["dataset.root=/x"], r"dataset.root"),  # synthetic has no root: a typo-proof schema
         (["dataset=medmnist", "dataset.size=30"], r"dataset.size=30 is not allowed; choose one of: 28, 64, 128, 224"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,30 @@ def test_local_mode_summarises_each_hospital_at_its_own_best_round(tmp_path):
 
 def test_json_safe_writes_strict_json():
     assert json_safe({"a": math.nan, "b": [np.float32(1.5), math.inf], "c": np.int64(3)}) == {"a": None, "b": [1.5, None], "c": 3}
+
+
+def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
+    # Prepare: another process holds the run's lock (as the ServerApp of an interrupted run still exiting would)
+    import subprocess
+    import sys
+
+    from common.errors import ConfigError
+
+    run = RunDirectory(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from server.runs import RunDirectory; "
+         f"import time\nwith RunDirectory({str(run.path)!r}).exclusive():\n print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[3])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        # Execute / Assert: a second writer is refused with what to do
+        with pytest.raises(ConfigError, match=r"Another process is still writing the run in .*run"):
+            with run.exclusive(timeout=0.5):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone (killed: no clean-up), the lock is free
+    with run.exclusive(timeout=5):
+        pass

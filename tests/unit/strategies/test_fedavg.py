@@ -12,7 +12,7 @@ from common import keys
 from common.config import StrategyConfig
 from common.errors import ConfigError
 from strategies import ObservedStrategy, available_strategies, build_strategy, weighted_mean_ignoring_nan
-from tests.conftest import reply
+from tests.conftest import instruction, reply
 
 
 def _train_reply(node: int, site: str, weights: list[np.ndarray], n: int, loss: float):
@@ -153,3 +153,49 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in():
 
     # Assert
     assert len(results) == 1
+
+
+def test_a_hospital_that_never_replies_is_recorded_as_dropped():
+    # Prepare: the round asks three hospitals; Flower hands over only the replies that came before the timeout
+    class AskThree(type(build_strategy(StrategyConfig()))):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [instruction(RecordDict({keys.ARRAYS: arrays}), "train", dst_node_id=n) for n in (1, 2, 3)]
+
+    strategy = ObservedStrategy(AskThree())
+    strategy._site_of_node[3] = "hospital-2"  # known from an earlier round
+    sent = list(strategy.configure_train(1, ArrayRecord([np.zeros(1)]), ConfigRecord(), grid=None))
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [
+        _train_reply(1, "hospital-0", [np.array([1.0])], 5, 0.1),
+        _train_reply(2, "hospital-1", [np.array([3.0])], 5, 0.1),
+    ])
+
+    # Assert: the two replies are averaged; the silent one is named, with the setting that bounds the wait
+    assert len(sent) == 3
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [2.0])
+    dropped = strategy.take_observations().dropped
+    assert [(d.site_id, d.phase) for d in dropped] == [("hospital-2", "train")]
+    assert "strategy.round_timeout_s" in dropped[0].reason
+
+
+def test_the_superlinks_error_for_an_offline_hospital_names_that_hospital():
+    # Prepare: Flower's SuperLink answers for a hospital that stopped sending heartbeats, from its own node id (1),
+    # replying to the instruction that went to the hospital
+    class AskTwo(type(build_strategy(StrategyConfig()))):
+        def configure_train(self, server_round, arrays, config, grid):
+            return [instruction(RecordDict({keys.ARRAYS: arrays}), "train", dst_node_id=n, message_id=f"m-{n}")
+                    for n in (5, 6)]
+
+    strategy = ObservedStrategy(AskTwo())
+    strategy.configure_train(1, ArrayRecord([np.zeros(1)]), ConfigRecord(), grid=None)
+    ok = _train_reply(5, "hospital-0", [np.array([1.0])], 5, 0.1)
+    unavailable = reply(None, src_node_id=1, error=Error(code=5, reason="Error: Node Unavailable"))
+    unavailable.metadata.__dict__["_reply_to_message_id"] = "m-6"
+
+    # Execute
+    strategy.aggregate_train(1, [ok, unavailable])
+
+    # Assert: one drop, of node 6, with Flower's reason (not a drop of "node-1" plus a silent node 6)
+    dropped = strategy.take_observations().dropped
+    assert [(d.site_id, d.reason) for d in dropped] == [("node-6", "Error: Node Unavailable")]

@@ -1,0 +1,74 @@
+"""Stopping the process trees medfed's daemons start, by PID.
+
+Flower's daemons start helpers of their own (the SuperLink its SuperExec, which starts one ServerApp process per
+run; a hospital's SuperExec one ClientApp process per message). When a medfed daemon stops, every one of those
+must stop with it: a ServerApp left behind would keep writing a run directory that a restarted coordinator resumes.
+The tree is read from ``/proc/PID/task/*/children`` (Linux), and each process is signalled by its own PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+__all__ = ["descendants", "stop_tree"]
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in children.read_text().split()]
+        except (OSError, ValueError):  # the task ended while being read
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first, then theirs), as it is now."""
+    out: list[int] = []
+    queue = _children(pid)
+    while queue:
+        child = queue.pop(0)
+        if child not in out:
+            out.append(child)
+            queue += _children(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has ended; only its parent's wait is missing
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_tree(pid: int, *, timeout: float = 15.0) -> None:
+    """SIGTERM ``pid`` and everything below it, then SIGKILL whatever still runs after ``timeout`` seconds.
+
+    The tree is read before the first signal (a child re-parented to init once its parent has died could no longer
+    be found), and read again before the SIGKILL for anything started meanwhile.
+    """
+    tree = [pid, *descendants(pid)]
+    for target in tree:
+        try:
+            os.kill(target, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.1)
+    for target in [*tree, *(d for p in tree if _alive(p) for d in descendants(p))]:
+        if _alive(target):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,64 @@
+"""The coordinator's run index: which runs a restarted coordinator resumes, and the SuperLink command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import run_config_from_overrides
+from common.errors import ConfigError
+from server.coordinator import AUTO_RESUMED_AT, Coordinator, InterruptedRun
+
+
+def _launched(coord: Coordinator, run_id: int, run_dir: Path, overrides: list[str], note=None) -> None:
+    coord._remember_run(run_id, run_config_from_overrides(overrides, **{"run-dir": str(run_dir), "t0": 1.0}), note)
+
+
+def test_only_runs_cut_off_are_resumed_once(tmp_path):
+    # Prepare: four runs; one finished, one stopped by the operator, one resumed already, one cut off
+    coord = Coordinator(tmp_path / "coord", insecure=True)
+    coord.dir.mkdir()
+    finished, stopped, cut = tmp_path / "finished", tmp_path / "stopped", tmp_path / "cut"
+    for path in (finished, stopped, cut):
+        path.mkdir()
+    (finished / "summary.json").write_text("{}")
+    _launched(coord, 1, finished, ["train.rounds=2"])
+    _launched(coord, 2, stopped, ["train.rounds=2"])
+    index = coord.runs()
+    index["2"]["stopped"] = True
+    coord._write_runs(index)
+    _launched(coord, 3, cut, ["train.rounds=3", "model.width=8"])
+
+    (cut / "metrics.jsonl").write_text('{"round": 1}\n')
+
+    # Execute
+    before = coord.interrupted_runs()
+    # a coordinator start resumes it (same directory), after round 1
+    _launched(coord, 4, cut, ["train.rounds=3", "model.width=8"], note={AUTO_RESUMED_AT: 1})
+    stalled = coord.interrupted_runs()
+    (cut / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')  # the resumed run got further
+    progressing = coord.interrupted_runs()
+
+    # Assert: the cut-off run with its own overrides; after its resume only the new run counts, and it is
+    # resumed again only if it made progress since
+    overrides = ["train.rounds=3", "model.width=8"]
+    assert before == [InterruptedRun(3, cut, overrides, 1)]
+    assert stalled == [InterruptedRun(4, cut, overrides, 1, stalled=True)]
+    assert progressing == [InterruptedRun(4, cut, overrides, 2)]
+    assert json.loads((coord.dir / "runs.json").read_text())["3"]["resumed-as"] == 4
+
+
+def test_superlink_serves_tls_from_the_tls_folder_with_node_auth_and_no_installs(tmp_path):
+    secrets = tmp_path / "secrets"
+    coord = Coordinator(tmp_path / "coord", address="0.0.0.0:9093", tls_dir=secrets)
+
+    command = coord.superlink_command()
+
+    assert "--enable-supernode-auth" in command and "--disable-runtime-dependency-installation" in command
+    assert "--insecure" not in command
+    assert command[command.index("--ssl-keyfile") + 1] == str(secrets / "server.key")
+    assert command[command.index("--database") + 1] == str(coord.dir / "state.db")
+    with pytest.raises(ConfigError, match=r"ca.crt is missing in .*secrets; create the coordinator's certificates"):
+        coord.start()
