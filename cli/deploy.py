@@ -280,6 +280,12 @@ def train(
         fail(exc)
         return
     console.print(f"run {run_id} launched -> {run_path}")
+    online = sum(1 for node in _coordinator(directory).nodes() if node.get("status") == "online")
+    if online < cfg.strategy.min_available_nodes:
+        err_console.print(
+            f"[yellow]warning:[/] {online} hospital(s) online; the first round starts when "
+            f"strategy.min_available_nodes={cfg.strategy.min_available_nodes} are (see `medfed hospitals list`)."
+        )
     if wait:
         target = RunDirectory(run_path)
         next_status = time.monotonic() + 10
@@ -355,6 +361,8 @@ def hospital_init(
     max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
     min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
     runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's Runtime API.")] = 9094,
+    threads: Annotated[int, typer.Option(
+        help="CPU threads for training (0 = every core); on a machine shared with other sites, its share.")] = 0,
     state_dir: Annotated[str, typer.Option(
         help="Privacy ledger and audit log; relative paths are under --dir. Back it up: it holds the budget spent.")
     ] = "state",
@@ -379,7 +387,7 @@ def hospital_init(
             site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
             n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
-            runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir,
+            runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
         )
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())

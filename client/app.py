@@ -129,7 +129,10 @@ def node_config(context: Context) -> Config:
 
 def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.Module, int]:
     cfg = node_config(context)
-    configure_threads(cfg.federation.threads, cfg.federation.parallel)
+    if keys.NODE_THREADS in context.node_config:  # a deployed hospital decides its own CPU use
+        configure_threads(int(float(context.node_config[keys.NODE_THREADS])), 1)
+    else:
+        configure_threads(cfg.federation.threads, cfg.federation.parallel)
     site = resolve_site(cfg, context.node_config, context.run_config)
     model = build_model(
         cfg.model, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes

@@ -53,7 +53,9 @@ class SiteConfig:
     ``split_seed`` (the local validation split), ``max_epsilon`` / ``max_delta`` / ``min_noise`` (the privacy cap,
     cumulative over every run on this data), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
     of every app bundle this site runs), ``superlink`` (the coordinator's address), ``ca_certificate`` and
-    ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the SuperNode's Runtime API). Relative paths are relative to the file's folder.
+    ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the SuperNode's Runtime API),
+    ``threads`` (CPU threads for training; 0 = every core; the site decides, whatever the recipe says). Relative
+    paths are relative to the file's folder.
     """
 
     site_id: str
@@ -71,6 +73,7 @@ class SiteConfig:
     ca_certificate: str = "ca.crt"
     auth_key: str = "node.key"
     runtime_port: int = 9094  # the SuperNode's local Runtime API (127.0.0.1 only); one port per site on a machine
+    threads: int = 0  # torch threads for training at this site; 0 = every core of the machine
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was read from
 
     def __post_init__(self) -> None:
@@ -89,6 +92,11 @@ class SiteConfig:
             raise ConfigError(f"max_delta={self.max_delta!r} is out of range; it must lie in (0, 1), e.g. 1e-5.")
         if not float(self.min_noise) >= 0.0:
             raise ConfigError(f"min_noise={self.min_noise!r} is out of range; it must be >= 0.")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(
+                f"threads={self.threads!r} is out of range; it must be an integer >= 0 (0 = every core; on a machine "
+                "shared with other work or other sites, its share of the cores)."
+            )
         bad = [h for h in self.approved_apps if not _SHA256.match(str(h))]
         if bad:
             raise ConfigError(
@@ -154,6 +162,7 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float]:
         keys.NODE_MAX_EPSILON: float(site.max_epsilon),
         keys.NODE_MAX_DELTA: float(site.max_delta),
         keys.NODE_MIN_NOISE: float(site.min_noise),
+        keys.NODE_THREADS: float(site.threads),
     }
 
 

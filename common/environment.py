@@ -11,7 +11,8 @@ __all__ = ["flower_environment", "script"]
 
 
 def flower_environment() -> None:
-    """No telemetry, no update checks, no Ray usage stats (set unless the user set them already).
+    """No telemetry, no update checks, no Ray usage stats, prompt SuperExec polling (set unless the user set them
+    already).
 
     Flower starts its helper processes (``flower-superexec``, ``flwr-serverapp``, ...) by name: this
     environment's scripts folder goes first on ``PATH`` so they are the ones installed beside medfed.
@@ -24,6 +25,9 @@ def flower_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Flower's SuperExec looks for a new task (a message for a ClientApp, a run for a ServerApp) every 1 s by
+    # default; a local check every 0.2 s costs nothing and takes ~0.4 s off every message's latency.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 
 
 def script(name: str) -> str:

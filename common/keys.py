@@ -21,6 +21,7 @@ __all__ = [
     "NODE_PARTITION_ID",
     "NODE_SITE_CONFIG",
     "NODE_STATE_DIR",
+    "NODE_THREADS",
     "NOISE_MULTIPLIER",
     "NUM_EXAMPLES",
     "N_TRAIN",
@@ -80,4 +81,5 @@ NODE_MAX_EPSILON = "max-epsilon"  # a hospital's privacy cap: cumulative epsilon
 NODE_MAX_DELTA = "max-delta"  # the largest delta it accepts
 NODE_MIN_NOISE = "min-noise"  # the least noise multiplier it accepts
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data
+NODE_THREADS = "threads"  # deployment: the site's torch threads (0 = every core); overrides federation.threads
 NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)

@@ -134,12 +134,15 @@ class Coordinator:
 
     def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
         """Block until the SuperLink answers Flower's CLI (or fail naming the log)."""
+        if not (self.flwr_home / "config.toml").is_file():
+            # without its config Flower's CLI would write a default one and start a local SuperLink of its own
+            self.write_connection()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
                 raise ConfigError(f"The SuperLink exited with {process.returncode}; see {self.dir / 'superlink.log'}.")
             try:
-                self.flwr(["ls"], timeout=20)
+                self.flwr(["ls", CONNECTION], timeout=20)
                 return
             except FlowerCommandError:
                 time.sleep(0.5)
@@ -164,7 +167,7 @@ class Coordinator:
         """Register a hospital's SuperNode public key; returns the node id Flower assigned."""
         from common.pki import public_key_fingerprint
 
-        public_key = Path(public_key).expanduser()
+        public_key = Path(public_key).expanduser().resolve()  # Flower's CLI runs in the coordinator directory
         if not public_key.is_file():
             raise ConfigError(f"{public_key} does not exist; ask the hospital for the node.pub `medfed hospital init` wrote.")
         public_key_fingerprint(public_key.read_bytes())  # a clear error for anything but an OpenSSH public key

@@ -112,6 +112,8 @@ def _deploy(root: Path, approved: list[bool]) -> Iterator[Deployment]:
     finally:
         for process in reversed(dep.processes):
             dep.stop(process)
+    # Flower's CLI starts a detached local SuperLink of its own when it finds no connection config: never here
+    assert not list(root.rglob("local-superlink")), "a Flower CLI call started a local SuperLink"
 
 
 @pytest.fixture()

@@ -109,3 +109,20 @@ def test_config_is_composed_once_per_node_and_follows_the_run_config(context, mo
     # Assert
     assert first == second and len(calls) == 2
     assert third.train.lr == 0.05
+
+
+def test_a_deployed_hospital_sets_its_own_cpu_threads(context):
+    # Prepare: the site config says 1 thread; the coordinator's recipe says nothing (0 = every core)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    context.node_config[keys.NODE_THREADS] = 1.0
+    try:
+        # Execute
+        out = app(_message(MessageType.EVALUATE, _global_arrays()), context)
+
+        # Assert
+        assert not out.has_error() and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -30,12 +30,13 @@ def _site(tmp_path: Path, **kw: object) -> Path:
 
 
 def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
-    path = _site(tmp_path, max_epsilon=math.inf, approved_apps=["a" * 64])
+    path = _site(tmp_path, max_epsilon=math.inf, approved_apps=["a" * 64], threads=1)
     site = load_site_config(path)
     assert site.max_epsilon == math.inf and site.approves("a" * 64) and not site.approves("b" * 64)
     node = node_config_for(site)
     assert node[keys.NODE_SITE_CONFIG] == str(path.resolve())
     assert node[keys.NODE_STATE_DIR] == str(tmp_path.resolve() / "state")  # relative to the file's folder
+    assert node[keys.NODE_THREADS] == 1.0  # the site's CPU share reaches its ClientApp
     text = node_config_arg(node)
     assert 'max-epsilon=inf' in text and f'site-config="{path.resolve()}"' in text
 
@@ -48,6 +49,7 @@ def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
         ({"max_delta": 0.5e1}, "max_delta="),
         ({"approved_apps": ["nope"]}, "not a sha256"),
         ({"val_fraction": 1.0}, "val_fraction="),
+        ({"threads": -1}, "threads=-1 is out of range"),
     ],
 )
 def test_bad_site_config_values_name_the_key(tmp_path: Path, edit: dict[str, object], match: str) -> None:
