@@ -454,7 +454,8 @@ def hospital_audit(config: SiteOpt) -> None:
     for e in entries:
         table.add_row(datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"), e["event"], str(e.get("run")),
                       str(e.get("round", "")), str(e.get("type", "")), str(e.get("bytes", "")),
-                      str(e.get("sha256") or e.get("fab_sha256", ""))[:16], str(e.get("epsilon", "")))
+                      str(e.get("sha256") or e.get("fab_sha256", ""))[:16],
+                      "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}")
     console.print(table)
 
 
