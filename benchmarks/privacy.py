@@ -10,6 +10,7 @@ clipping, noise) and without, for every registered model and each grad-sample mo
 
     python benchmarks/privacy.py --data-dir ../shared/data/medmnist          # ~15 min on 2 cores
     python benchmarks/privacy.py --data-dir ../shared/data/medmnist --quick  # a smoke run of the script
+    python benchmarks/privacy.py --skip-utility  # step times only; the utility table is kept from the last full run
 
 Writes the results into docs/benchmarks.md (between the `privacy` markers) and benchmarks/results/privacy.json.
 """
@@ -79,8 +80,12 @@ def bench_utility(name: str, data_dir: Path, work: Path, quick: bool) -> dict[st
     return results
 
 
-def _step_seconds(model_name: str, mode: str | None, repeats: int) -> float:
-    """Median seconds per optimizer step of ``train_epochs`` (mode None: no DP)."""
+SPEED_REPEATS = 7
+
+
+def _step_seconds(model_name: str, mode: str | None, repeats: int, *, warm_up: bool = True) -> list[float]:
+    """Seconds per optimizer step of ``train_epochs`` (mode None: no DP), one value per repeat; with ``warm_up``
+    a first call (imports, allocations) is not counted."""
     import numpy as np
 
     from client.training import DPTraining, configure_threads, train_epochs
@@ -95,41 +100,51 @@ def _step_seconds(model_name: str, mode: str | None, repeats: int) -> float:
                         labels=rng.integers(0, 2, size=n).astype(np.int64))
     cfg = TrainConfig(batch_size=32)
     times = []
-    for i in range(repeats + 1):  # the first call warms up (imports, allocations) and is not counted
+    for i in range(repeats + int(warm_up)):
         model = build_model(ModelConfig(name=model_name), spatial_dims=2, in_channels=1, n_classes=2)
         privacy = None if mode is None else DPTraining(  # the default DP config's memory limit, as users run it
             1.0, 1.0, max_physical_batch_size=DPConfig().max_physical_batch_size, grad_sample_mode=mode)
         result = train_epochs(model, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=i, privacy=privacy)
-        if i:
+        if i >= int(warm_up):
             times.append(result.seconds / result.steps)
-    return statistics.median(times)
+    return times
 
 
 def bench_speed(quick: bool) -> dict[str, dict[str, float]]:
+    """Per model and grad-sample mode: median step times and the median of per-repeat DP/non-DP ratios. Each
+    repeat times a non-DP call and a DP call back to back, so slow drifts of a shared machine cancel out."""
     from common.config import GRAD_SAMPLE_MODES
     from common.models import available_models
 
-    repeats = 1 if quick else 5
+    repeats = 1 if quick else SPEED_REPEATS
     out: dict[str, dict[str, float]] = {}
     for model_name in available_models():
-        plain = _step_seconds(model_name, None, repeats)
-        out[model_name] = {"plain_s": plain}
+        out[model_name] = {}
         for mode in GRAD_SAMPLE_MODES:
-            dp = _step_seconds(model_name, mode, repeats)
-            out[model_name][f"{mode}_s"] = dp
-            out[model_name][f"{mode}_ratio"] = dp / plain
-            logger.info("%s: plain %.4f s/step, DP %s %.4f s/step (x%.2f)", model_name, plain, mode, dp, dp / plain)
+            _step_seconds(model_name, None, 0), _step_seconds(model_name, mode, 0)  # warm-up of both paths
+            pairs = [(_step_seconds(model_name, None, 1, warm_up=False)[0],
+                      _step_seconds(model_name, mode, 1, warm_up=False)[0]) for _ in range(repeats)]
+            plain, dp = statistics.median(p for p, _ in pairs), statistics.median(d for _, d in pairs)
+            ratio = statistics.median(d / p for p, d in pairs)
+            out[model_name].setdefault("plain_s", plain)
+            out[model_name][f"{mode}_s"], out[model_name][f"{mode}_ratio"] = dp, ratio
+            logger.info("%s: plain %.4f s/step, DP %s %.4f s/step (x%.2f)", model_name, plain, mode, dp, ratio)
     return out
 
 
-def render(utility: dict[str, Any], speed: dict[str, dict[str, float]], total_s: float, command: str) -> str:
+def render(
+    utility: dict[str, Any], speed: dict[str, dict[str, float]], total_s: float, command: str,
+    utility_measured: str | None = None,
+) -> str:
     from common.config import DPConfig, GRAD_SAMPLE_MODES
 
     default_mode = DPConfig().grad_sample_mode
+    when = time.strftime("%Y-%m-%d")
     lines = [
         START,
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, 2 cores, no GPU; whole script "
-        f"{total_s / 60:.1f} min. Reproduce with:",
+        f"Measured {when} on {platform.machine()}, 2 cores, no GPU; whole script {total_s / 60:.1f} min. "
+        + (f"Step times from `--skip-utility` on {when}; the utility table from the full run of {utility_measured}. "
+           if utility_measured else "") + "Reproduce with:",
         "",
         f"    {command}",
         "",
@@ -159,7 +174,8 @@ def render(utility: dict[str, Any], speed: dict[str, dict[str, float]], total_s:
             dp8, plain = runs["8"]["test_auc"], runs["inf"]["test_auc"]
             checks.append((f"pneumoniamnist: AUC at epsilon 8 {dp8:.4f} >= 0.97 x non-DP {plain:.4f} = "
                            f"{0.97 * plain:.4f}", dp8 >= 0.97 * plain))
-    lines += ["", "DP step time / non-DP step time (batch 32, 28 px grey, the default privacy.max_physical_batch_size, median of 5):", "",
+    lines += ["", "DP step time / non-DP step time (batch 32, 28 px grey, the default privacy.max_physical_batch_size; "
+              f"DP and non-DP calls interleaved, median of {SPEED_REPEATS} ratios):", "",
               "| model | non-DP s/step | " + " | ".join(f"DP {m} s/step (ratio)" for m in GRAD_SAMPLE_MODES) + " |",
               "|---|---|" + "---|" * len(GRAD_SAMPLE_MODES)]
     for model_name, r in speed.items():
@@ -184,18 +200,25 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     speed = bench_speed(args.quick)
-    utility = {} if args.skip_utility else {
+    out_json = REPO / "benchmarks" / "results" / "privacy.json"
+    kept: dict[str, Any] = {}
+    if args.skip_utility and out_json.is_file():
+        kept = json.loads(out_json.read_text())
+    utility = kept.get("utility", {}) if args.skip_utility else {
         name: bench_utility(name, args.data_dir.resolve(), args.work.resolve(), args.quick) for name in args.datasets
     }
     total = time.time() - started
     command = "python benchmarks/privacy.py --data-dir ../shared/data/medmnist" + (" --quick" if args.quick else "")
-    section = render(utility, speed, total, command)
+    measured = kept.get("utility_measured", "an earlier date") if args.skip_utility else None
+    section = render(utility, speed, total, command, utility_measured=measured)
     print(section)
-    if not args.quick and not args.skip_utility:
+    if not args.quick and (utility or not args.skip_utility):
         write_doc(section, args.doc, start=START, end=END, heading="Privacy: differential privacy at every hospital")
-        out_json = REPO / "benchmarks" / "results" / "privacy.json"
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps({"utility": utility, "speed": speed, "total_s": total}, indent=2) + "\n")
+        out_json.write_text(json.dumps({
+            "utility": utility, "speed": speed, "total_s": total,
+            "utility_measured": measured or time.strftime("%Y-%m-%d"),
+        }, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,28 @@ def train_epochs(
     )
 
 
+class _BatchedTensors(torch.utils.data.Dataset):
+    """Images and labels as tensors; the DataLoader fetches a batch's indices at once (``__getitems__``)."""
+
+    def __init__(self, data: ArrayDataset) -> None:
+        self.images, self.labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+
+def _as_batched(batch: Any) -> Any:
+    """The collate function of :class:`_BatchedTensors`: its batches come stacked already."""
+    return batch
+
+
 def _make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -208,13 +230,13 @@ def _make_private(
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
-    dataset: torch.utils.data.Dataset = (
-        AugmentedDataset(data, augment)
-        if augment is not None
-        else torch.utils.data.TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
-    )
     generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, generator=generator)
+    if augment is not None:
+        loader = torch.utils.data.DataLoader(AugmentedDataset(data, augment), batch_size=cfg.batch_size,
+                                             generator=generator)
+    else:  # whole batches by one indexing op, not image by image and stacked (as the non-DP path does)
+        loader = torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size, generator=generator,
+                                             collate_fn=_as_batched)
     engine = PrivacyEngine(accountant="rdp", secure_mode=privacy.secure_mode)
     noise = None if privacy.secure_mode else torch.Generator().manual_seed(seed + 1)
     made = engine.make_private(

@@ -64,3 +64,18 @@ def test_same_seed_same_weights():
         train_epochs(model, _data(), cfg.train, epochs=1, n_classes=2, spatial_dims=2, seed=5)
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_dp_batches_are_fetched_whole_and_may_be_empty():
+    # DP-SGD's Poisson sampling fetches a batch's indices at once, and may draw an empty batch
+    from client.training import _BatchedTensors
+
+    images = np.arange(4 * 1 * 2 * 2, dtype=np.float32).reshape(4, 1, 2, 2)
+    data = _BatchedTensors(ArrayDataset(images=images, labels=np.array([0, 1, 0, 1])))
+
+    x, y = data.__getitems__([2, 0])
+    empty_x, empty_y = data.__getitems__([])
+
+    np.testing.assert_array_equal(x.numpy(), images[[2, 0]])
+    assert y.tolist() == [0, 0]
+    assert tuple(empty_x.shape) == (0, 1, 2, 2) and tuple(empty_y.shape) == (0,)
