@@ -180,8 +180,9 @@ def coordinator_start(
         while not stopping["now"] and process.poll() is None:
             time.sleep(0.5)
     finally:  # the SuperLink, its SuperExec and every ServerApp it started: none may outlive the coordinator
-        crashed = process.poll() is not None
-        stop_tree(process.pid)
+        crashed = process.poll() is not None  # then its pid may be reused: nothing to signal (its SuperExec
+        if not crashed:  # watches the SuperLink's pid and stops by itself)
+            stop_tree(process.pid)
         process.wait()
     if crashed and not stopping["now"]:
         err_console.print(f"[red]error:[/] the SuperLink exited with {process.returncode}; see "
