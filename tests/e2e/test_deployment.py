@@ -261,23 +261,24 @@ def test_a_hospital_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path: P
 
 def test_a_coordinator_restart_resumes_the_run_from_its_checkpoint(tmp_path: Path) -> None:
     with _deploy(tmp_path, [True, True]) as dep:
-        # Prepare: a 3-round run; wait until round 1 is checkpointed
+        # Prepare: a 3-round run with DP at every hospital (each hospital's cap: the default 10); wait until
+        # round 1 is checkpointed
         run_dir = tmp_path / "run"
         _medfed(["train", "--dir", str(dep.coord), "--run-dir", str(run_dir), *RECIPE, "train.rounds=3",
-                 "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=2"],
-                dep.env)
+                 "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=2",
+                 "privacy=dp", "privacy.target_epsilon=4"], dep.env)
         _wait_for(run_dir / "metrics.jsonl", 300, dep.processes)
         first = dep.coordinator
 
         # Execute: the coordinator crashes (SuperLink, ServerApp and all) and is started again
         _kill_group(first)
-        done_before = len(_rounds(run_dir))
+        before = _rounds(run_dir)
         dep.start_coordinator()
         _wait_for(run_dir / "summary.json", 400, [p for p in dep.processes if p is not first])
 
         # Assert: the run went on from its checkpoint (no round lost or repeated) and finished; the hospitals'
         # daemons reconnected by themselves
-        assert done_before < 3
+        assert len(before) < 3
         lines = _rounds(run_dir)
         assert [line["round"] for line in lines] == [1, 2, 3]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -286,3 +287,14 @@ def test_a_coordinator_restart_resumes_the_run_from_its_checkpoint(tmp_path: Pat
         resumed = [entry for entry in index.values() if "resumed-as" in entry]
         assert len(index) == 2 and len(resumed) == 1 and resumed[0]["run-dir"] == str(run_dir.resolve())
         assert all(daemon.poll() is None for daemon in dep.daemons)
+        # privacy accounting went on across the restart from each hospital's own ledger: cumulative, never reset,
+        # never past the hospital's cap; what the audit log says each reply spent matches
+        from client.gate import read_audit
+
+        for site_id, site in zip(("hospital-a", "hospital-b"), dep.sites, strict=True):
+            spent = [line["sites"][site_id]["epsilon"] for line in lines]
+            assert all(a < b for a, b in zip(spent, spent[1:])), spent
+            assert spent[0] == before[0]["sites"][site_id]["epsilon"] and 0 < spent[-1] <= 10.0
+            assert list((site / "state" / "privacy").glob("*.json"))
+            audited = [e["epsilon"] for e in read_audit(site / "state") if e["event"] == "sent" and e["type"] == "train"]
+            assert max(audited) == pytest.approx(max(spent)) and all(e > 0 for e in audited)
