@@ -137,14 +137,20 @@ def _wait_for(path: Path, timeout: float, processes: list[subprocess.Popen[bytes
 def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> None:
     # Execute: a 2-round run launched through the CLI; the third hospital has approved no bundle
     run_dir = deployment.root / "run"
-    _medfed(["train", "--dir", str(deployment.coord), "--run-dir", str(run_dir), *RECIPE,
-             "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=3"],
-            deployment.env)
+    launched = _medfed(["train", "--dir", str(deployment.coord), "--run-dir", str(run_dir), *RECIPE,
+                        "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2",
+                        "strategy.min_available_nodes=3"], deployment.env).stdout
+    run_id = re.search(r"run\s+(\d+)\s+launched", launched).group(1)
     _wait_for(run_dir / "summary.json", 400, deployment.processes)
 
     # Assert: the same outputs as a simulation
-    for name in ("config.yaml", "overrides.json", "metrics.jsonl", "summary.json", "model.pt"):
+    for name in ("config.yaml", "overrides.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoints/last.pt"):
         assert (run_dir / name).is_file(), name
+    # the coordinator lists the run as finished and shows the ServerApp's log
+    listed = _medfed(["runs", "list", "--dir", str(deployment.coord)], deployment.env).stdout
+    assert run_id[:12] in listed and "finished" in listed
+    logs = _medfed(["runs", "logs", run_id, "--dir", str(deployment.coord)], deployment.env).stdout
+    assert "[ROUND 2/2]" in logs, logs[-2000:]  # Flower's round log of the ServerApp
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
