@@ -157,6 +157,7 @@ class StrategyConfig:
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout_s: float = 3600.0  # how long each phase of a round waits for replies before going on without
+    max_update_norm_ratio: float = 10.0  # reject an update farther from the global model than this x the median; 0 off
 
     def __post_init__(self) -> None:
         _fraction("strategy.fraction_train", self.fraction_train)
@@ -165,6 +166,11 @@ class StrategyConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"strategy.{key}={value!r} is out of range; it must be >= 1.")
+        if not self.max_update_norm_ratio >= 0:
+            raise ConfigError(
+                f"strategy.max_update_norm_ratio={self.max_update_norm_ratio!r} is out of range; it must be >= 0 "
+                "(0 turns the check off; 10 rejects an update 10 x farther from the global model than the median)."
+            )
         if not self.round_timeout_s > 0:
             raise ConfigError(
                 f"strategy.round_timeout_s={self.round_timeout_s!r} is out of range; it must be > 0 seconds (the "

@@ -112,7 +112,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         inner = with_central_dp(inner, cfg.privacy, cfg.federation.hospitals)
         if tracker.accountant_state is not None:  # resumed: keep counting where the stopped run was
             inner.accountant.load_state_dict(tracker.accountant_state)
-    strategy = ObservedStrategy(inner, round_offset=start_round)
+    strategy = ObservedStrategy(inner, round_offset=start_round,
+                                max_update_norm_ratio=cfg.strategy.max_update_norm_ratio)
     device = torch.device("cpu")
 
     # the global weights as evaluate_round last saw them: Flower calls it after every round with the current

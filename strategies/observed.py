@@ -1,7 +1,9 @@
 """A wrapper that lets the ServerApp see each hospital's reply without changing how a strategy aggregates.
 
 ``ObservedStrategy`` delegates every decision to the wrapped Flower strategy (sampling, aggregation, its state)
-and records, per round, each site's scalar metrics and which hospitals failed or dropped out. It also shifts the
+and records, per round, each site's scalar metrics and which hospitals failed or dropped out. Before the wrapped
+strategy aggregates, it rejects updates that do not fit the global model, hold NaN/inf or are absurdly far from it
+(:mod:`strategies.validation`). It also shifts the
 round number by ``round_offset`` so that a resumed run continues counting where it stopped (per-round values
 such as ``server-round`` stay absolute).
 """
@@ -17,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
+from strategies.validation import check_updates
 
 __all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
 
@@ -47,9 +50,11 @@ class RoundObservations:
 class ObservedStrategy(Strategy):
     """Delegate to ``inner``; remember each site's metrics and failures of the current round."""
 
-    def __init__(self, inner: Strategy, *, round_offset: int = 0) -> None:
+    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_update_norm_ratio: float = 10.0) -> None:
         self.inner = inner
         self.round_offset = round_offset
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self._global: ArrayRecord | None = None  # the model the current round's training started from
         self.current = RoundObservations()
         self._site_of_node: dict[int, str] = {}
         self._asked: dict[str, list[Message]] = {}  # phase -> the messages sent in the current round
@@ -99,9 +104,32 @@ class ObservedStrategy(Strategy):
         self._asked[phase] = messages  # Flower gives each its message id when it sends them
         return messages
 
-    def _observe(self, replies: list[Message], phase: str) -> dict[str, dict[str, float]]:
+    def _validated(self, replies: list[Message]) -> list[Message]:
+        """The replies whose update may be aggregated; the others are recorded as drops with the reason."""
+        if self._global is None:
+            return replies
+        names = list(self._global.keys())
+        reference = self._global.to_numpy_ndarrays()
+        candidates = [m for m in replies if not m.has_error()]
+        updates = []
+        for msg in candidates:
+            record = next(iter(msg.content.array_records.values()), None)
+            updates.append(([], []) if record is None else (list(record.keys()), record.to_numpy_ndarrays()))
+        reasons = check_updates(names, reference, updates, max_norm_ratio=self.max_update_norm_ratio)
+        rejected = set()
+        for msg, reason in zip(candidates, reasons, strict=True):
+            if reason is not None:
+                rejected.add(id(msg))
+                site = self._site_id(msg)
+                self.current.dropped.append(SiteDrop(site_id=site, phase="train", reason=f"update rejected: {reason}"))
+                logger.warning("%s: update rejected: %s", site, reason)
+        return [m for m in replies if id(m) not in rejected]
+
+    def _observe(
+        self, replies: list[Message], phase: str, *, also_answered: Iterable[Message] = ()
+    ) -> dict[str, dict[str, float]]:
         seen: dict[str, dict[str, float]] = {}
-        answered = {self._node(m) for m in replies}
+        answered = {self._node(m) for m in [*replies, *also_answered]}
         silent = {m.metadata.dst_node_id for m in self._asked.get(phase, [])} - answered
         for node_id in sorted(silent):  # Flower drops a message that got no reply before the round's timeout
             site = self._site_of_node.get(node_id, f"node-{node_id}")
@@ -133,19 +161,22 @@ class ObservedStrategy(Strategy):
         """Ask the wrapped strategy, with the absolute round number (nothing once the run has stopped)."""
         if self.stop_reason is not None:
             return []
+        self._global = arrays
         return self._asking("train", self.inner.configure_train(server_round + self.round_offset, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each site's training metrics, then aggregate with the wrapped strategy (in site order)."""
+        """Reject malformed or absurd updates, record each site's training metrics, then aggregate the rest with the
+        wrapped strategy (in site order)."""
         if self.stop_reason is not None:
             return None, None
-        replies = self._ordered(replies)
+        received = self._ordered(replies)
         earlier_drops = len(self.current.dropped)
-        self.current.train = self._observe(replies, "train")
+        replies = self._validated(received)
+        self.current.train = self._observe(replies, "train", also_answered=received)
         drops = self.current.dropped[earlier_drops:]
-        if replies and not self.current.train and all(_PRIVACY_REFUSAL in d.reason for d in drops):
+        if received and not self.current.train and all(_PRIVACY_REFUSAL in d.reason for d in drops):
             self.stopped_after = server_round + self.round_offset
             logger.warning("stopping after round %d: %s", self.stopped_after, self.stop_reason)
         return self.inner.aggregate_train(server_round + self.round_offset, replies)
