@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "StrategyConfig",
+    "TrimmedMeanConfig",
+    "KrumConfig",
     "SyntheticConfig",
     "TrainConfig",
     "compose_config",
@@ -176,6 +178,39 @@ class StrategyConfig:
                 f"strategy.round_timeout_s={self.round_timeout_s!r} is out of range; it must be > 0 seconds (the "
                 "time each phase of a round waits for the hospitals' replies)."
             )
+
+
+@dataclass
+class TrimmedMeanConfig(StrategyConfig):
+    """Flower's FedTrimmedAvg: per coordinate, the mean after cutting ``beta`` of the updates at each end."""
+
+    name: str = "fedtrimmedavg"
+    beta: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.beta < 0.5:
+            raise ConfigError(
+                f"strategy.beta={self.beta!r} is out of range; it must lie in [0, 0.5) (the share of updates cut at "
+                "each end of every coordinate; 0.2 of 5 hospitals cuts one at each end)."
+            )
+
+
+@dataclass
+class KrumConfig(StrategyConfig):
+    """Flower's Krum / MultiKrum: keep the update(s) closest to their neighbours, tolerating
+    ``num_malicious_nodes`` attackers; MultiKrum averages the ``num_nodes_to_select`` best."""
+
+    name: str = "krum"
+    num_malicious_nodes: int = 1
+    num_nodes_to_select: int = 1  # multikrum only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, minimum in (("num_malicious_nodes", 0), ("num_nodes_to_select", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"strategy.{key}={value!r} is out of range; it must be an integer >= {minimum}.")
 
 
 @dataclass
@@ -387,6 +422,12 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        if self.privacy.secure_aggregation and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"strategy={self.strategy.name} cannot run with privacy.secure_aggregation=true: SecAgg+ gives the "
+                "coordinator only the sum of the updates, and this strategy needs each one. Use strategy=fedavg, or "
+                "turn secure aggregation off."
+            )
         if self.strategy.min_train_nodes > self.federation.hospitals:
             raise ConfigError(
                 f"strategy.min_train_nodes={self.strategy.min_train_nodes} exceeds federation.hospitals="
@@ -397,7 +438,7 @@ class Config:
 _SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig},
     "model": {"base": ModelConfig},
-    "strategy": {"base": StrategyConfig},
+    "strategy": {"base": StrategyConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig},
     "federation": {"base": FederationConfig},
     "train": {"base": TrainConfig},
     "privacy": {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig},
@@ -519,11 +560,20 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     return Config(
         dataset=_option_from_dict("dataset", "source", "dataset source", data["dataset"]),
         model=ModelConfig(**data["model"]),
-        strategy=StrategyConfig(**data["strategy"]),
+        strategy=_strategy_from_dict(data["strategy"]),
         federation=FederationConfig(**data["federation"]),
         train=TrainConfig(**train),
         privacy=_option_from_dict("privacy", "name", "privacy mechanism", data["privacy"]),
     )
+
+
+def _strategy_from_dict(section: Mapping[str, Any]) -> StrategyConfig:
+    """The strategy section with the schema of its options (the base one for strategies without options)."""
+    extra = set(section) - {f.name for f in fields(StrategyConfig)}
+    for schema in (TrimmedMeanConfig, KrumConfig):
+        if extra and extra <= {f.name for f in fields(schema)}:
+            return schema(**section)
+    return StrategyConfig(**section)
 
 
 def _option_from_dict(group: str, key: str, what: str, section: Mapping[str, Any]) -> Any:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common import keys
-from common.config import CentralDPConfig, StrategyConfig
+from common.config import CentralDPConfig, KrumConfig, StrategyConfig, TrimmedMeanConfig
 from common.errors import ConfigError
 from strategies.metrics import weighted_mean_ignoring_nan
 
@@ -23,23 +23,59 @@ logger = logging.getLogger(__name__)
 StrategyFactory = Callable[[StrategyConfig], Strategy]
 
 
+def _common(cfg: StrategyConfig) -> dict[str, object]:
+    """The arguments every Flower FedAvg-family strategy takes, from medfed's config and wire keys."""
+    return {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_train_nodes,
+        "min_evaluate_nodes": cfg.min_evaluate_nodes,
+        "min_available_nodes": cfg.min_available_nodes,
+        "weighted_by_key": keys.NUM_EXAMPLES,
+        "arrayrecord_key": keys.ARRAYS,
+        "configrecord_key": keys.CONFIG,
+        "train_metrics_aggr_fn": weighted_mean_ignoring_nan,
+        "evaluate_metrics_aggr_fn": weighted_mean_ignoring_nan,
+    }
+
+
+def _options(cfg: StrategyConfig, schema: type) -> StrategyConfig:
+    if not isinstance(cfg, schema):  # pragma: no cover - the Hydra group gives each option its schema
+        raise ConfigError(f"strategy={cfg.name} needs its options ({schema.__name__}); compose it with strategy={cfg.name}.")
+    return cfg
+
+
 def _fedavg(cfg: StrategyConfig) -> Strategy:
-    return FedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes,
-        weighted_by_key=keys.NUM_EXAMPLES,
-        arrayrecord_key=keys.ARRAYS,
-        configrecord_key=keys.CONFIG,
-        train_metrics_aggr_fn=weighted_mean_ignoring_nan,
-        evaluate_metrics_aggr_fn=weighted_mean_ignoring_nan,
-    )
+    return FedAvg(**_common(cfg))  # type: ignore[arg-type]
 
 
+def _fedmedian(cfg: StrategyConfig) -> Strategy:
+    return FedMedian(**_common(cfg))  # type: ignore[arg-type]
+
+
+def _fedtrimmedavg(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, TrimmedMeanConfig)
+    return FedTrimmedAvg(**_common(cfg), beta=options.beta)  # type: ignore[arg-type,attr-defined]
+
+
+def _krum(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, KrumConfig)
+    return Krum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes)  # type: ignore[arg-type,attr-defined]
+
+
+def _multikrum(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, KrumConfig)
+    return MultiKrum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes,  # type: ignore[arg-type]
+                     num_nodes_to_select=options.num_nodes_to_select)  # type: ignore[attr-defined]
+
+
+# robust aggregation: FedMedian, FedTrimmedAvg, Krum, MultiKrum are Flower's own, configured from medfed's config
 _FACTORIES: dict[str, StrategyFactory] = {
     "fedavg": _fedavg,
+    "fedmedian": _fedmedian,
+    "fedtrimmedavg": _fedtrimmedavg,
+    "krum": _krum,
+    "multikrum": _multikrum,
 }
 
 
