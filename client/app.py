@@ -243,6 +243,8 @@ def train(msg: Message, context: Context) -> Message:
     """
     cfg, site, model, server_round = _setup(msg, context)
     dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
+    config = msg.content.config_records.get(keys.CONFIG)
+    mu = float(config.get(keys.PROXIMAL_MU, 0.0)) if config is not None else 0.0  # FedProx's, from the strategy
     plan, ledger = _privacy_round(cfg, dp, site, msg, context, server_round) if dp is not None else (None, None)
     result = train_epochs(
         model,
@@ -265,6 +267,7 @@ def train(msg: Message, context: Context) -> Message:
             if dp is not None and plan is not None
             else None
         ),
+        proximal_mu=mu,
     )
     model.cpu()
     metrics: dict[str, float | int] = {

@@ -139,6 +139,7 @@ def train_epochs(
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
     privacy: DPTraining | None = None,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``.
 
@@ -147,7 +148,11 @@ def train_epochs(
     Shuffling and augmentation are seeded by ``seed``. With ``privacy`` the same loop runs Opacus DP-SGD: Poisson
     sampling (an epoch is ``ceil(n / batch_size)`` logical batches), per-sample clipping and Gaussian noise, with
     logical batches split to ``max_physical_batch_size`` in memory. ``model`` itself stays unwrapped.
+    ``proximal_mu`` > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 to the loss (not with ``privacy``: Opacus
+    builds updates from per-sample gradients, which leave the term out); the reported loss is the data loss.
     """
+    if proximal_mu > 0 and privacy is not None:
+        raise ValueError("train_epochs(): a proximal term and DP-SGD cannot be combined (see the docstring).")
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
     started = time.perf_counter()  # everything local training does, optimizer set-up included
@@ -164,6 +169,7 @@ def train_epochs(
     private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None
     forward, optimizer, criterion = private[:3] if private else (model, optimizer, criterion)
 
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     total_loss, total_seen, steps = 0.0, 0, 0
     for epoch in range(epochs):
         batches = private[3]() if private else _batches(data, cfg, spatial_dims, generator, seed + epoch)
@@ -172,7 +178,8 @@ def train_epochs(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(forward(images), labels)
-                loss.backward()
+                objective = loss + proximal_term(model, anchor, proximal_mu) if proximal_mu > 0 else loss
+                objective.backward()
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(labels)
                 total_seen += len(labels)
@@ -191,6 +198,12 @@ def train_epochs(
         seconds=seconds,
         sample_rate=sample_rate,
     )
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - anchor||^2 over the trainable parameters (its gradient is mu * (w - anchor))."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
 
 
 class _BatchedTensors(torch.utils.data.Dataset):

@@ -37,6 +37,7 @@ __all__ = [
     "StrategyConfig",
     "TrimmedMeanConfig",
     "KrumConfig",
+    "ProxConfig",
     "SyntheticConfig",
     "TrainConfig",
     "compose_config",
@@ -177,6 +178,22 @@ class StrategyConfig:
             raise ConfigError(
                 f"strategy.round_timeout_s={self.round_timeout_s!r} is out of range; it must be > 0 seconds (the "
                 "time each phase of a round waits for the hospitals' replies)."
+            )
+
+
+@dataclass
+class ProxConfig(StrategyConfig):
+    """Flower's FedProx: FedAvg whose hospitals add (mu / 2) * ||w - w_global||^2 to their local loss."""
+
+    name: str = "fedprox"
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mu >= 0.0:
+            raise ConfigError(
+                f"strategy.mu={self.mu!r} is out of range; it must be >= 0 (the proximal weight; 0 is FedAvg, "
+                "0.001-1 are usual)."
             )
 
 
@@ -428,6 +445,12 @@ class Config:
                 "coordinator only the sum of the updates, and this strategy needs each one. Use strategy=fedavg, or "
                 "turn secure aggregation off."
             )
+        if isinstance(self.strategy, ProxConfig) and self.strategy.mu > 0 and self.privacy.name == "dp":
+            raise ConfigError(
+                "strategy=fedprox cannot run with privacy=dp yet: Opacus builds each update from per-sample "
+                "gradients, which leave the proximal term out. Use strategy=fedavg (or another aggregator) with "
+                "privacy=dp, or strategy.mu=0."
+            )
         if self.strategy.min_train_nodes > self.federation.hospitals:
             raise ConfigError(
                 f"strategy.min_train_nodes={self.strategy.min_train_nodes} exceeds federation.hospitals="
@@ -438,7 +461,7 @@ class Config:
 _SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig},
     "model": {"base": ModelConfig},
-    "strategy": {"base": StrategyConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig},
+    "strategy": {"base": StrategyConfig, "prox": ProxConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig},
     "federation": {"base": FederationConfig},
     "train": {"base": TrainConfig},
     "privacy": {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig},
@@ -570,7 +593,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def _strategy_from_dict(section: Mapping[str, Any]) -> StrategyConfig:
     """The strategy section with the schema of its options (the base one for strategies without options)."""
     extra = set(section) - {f.name for f in fields(StrategyConfig)}
-    for schema in (TrimmedMeanConfig, KrumConfig):
+    for schema in (ProxConfig, TrimmedMeanConfig, KrumConfig):
         if extra and extra <= {f.name for f in fields(schema)}:
             return schema(**section)
     return StrategyConfig(**section)

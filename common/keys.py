@@ -26,6 +26,7 @@ __all__ = [
     "NUM_EXAMPLES",
     "N_TRAIN",
     "N_VAL",
+    "PROXIMAL_MU",
     "RUN_DIR",
     "RUN_MODE",
     "RUN_RESUME",
@@ -48,6 +49,7 @@ SITE = "site"
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # FedProx: the proximal weight Flower's FedProx puts in the train ConfigRecord
 SITE_ID = "site-id"
 
 # MetricRecord keys

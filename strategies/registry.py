@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common import keys
-from common.config import CentralDPConfig, KrumConfig, StrategyConfig, TrimmedMeanConfig
+from common.config import CentralDPConfig, KrumConfig, ProxConfig, StrategyConfig, TrimmedMeanConfig
 from common.errors import ConfigError
 from strategies.metrics import weighted_mean_ignoring_nan
 
@@ -49,6 +49,11 @@ def _fedavg(cfg: StrategyConfig) -> Strategy:
     return FedAvg(**_common(cfg))  # type: ignore[arg-type]
 
 
+def _fedprox(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, ProxConfig)
+    return FedProx(**_common(cfg), proximal_mu=options.mu)  # type: ignore[arg-type,attr-defined]
+
+
 def _fedmedian(cfg: StrategyConfig) -> Strategy:
     return FedMedian(**_common(cfg))  # type: ignore[arg-type]
 
@@ -72,6 +77,7 @@ def _multikrum(cfg: StrategyConfig) -> Strategy:
 # robust aggregation: FedMedian, FedTrimmedAvg, Krum, MultiKrum are Flower's own, configured from medfed's config
 _FACTORIES: dict[str, StrategyFactory] = {
     "fedavg": _fedavg,
+    "fedprox": _fedprox,
     "fedmedian": _fedmedian,
     "fedtrimmedavg": _fedtrimmedavg,
     "krum": _krum,
