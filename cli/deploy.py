@@ -157,10 +157,10 @@ def coordinator_start(
             # certificates made elsewhere (e.g. container secrets): this directory holds state and runs only
             Path(directory).mkdir(parents=True, exist_ok=True)
             _save_settings(directory, address or "0.0.0.0:9093", insecure, tls_dir)
+        elif address is not None or insecure or tls_dir is not None:
+            current = _coordinator(directory)
+            _save_settings(directory, address or current.address, insecure, tls_dir or current.tls_dir)
         coordinator = _coordinator(directory)
-        if address is not None or insecure or tls_dir is not None:
-            _save_settings(directory, address or coordinator.address, insecure, tls_dir or coordinator.tls_dir)
-            coordinator = _coordinator(directory)
         process = coordinator.start()
     except MedfedError as exc:
         fail(exc)

@@ -593,7 +593,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def _strategy_from_dict(section: Mapping[str, Any]) -> StrategyConfig:
     """The strategy section with the schema of its options (the base one for strategies without options)."""
     extra = set(section) - {f.name for f in fields(StrategyConfig)}
-    for schema in (ProxConfig, TrimmedMeanConfig, KrumConfig):
+    for schema in _SCHEMAS["strategy"].values():  # the option schemas registered for the Hydra group
         if extra and extra <= {f.name for f in fields(schema)}:
             return schema(**section)
     return StrategyConfig(**section)

@@ -34,7 +34,6 @@ from common.atomic import atomic_write
 from common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from common.environment import flower_environment, script
 from common.errors import ConfigError
-from server.runs import RunDirectory
 
 __all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun"]
 
@@ -230,6 +229,8 @@ class Coordinator:
         """Runs that neither finished (no summary.json) nor were stopped nor already resumed. When the coordinator
         starts, no ServerApp of an earlier SuperLink still runs, so these were cut off by a coordinator stop or
         crash, or failed by themselves (``stalled``: auto-resumed before at the same number of rounds)."""
+        from server.runs import RunDirectory  # torch comes with it: only when a coordinator starts
+
         out = []
         for rid, entry in self.runs().items():
             if entry.get("stopped") or "resumed-as" in entry or keys.RUN_DIR not in entry:
