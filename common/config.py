@@ -38,6 +38,9 @@ __all__ = [
     "TrimmedMeanConfig",
     "KrumConfig",
     "ProxConfig",
+    "ServerMomentumConfig",
+    "ServerOptimizerConfig",
+    "AdaptiveMomentsConfig",
     "SyntheticConfig",
     "TrainConfig",
     "compose_config",
@@ -228,6 +231,67 @@ class KrumConfig(StrategyConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"strategy.{key}={value!r} is out of range; it must be an integer >= {minimum}.")
+
+
+@dataclass
+class ServerMomentumConfig(StrategyConfig):
+    """Flower's FedAvgM: the averaged update is a pseudo-gradient for server SGD with momentum."""
+
+    name: str = "fedavgm"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.server_learning_rate > 0.0:
+            raise ConfigError(
+                f"strategy.server_learning_rate={self.server_learning_rate!r} is out of range; it must be > 0 "
+                "(1.0 applies the averaged update as it is)."
+            )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"strategy.server_momentum={self.server_momentum!r} is out of range; it must lie in [0, 1) "
+                "(0 is FedAvg with a server learning rate; 0.9 is usual)."
+            )
+
+
+@dataclass
+class ServerOptimizerConfig(StrategyConfig):
+    """Flower's adaptive server optimizers (Reddi et al. 2021): the averaged update is a pseudo-gradient for a
+    server-side step of size ``eta``; ``tau`` bounds how adaptive it is. FedAdagrad takes these two."""
+
+    name: str = "fedadagrad"
+    eta: float = 0.01
+    tau: float = 0.001
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.eta > 0.0:
+            raise ConfigError(
+                f"strategy.eta={self.eta!r} is out of range; it must be > 0 (the server learning rate; "
+                "0.001-0.1 are usual)."
+            )
+        if not self.tau > 0.0:
+            raise ConfigError(
+                f"strategy.tau={self.tau!r} is out of range; it must be > 0 (the adaptivity: larger is closer to "
+                "server SGD; 0.001 is usual)."
+            )
+
+
+@dataclass
+class AdaptiveMomentsConfig(ServerOptimizerConfig):
+    """FedAdam and FedYogi: a server optimizer with first (``beta_1``) and second (``beta_2``) moment decay."""
+
+    name: str = "fedadam"
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("beta_1", "beta_2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"strategy.{key}={value!r} is out of range; it must lie in [0, 1).")
 
 
 @dataclass
@@ -461,7 +525,9 @@ class Config:
 _SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig},
     "model": {"base": ModelConfig},
-    "strategy": {"base": StrategyConfig, "prox": ProxConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig},
+    "strategy": {"base": StrategyConfig, "prox": ProxConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig,
+                 "server_momentum": ServerMomentumConfig,
+                 "server_optimizer": ServerOptimizerConfig, "adaptive_moments": AdaptiveMomentsConfig},
     "federation": {"base": FederationConfig},
     "train": {"base": TrainConfig},
     "privacy": {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig},

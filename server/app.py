@@ -29,6 +29,7 @@ from server.runs import RunDirectory
 from server.secure_aggregation import run_secure_aggregation
 from server.tracking import RunTracker, site_rounds
 from strategies import ObservedStrategy, build_strategy, with_central_dp
+from strategies.server_optimizers import restore_strategy_state, strategy_state
 
 __all__ = ["app"]
 
@@ -112,6 +113,9 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         inner = with_central_dp(inner, cfg.privacy, cfg.federation.hospitals)
         if tracker.accountant_state is not None:  # resumed: keep counting where the stopped run was
             inner.accountant.load_state_dict(tracker.accountant_state)
+    if start_round > 0:  # resumed: the server optimizer continues with the moments it had after start_round
+        if restore_strategy_state(inner, run_dir.load_strategy_state(), list(model.state_dict())):
+            logger.info("restored %s's server optimizer state from round %d", cfg.strategy.name, start_round)
     strategy = ObservedStrategy(inner, round_offset=start_round,
                                 max_update_norm_ratio=cfg.strategy.max_update_norm_ratio)
     device = torch.device("cpu")
@@ -157,6 +161,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
             arrays=state,
             server_s=server_s,
             dropped=dropped,
+            strategy_state=strategy_state(inner),
         )
         return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
 

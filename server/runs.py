@@ -7,7 +7,7 @@ RUN_DIR/metrics.jsonl      one JSON line per round
 RUN_DIR/summary.json       best round (by federated validation AUC), final round, per-site entries, timings
 RUN_DIR/model.pt           the final model weights
 RUN_DIR/best_model.pt      the weights of the best-validation round
-RUN_DIR/checkpoints/last.pt  the latest round's weights and tracker state (for --resume)
+RUN_DIR/checkpoints/last.pt  the latest round's weights, tracker state and server optimizer state (for --resume)
 RUN_DIR/.lock              held (flock) by the one process writing the run
 ```
 Every file is written atomically (temp file + rename), so a crash never leaves half a file behind, and one process
@@ -32,11 +32,13 @@ import numpy as np
 
 from common.atomic import atomic_write
 from common.errors import ConfigError
-from common.models.weights import load_checkpoint, save_checkpoint
+from common.models.weights import load_checkpoint, load_checkpoint_section, save_checkpoint
 
-__all__ = ["RunDirectory", "json_safe"]
+__all__ = ["STRATEGY_SECTION", "RunDirectory", "json_safe"]
 
 logger = logging.getLogger(__name__)
+
+STRATEGY_SECTION = "strategy_state"  # the checkpoint section holding the server optimizer's moments
 
 
 def json_safe(value: Any) -> Any:
@@ -168,8 +170,15 @@ class RunDirectory:
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
-    def save_weights(self, path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        save_checkpoint(path, arrays, json_safe(meta))
+    def save_weights(
+        self,
+        path: Path,
+        arrays: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any],
+        strategy_state: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Write weights with their metadata and, in the same file, the strategy's state (server optimizer moments)."""
+        save_checkpoint(path, arrays, json_safe(meta), {STRATEGY_SECTION: strategy_state} if strategy_state else None)
 
     def load_last_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """The latest checkpoint's weights and metadata, or None when the run has none yet."""
@@ -177,3 +186,9 @@ class RunDirectory:
             return None
         arrays, meta = load_checkpoint(self.last_checkpoint_path)
         return dict(arrays), meta
+
+    def load_strategy_state(self) -> dict[str, np.ndarray]:
+        """The strategy state saved with the latest checkpoint (empty when there is none)."""
+        if not self.last_checkpoint_path.is_file():
+            return {}
+        return load_checkpoint_section(self.last_checkpoint_path, STRATEGY_SECTION)

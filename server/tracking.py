@@ -167,8 +167,10 @@ class RunTracker:
         server_s: float = 0.0,
         dropped: list[dict[str, str]] | None = None,
         extra: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """Record a finished round: update selection, checkpoint, then append its metrics line."""
+        """Record a finished round: update selection, checkpoint (with the strategy's state, for an exact resume),
+        then append its metrics line."""
         dropped = list(dropped or [])
         round_compute = server_s + sum(s.train_s + s.eval_s for s in sites.values())
         self.compute_s += round_compute
@@ -217,7 +219,10 @@ class RunTracker:
         self.last = {"round": server_round, "val": val, "test": dict(test) if test is not None else None}
         if arrays is not None:
             self.run_dir.save_weights(
-                self.run_dir.last_checkpoint_path, arrays, {"round": server_round, "tracker": self.state()}
+                self.run_dir.last_checkpoint_path,
+                arrays,
+                {"round": server_round, "tracker": self.state()},
+                strategy_state=strategy_state,
             )
         self.run_dir.append_metrics(record)
         return record

@@ -12,8 +12,18 @@ from collections.abc import Callable
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common import keys
-from common.config import CentralDPConfig, KrumConfig, ProxConfig, StrategyConfig, TrimmedMeanConfig
+from common.config import (
+    AdaptiveMomentsConfig,
+    CentralDPConfig,
+    KrumConfig,
+    ProxConfig,
+    ServerMomentumConfig,
+    ServerOptimizerConfig,
+    StrategyConfig,
+    TrimmedMeanConfig,
+)
 from common.errors import ConfigError
+from strategies import server_optimizers
 from strategies.metrics import weighted_mean_ignoring_nan
 
 __all__ = ["StrategyFactory", "available_strategies", "build_strategy", "require_strategy", "with_central_dp"]
@@ -74,10 +84,36 @@ def _multikrum(cfg: StrategyConfig) -> Strategy:
                      num_nodes_to_select=options.num_nodes_to_select)  # type: ignore[attr-defined]
 
 
+def _fedavgm(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, ServerMomentumConfig)
+    return server_optimizers.FedAvgM(**_common(cfg), server_learning_rate=options.server_learning_rate,  # type: ignore[arg-type]
+                                     server_momentum=options.server_momentum)  # type: ignore[attr-defined]
+
+
+def _fedadagrad(cfg: StrategyConfig) -> Strategy:
+    options = _options(cfg, ServerOptimizerConfig)
+    return server_optimizers.FedAdagrad(**_common(cfg), eta=options.eta, tau=options.tau)  # type: ignore[arg-type,attr-defined]
+
+
+def _adaptive_moments(flower_class: type[Strategy]) -> StrategyFactory:
+    def factory(cfg: StrategyConfig) -> Strategy:
+        options = _options(cfg, AdaptiveMomentsConfig)
+        return flower_class(**_common(cfg), eta=options.eta, tau=options.tau,  # type: ignore[call-arg,attr-defined]
+                            beta_1=options.beta_1, beta_2=options.beta_2)  # type: ignore[attr-defined]
+
+    return factory
+
+
+# server optimizers: FedAvgM, FedAdam, FedYogi, FedAdagrad are Flower's, keeping the model's dtypes, with
+# checkpointable moments (strategies.server_optimizers)
 # robust aggregation: FedMedian, FedTrimmedAvg, Krum, MultiKrum are Flower's own, configured from medfed's config
 _FACTORIES: dict[str, StrategyFactory] = {
     "fedavg": _fedavg,
     "fedprox": _fedprox,
+    "fedavgm": _fedavgm,
+    "fedadam": _adaptive_moments(server_optimizers.FedAdam),
+    "fedyogi": _adaptive_moments(server_optimizers.FedYogi),
+    "fedadagrad": _fedadagrad,
     "fedmedian": _fedmedian,
     "fedtrimmedavg": _fedtrimmedavg,
     "krum": _krum,

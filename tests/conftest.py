@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,16 @@ def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     """Every test gets a temporary FLWR_HOME and medfed state dir, so nothing touches the user's state."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
     monkeypatch.setenv("MEDFED_STATE_DIR", str(tmp_path_factory.mktemp("medfed-state")))
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """The running task's identity, which Flower stamps on every Message it builds (set by its app processes)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 7
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ Two views of the same state dict: a list of arrays in ``state_dict()`` order (:f
 Every loader is strict: a missing or unexpected key, a shape or a dtype-kind mismatch raises
 :class:`~common.errors.IncompatibleUpdateError` naming the layers, before the model is touched.
 
-Checkpoints are ``torch.save``'d dicts ``{"state_dict": {name: tensor}, "meta": dict}``, written atomically
+Checkpoints are ``torch.save``'d dicts ``{"state_dict": {name: tensor}, "meta": dict}`` (plus optional named
+sections of arrays that travel with the weights, such as a server optimizer's moments), written atomically
 (temporary file + ``os.replace``) and read with ``torch.load(weights_only=True)``, so loading one never runs code.
 Pass the *unwrapped* model (not Opacus' ``GradSampleModule``) so the keys carry no ``_module.`` prefix.
 """
@@ -31,6 +32,7 @@ from common.errors import IncompatibleUpdateError
 __all__ = [
     "get_weights",
     "load_checkpoint",
+    "load_checkpoint_section",
     "load_state_dict_numpy",
     "save_checkpoint",
     "set_weights",
@@ -161,8 +163,14 @@ def _check_meta(value: object, where: str) -> None:
     )
 
 
-def save_checkpoint(path: Path, model_arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    """Write ``{"state_dict": {name: tensor}, "meta": dict(meta)}`` to ``path`` atomically.
+def save_checkpoint(
+    path: Path,
+    model_arrays: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    sections: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> None:
+    """Write ``{"state_dict": {name: tensor}, "meta": dict(meta)}`` to ``path`` atomically; ``sections`` (name ->
+    arrays, e.g. the server optimizer's state) go into the same file, so they always match the weights.
 
     The file is written to a temporary file in the same directory and renamed over ``path``, so a reader never
     sees a half-written checkpoint. The parent directory must exist.
@@ -176,6 +184,11 @@ def save_checkpoint(path: Path, model_arrays: Mapping[str, np.ndarray], meta: Ma
         "state_dict": {str(k): torch.tensor(np.asarray(v)) for k, v in model_arrays.items()},
         "meta": dict(meta),
     }
+    if sections:
+        payload["sections"] = {
+            str(name): {str(k): torch.tensor(np.asarray(v)) for k, v in arrays.items()}
+            for name, arrays in sections.items()
+        }
     with atomic_write(path) as handle:
         torch.save(payload, handle)
     logger.debug("Saved checkpoint %s (%d arrays)", path.name, len(payload["state_dict"]))
@@ -188,7 +201,24 @@ def load_checkpoint(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str,
         FileNotFoundError: the file does not exist (the message names the file).
         IncompatibleUpdateError: the file is not a readable medfed checkpoint (truncated, corrupt, wrong layout).
     """
+    payload = _read_payload(Path(path))
+    arrays = OrderedDict((k, _to_numpy(v)) for k, v in payload["state_dict"].items())
+    return arrays, dict(payload["meta"])
+
+
+def load_checkpoint_section(path: Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays a checkpoint keeps in section ``name`` (empty when it has none). Raises as :func:`load_checkpoint`."""
     path = Path(path)
+    sections = _read_payload(path).get("sections", {})
+    section = sections.get(name, {}) if isinstance(sections, Mapping) else None
+    if not isinstance(section, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in section.items()
+    ):
+        raise IncompatibleUpdateError(f"Checkpoint file {path.name!r} has a malformed {name!r} section.")
+    return {k: _to_numpy(v) for k, v in section.items()}
+
+
+def _read_payload(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {path.name!r} does not exist in {path.parent.name!r}.")
     try:
@@ -209,5 +239,4 @@ def load_checkpoint(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str,
             f"Checkpoint file {path.name!r} does not have the medfed layout "
             '{"state_dict": {name: tensor}, "meta": dict}; it was not written by medfed.'
         )
-    arrays = OrderedDict((k, _to_numpy(v)) for k, v in payload["state_dict"].items())
-    return arrays, dict(payload["meta"])
+    return payload

@@ -122,8 +122,9 @@ def test_breastmnist_simulation_learns(tmp_path, data_dir):
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    # Prepare: start a 3-round run and kill it as soon as round 1 is checkpointed
-    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=3"]
+    # Prepare: start a 3-round FedAdam run and kill it as soon as round 1 is checkpointed
+    recipe = ["--cache-dir", "cache", *FAST, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
+    args = ["simulate", "--run-dir", "run", *recipe]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -147,6 +148,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert "resuming" in result.stdout
     summary = _assert_run_outputs(tmp_path / "run", 3)
     assert summary["rounds"] == 3
+    # the server optimizer's moments came back with the checkpoint: the same model as a run never interrupted
+    reference = _medfed(["simulate", "--run-dir", "reference", *recipe], tmp_path)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    resumed, _ = load_checkpoint(tmp_path / "run" / "model.pt")
+    uninterrupted, _ = load_checkpoint(tmp_path / "reference" / "model.pt")
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 @pytest.mark.parametrize("kind", ["centralized", "local"])

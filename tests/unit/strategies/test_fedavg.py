@@ -127,7 +127,7 @@ def test_round_offset_reaches_the_wrapped_strategy():
 
 def test_unknown_strategy_lists_choices():
     assert "fedavg" in available_strategies()
-    with pytest.raises(ConfigError, match="strategy.name='fedsgd' is not a registered strategy; choose one of: fedavg"):
+    with pytest.raises(ConfigError, match="strategy.name='fedsgd' is not a registered strategy; choose one of: fedadagrad, fedadam, fedavg"):
         build_strategy(StrategyConfig(name="fedsgd"))
 
 

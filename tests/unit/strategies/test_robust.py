@@ -67,7 +67,7 @@ def test_multikrum_averages_the_best_scored_updates():
         (["strategy=krum", "strategy.num_malicious_nodes=-1"], r"strategy.num_malicious_nodes=-1 is out of range"),
         (["strategy.beta=0.2"], r"strategy.beta"),  # fedavg has no beta: a typo-proof schema
         (["strategy=krum", "privacy.secure_aggregation=true"], r"strategy=krum cannot run with privacy.secure_aggregation"),
-        (["strategy=bulyan"], r"strategy='bulyan' is not a known strategy option; choose one of: fedavg, fedmedian"),
+        (["strategy=bulyan"], r"strategy='bulyan' is not a known strategy option; choose one of: fedadagrad, fedadam, fedavg"),
     ],
 )
 def test_bad_strategy_options_name_the_key(overrides, match):
