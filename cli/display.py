@@ -125,6 +125,12 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
             fmt(test.get("auc")),
             fmt(test.get("acc")),
         )
+    for label, key in (("personalised (by val AUC)", "personalized"), ("fine-tuned (last round)", "finetuned")):
+        entry = summary.get(key)
+        if entry:  # each hospital's own model: validation weighted over sites, test the mean over hospitals
+            val, test = entry.get("val") or {}, entry.get("test") or {}
+            table.add_row(label, fmt(entry.get("round")), fmt(val.get("auc")), fmt(val.get("acc")),
+                          fmt((test.get("auc") or {}).get("mean")), fmt((test.get("acc") or {}).get("mean")))
     table.add_section()
     for site_id, site in sorted((summary.get("sites") or {}).items()):
         val, test = site.get("val") or {}, site.get("test") or {}

@@ -46,6 +46,14 @@ from client.privacy import (
     plan_round,
     site_cap,
 )
+from client.personalization import (
+    finetune,
+    keep_local_layers,
+    local_layer_names,
+    poison,
+    restore_local_layers,
+    shared_state,
+)
 from client.site import resolve_site
 from client.training import DPTraining, configure_threads, derive_seed, select_device, train_epochs
 from common import keys
@@ -58,11 +66,11 @@ from common.config import (
     config_to_dict,
     overrides_from_run_config,
 )
-from common.data import SiteData
+from common.data import SiteData, load_test_set
 from common.errors import IncompatibleUpdateError, MedfedError
 from common.inference import evaluate
 from common.models import build_model
-from common.models.weights import get_weights, load_state_dict_numpy, set_weights
+from common.models.weights import load_state_dict_numpy, set_weights
 
 __all__ = ["SiteFailure", "app", "node_config"]
 
@@ -161,12 +169,15 @@ def _legacy_instruction(msg: Message) -> FitIns | EvaluateIns | None:
     return None
 
 
-def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], model: torch.nn.Module | None) -> Message:
-    """The reply: the model's weights (train), scalar metrics and the site id; in the legacy layout for SecAgg+."""
-    if _LEGACY_FIT in msg.content.array_records and model is not None:
+def _reply(
+    msg: Message, site: SiteData, metrics: dict[str, float | int], weights: dict[str, torch.Tensor] | None
+) -> Message:
+    """The reply: the model's weights (train, in state-dict order), scalar metrics and the site id; in the legacy
+    layout for SecAgg+."""
+    if _LEGACY_FIT in msg.content.array_records and weights is not None:
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
-            parameters=ndarrays_to_parameters(get_weights(model)),
+            parameters=ndarrays_to_parameters([w.numpy() for w in weights.values()]),
             num_examples=int(metrics[keys.NUM_EXAMPLES]),
             metrics={**metrics, keys.SITE_ID: site.site_id},
         )
@@ -180,8 +191,8 @@ def _reply(msg: Message, site: SiteData, metrics: dict[str, float | int], model:
         )
         return Message(content=compat.evaluateres_to_recorddict(evaluateres), reply_to=msg)
     content = RecordDict()
-    if model is not None:
-        content[keys.ARRAYS] = ArrayRecord(model.state_dict())
+    if weights is not None:
+        content[keys.ARRAYS] = ArrayRecord(weights)
     content[keys.METRICS] = MetricRecord(metrics)
     content[keys.SITE] = ConfigRecord({keys.SITE_ID: site.site_id})
     return Message(content=content, reply_to=msg)
@@ -246,6 +257,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(keys.CONFIG)
     mu = float(config.get(keys.PROXIMAL_MU, 0.0)) if config is not None else 0.0  # FedProx's, from the strategy
     plan, ledger = _privacy_round(cfg, dp, site, msg, context, server_round) if dp is not None else (None, None)
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    local = local_layer_names(model, cfg.personalize.local_layers)
+    if local:  # personalisation: this hospital's own layers over the new global model
+        restore_local_layers(model, _kept_layers(context), local)
     result = train_epochs(
         model,
         site.train,
@@ -270,6 +285,12 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=mu,
     )
     model.cpu()
+    if local:
+        context.state[keys.STATE_LOCAL_LAYERS] = ArrayRecord(keep_local_layers(model, local))
+    weights = poison(  # a simulated attacker's update (robustness experiments); the trained weights otherwise
+        shared_state(model, received, local), received, cfg.federation, _partition_id(context),
+        derive_seed(cfg.train.seed, "attack", server_round),
+    )
     metrics: dict[str, float | int] = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -284,22 +305,80 @@ def train(msg: Message, context: Context) -> Message:
                                      result.steps - plan.steps)
             epsilon = epsilon_spent(_record(ledger, context, [excess]), plan.delta, dp.accountant)
         metrics.update({keys.EPSILON: epsilon, keys.DELTA: plan.delta, keys.NOISE_MULTIPLIER: plan.noise_multiplier})
-    return _reply(msg, site, metrics, model)
+    return _reply(msg, site, metrics, weights)
+
+
+def _kept_layers(context: Context) -> dict[str, torch.Tensor] | None:
+    """The layers this hospital keeps to itself (personalisation), from ``context.state``; None before round 1."""
+    kept = context.state.array_records.get(keys.STATE_LOCAL_LAYERS)
+    return None if kept is None else kept.to_torch_state_dict()
+
+
+def _partition_id(context: Context) -> int | None:
+    """The simulated hospital's index, or None for a deployed hospital."""
+    value = context.node_config.get(keys.NODE_PARTITION_ID)
+    return None if value is None else int(value)  # type: ignore[arg-type]
 
 
 @app.evaluate()
 @_guarded
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this hospital's local validation split."""
-    cfg, site, model, _ = _setup(msg, context)
+    """Evaluate the received global model on this hospital's local validation split; with personalisation also
+    the hospital's personalised model, and after the last round its locally fine-tuned one."""
+    cfg, site, model, server_round = _setup(msg, context)
     started = time.perf_counter()
     scores = evaluate(
         model, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size, device=select_device()
     )
-    seconds = time.perf_counter() - started
     metrics: dict[str, float | int] = {f"{keys.EVAL_PREFIX}{k}": float(v) for k, v in scores.items()}
+    if cfg.personalize.enabled:
+        metrics.update(_personalised_metrics(cfg, site, model, context, server_round))
+    seconds = time.perf_counter() - started
     metrics.update(
         {keys.NUM_EXAMPLES: len(site.val), keys.EVAL_TIME_S: seconds, keys.N_VAL: len(site.val),
          keys.N_TRAIN: len(site.train)}
     )
     return _reply(msg, site, metrics, None)
+
+
+def _personalised_metrics(
+    cfg: Config, site: SiteData, model: torch.nn.Module, context: Context, server_round: int
+) -> dict[str, float | int]:
+    """The personalised model's metrics (global + kept layers) and, after the last round, the fine-tuned one's;
+    on the validation split, and in simulation also on the global test set (a deployed hospital has none)."""
+    device = select_device()
+    test = None
+    if _partition_id(context) is not None:
+        cache = context.run_config.get(keys.RUN_CACHE_DIR)
+        test = load_test_set(cfg, cache_dir=Path(str(cache)) if cache else None)[1]
+
+    def scores(prefix: str, test_prefix: str, candidate: torch.nn.Module) -> dict[str, float | int]:
+        out = {f"{prefix}{k}": float(v) for k, v in validate(candidate).items()}
+        if test is not None:
+            test_scores = evaluate(candidate, test.images, test.labels, batch_size=cfg.train.eval_batch_size,
+                                   device=device)
+            out.update({f"{test_prefix}{k}": float(v) for k, v in test_scores.items()})
+        return out
+
+    def validate(candidate: torch.nn.Module) -> dict[str, float]:
+        return evaluate(candidate, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size,
+                        device=device)
+
+    metrics: dict[str, float | int] = {}
+    local = local_layer_names(model, cfg.personalize.local_layers)
+    if local:
+        restore_local_layers(model, _kept_layers(context), local)
+        metrics.update(scores(keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX, model))
+    if cfg.personalize.finetune_epochs > 0 and server_round >= cfg.train.rounds:
+
+        def train_one_epoch(candidate: torch.nn.Module, epoch: int) -> None:
+            train_epochs(candidate, site.train, cfg.train, epochs=1, n_classes=site.info.n_classes,
+                         spatial_dims=site.info.spatial_dims, seed=derive_seed(cfg.train.seed, "finetune", epoch,
+                                                                               site.site_id),
+                         lr=cfg.train.lr, device=device)
+            candidate.cpu()
+
+        tuned = finetune(model, cfg.personalize.finetune_epochs, train_one_epoch, validate)
+        metrics.update(scores(keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX, tuned.model))
+        metrics[keys.FINETUNED_EPOCH] = tuned.epoch
+    return metrics

@@ -37,6 +37,7 @@ __all__ = [
     "StrategyConfig",
     "TrimmedMeanConfig",
     "KrumConfig",
+    "PersonalizeConfig",
     "ProxConfig",
     "ServerMomentumConfig",
     "ServerOptimizerConfig",
@@ -58,6 +59,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 RUN_CONFIG_OVERRIDES = "medfed-overrides"
 
 PARTITIONS = ("iid", "dirichlet", "quantity")
+ATTACKS = ("none", "scale", "noise")  # simulated poisoning (federation.attack)
+LOCAL_LAYERS = ("none", "norm", "head", "norm_head")  # layers a hospital keeps to itself (personalize.local_layers)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTINGS = ("none", "balanced")
@@ -313,6 +316,12 @@ class FederationConfig:
     site_max_epsilon_each: list[float] = field(default_factory=list)  # per hospital, overrides site_max_epsilon
     site_max_delta: float = 1e-5
     site_min_noise: float = 0.0
+    # A robustness experiment (simulation only; a deployed hospital never reads it): the first `attackers`
+    # simulated hospitals send a poisoned update, scaled (`scale`: global + attack_scale x their update) or
+    # replaced by Gaussian noise (`noise`: global + N(0, attack_scale^2) per weight).
+    attack: str = "none"
+    attackers: int = 1
+    attack_scale: float = 100.0
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -338,6 +347,34 @@ class FederationConfig:
             )
         _fraction("federation.site_max_delta", self.site_max_delta, high_open=True)
         _positive("federation.site_min_noise", self.site_min_noise, allow_zero=True)
+        _choice("federation.attack", self.attack, ATTACKS)
+        if self.attack != "none" and not 1 <= self.attackers < self.hospitals:
+            raise ConfigError(
+                f"federation.attackers={self.attackers!r} is out of range; with federation.attack={self.attack} it "
+                f"must lie in [1, federation.hospitals={self.hospitals}) (some hospitals must stay honest)."
+            )
+        _positive("federation.attack_scale", self.attack_scale)
+
+
+@dataclass
+class PersonalizeConfig:
+    """Personalisation: layers each hospital keeps to itself (FedBN-style norm layers, FedPer-style head) and local
+    fine-tuning of the final model; hospitals then report global and personalised metrics."""
+
+    local_layers: str = "none"
+    finetune_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("personalize.local_layers", self.local_layers, LOCAL_LAYERS)
+        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            raise ConfigError(
+                f"personalize.finetune_epochs={self.finetune_epochs!r} is out of range; it must be an integer >= 0 "
+                "(0: no local fine-tuning)."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.local_layers != "none" or self.finetune_epochs > 0
 
 
 @dataclass
@@ -501,8 +538,15 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
     def __post_init__(self) -> None:
+        if self.personalize.enabled and (self.privacy.name != "none" or self.privacy.secure_aggregation):
+            raise ConfigError(
+                "personalize.* cannot run with privacy=dp, privacy=central_dp or secure aggregation yet: local layers "
+                "and fine-tuning steps are training on the hospital's data that the privacy accounting does not "
+                "cover. Leave personalize.local_layers=none and personalize.finetune_epochs=0 for private runs."
+            )
         if self.privacy.secure_aggregation and self.strategy.name != "fedavg":
             raise ConfigError(
                 f"strategy={self.strategy.name} cannot run with privacy.secure_aggregation=true: SecAgg+ gives the "
@@ -653,6 +697,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         federation=FederationConfig(**data["federation"]),
         train=TrainConfig(**train),
         privacy=_option_from_dict("privacy", "name", "privacy mechanism", data["privacy"]),
+        personalize=PersonalizeConfig(**data.get("personalize", {})),
     )
 
 

@@ -13,6 +13,11 @@ __all__ = [
     "EPSILON",
     "EVAL_PREFIX",
     "EVAL_TIME_S",
+    "FINETUNED_EPOCH",
+    "FINETUNED_PREFIX",
+    "FINETUNED_TEST_PREFIX",
+    "PERSONAL_PREFIX",
+    "PERSONAL_TEST_PREFIX",
     "METRICS",
     "RUN_CACHE_DIR",
     "NODE_MAX_DELTA",
@@ -37,6 +42,7 @@ __all__ = [
     "SITE_ID",
     "STATE_CONFIG",
     "STATE_LEDGER",
+    "STATE_LOCAL_LAYERS",
     "TRAIN_LOSS",
     "TRAIN_TIME_S",
 ]
@@ -60,6 +66,11 @@ TRAIN_LOSS = "train-loss"
 TRAIN_TIME_S = "train-time-s"
 EVAL_TIME_S = "eval-time-s"
 EVAL_PREFIX = "val-"  # validation metrics travel as val-auc, val-acc, ...
+PERSONAL_PREFIX = "pval-"  # the personalised model (global + the site's local layers) on the site's validation split
+PERSONAL_TEST_PREFIX = "ptest-"  # ... on the global test set (simulation only: a deployed hospital has none)
+FINETUNED_PREFIX = "ftval-"  # after local fine-tuning of the final model, at the best-validation epoch
+FINETUNED_TEST_PREFIX = "fttest-"  # ... on the global test set (simulation only)
+FINETUNED_EPOCH = "ft-epoch"  # the fine-tuning epoch a hospital kept (0: fine-tuning did not help on validation)
 EPSILON = "epsilon"  # the site's cumulative epsilon (all runs on its data) after this round
 DELTA = "delta"  # the delta that epsilon is stated at
 NOISE_MULTIPLIER = "noise-multiplier"
@@ -74,6 +85,7 @@ RUN_STATE_DIR = "state-dir"  # simulation: where simulated sites keep their priv
 
 # Keys of a node's own Flower context.state (never sent anywhere)
 STATE_CONFIG = "medfed-config"  # the composed config, so Hydra runs once per node and run
+STATE_LOCAL_LAYERS = "medfed-local-layers"  # personalisation: the layers this hospital keeps to itself
 STATE_LEDGER = "medfed-privacy-ledger"  # this node's privacy ledger entries (mirrors the on-disk ledger)
 
 # Node config keys

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["EPS", "classification_metrics", "finite_or_none", "roc_auc"]
+__all__ = ["EPS", "classification_metrics", "finite_or_none", "roc_auc", "selection_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +158,12 @@ def finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
         number = float(value)
         out[key] = number if math.isfinite(number) else None
     return out
+
+
+def selection_key(val: Mapping[str, float]) -> tuple[int, float]:
+    """Order rounds for model selection: any defined AUC beats none; then higher AUC, else lower loss."""
+    auc = val.get("auc", math.nan)
+    if auc is not None and math.isfinite(auc):
+        return (1, float(auc))
+    loss = val.get("loss", math.nan)
+    return (0, -float(loss)) if loss is not None and math.isfinite(loss) else (0, -math.inf)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from common import keys
+from common.metrics import selection_key
 from server.runs import RunDirectory
 
 __all__ = ["RunTracker", "SiteRound", "selection_key", "site_rounds", "weighted_metrics"]
@@ -38,6 +39,10 @@ class SiteRound:
     test: dict[str, float] | None = None  # only for the local-only baseline (each site's own model)
     epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
     delta: float | None = None
+    # personalisation: the site's personalised model (global + its own layers) and, after the last round, its
+    # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
+    personal: dict[str, dict[str, float]] | None = None
+    finetuned: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
@@ -47,7 +52,23 @@ class SiteRound:
             record["test"] = dict(self.test)
         if self.epsilon is not None:
             record["epsilon"], record["delta"] = self.epsilon, self.delta
+        if self.personal is not None:
+            record["personal"] = self.personal
+        if self.finetuned is not None:
+            record["finetuned"] = self.finetuned
         return record
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _personal_parts(metrics: Mapping[str, float], val_prefix: str, test_prefix: str) -> dict[str, Any] | None:
+    val = _prefixed(metrics, val_prefix)
+    if not val:
+        return None
+    test = _prefixed(metrics, test_prefix)
+    return {"val": val, "test": test} if test else {"val": val}
 
 
 def site_rounds(
@@ -68,33 +89,30 @@ def site_rounds(
         if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
             site.n_train = int(metrics[keys.N_TRAIN])
         site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
-        prefix = keys.EVAL_PREFIX
-        site.val = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        site.val = _prefixed(metrics, keys.EVAL_PREFIX)
+        site.personal = _personal_parts(metrics, keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX)
+        site.finetuned = _personal_parts(metrics, keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX)
+        if site.finetuned is not None and keys.FINETUNED_EPOCH in metrics:
+            site.finetuned["epoch"] = int(metrics[keys.FINETUNED_EPOCH])
     return sites
 
 
-def weighted_metrics(sites: Mapping[str, SiteRound]) -> dict[str, float]:
-    """Validation metrics averaged over sites weighted by validation size, each skipping sites where undefined."""
+def weighted_metrics(
+    sites: Mapping[str, SiteRound], of: Callable[[SiteRound], Mapping[str, float]] = lambda s: s.val
+) -> dict[str, float]:
+    """Validation metrics (``of`` each site: by default the global model's) averaged over sites weighted by
+    validation size, each skipping sites where undefined."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for site in sites.values():
         w = float(site.n_val or 0)
-        for key, value in site.val.items():
+        for key, value in of(site).items():
             sums.setdefault(key, 0.0)
             weights.setdefault(key, 0.0)
             if w > 0 and value is not None and math.isfinite(value):
                 sums[key] += w * value
                 weights[key] += w
     return {k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in sums}
-
-
-def selection_key(val: Mapping[str, float]) -> tuple[int, float]:
-    """Order rounds for model selection: any defined AUC beats none; then higher AUC, else lower loss."""
-    auc = val.get("auc", math.nan)
-    if auc is not None and math.isfinite(auc):
-        return (1, float(auc))
-    loss = val.get("loss", math.nan)
-    return (0, -float(loss)) if loss is not None and math.isfinite(loss) else (0, -math.inf)
 
 
 def _mean_min_max(values: list[float]) -> dict[str, float]:
@@ -132,6 +150,10 @@ class RunTracker:
         # central DP: Flower's accountant state (JSON), checkpointed so a resumed run keeps counting
         self.accountant_state: dict[str, Any] | None = state.get("accountant_state")
         self.run_privacy: dict[str, float] | None = state.get("run_privacy")
+        # personalisation: the round with the best weighted personalised validation AUC, each site's personalised
+        # metrics in it, and the fine-tuned metrics of the last round
+        self.personal_best: dict[str, Any] | None = state.get("personal_best")
+        self.finetuned: dict[str, Any] | None = state.get("finetuned")
 
     # --- state ---------------------------------------------------------------------------------------------------
     def wall_s(self) -> float:
@@ -149,6 +171,8 @@ class RunTracker:
             "site_privacy": self.site_privacy,
             "accountant_state": self.accountant_state,
             "run_privacy": self.run_privacy,
+            "personal_best": self.personal_best,
+            "finetuned": self.finetuned,
             "mode": self.mode,
         }
 
@@ -211,6 +235,7 @@ class RunTracker:
             ):
                 self.site_best[site_id] = {"round": server_round, "val": dict(s.val), "test": s.test}
 
+        self._record_personal(server_round, sites)
         improved = self.best is None or selection_key(val) > selection_key(self.best["val"])
         if improved and (val or test is not None):
             self.best = {"round": server_round, "val": val, "test": dict(test) if test is not None else None}
@@ -226,6 +251,32 @@ class RunTracker:
             )
         self.run_dir.append_metrics(record)
         return record
+
+    def _record_personal(self, server_round: int, sites: Mapping[str, SiteRound]) -> None:
+        """Select the personalised models' best round on their validation metrics; keep the fine-tuned ones."""
+        personal = {k: s for k, s in sites.items() if s.personal is not None}
+        if personal:
+            val = weighted_metrics(personal, lambda s: (s.personal or {}).get("val", {}))
+            if self.personal_best is None or selection_key(val) > selection_key(self.personal_best["val"]):
+                self.personal_best = {"round": server_round, "val": val,
+                                      "sites": {k: s.personal for k, s in sorted(personal.items())}}
+        tuned = {k: s for k, s in sites.items() if s.finetuned is not None}
+        if tuned:
+            self.finetuned = {"round": server_round,
+                              "val": weighted_metrics(tuned, lambda s: (s.finetuned or {}).get("val", {})),
+                              "sites": {k: s.finetuned for k, s in sorted(tuned.items())}}
+
+    @staticmethod
+    def _personal_summary(part: Mapping[str, Any]) -> dict[str, Any]:
+        """A personalised part of the summary: its round, weighted validation metrics, and the sites' test metrics
+        (each hospital's own model on the global test set: mean, min, max over hospitals)."""
+        tests = [(s.get("test") or {}) for s in part["sites"].values()]
+        summary: dict[str, Any] = {"round": part["round"], "val": part["val"], "sites": part["sites"]}
+        if any(tests):
+            summary["test"] = {
+                metric: _mean_min_max([t.get(metric, math.nan) for t in tests]) for metric in ("auc", "acc")
+            }
+        return summary
 
     # --- end -----------------------------------------------------------------------------------------------------
     def finish(
@@ -268,6 +319,10 @@ class RunTracker:
             }
         if self.run_privacy is not None:
             summary["privacy"] = {**summary.get("privacy", {}), **self.run_privacy}
+        if self.personal_best is not None:
+            summary["personalized"] = self._personal_summary(self.personal_best)
+        if self.finetuned is not None:
+            summary["finetuned"] = self._personal_summary(self.finetuned)
         if self.mode == "local":
             # each hospital alone: its own model, selected at its own best-validation round
             auc = _mean_min_max([(s.get("test") or {}).get("auc", math.nan) for s in sites.values()])
