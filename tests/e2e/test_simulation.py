@@ -208,3 +208,39 @@ def test_same_command_gives_the_same_numbers(tmp_path):
 
     # Assert
     assert records[0] == records[1]
+
+
+def test_personalised_federation_with_an_attacker(tmp_path):
+    # Execute: FedBN-style local norm layers + 1 fine-tuning epoch; hospital-0 sends 100 x its update every round
+    overrides = [*FAST, "federation.partition=dirichlet", "train.rounds=2", "personalize.local_layers=norm",
+                 "personalize.finetune_epochs=1", "federation.attack=scale"]
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *overrides], tmp_path)
+
+    # Assert: medfed's update validation rejected the attacker in both rounds, the others were aggregated
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 2)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        rejected = [d for d in line["dropped"] if "update rejected" in d["reason"]]
+        assert [d["site"] for d in rejected] == ["hospital-0"]
+        assert "median" in rejected[0]["reason"]
+    # personalised and fine-tuned metrics, per site, validation and test
+    for part in ("personalized", "finetuned"):
+        assert sorted(summary[part]["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
+        assert 0.0 <= summary[part]["test"]["auc"]["min"] <= summary[part]["test"]["auc"]["max"] <= 1.0
+    assert "personalised (by val AUC)" in result.stdout
+    # the hospitals' norm layers never left them: the global model's are still the initial ones
+    import torch
+
+    from common.config import compose_config
+    from common.data import load_test_set
+    from common.models import build_model
+
+    cfg = compose_config(overrides)
+    info, _ = load_test_set(cfg)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    final, _ = load_checkpoint(tmp_path / "run" / "model.pt")
+    norm = [k for k in final if ".norm." in k]
+    assert norm and all(np.array_equal(final[k], initial.state_dict()[k].numpy()) for k in norm)
+    assert any(not np.array_equal(final[k], initial.state_dict()[k].numpy()) for k in final if k not in norm)

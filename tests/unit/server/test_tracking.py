@@ -137,3 +137,40 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
     # once the holder is gone (killed: no clean-up), the lock is free
     with run.exclusive(timeout=5):
         pass
+
+
+def test_personalised_models_are_selected_on_their_own_validation_and_reported_per_site(tmp_path):
+    # Prepare: the hospitals' reply metrics (as the ClientApp sends them); round 1 has the better personalised
+    # validation AUC, round 2 the better global one and the better personalised *test* AUC
+    from server.tracking import site_rounds
+
+    def evaluate(global_auc: float, personal_auc: float, personal_test: float, finetuned: bool) -> dict:
+        metrics = {"n-val": 10, "val-auc": global_auc, "pval-auc": personal_auc, "ptest-auc": personal_test}
+        if finetuned:
+            metrics.update({"ftval-auc": personal_auc + 0.01, "fttest-auc": personal_test + 0.01, "ft-epoch": 2})
+        return metrics
+
+    train = {"hospital-0": {"n-train": 40, "train-loss": 0.5}, "hospital-1": {"n-train": 40, "train-loss": 0.5}}
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=2, t0=time.time())
+
+    # Execute
+    tracker.record_round(1, sites=site_rounds(train, {s: evaluate(0.6, 0.9, 0.70, False) for s in train}),
+                         test={"auc": 0.8}, arrays=None)
+    tracker.record_round(2, sites=site_rounds(train, {"hospital-0": evaluate(0.8, 0.8, 0.95, True),
+                                                      "hospital-1": evaluate(0.8, 0.8, 0.85, True)}),
+                         test={"auc": 0.8}, arrays=None)
+    summary = tracker.finish(None)
+
+    # Assert: the global best is round 2, the personalised best round 1 (its validation), tested at round 1
+    assert summary["best"]["round"] == 2
+    assert summary["personalized"]["round"] == 1
+    assert summary["personalized"]["val"]["auc"] == pytest.approx(0.9)
+    assert summary["personalized"]["test"]["auc"]["mean"] == pytest.approx(0.70)
+    assert summary["personalized"]["sites"]["hospital-1"]["test"]["auc"] == pytest.approx(0.70)
+    assert summary["finetuned"]["round"] == 2
+    assert summary["finetuned"]["test"]["auc"]["mean"] == pytest.approx(0.91)  # mean of 0.96 and 0.86
+    assert summary["finetuned"]["sites"]["hospital-0"]["epoch"] == 2
+    lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert lines[0]["sites"]["hospital-0"]["personal"]["val"]["auc"] == pytest.approx(0.9)
+    assert "finetuned" not in lines[0]["sites"]["hospital-0"]

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
 from common import keys
-from common.config import StrategyConfig
+from common.config import StrategyConfig, compose_config
 from common.errors import ConfigError
 from strategies import ObservedStrategy, available_strategies, build_strategy, weighted_mean_ignoring_nan
 from tests.conftest import instruction, reply
@@ -199,3 +199,25 @@ def test_the_superlinks_error_for_an_offline_hospital_names_that_hospital():
     # Assert: one drop, of node 6, with Flower's reason (not a drop of "node-1" plus a silent node 6)
     dropped = strategy.take_observations().dropped
     assert [(d.site_id, d.reason) for d in dropped] == [("node-6", "Error: Node Unavailable")]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("fraction", "minimum", "asked"), [(1.0, 2, 5), (0.6, 2, 3), (0.2, 2, 2), (0.4, 4, 4)])
+def test_partial_participation_asks_a_fraction_of_hospitals_but_never_fewer_than_the_minimum(fraction, minimum, asked):
+    # Prepare: 5 hospitals online
+    class FiveHospitals:
+        run_id = 1
+
+        def get_node_ids(self):
+            return [1, 2, 3, 4, 5]
+
+    cfg = compose_config(["federation.hospitals=5", f"strategy.fraction_train={fraction}",
+                          f"strategy.min_train_nodes={minimum}"])
+
+    # Execute
+    messages = list(build_strategy(cfg.strategy).configure_train(1, ArrayRecord([np.zeros(1)]), ConfigRecord(),
+                                                                 FiveHospitals()))
+
+    # Assert: int(fraction x online), at least min_train_nodes, each hospital once
+    destinations = [m.metadata.dst_node_id for m in messages]
+    assert len(destinations) == asked == len(set(destinations))
