@@ -47,6 +47,7 @@ from client.privacy import (
     site_cap,
 )
 from client.personalization import (
+    KeptLayersFile,
     finetune,
     keep_local_layers,
     local_layer_names,
@@ -260,7 +261,7 @@ def train(msg: Message, context: Context) -> Message:
     received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     local = local_layer_names(model, cfg.personalize.local_layers)
     if local:  # personalisation: this hospital's own layers over the new global model
-        restore_local_layers(model, _kept_layers(context), local)
+        restore_local_layers(model, _kept_layers(context, site, server_round), local)
     result = train_epochs(
         model,
         site.train,
@@ -286,7 +287,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     model.cpu()
     if local:
-        context.state[keys.STATE_LOCAL_LAYERS] = ArrayRecord(keep_local_layers(model, local))
+        kept = keep_local_layers(model, local)
+        context.state[keys.STATE_LOCAL_LAYERS] = ArrayRecord(kept)
+        _kept_file(context, site).save(kept, server_round)
     weights = poison(  # a simulated attacker's update (robustness experiments); the trained weights otherwise
         shared_state(model, received, local), received, cfg.federation, _partition_id(context),
         derive_seed(cfg.train.seed, "attack", server_round),
@@ -308,10 +311,17 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, site, metrics, weights)
 
 
-def _kept_layers(context: Context) -> dict[str, torch.Tensor] | None:
-    """The layers this hospital keeps to itself (personalisation), from ``context.state``; None before round 1."""
+def _kept_file(context: Context, site: SiteData) -> KeptLayersFile:
+    return KeptLayersFile.of(_state_dir(context), str(context.run_config.get(keys.RUN_DIR, "")), site.site_id)
+
+
+def _kept_layers(context: Context, site: SiteData, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The layers this hospital keeps to itself (personalisation): from ``context.state``, or, in the first round
+    after a coordinator restart or ``--resume`` (a new Flower run), from its state directory; None in round 1."""
     kept = context.state.array_records.get(keys.STATE_LOCAL_LAYERS)
-    return None if kept is None else kept.to_torch_state_dict()
+    if kept is not None:
+        return kept.to_torch_state_dict()
+    return _kept_file(context, site).load_before(server_round)
 
 
 def _partition_id(context: Context) -> int | None:
@@ -367,7 +377,7 @@ def _personalised_metrics(
     metrics: dict[str, float | int] = {}
     local = local_layer_names(model, cfg.personalize.local_layers)
     if local:
-        restore_local_layers(model, _kept_layers(context), local)
+        restore_local_layers(model, _kept_layers(context, site, server_round + 1), local)
         metrics.update(scores(keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX, model))
     if cfg.personalize.finetune_epochs > 0 and server_round >= cfg.train.rounds:
 

@@ -2,7 +2,8 @@
 
 - **Local layers** (``personalize.local_layers``): FedBN-style normalisation layers (``norm``), a FedPer-style
   classifier head (``head``) or both stay at the hospital. Their trained values live in Flower's ``context.state``
-  between rounds (the ClientApp keeps them there; this module knows no Flower type) and are laid over each new global model; the reply carries, for those layers, the values the
+  between rounds (the ClientApp keeps them there; this module knows no Flower type) and in the hospital's state
+  directory, so a coordinator restart or ``--resume`` finds them and are laid over each new global model; the reply carries, for those layers, the values the
   hospital *received*, so the hospital's own never leave it and every strategy aggregates the same set of arrays.
 - **Fine-tuning** (``personalize.finetune_epochs``): after the last round a hospital trains its personalised model
   for a few more epochs on its training split and keeps the epoch (0 included: no fine-tuning) with the best
@@ -14,18 +15,31 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.config import FederationConfig
+from common.errors import IncompatibleUpdateError
 from common.metrics import selection_key  # one model-selection rule for rounds and epochs
+from common.models.weights import load_checkpoint, save_checkpoint
 
-__all__ = ["FineTuned", "finetune", "keep_local_layers", "local_layer_names", "poison", "restore_local_layers"]
+__all__ = [
+    "FineTuned",
+    "KeptLayersFile",
+    "finetune",
+    "keep_local_layers",
+    "local_layer_names",
+    "poison",
+    "restore_local_layers",
+    "shared_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +88,37 @@ def keep_local_layers(model: nn.Module, names: list[str]) -> dict[str, torch.Ten
     ``context.state``)."""
     state = model.state_dict()
     return {k: state[k].detach().cpu().clone() for k in names}
+
+
+@dataclass(frozen=True)
+class KeptLayersFile:
+    """The kept layers on disk in the hospital's state directory, so a coordinator restart (which resumes the run
+    as a new Flower run, with a fresh ``context.state``) does not lose them. One file per run and site; the name
+    is a hash, so it reveals neither."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, run_key: str, site_id: str) -> KeptLayersFile:
+        digest = hashlib.sha256(f"{run_key}\0{site_id}".encode()).hexdigest()[:24]
+        return cls(Path(state_dir) / "personal" / f"{digest}.pt")
+
+    def save(self, kept: Mapping[str, torch.Tensor], server_round: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.path, {k: v.numpy() for k, v in kept.items()}, {"round": server_round})
+
+    def load_before(self, server_round: int) -> dict[str, torch.Tensor] | None:
+        """The layers kept in an earlier round of this run, or None (none kept, or unreadable: start again)."""
+        if server_round <= 1 or not self.path.is_file():
+            return None
+        try:
+            arrays, meta = load_checkpoint(self.path)
+        except IncompatibleUpdateError:
+            logger.warning("kept local layers unreadable; starting them from the global model")
+            return None
+        if not int(meta.get("round", 0)) < server_round:
+            return None
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def shared_state(model: nn.Module, received: Mapping[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:

@@ -123,11 +123,12 @@ def test_bad_personalisation_and_attack_options_name_the_key(overrides, match):
 
 
 # --- the ClientApp, as Flower calls it ----------------------------------------------------------------------------
-def _context(tmp_path, extra: list[str]) -> Context:
-    return Context(
-        run_id=1, node_id=7, node_config={keys.NODE_PARTITION_ID: 0, "num-partitions": 3}, state=RecordDict(),
-        run_config=run_config_from_overrides([*BASE, *extra], **{keys.RUN_CACHE_DIR: str(tmp_path / "cache")}),
+def _context(tmp_path, extra: list[str], run: str = "run") -> Context:
+    run_config = run_config_from_overrides(
+        [*BASE, *extra], **{keys.RUN_CACHE_DIR: str(tmp_path / "cache"), keys.RUN_DIR: str(tmp_path / run)}
     )
+    return Context(run_id=1, node_id=7, node_config={keys.NODE_PARTITION_ID: 0, "num-partitions": 3},
+                   state=RecordDict(), run_config=run_config)
 
 
 def _message(message_type: str, arrays: ArrayRecord, server_round: int):
@@ -181,3 +182,21 @@ def test_the_simulated_attacker_sends_a_far_update_and_the_others_train_honestly
 
     # Execute / Assert: 100 x its own update is far beyond an honest hospital's
     assert distance(0) > 20 * distance(1)
+
+
+def test_kept_layers_survive_a_coordinator_restart(tmp_path):
+    # Prepare: round 1 of a run with local heads, then the run resumes as a new Flower run (a fresh Context)
+    extra = ["personalize.local_layers=head", "train.rounds=3"]
+    global_model = ArrayRecord(_model().state_dict())
+    before = _context(tmp_path, extra)
+    app(_message(MessageType.TRAIN, global_model, 1), before)
+    expected = app(_message(MessageType.EVALUATE, global_model, 1), before).content[keys.METRICS]
+
+    # Execute: the resumed run's hospital (same run directory) and another run's (a different one)
+    resumed = app(_message(MessageType.EVALUATE, global_model, 1), _context(tmp_path, extra)).content[keys.METRICS]
+    other = app(_message(MessageType.EVALUATE, global_model, 1), _context(tmp_path, extra, run="other"))
+    other_metrics = other.content[keys.METRICS]
+
+    # Assert: the resumed hospital found its head on disk; another run starts from the global model
+    assert resumed["pval-loss"] == expected["pval-loss"] != expected["val-loss"]
+    assert other_metrics["pval-loss"] == other_metrics["val-loss"]
