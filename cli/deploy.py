@@ -460,6 +460,50 @@ def hospital_audit(config: SiteOpt) -> None:
     console.print(table)
 
 
+@hospital_app.command("check")
+def hospital_check(
+    data: Annotated[Path, typer.Option(help="The site's image folder (DICOM files/series, NIfTI, PNG/JPEG).")],
+    labels: Annotated[Path | None, typer.Option(
+        help="Label manifest CSV (path,label[,split][,patient_id]); default: one subfolder per class.")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="The task's classes, comma-separated; other labels are reported as unknown.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Check a site's data before training: readable images per class, unreadable files and why, duplicates,
+    sizes, label problems. Files are named by index; their paths go to the local log only. Exits non-zero only
+    when no labelled image is usable."""
+    import json
+
+    from common.data.site_folder import check_site
+
+    try:
+        report = check_site(data, labels, classes.split(",") if classes else None)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    table = Table("", "images", title=f"site data check: {len(report.classes)} classes")
+    for label, count in report.readable.items():
+        table.add_row(f"readable: {label}", str(count))
+    table.add_row("unreadable (skipped)", str(len(report.unreadable)))
+    table.add_row("duplicate groups", str(len(report.duplicates)))
+    for label, count in report.unknown_labels.items():
+        table.add_row(f"unknown label {label!r}", str(count))
+    table.add_row("manifest rows for missing files", str(report.missing_files))
+    table.add_row("manifest rows with no path or a bad split", str(report.bad_rows))
+    table.add_row("images without a manifest row (unlabelled)", str(report.unlisted))
+    for shape, count in list(report.shapes.items())[:5]:
+        table.add_row(f"size {shape}", str(count))
+    console.print(table)
+    for problem in report.unreadable[:20]:
+        console.print(f"  file {problem['index']}: {problem['reason']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
+        console.print(f"report written to {json_out}")
+    if report.usable == 0:
+        err_console.print("no labelled image is usable: fix the problems above before training")
+        raise typer.Exit(1)
+
+
 @hospital_app.command("export-demo")
 def hospital_export_demo(
     index: Annotated[int, typer.Option(help="Which simulated hospital (0-based).")],

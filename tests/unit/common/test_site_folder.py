@@ -1,0 +1,179 @@
+"""A hospital's image folder and the site data check, on files the tests write: DICOM made from MedMNIST images, a
+DICOM series, PNG, NIfTI, and broken inputs (truncated, not DICOM, no pixel data, manifest problems)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from typer.testing import CliRunner
+
+from cli.main import app
+from common.data.site_folder import check_site, read_entry, scan_site
+
+PATIENT = "Doe^Jane"  # a header value that must never appear in a report
+
+
+def _images(n: int) -> np.ndarray:
+    """Real ultrasound images (BreastMNIST) when the shared data is here, else a fixed random pattern."""
+    from tests.conftest import medmnist_dir
+
+    path = medmnist_dir() / "breastmnist.npz"
+    if path.is_file():
+        return np.load(path)["train_images"][:n]
+    return np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, z: float | None = None, series: str | None = None) -> Path:
+    """A minimal valid DICOM file (secondary capture, MONOCHROME2) holding ``pixels``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = PATIENT, "PID-12345", "US"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if z is not None:
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, z]
+        ds.SeriesInstanceUID = series or "1.2.3"
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    """benign/: 4 DICOM (one a duplicate of another), 1 PNG, 1 NIfTI volume; malignant/: 3 DICOM, a 3-slice series;
+    broken files in both; a top-level unlabelled DICOM."""
+    import nibabel
+    from PIL import Image
+
+    images = _images(12)
+    root = tmp_path / "site"
+    for i in range(3):
+        write_dicom(root / "benign" / f"b{i}.dcm", images[i])
+    shutil.copy(root / "benign" / "b0.dcm", root / "benign" / "b0_copy.dcm")  # the same image twice
+    Image.fromarray(images[3]).save(root / "benign" / "b3.png")
+    nibabel.save(nibabel.Nifti1Image(np.stack([images[4]] * 5, axis=-1).astype(np.float32), np.eye(4)),
+                 root / "benign" / "vol.nii.gz")
+    for i in range(3):
+        write_dicom(root / "malignant" / f"m{i}.dcm", images[5 + i])
+    for k, z in enumerate([2.0, 0.0, 1.0]):
+        write_dicom(root / "malignant" / "series1" / f"s{k}.dcm", images[8 + k], z=z)
+    data = (root / "malignant" / "m0.dcm").read_bytes()
+    (root / "malignant" / "cut.dcm").write_bytes(data[: len(data) - 300])  # truncated inside the pixels
+    (root / "benign" / "notes.dcm").write_text("not an image")  # a text file with a .dcm name
+    write_dicom(root / "unsorted.dcm", images[11])  # no class folder: unlabelled
+    return root
+
+
+def test_class_subfolders_give_labels_and_series_are_one_entry(site):
+    scan = scan_site(site)
+    kinds = {e.path: e.kind for e in scan.entries}
+    assert scan.classes == ["benign", "malignant"]
+    assert kinds["malignant/series1"] == "series" and kinds["benign/vol.nii.gz"] == "nifti"
+    assert kinds["benign/b3.png"] == "image" and kinds["malignant/m0.dcm"] == "dicom"
+    assert {e.path: e.label for e in scan.entries}["unsorted.dcm"] is None
+    assert len(scan.entries) == 13
+
+
+def test_entries_decode_to_channel_first_arrays(site):
+    scan = scan_site(site)
+    by_path = {e.path: e for e in scan.entries}
+    image = read_entry(site, by_path["benign/b1.dcm"])
+    assert image.shape == (1, 28, 28) and image.dtype == np.float32
+    np.testing.assert_allclose(read_entry(site, by_path["benign/b3.png"])[0], _images(4)[3] / 255.0, atol=1e-6)
+    assert read_entry(site, by_path["benign/vol.nii.gz"]).shape == (1, 5, 28, 28)
+    series = read_entry(site, by_path["malignant/series1"])
+    assert series.shape == (1, 3, 28, 28)
+    images = _images(12)
+    raw = images[8:11].astype(float)[[1, 2, 0]]  # slices at z = 0, 1, 2
+    np.testing.assert_allclose(series[0], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+
+
+def test_the_check_counts_what_is_usable_and_what_is_not(site):
+    report = check_site(site)
+
+    assert report.readable == {"(unlabelled)": 1, "benign": 6, "malignant": 4}
+    assert report.usable == 10
+    reasons = sorted(p["reason"] for p in report.unreadable)
+    assert len(reasons) == 2
+    assert any("not a DICOM file" in r for r in reasons) and any("pixel data does not match" in r for r in reasons)
+    paths = [e.path for e in scan_site(site).entries]
+    assert [sorted(paths[i] for i in group) for group in report.duplicates] == [["benign/b0.dcm",
+                                                                                 "benign/b0_copy.dcm"]]
+    assert report.shapes["1 x 28 x 28"] == 9 and report.kinds["series"] == 1
+    text = json.dumps(report.as_dict())
+    assert PATIENT not in text and "PID-12345" not in text and str(site) not in text and "notes.dcm" not in text
+
+
+def test_a_manifest_gives_labels_splits_patients_and_its_problems(site):
+    manifest = site / "labels.csv"
+    manifest.write_text(
+        "path,label,split,patient_id\n"
+        "benign/b0.dcm,benign,train,p1\n"
+        "benign/b1.dcm,benign,val,p2\n"
+        "malignant/m0.dcm,malignant,train,p3\n"
+        "malignant/series1,malignant,test,p3\n"
+        "malignant/gone.dcm,malignant,train,p4\n"  # no such file
+        "benign/b2.dcm,cyst,train,p5\n"  # a label the task does not have
+        "benign/b3.png,benign,holdout,p6\n"  # not a split
+        ",benign,train,p7\n"  # no path
+    )
+    scan = scan_site(site, manifest, classes=["benign", "malignant"])
+    by_path = {e.path: e for e in scan.entries}
+    assert by_path["malignant/series1"].kind == "series" and by_path["malignant/series1"].split == "test"
+    assert by_path["benign/b1.dcm"].patient_id == "p2"
+    assert by_path["benign/b2.dcm"].label is None  # unknown label: kept unlabelled
+    assert scan.unknown_labels == {"cyst": 1} and scan.missing_files == 1 and scan.bad_rows == 2
+    # everything else in the folder (8 files) has no row: kept, unlabelled; the series' slices are not counted
+    assert scan.unlisted == 8
+    assert not any(e.path.startswith("malignant/series1/") for e in scan.entries)
+
+
+def test_a_manifest_without_path_and_label_columns_is_refused(site):
+    (site / "bad.csv").write_text("file,class\nbenign/b0.dcm,benign\n")
+    from common.errors import SiteDataError
+
+    with pytest.raises(SiteDataError, match=r"needs a header 'path,label'"):
+        scan_site(site, site / "bad.csv")
+
+
+def test_hospital_check_prints_writes_json_and_fails_only_when_nothing_is_usable(site, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["hospital", "check", "--data", str(site), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "readable: benign" in result.output and "unreadable (skipped)" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["usable_labelled"] == 10
+
+    broken = tmp_path / "broken"
+    (broken / "benign").mkdir(parents=True)
+    (broken / "benign" / "x.dcm").write_text("junk")
+    result = runner.invoke(app, ["hospital", "check", "--data", str(broken)])
+    assert result.exit_code == 1
+    assert "not a DICOM file" in result.output
+
+
+def test_real_dicom_files_of_every_kind_pass_the_check(tmp_path):
+    # pydicom's own test files: CT, MR (multi-frame), RLE and JPEG 2000 compressed, colour, palette
+    source = Path(pydicom.__file__).parent / "data" / "test_files"
+    root = tmp_path / "real" / "any"
+    root.mkdir(parents=True)
+    names = ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "examples_palette.dcm",
+             "rtplan.dcm"]
+    for name in names:
+        shutil.copy(source / name, root / name)
+    report = check_site(tmp_path / "real")
+    assert report.readable == {"any": 5}
+    assert [p["reason"] for p in report.unreadable] == [report.unreadable[0]["reason"]]
+    assert "no pixel data" in report.unreadable[0]["reason"]
