@@ -49,7 +49,11 @@ class SiteConfig:
     """A hospital's own settings (``site.yaml``); only the hospital edits this file.
 
     Keys: ``site_id`` (shown to the coordinator), ``data_path`` (the array file, see
-    :mod:`common.data.site_files`), ``labels`` (optional label CSV), ``n_classes``, ``val_fraction`` and
+    :mod:`common.data.site_files`, or an image folder, see :mod:`common.data.site_folder`), ``labels`` (optional
+    label CSV; for a folder the ``path,label[,split][,patient_id]`` manifest), ``n_classes``, ``classes`` (a
+    folder's label names in class-index order; default: the labels found, sorted), ``image_size`` /
+    ``channels`` / ``spatial_dims`` (the task's model input a folder's images are resized to), ``cache_dir``
+    (decoded images; default ``STATE_DIR/cache``), ``val_fraction`` and
     ``split_seed`` (the local validation split), ``max_epsilon`` / ``max_delta`` / ``min_noise`` (the privacy cap,
     cumulative over every run on this data), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
     of every app bundle this site runs), ``superlink`` (the coordinator's address), ``ca_certificate`` and
@@ -74,6 +78,12 @@ class SiteConfig:
     auth_key: str = "node.key"
     runtime_port: int = 9094  # the SuperNode's local Runtime API (127.0.0.1 only); one port per site on a machine
     threads: int = 0  # torch threads for training at this site; 0 = every core of the machine
+    # an image folder: its label names in class order, and the model input its images are resized to
+    classes: list[str] = field(default_factory=list)
+    image_size: int = 28
+    channels: int = 1
+    spatial_dims: int = 2
+    cache_dir: str | None = None
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was read from
 
     def __post_init__(self) -> None:
@@ -96,6 +106,16 @@ class SiteConfig:
             raise ConfigError(
                 f"threads={self.threads!r} is out of range; it must be an integer >= 0 (0 = every core; on a machine "
                 "shared with other work or other sites, its share of the cores)."
+            )
+        if self.classes and len(self.classes) != self.n_classes:
+            raise ConfigError(
+                f"classes has {len(self.classes)} names but n_classes={self.n_classes}; list one label per class, in "
+                "the task's class order."
+            )
+        if self.channels not in (1, 3) or self.spatial_dims not in (2, 3) or int(self.image_size) < 8:
+            raise ConfigError(
+                f"image_size={self.image_size!r}, channels={self.channels!r}, spatial_dims={self.spatial_dims!r}: "
+                "channels must be 1 or 3, spatial_dims 2 or 3, image_size >= 8 (the task's model input)."
             )
         bad = [h for h in self.approved_apps if not _SHA256.match(str(h))]
         if bad:
@@ -167,6 +187,8 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float]:
 
 
 def _deployment_site(site_cfg: SiteConfig) -> SiteData:
+    if site_cfg.path(site_cfg.data_path).is_dir():
+        return _folder_site(site_cfg)
     data = load_array_file(
         site_cfg.path(site_cfg.data_path),
         n_classes=site_cfg.n_classes,
@@ -188,6 +210,38 @@ def _deployment_site(site_cfg: SiteConfig) -> SiteData:
         class_names=tuple(str(i) for i in range(site_cfg.n_classes)),
     )
     return SiteData(site_cfg.site_id, train=data.subset(keep), val=data.subset(held), info=info)
+
+
+def _folder_site(site_cfg: SiteConfig) -> SiteData:
+    """A hospital's image folder: decoded once (cached in its state directory), resized to the task's input,
+    split without patient leakage."""
+    from common.data.site_folder import load_folder
+
+    folder = load_folder(
+        site_cfg.path(site_cfg.data_path),
+        site_cfg.path(site_cfg.labels) if site_cfg.labels else None,
+        list(site_cfg.classes) or None,
+        image_size=int(site_cfg.image_size),
+        spatial_dims=int(site_cfg.spatial_dims),
+        channels=int(site_cfg.channels),
+        val_fraction=float(site_cfg.val_fraction),
+        seed=int(site_cfg.split_seed),
+        cache_dir=site_cfg.path(site_cfg.cache_dir) if site_cfg.cache_dir else site_cfg.state_path / "cache",
+    )
+    if len(folder.classes) != site_cfg.n_classes:
+        raise SiteDataError(
+            f"Site {site_cfg.site_id}'s folder has {len(folder.classes)} labels but n_classes={site_cfg.n_classes}; "
+            "list the task's classes in the site config (classes: [...]) so every hospital numbers them alike."
+        )
+    if folder.skipped:
+        logger.warning("site %s: %d unreadable files skipped (see `medfed hospital check`)", site_cfg.site_id,
+                       folder.skipped)
+    info = DatasetInfo(
+        name=f"site:{site_cfg.site_id}", n_classes=site_cfg.n_classes, channels=int(site_cfg.channels),
+        spatial_dims=int(site_cfg.spatial_dims), image_size=int(site_cfg.image_size),
+        class_names=tuple(folder.classes),
+    )
+    return SiteData(site_cfg.site_id, train=folder.train, val=folder.val, info=info)
 
 
 def resolve_site(cfg: Config, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteData:

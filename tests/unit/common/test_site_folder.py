@@ -177,3 +177,88 @@ def test_real_dicom_files_of_every_kind_pass_the_check(tmp_path):
     assert report.readable == {"any": 5}
     assert [p["reason"] for p in report.unreadable] == [report.unreadable[0]["reason"]]
     assert "no pixel data" in report.unreadable[0]["reason"]
+
+
+# --- training data from a folder ---------------------------------------------------------------------------------
+def _load(site: Path, labels=None, **kwargs):
+    from common.data.site_folder import load_folder
+
+    options = {"image_size": 16, "spatial_dims": 2, "channels": 1, "val_fraction": 0.3, "seed": 0}
+    return load_folder(site, labels, None, **{**options, **kwargs})
+
+
+def test_a_folder_becomes_resized_splits_skipping_bad_files(site):
+    data = _load(site)
+    assert data.classes == ["benign", "malignant"]
+    assert len(data.train) + len(data.val) == 10 and data.test is None
+    assert data.skipped == 2 and data.unlabelled == 1
+    assert data.train.images.shape[1:] == (1, 16, 16) and data.train.images.dtype == np.float32
+    assert set(data.val.labels.tolist()) == {0, 1}  # stratified
+    rgb = _load(site, channels=3)
+    assert rgb.train.images.shape[1:] == (3, 16, 16)
+    volumes = _load(site, spatial_dims=3, image_size=8)
+    assert volumes.train.images.shape[1:] == (1, 8, 8, 8)
+
+
+def test_decoded_images_come_from_the_cache_the_second_time(site, tmp_path, monkeypatch):
+    for broken in ("malignant/cut.dcm", "benign/notes.dcm"):  # unreadable files are tried again every time
+        (site / broken).unlink()
+    first = _load(site, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.npy"))) == 10  # every readable labelled file, once
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr("common.data.site_folder.read_entry", no_decoding)
+    second = _load(site, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+    # a changed file is decoded again
+    write_dicom(site / "benign" / "b1.dcm", _images(12)[7])
+    with pytest.raises(AssertionError, match="decoded again"):
+        _load(site, cache_dir=tmp_path / "cache")
+
+
+def test_a_patient_never_straddles_train_val_and_test(site):
+    rows = ["path,label,split,patient_id"]
+    unusable = ("cut.dcm", "notes.dcm", "b0_copy.dcm")  # unreadable, and a duplicate image
+    files = [e.path for e in scan_site(site).entries if e.label is not None and not e.path.endswith(unusable)]
+    for i, path in enumerate(files):  # 9 images of 4 patients; one image of patient p0 is marked test
+        label = path.split("/")[0]
+        split = "test" if path == files[0] else ""
+        rows.append(f"{path},{label},{split},p{i % 4}")
+    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    data = _load(site, labels=site / "labels.csv", val_fraction=0.3)
+
+    assert data.test is not None and len(data.test) == 3  # all of p0's images (0, 4, 8) follow the marked one
+    assert len(data.train) + len(data.val) + len(data.test) == 9 and data.unlabelled == 4  # rows-less files
+    # by content: no image is in two splits
+    parts = [data.train.images, data.val.images, data.test.images]
+    keys = [{img.tobytes() for img in part} for part in parts]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+
+
+def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
+    # Prepare: a site config whose data is the image folder (as `medfed hospital start` gives the ClientApp)
+    from client.site import SiteConfig, resolve_site, write_site_config
+    from common import keys
+    from common.config import compose_config
+
+    config = tmp_path / "site.yaml"
+    write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=2,
+                                 classes=["benign", "malignant"], image_size=28), config)
+
+    # Execute
+    data = resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(config)}, {})
+
+    # Assert: resized to the task's input, cached in the site's state directory
+    assert len(data.train) + len(data.val) == 10
+    assert data.train.images.shape[1:] == (1, 28, 28) and data.info.class_names == ("benign", "malignant")
+    assert len(list((tmp_path / "state" / "cache" / "decoded").glob("*.npy"))) == 10
+
+    wrong = tmp_path / "wrong.yaml"
+    write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=3), wrong)
+    from common.errors import SiteDataError
+
+    with pytest.raises(SiteDataError, match="has 2 labels but n_classes=3"):
+        resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(wrong)}, {})
