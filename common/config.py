@@ -31,6 +31,7 @@ __all__ = [
     "DPConfig",
     "DatasetConfig",
     "FederationConfig",
+    "FolderConfig",
     "MedMNISTConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -136,6 +137,41 @@ class SyntheticConfig(DatasetConfig):
         _positive("dataset.n_test", self.n_test)
         if self.n_classes < 2:
             raise ConfigError(f"dataset.n_classes={self.n_classes!r} is out of range; it must be >= 2.")
+        _choice("dataset.channels", self.channels, (1, 3))
+        _choice("dataset.spatial_dims", self.spatial_dims, (2, 3))
+        if self.image_size < 8:
+            raise ConfigError(f"dataset.image_size={self.image_size!r} is out of range; it must be >= 8.")
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    """Each simulated hospital's own image folder (DICOM files/series, NIfTI, PNG/JPEG), as a deployed hospital
+    would have it; labels from a manifest per hospital or class subfolders (see ``medfed hospital check``)."""
+
+    source: str = "folder"
+    name: str = "folder"
+    roots: list[str] = field(default_factory=list)  # one folder per simulated hospital
+    labels: list[str] = field(default_factory=list)  # a manifest per hospital ('' or none: class subfolders)
+    test_root: str = ""  # the global test set's folder ('': the hospitals' images marked split=test)
+    test_labels: str = ""
+    classes: list[str] = field(default_factory=list)  # label names in class-index order
+    image_size: int = 28
+    channels: int = 1
+    spatial_dims: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ConfigError(
+                f"dataset.classes={list(self.classes)!r} must name at least 2 labels, in class-index order, e.g. "
+                "dataset.classes=[benign,malignant]."
+            )
+        if not self.roots:
+            raise ConfigError("dataset.roots is empty; give one image folder per hospital, e.g. dataset.roots=[a,b].")
+        if self.labels and len(self.labels) != len(self.roots):
+            raise ConfigError(
+                f"dataset.labels has {len(self.labels)} entries for {len(self.roots)} dataset.roots; give one manifest "
+                "per hospital ('' for class subfolders) or none."
+            )
         _choice("dataset.channels", self.channels, (1, 3))
         _choice("dataset.spatial_dims", self.spatial_dims, (2, 3))
         if self.image_size < 8:
@@ -559,6 +595,11 @@ class Config:
                 "gradients, which leave the proximal term out. Use strategy=fedavg (or another aggregator) with "
                 "privacy=dp, or strategy.mu=0."
             )
+        if isinstance(self.dataset, FolderConfig) and len(self.dataset.roots) != self.federation.hospitals:
+            raise ConfigError(
+                f"dataset.roots has {len(self.dataset.roots)} folders but federation.hospitals="
+                f"{self.federation.hospitals}; each simulated hospital needs its own folder."
+            )
         if self.strategy.min_train_nodes > self.federation.hospitals:
             raise ConfigError(
                 f"strategy.min_train_nodes={self.strategy.min_train_nodes} exceeds federation.hospitals="
@@ -567,7 +608,7 @@ class Config:
 
 
 _SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig},
+    "dataset": {"medmnist": MedMNISTConfig, "synthetic": SyntheticConfig, "folder": FolderConfig},
     "model": {"base": ModelConfig},
     "strategy": {"base": StrategyConfig, "prox": ProxConfig, "trimmed_mean": TrimmedMeanConfig, "krum": KrumConfig,
                  "server_momentum": ServerMomentumConfig,

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,31 @@ def reply(content, *, src_node_id: int, message_type: str = "train", error=None)
     if error is not None:
         return Message(error, metadata=metadata)
     return Message(content=content, metadata=metadata)
+
+
+DICOM_PATIENT = "Doe^Jane"
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, z: float | None = None, series: str | None = None) -> Path:
+    """A minimal valid DICOM file (secondary capture, MONOCHROME2, uint8) holding ``pixels``, with a patient's
+    name and id in its header (which must never leave a site)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = DICOM_PATIENT, "PID-12345", "US"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if z is not None:
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, z]
+        ds.SeriesInstanceUID = series or "1.2.3"
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from common.config import Config, DatasetConfig, FederationConfig, MedMNISTConfig, SyntheticConfig
+from common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
 from common.data.medmnist import load_medmnist
 from common.data.partition import partition_indices, stratified_split
 from common.data.synthetic import load_synthetic, scanner_effect
 from common.atomic import atomic_write
-from common.errors import ConfigError, SiteDataError
+from common.errors import ConfigError, DatasetUnavailableError, SiteDataError
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -213,6 +213,8 @@ def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> Site
             f"Site index {index} is out of range: federation.hospitals={cfg.federation.hospitals} allows "
             f"0..{cfg.federation.hospitals - 1}. Raise federation.hospitals or pick a smaller index."
         )
+    if isinstance(cfg.dataset, FolderConfig):
+        return _folder_site(cfg, cfg.dataset, index, cache_dir)
     folder = Path(cache_dir) / cache_key(cfg) if cache_dir is not None else None
     if folder is not None:
         memory_key = (str(folder.resolve()), index)
@@ -233,8 +235,56 @@ def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> Site
     return sites[index]
 
 
+def _folder_info(dataset: FolderConfig) -> DatasetInfo:
+    return DatasetInfo(name="folder", n_classes=len(dataset.classes), channels=dataset.channels,
+                       spatial_dims=dataset.spatial_dims, image_size=dataset.image_size,
+                       class_names=tuple(dataset.classes))
+
+
+def _folder_options(dataset: FolderConfig, cache_dir: Path | None) -> dict[str, Any]:
+    return {"image_size": dataset.image_size, "spatial_dims": dataset.spatial_dims, "channels": dataset.channels,
+            "cache_dir": Path(cache_dir) / "folders" if cache_dir is not None else None}
+
+
+def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path | None) -> SiteData:
+    """Simulated hospital ``index`` reads its own folder, as a deployed hospital does (decoded once, cached)."""
+    from common.data.site_folder import load_folder
+
+    labels = dataset.labels[index] if dataset.labels else ""
+    data = load_folder(dataset.roots[index], labels or None, list(dataset.classes),
+                       val_fraction=cfg.federation.val_fraction, seed=cfg.federation.seed,
+                       **_folder_options(dataset, cache_dir))
+    return SiteData(site_id_for(index), train=data.train, val=data.val, info=_folder_info(dataset))
+
+
+def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None) -> ArrayDataset:
+    """The test folder's labelled images, or else every hospital's images marked ``split=test``."""
+    from common.data.site_folder import load_folder, read_labelled
+
+    options = _folder_options(dataset, cache_dir)
+    if dataset.test_root:
+        return read_labelled(dataset.test_root, dataset.test_labels or None, list(dataset.classes), **options).data
+    parts = []
+    for index, root in enumerate(dataset.roots):
+        labels = dataset.labels[index] if dataset.labels else ""
+        test = load_folder(root, labels or None, list(dataset.classes), val_fraction=cfg.federation.val_fraction,
+                           seed=cfg.federation.seed, **options).test
+        if test is not None:
+            parts.append(test)
+    if not parts:
+        raise DatasetUnavailableError(
+            "dataset=folder has no test set: set dataset.test_root to a folder of labelled test images, or mark "
+            "test images with split=test in the hospitals' manifests."
+        )
+    return ArrayDataset(images=np.concatenate([p.images for p in parts]),
+                        labels=np.concatenate([p.labels for p in parts]))
+
+
 def load_test_set(cfg: Config, *, cache_dir: Path | None = None) -> tuple[DatasetInfo, ArrayDataset]:
-    """The global test set (the official test split; for synthetic data a mix of scanner styles)."""
+    """The global test set (the official test split; for synthetic data a mix of scanner styles; for folders the
+    test folder or the hospitals' ``split=test`` images)."""
+    if isinstance(cfg.dataset, FolderConfig):
+        return _folder_info(cfg.dataset), _folder_test_set(cfg, cfg.dataset, cache_dir)
     path = Path(cache_dir) / cache_key(cfg) / "test.npz" if cache_dir is not None else None
     if path is not None:
         cached = _read_cache(path)

@@ -29,7 +29,8 @@ from common.data.dicom import read_dicom, read_series
 from common.data.partition import stratified_split
 from common.errors import SiteDataError
 
-__all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "load_folder", "read_entry", "scan_site"]
+__all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "load_folder", "read_entry", "read_labelled",
+           "scan_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,19 @@ def _group_split(labels: np.ndarray, groups: list[str], fraction: float, seed: i
     return np.asarray(keep, dtype=np.int64), np.asarray(held, dtype=np.int64)
 
 
-def load_folder(
+@dataclass(frozen=True)
+class LabelledImages:
+    """Every readable labelled image of a folder, with its manifest split and patient (or a per-image group)."""
+
+    data: ArrayDataset
+    splits: list[str | None]
+    patients: list[str]
+    classes: list[str]
+    skipped: int
+    unlabelled: int
+
+
+def read_labelled(
     root: str | Path,
     labels: str | Path | None,
     classes: list[str] | None,
@@ -382,19 +395,13 @@ def load_folder(
     image_size: int,
     spatial_dims: int,
     channels: int,
-    val_fraction: float,
-    seed: int,
     cache_dir: str | Path | None = None,
-) -> FolderData:
-    """Read a site folder into training arrays.
-
-    Unreadable files are skipped and counted (their paths in the local log); unlabelled images are counted and
-    left out. Splits: the manifest's ``split`` column where given; the rest is split into train/val with
-    ``val_fraction`` held out, whole patients at a time when ``patient_id`` is given (a patient never straddles
-    train/val/test: a patient with any image marked ``test`` or ``val`` has all unmarked images there too).
+) -> LabelledImages:
+    """Decode (or read from the cache) every labelled image of a folder, resized; unreadable files are skipped
+    and counted (their paths in the local log only).
 
     Raises:
-        SiteDataError: no labelled image is readable, or too few for a training and a validation split.
+        SiteDataError: no labelled image is readable.
     """
     root = Path(root)
     scan = scan_site(root, labels, classes)
@@ -420,6 +427,33 @@ def load_folder(
             "`medfed hospital check --data DIR` for the reasons."
         )
     data = ArrayDataset(images=np.stack(images).astype(np.float32), labels=np.asarray(targets, dtype=np.int64))
+    return LabelledImages(data, splits, patients, scan.classes, skipped, unlabelled)
+
+
+def load_folder(
+    root: str | Path,
+    labels: str | Path | None,
+    classes: list[str] | None,
+    *,
+    image_size: int,
+    spatial_dims: int,
+    channels: int,
+    val_fraction: float,
+    seed: int,
+    cache_dir: str | Path | None = None,
+) -> FolderData:
+    """Read a site folder into training arrays (see :func:`read_labelled`).
+
+    Splits: the manifest's ``split`` column where given; the rest is split into train/val with ``val_fraction``
+    held out, whole patients at a time when ``patient_id`` is given (a patient never straddles train/val/test: a
+    patient with any image marked ``test`` or ``val`` has all its unmarked images there too).
+
+    Raises:
+        SiteDataError: no labelled image is readable, or too few for a training and a validation split.
+    """
+    found = read_labelled(root, labels, classes, image_size=image_size, spatial_dims=spatial_dims,
+                          channels=channels, cache_dir=cache_dir)
+    data, splits, patients = found.data, found.splits, found.patients
     # a patient goes wholly where any of its images is marked (test before val before train)
     fixed: dict[str, str] = {}
     for patient, split in zip(patients, splits, strict=True):
@@ -442,7 +476,7 @@ def load_folder(
         train=data.subset(index_of["train"]),
         val=data.subset(index_of["val"]),
         test=data.subset(index_of["test"]) if len(index_of["test"]) else None,
-        classes=scan.classes,
-        skipped=skipped,
-        unlabelled=unlabelled,
+        classes=found.classes,
+        skipped=found.skipped,
+        unlabelled=found.unlabelled,
     )

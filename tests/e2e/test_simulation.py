@@ -244,3 +244,32 @@ def test_personalised_federation_with_an_attacker(tmp_path):
     norm = [k for k in final if ".norm." in k]
     assert norm and all(np.array_equal(final[k], initial.state_dict()[k].numpy()) for k in norm)
     assert any(not np.array_equal(final[k], initial.state_dict()[k].numpy()) for k in final if k not in norm)
+
+
+def test_two_dicom_folder_hospitals_train(tmp_path, data_dir):
+    # Prepare: BreastMNIST images written as DICOM files into two hospitals' class folders and a test folder
+    from tests.conftest import DICOM_PATIENT, write_dicom
+
+    npz = np.load(data_dir / "breastmnist.npz")
+    images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
+    names = ["malignant", "benign"]  # BreastMNIST: 0 malignant, 1 benign
+    for folder, span in (("hospital-a", range(0, 150)), ("hospital-b", range(150, 300)), ("test", range(300, 400))):
+        for i in span:
+            write_dicom(tmp_path / folder / names[labels[i]] / f"img{i}.dcm", images[i])
+    (tmp_path / "hospital-b" / "benign" / "broken.dcm").write_text("not an image")  # skipped, never fatal
+    overrides = ["dataset=folder", f"dataset.roots=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
+                 f"dataset.test_root={tmp_path / 'test'}", "dataset.classes=[malignant,benign]",
+                 "federation.hospitals=2", "train.rounds=2", "train.local_epochs=2"]
+
+    # Execute
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *overrides], tmp_path)
+
+    # Assert: it trained on both hospitals' DICOM images and beat chance on the test folder
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 2)
+    assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 300
+    assert summary["best"]["test"]["auc"] > 0.6
+    # each hospital image decoded once into the site cache (the server reads the test folder itself)
+    assert len(list((tmp_path / "cache" / "folders" / "decoded").glob("*.npy"))) == 300
+    run_files = "".join(p.read_text(errors="ignore") for p in (tmp_path / "run").glob("*.json*"))
+    assert DICOM_PATIENT not in run_files and "PID-12345" not in run_files

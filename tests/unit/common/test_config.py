@@ -61,7 +61,7 @@ def test_group_option_switches_schema_and_overrides_apply():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["dataset=foo"], r"dataset='foo' is not a known dataset option; choose one of: medmnist, synthetic"),
+        (["dataset=foo"], r"dataset='foo' is not a known dataset option; choose one of: folder, medmnist, synthetic"),
         (["model=bogus"], r"model='bogus' is not a known model option; choose one of: resnet18, smallcnn"),
         (["federation.partition=bogus"], r"federation.partition='bogus' is not allowed; choose one of: iid, dirichlet, quantity"),
         (["train.optimizer=lbfgs"], r"train.optimizer='lbfgs' is not allowed; choose one of: adamw, adam, sgd"),
@@ -141,3 +141,19 @@ def test_round_learning_rate_schedules():
     assert cosine.round_lr(2) == pytest.approx(5.5e-4)
     assert cosine.round_lr(3) == pytest.approx(1e-4)
     assert cosine.round_lr(9) == pytest.approx(1e-4)  # resumed or extra rounds stay at the floor
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["dataset=folder", "dataset.roots=[a,b]"], r"dataset.classes=\[\] must name at least 2 labels"),
+        (["dataset=folder", "dataset.classes=[x,y]"], r"dataset.roots is empty"),
+        (["dataset=folder", "dataset.classes=[x,y]", "dataset.roots=[a,b]", "federation.hospitals=3"],
+         r"dataset.roots has 2 folders but federation.hospitals=3"),
+        (["dataset=folder", "dataset.classes=[x,y]", "dataset.roots=[a,b]", "dataset.labels=[m.csv]",
+          "federation.hospitals=2"], r"dataset.labels has 1 entries for 2 dataset.roots"),
+    ],
+)
+def test_folder_dataset_options_are_checked(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        compose_config(overrides)

@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
 from cli.main import app
 from common.data.site_folder import check_site, read_entry, scan_site
-
-PATIENT = "Doe^Jane"  # a header value that must never appear in a report
+from tests.conftest import DICOM_PATIENT as PATIENT  # a header value that must never appear in a report
+from tests.conftest import write_dicom
 
 
 def _images(n: int) -> np.ndarray:
@@ -28,27 +26,6 @@ def _images(n: int) -> np.ndarray:
     if path.is_file():
         return np.load(path)["train_images"][:n]
     return np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-
-
-def write_dicom(path: Path, pixels: np.ndarray, *, z: float | None = None, series: str | None = None) -> Path:
-    """A minimal valid DICOM file (secondary capture, MONOCHROME2) holding ``pixels``."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = PATIENT, "PID-12345", "US"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if z is not None:
-        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, z]
-        ds.SeriesInstanceUID = series or "1.2.3"
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture
