@@ -462,7 +462,9 @@ def hospital_audit(config: SiteOpt) -> None:
 
 @hospital_app.command("check")
 def hospital_check(
-    data: Annotated[Path, typer.Option(help="The site's image folder (DICOM files/series, NIfTI, PNG/JPEG).")],
+    data: Annotated[Path | None, typer.Option(
+        help="The site's image folder (DICOM files/series, NIfTI, PNG/JPEG).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Check the folder of this site config.")] = None,
     labels: Annotated[Path | None, typer.Option(
         help="Label manifest CSV (path,label[,split][,patient_id]); default: one subfolder per class.")] = None,
     classes: Annotated[str | None, typer.Option(
@@ -477,7 +479,17 @@ def hospital_check(
     from common.data.site_folder import check_site
 
     try:
-        report = check_site(data, labels, classes.split(",") if classes else None)
+        wanted = classes.split(",") if classes else None
+        if config is not None:
+            from client.site import load_site_config
+
+            site = load_site_config(config)
+            data = site.path(site.data_path)
+            labels = site.path(site.labels) if site.labels else labels
+            wanted = wanted or (list(site.classes) or None)
+        if data is None:
+            raise ConfigError("give the site's folder with --data DIR, or its site config with --config site.yaml.")
+        report = check_site(data, labels, wanted)
     except MedfedError as exc:
         fail(exc)
         return
@@ -493,6 +505,8 @@ def hospital_check(
     table.add_row("images without a manifest row (unlabelled)", str(report.unlisted))
     for shape, count in list(report.shapes.items())[:5]:
         table.add_row(f"size {shape}", str(count))
+    for modality, count in report.modalities.items():
+        table.add_row(f"DICOM modality {modality}", str(count))
     console.print(table)
     for problem in report.unreadable[:20]:
         console.print(f"  file {problem['index']}: {problem['reason']}")
@@ -507,22 +521,44 @@ def hospital_check(
 @hospital_app.command("export-demo")
 def hospital_export_demo(
     index: Annotated[int, typer.Option(help="Which simulated hospital (0-based).")],
-    out: Annotated[Path, typer.Option(help="The array file to write (.npz).")],
+    out: Annotated[Path, typer.Option(help="The array file (.npz) or, with --format dicom, the folder to write.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides choosing dataset and federation.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="npz: one array file; dicom: a folder of DICOM files, one "
+                                                       "subfolder per class (2D greyscale tasks).")] = "npz",
 ) -> None:
-    """Write one simulated hospital's data as a site array file (for walk-throughs and tests)."""
+    """Write one simulated hospital's data as a site array file or DICOM folder (for walk-throughs and tests)."""
     from common.config import compose_config
     from common.data import ArrayDataset, load_site
     from common.data.site_files import write_array_file
 
     try:
+        if fmt not in ("npz", "dicom"):
+            raise ConfigError(f"--format {fmt!r} is not allowed; choose npz or dicom.")
         cfg = compose_config(list(overrides or []))
         site = load_site(cfg, index)
-        write_array_file(out, ArrayDataset.concat([site.train, site.val]))
+        data = ArrayDataset.concat([site.train, site.val])
+        if fmt == "npz":
+            write_array_file(out, data)
+        else:
+            _write_dicom_site(out, data, site.info.class_names)
     except MedfedError as exc:
         fail(exc)
         return
     console.print(f"wrote {len(site.train) + len(site.val)} images of {site.site_id} to {out}")
+
+
+def _write_dicom_site(out: Path, data: object, class_names: tuple[str, ...]) -> None:
+    """A class-subfolder DICOM site (8-bit greyscale secondary captures) from channel-first arrays in [0, 1]."""
+    import numpy as np
+
+    from common.data.dicom import write_dicom
+
+    images, labels = data.images, data.labels  # type: ignore[attr-defined]
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ConfigError("--format dicom writes 2D greyscale images; this dataset is colour or 3D (use npz).")
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pixels = np.clip(np.rint(image[0] * 255.0), 0, 255).astype(np.uint8)
+        write_dicom(Path(out) / class_names[int(label)] / f"img{i:06d}.dcm", pixels)
 
 
 def show_bundle_hash() -> None:

@@ -88,29 +88,11 @@ def reply(content, *, src_node_id: int, message_type: str = "train", error=None)
     return Message(content=content, metadata=metadata)
 
 
-DICOM_PATIENT = "Doe^Jane"
+DICOM_PATIENT = "Doe^Jane"  # written into test DICOM headers; must never appear in anything that leaves a site
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, z: float | None = None, series: str | None = None) -> Path:
-    """A minimal valid DICOM file (secondary capture, MONOCHROME2, uint8) holding ``pixels``, with a patient's
-    name and id in its header (which must never leave a site)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+def write_dicom(path: Path, pixels, *, z: float | None = None, series: str | None = None) -> Path:
+    """A test DICOM file holding ``pixels``, with a patient's name and id in its header."""
+    from common.data.dicom import write_dicom as write
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = DICOM_PATIENT, "PID-12345", "US"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if z is not None:
-        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, z]
-        ds.SeriesInstanceUID = series or "1.2.3"
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write(path, pixels, patient_name=DICOM_PATIENT, patient_id="PID-12345", modality="US", z=z, series=series)

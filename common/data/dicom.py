@@ -30,7 +30,7 @@ import numpy as np
 
 from common.errors import SiteDataError
 
-__all__ = ["DicomReadError", "read_dicom", "read_series"]
+__all__ = ["DicomReadError", "read_dicom", "read_series", "write_dicom"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +233,46 @@ def read_series(paths: Sequence[str | Path], *, voi: str = "auto") -> np.ndarray
     if first.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.ascontiguousarray(scaled[None], dtype=np.float32)
+
+
+def write_dicom(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    patient_name: str = "",
+    patient_id: str = "",
+    modality: str = "OT",
+    z: float | None = None,
+    series: str | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> Path:
+    """Write a greyscale secondary-capture DICOM file (MONOCHROME2, uint8 or uint16 ``pixels``): for demo sites
+    (``medfed hospital export-demo --format dicom``), tests and benchmarks. ``z`` and ``series`` make it a slice
+    of a series (axial orientation); ``rescale`` = (slope, intercept) sets the modality LUT."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    array = np.ascontiguousarray(pixels)
+    if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"write_dicom() needs a 2D uint8 or uint16 array; got {array.dtype} {array.shape}.")
+    path = Path(path)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = patient_name, patient_id, modality
+    ds.Rows, ds.Columns = array.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    bits = 8 * array.dtype.itemsize
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if z is not None:
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, z]
+        ds.SeriesInstanceUID = series or "1.2.3"
+    ds.PixelData = array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -232,6 +232,18 @@ def _read_nifti(path: Path) -> np.ndarray:
     return np.ascontiguousarray(volume, dtype=np.float32)
 
 
+def _modality(path: Path) -> str:
+    """The DICOM Modality of a file (or a series' first slice); "unknown" when absent."""
+    import pydicom
+
+    first = path if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())[0]
+    try:
+        value = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality")
+    except Exception:  # noqa: BLE001 - it was readable a moment ago; the modality is only informative
+        value = None
+    return str(value) if value else "unknown"
+
+
 @dataclass
 class CheckReport:
     """The site data check: what is usable, what is not and why (indices into the scan, never paths)."""
@@ -242,6 +254,7 @@ class CheckReport:
     duplicates: list[list[int]]  # groups of indices whose decoded pixels are identical
     shapes: dict[str, int]  # "C x H x W" -> images
     kinds: dict[str, int]  # dicom/series/nifti/image -> entries
+    modalities: dict[str, int]  # DICOM Modality (CT, MR, CR, US ...) -> readable DICOM entries (local report only)
     unknown_labels: dict[str, int]
     missing_files: int
     bad_rows: int
@@ -256,7 +269,7 @@ class CheckReport:
         return {
             "classes": self.classes, "readable": self.readable, "usable_labelled": self.usable,
             "unreadable": self.unreadable, "duplicates": self.duplicates, "shapes": self.shapes,
-            "kinds": self.kinds, "label_problems": {"unknown_labels": self.unknown_labels,
+            "kinds": self.kinds, "modalities": self.modalities, "label_problems": {"unknown_labels": self.unknown_labels,
                                                     "rows_for_missing_files": self.missing_files,
                                                     "bad_rows": self.bad_rows, "images_without_row": self.unlisted},
         }
@@ -271,6 +284,7 @@ def check_site(root: str | Path, labels: str | Path | None = None, classes: list
     readable: Counter[str] = Counter()
     unreadable: list[dict[str, Any]] = []
     shapes: Counter[str] = Counter()
+    modalities: Counter[str] = Counter()
     digests: dict[str, list[int]] = {}
     for index, entry in enumerate(scan.entries):
         try:
@@ -280,6 +294,8 @@ def check_site(root: str | Path, labels: str | Path | None = None, classes: list
             logger.warning("unreadable file %d (%s): %s", index, entry.path, exc)  # site-local log only
             continue
         readable[entry.label if entry.label is not None else UNLABELLED] += 1
+        if entry.kind in ("dicom", "series"):
+            modalities[_modality(Path(root) / entry.path)] += 1
         shapes[" x ".join(str(d) for d in image.shape)] += 1
         digest = hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
         digests.setdefault(digest, []).append(index)
@@ -290,6 +306,7 @@ def check_site(root: str | Path, labels: str | Path | None = None, classes: list
         duplicates=[group for group in digests.values() if len(group) > 1],
         shapes=dict(shapes.most_common()),
         kinds=dict(Counter(e.kind for e in scan.entries)),
+        modalities=dict(modalities.most_common()),
         unknown_labels=dict(scan.unknown_labels),
         missing_files=scan.missing_files,
         bad_rows=scan.bad_rows,

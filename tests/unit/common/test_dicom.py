@@ -188,3 +188,15 @@ def test_series_problems_are_refused_clearly(tmp_path):
         read_series([_write_series(tmp_path / "d", [0.0])[0], tmp_path / "junk.dcm"])
     with pytest.raises(DicomReadError, match="no DICOM slices"):
         read_series([])
+
+
+def test_written_files_read_back_with_their_rescale(tmp_path):
+    from common.data.dicom import write_dicom
+
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 100
+    path = write_dicom(tmp_path / "x.dcm", pixels, rescale=(2.0, -1024.0))
+    ds = pydicom.dcmread(path)
+    assert float(ds.RescaleSlope) == 2.0 and ds.BitsStored == 16
+    np.testing.assert_allclose(read_dicom(path)[0, 0], pixels / pixels.max(), atol=1e-6)  # min..max of 2x - 1024
+    with pytest.raises(ValueError, match="needs a 2D uint8 or uint16 array"):
+        write_dicom(tmp_path / "y.dcm", np.zeros((2, 2), dtype=np.float32))

@@ -90,6 +90,7 @@ def test_the_check_counts_what_is_usable_and_what_is_not(site):
     assert [sorted(paths[i] for i in group) for group in report.duplicates] == [["benign/b0.dcm",
                                                                                  "benign/b0_copy.dcm"]]
     assert report.shapes["1 x 28 x 28"] == 9 and report.kinds["series"] == 1
+    assert report.modalities == {"US": 9}  # 8 readable DICOM files and 1 series
     text = json.dumps(report.as_dict())
     assert PATIENT not in text and "PID-12345" not in text and str(site) not in text and "notes.dcm" not in text
 
@@ -132,6 +133,14 @@ def test_hospital_check_prints_writes_json_and_fails_only_when_nothing_is_usable
     assert result.exit_code == 0, result.output
     assert "readable: benign" in result.output and "unreadable (skipped)" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["usable_labelled"] == 10
+
+    from client.site import SiteConfig, write_site_config
+
+    write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=2,
+                                 classes=["benign", "malignant"]), tmp_path / "site.yaml")
+    by_config = runner.invoke(app, ["hospital", "check", "--config", str(tmp_path / "site.yaml")])
+    assert by_config.exit_code == 0 and "DICOM modality US" in by_config.output
+    assert runner.invoke(app, ["hospital", "check"]).exit_code != 0  # neither --data nor --config
 
     broken = tmp_path / "broken"
     (broken / "benign").mkdir(parents=True)
@@ -239,3 +248,18 @@ def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
 
     with pytest.raises(SiteDataError, match="has 2 labels but n_classes=3"):
         resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(wrong)}, {})
+
+
+def test_export_demo_writes_a_dicom_site_that_the_check_reads_back(tmp_path):
+    from common.config import compose_config
+    from common.data import load_site
+
+    overrides = ["dataset.n_train=100", "dataset.n_test=20"]
+    result = CliRunner().invoke(app, ["hospital", "export-demo", "--index", "1", "--out", str(tmp_path / "site"),
+                                      "--format", "dicom", *overrides])
+    assert result.exit_code == 0, result.output
+    site = load_site(compose_config(overrides), 1)
+    report = check_site(tmp_path / "site")
+    assert sum(report.readable.values()) == len(site.train) + len(site.val) and not report.unreadable
+    assert report.readable == {str(c): int((np.concatenate([site.train.labels, site.val.labels]) == c).sum())
+                               for c in range(2)}
