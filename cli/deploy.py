@@ -353,11 +353,18 @@ def runs_logs(run_id: int, directory: CoordDir, follow: Annotated[bool, typer.Op
 def hospital_init(
     directory: Annotated[Path, typer.Option("--dir", help="The site's folder (config, keys, state).")],
     site_id: Annotated[str, typer.Option(help="The name the coordinator sees (no patient or staff names).")],
-    data: Annotated[Path, typer.Option(help="The site's array file (images + labels, .npz).")],
+    data: Annotated[Path, typer.Option(
+        help="The site's data: an array file (images + labels, .npz) or an image folder (DICOM, NIfTI, PNG/JPEG; "
+             "check it first with `medfed hospital check`).")],
     n_classes: Annotated[int, typer.Option(help="Classes of the task (labels 0..n_classes-1).")],
     superlink: Annotated[str, typer.Option(help="The coordinator's address, host:port.")],
     ca: Annotated[Path, typer.Option(help="The coordinator's ca.crt.")],
-    labels: Annotated[Path | None, typer.Option(help="Optional label CSV (index,label rows).")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="Optional labels: index,label rows for an array file; a path,label[,split][,patient_id] manifest for a "
+             "folder (default there: one subfolder per class).")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="A folder's label names in the task's class order, comma-separated (e.g. malignant,benign).")] = None,
+    image_size: Annotated[int, typer.Option(help="A folder's images are resized to the task's input size.")] = 28,
     max_epsilon: Annotated[float, typer.Option(help="The site's privacy cap over every run on its data.")] = 10.0,
     max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
     min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
@@ -389,6 +396,7 @@ def hospital_init(
             n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
             runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
+            classes=classes.split(",") if classes else [], image_size=image_size,
         )
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())
