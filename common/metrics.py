@@ -14,7 +14,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["EPS", "classification_metrics", "finite_or_none", "roc_auc", "selection_key"]
+__all__ = [
+    "ECE_BINS",
+    "EPS",
+    "classification_metrics",
+    "expected_calibration_error",
+    "finite_or_none",
+    "reliability_bins",
+    "roc_auc",
+    "selection_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +101,36 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return y, p
 
 
+ECE_BINS = 15  # equal-width confidence bins (Guo et al. 2017)
+
+
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Reliability data: for each of ``bins`` equal-width bins of the top-class confidence (right-closed, the
+    first also holding 0), the images in it, their mean confidence and their accuracy (empty bins: nan)."""
+    y, p = _check_inputs(y_true, probs)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        out.append({
+            "low": float(edges[b]), "high": float(edges[b + 1]), "count": float(count),
+            "confidence": float(confidence[members].mean()) if count else NAN,
+            "accuracy": float(correct[members].mean()) if count else NAN,
+        })
+    return out
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean over confidence bins of |accuracy - mean confidence| (top-class)."""
+    table = reliability_bins(y_true, probs, bins)
+    n = sum(b["count"] for b in table)
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in table if b["count"]) / n)
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator > 0 else NAN
 
@@ -107,7 +146,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
         ``auc`` (binary: AUC of class 1; multi-class: macro one-vs-rest mean over the classes present, as
         MedMNIST reports; ``nan`` when fewer than two classes are present), ``acc``, ``bal_acc`` (mean recall over
         classes present in ``y_true``), ``f1`` (macro over classes present in ``y_true`` or predicted), ``n``,
-        ``loss`` (mean cross-entropy of the true class, probabilities clipped at 1e-12), and for ``C == 2`` also
+        ``loss`` (mean cross-entropy of the true class, probabilities clipped at 1e-12), ``ece`` (expected
+        calibration error over 15 confidence bins, :func:`expected_calibration_error`), and for ``C == 2`` also
         ``sensitivity``, ``specificity`` and ``precision`` of class 1 (``nan`` when undefined). All Python floats.
 
     Raises:
@@ -142,6 +182,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
         "f1": float(f1.mean()),
         "n": float(n),
         "loss": float(-np.log(true_prob).mean()),
+        "ece": expected_calibration_error(y, p),
     }
     if n_classes == 2:
         tn, fp, fn, tp1 = (int(v) for v in confusion.reshape(-1))

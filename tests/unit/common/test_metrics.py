@@ -125,7 +125,7 @@ def test_multiclass_metrics_from_confusion_matrix() -> None:
     metrics = classification_metrics(y, _probs_for(pred, 3))
 
     # Assert
-    assert set(metrics) == {"auc", "acc", "bal_acc", "f1", "n", "loss"}
+    assert set(metrics) == {"auc", "acc", "bal_acc", "f1", "n", "loss", "ece"}
     assert metrics["acc"] == pytest.approx(4 / 6)
     assert metrics["bal_acc"] == pytest.approx(2 / 3)
     assert metrics["f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
@@ -216,3 +216,31 @@ def test_finite_or_none() -> None:
     # Assert
     assert out == {"auc": None, "acc": 0.5, "loss": None, "n": 3.0}
     assert type(out["n"]) is float
+
+
+def test_expected_calibration_error_by_hand():
+    # Prepare: 5 images, 2 classes; top-class confidences 0.9, 0.9, 0.6, 0.6, 0.55 in 15 bins of width 1/15:
+    # 0.9 -> bin 13 (0.8667, 0.9333]; 0.6 -> bin 8 (0.5333, 0.6]; 0.55 -> bin 8 too
+    from common.metrics import expected_calibration_error, reliability_bins
+
+    probs = np.array([[0.1, 0.9], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.45, 0.55]])
+    labels = np.array([1, 1, 1, 1, 0])  # correct: yes, no, yes, no, no
+
+    # Execute
+    table = reliability_bins(labels, probs)
+    ece = expected_calibration_error(labels, probs)
+
+    # Assert: bin 13: confidence 0.9, accuracy 0.5; bin 8: confidence (0.6 + 0.6 + 0.55) / 3, accuracy 1/3
+    assert table[13]["count"] == 2 and table[13]["accuracy"] == pytest.approx(0.5)
+    assert table[8]["count"] == 3 and table[8]["confidence"] == pytest.approx(1.75 / 3)
+    assert sum(b["count"] for b in table) == 5 and np.isnan(table[0]["accuracy"])
+    expected = (2 * abs(0.5 - 0.9) + 3 * abs(1 / 3 - 1.75 / 3)) / 5
+    assert ece == pytest.approx(expected)
+    assert classification_metrics(labels, probs)["ece"] == pytest.approx(expected)
+
+
+def test_a_perfectly_calibrated_certain_model_has_zero_ece():
+    from common.metrics import expected_calibration_error
+
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]] * 5)
+    assert expected_calibration_error(np.array([0, 1] * 5), probs) == 0.0
