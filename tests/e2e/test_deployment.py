@@ -147,7 +147,13 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
     for name in ("config.yaml", "overrides.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoints/last.pt"):
         assert (run_dir / name).is_file(), name
     # the coordinator lists the run as finished and shows the ServerApp's log
-    listed = _medfed(["runs", "list", "--dir", str(deployment.coord)], deployment.env).stdout
+    # (Flower marks the run finished once the ServerApp process has exited, a moment after summary.json is written)
+    deadline = time.time() + 60
+    while True:
+        listed = _medfed(["runs", "list", "--dir", str(deployment.coord)], deployment.env).stdout
+        if "finished" in listed or time.time() > deadline:
+            break
+        time.sleep(1)
     assert run_id[:12] in listed and "finished" in listed
     logs = _medfed(["runs", "logs", run_id, "--dir", str(deployment.coord)], deployment.env).stdout
     assert "[ROUND 2/2]" in logs, logs[-2000:]  # Flower's round log of the ServerApp
