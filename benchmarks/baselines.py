@@ -183,12 +183,17 @@ def benchmark_parser(doc: str | None, work: str, datasets: list[str]) -> argpars
     return parser
 
 
+def require_medmnist(data_dir: Path, names: list[str]) -> None:
+    """Stop with a clear message unless every ``NAME.npz`` is in ``data_dir`` (benchmarks never download)."""
+    for name in names:
+        if not (data_dir / f"{name}.npz").is_file():
+            raise SystemExit(f"{name}.npz not found in {data_dir}; pass --data-dir DIR holding the MedMNIST files")
+
+
 def main() -> None:
     args = benchmark_parser(__doc__, "bench", list(RECIPES)).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in args.datasets:
-        if not (args.data_dir / f"{name}.npz").is_file():
-            raise SystemExit(f"{name}.npz not found in {args.data_dir}; pass --data-dir DIR holding the MedMNIST files")
+    require_medmnist(args.data_dir, args.datasets)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from baselines import benchmark_parser, run_medfed, write_doc  # noqa: E402  (benchmarks/ is the script's folder)
+from baselines import benchmark_parser, require_medmnist, run_medfed, write_doc  # noqa: E402  (benchmarks/ is the script's folder)
 
 logger = logging.getLogger("benchmarks.strategies")
 
@@ -234,9 +234,7 @@ def main() -> None:
     parser.add_argument("--skip-poisoning", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in args.datasets:
-        if not (args.data_dir / f"{name}.npz").is_file():
-            raise SystemExit(f"{name}.npz not found in {args.data_dir}; pass --data-dir (the MedMNIST npz folder).")
+    require_medmnist(args.data_dir, args.datasets)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     noniid = {name: bench_noniid(name, args.data_dir, args.work, args.quick, args.reuse) for name in args.datasets}

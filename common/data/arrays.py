@@ -15,9 +15,15 @@ import numpy as np
 
 from common.errors import SiteDataError
 
-__all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits"]
+__all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits", "min_max_scale"]
 
 logger = logging.getLogger(__name__)
+
+
+def min_max_scale(values: np.ndarray) -> np.ndarray:
+    """``values`` mapped linearly from their min..max to [0, 1] (all zeros when constant)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    return np.zeros_like(values) if high <= low else (values - low) / (high - low)
 
 
 @dataclass(frozen=True)

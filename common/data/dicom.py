@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.arrays import min_max_scale
 from common.errors import SiteDataError
 
 __all__ = ["DicomReadError", "read_dicom", "read_series", "write_dicom"]
@@ -109,11 +110,6 @@ def _apply_window(values: np.ndarray, centre: float, width: float, function: str
     return np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = float(np.min(values)), float(np.max(values))
-    return np.zeros_like(values) if high <= low else (values - low) / (high - low)
-
-
 def _grey(ds, stored: np.ndarray, voi: str) -> np.ndarray:  # noqa: ANN001
     """Modality LUT, VOI, MONOCHROME1 inversion: (F, H, W) in [0, 1]."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -128,7 +124,7 @@ def _grey(ds, stored: np.ndarray, voi: str) -> np.ndarray:  # noqa: ANN001
     elif window is not None:
         scaled = _apply_window(values, *window)
     else:
-        scaled = np.stack([_min_max(frame) for frame in values])
+        scaled = np.stack([min_max_scale(frame) for frame in values])
     if ds.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled
     return scaled
@@ -137,7 +133,7 @@ def _grey(ds, stored: np.ndarray, voi: str) -> np.ndarray:  # noqa: ANN001
 def _colour(ds, stored: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """(F, H, W, 3) RGB in [0, 1]."""
     if stored.dtype.kind == "f":
-        return np.stack([_min_max(frame) for frame in stored])
+        return np.stack([min_max_scale(frame) for frame in stored])
     bits = int(getattr(ds, "BitsStored", 8) or 8)
     return np.clip(stored.astype(np.float64) / float(2**bits - 1), 0.0, 1.0)
 
@@ -229,7 +225,7 @@ def read_series(paths: Sequence[str | Path], *, voi: str = "auto") -> np.ndarray
     volume = np.stack([values for _, _, values, _ in slices])
     first = slices[0][3]
     window = _window(first) if voi == "auto" else None
-    scaled = _apply_window(volume, *window) if window is not None else _min_max(volume)
+    scaled = _apply_window(volume, *window) if window is not None else min_max_scale(volume)
     if first.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.ascontiguousarray(scaled[None], dtype=np.float32)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write
-from common.data.arrays import ArrayDataset
+from common.data.arrays import ArrayDataset, min_max_scale
 from common.data.dicom import read_dicom, read_series
 from common.data.partition import stratified_split
 from common.errors import SiteDataError
@@ -212,8 +212,7 @@ def _read_image(path: Path) -> np.ndarray:
     if array.dtype == np.uint8:
         values /= 255.0
     else:  # 16-bit or float greyscale
-        low, high = float(values.min()), float(values.max())
-        values = np.zeros_like(values) if high <= low else (values - low) / (high - low)
+        values = min_max_scale(values)
     values = values[None] if values.ndim == 2 else np.moveaxis(values, -1, 0)
     return np.ascontiguousarray(values, dtype=np.float32)
 
@@ -227,9 +226,7 @@ def _read_nifti(path: Path) -> np.ndarray:
         raise SiteDataError(f"unreadable NIfTI file ({type(exc).__name__}: not NIfTI, or truncated)") from None
     # NIfTI is (C, X, Y, Z); medfed volumes are (C, D, H, W)
     volume = np.moveaxis(volume, -1, 1) if volume.ndim == 4 else volume
-    low, high = float(volume.min()), float(volume.max())
-    volume = np.zeros_like(volume) if high <= low else (volume - low) / (high - low)
-    return np.ascontiguousarray(volume, dtype=np.float32)
+    return np.ascontiguousarray(min_max_scale(volume), dtype=np.float32)
 
 
 def _modality(path: Path) -> str:
@@ -352,6 +349,9 @@ def _resize(image: np.ndarray, size: int, spatial_dims: int, channels: int) -> n
     return tensor[0].clamp(0.0, 1.0).numpy()
 
 
+DECODE_VERSION = 1  # bump when decoding changes, so cached images are decoded again
+
+
 def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dims: int, channels: int) -> np.ndarray:
     """The decoded, resized entry; decoded once per file version (the cache key includes size and mtime)."""
     path = root / entry.path
@@ -373,9 +373,6 @@ def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dim
     with atomic_write(target) as handle:
         np.save(handle, image, allow_pickle=False)
     return image
-
-
-DECODE_VERSION = 1  # bump when decoding changes, so cached images are decoded again
 
 
 def _group_split(labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
