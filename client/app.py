@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -69,11 +70,14 @@ from common.config import (
 )
 from common.data import SiteData, load_test_set
 from common.errors import IncompatibleUpdateError, MedfedError
-from common.inference import evaluate
+from common.calibration import nll_sums
+from common.explain import gradcam_maps, save_explanations
+from common.inference import evaluate, predict_logits, softmax
+from common.metrics import reliability_sums
 from common.models import build_model
 from common.models.weights import load_state_dict_numpy, set_weights
 
-__all__ = ["SiteFailure", "app", "node_config"]
+__all__ = ["SiteFailure", "app", "explanations_dir", "node_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +340,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this hospital's local validation split; with personalisation also
     the hospital's personalised model, and after the last round its locally fine-tuned one."""
     cfg, site, model, server_round = _setup(msg, context)
+    config = msg.content.config_records.get(keys.CONFIG)
+    if config is not None and keys.FINAL_STAGE in config:
+        return _reply(msg, site, _final_stage(cfg, site, model, config, msg, context), None)
     started = time.perf_counter()
     scores = evaluate(
         model, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size, device=select_device()
@@ -349,6 +356,67 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
          keys.N_TRAIN: len(site.train)}
     )
     return _reply(msg, site, metrics, None)
+
+
+def _final_stage(
+    cfg: Config, site: SiteData, model: torch.nn.Module, config: ConfigRecord, msg: Message, context: Context
+) -> dict[str, float | int | list[float]]:
+    """After the last round: the scalars of federated temperature scaling on this hospital's validation split.
+
+    ``calibrate``: the summed NLL at each temperature of the grid. ``reliability``: the reliability sums (per
+    confidence bin: images, summed confidence, correct predictions) before and after the fitted temperature, and,
+    with ``evaluate.gradcam_samples``, Grad-CAM maps of validation images written to this hospital's own disk
+    (only their count is sent).
+    """
+    started = time.perf_counter()
+    stage = str(config[keys.FINAL_STAGE])
+    if len(site.val) == 0:  # nothing to calibrate on: the coordinator counts this hospital out
+        return {keys.NUM_EXAMPLES: 0, keys.N_VAL: 0, keys.EVAL_TIME_S: 0.0}
+    logits = predict_logits(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+    labels = site.val.labels
+    metrics: dict[str, float | int | list[float]] = {keys.NUM_EXAMPLES: len(site.val), keys.N_VAL: len(site.val)}
+    if stage == keys.STAGE_CALIBRATE:
+        temperatures = [float(t) for t in config[keys.TEMPERATURES]]  # type: ignore[union-attr]
+        metrics[keys.NLL_SUMS] = [float(v) for v in nll_sums(logits, labels, temperatures)]
+    elif stage == keys.STAGE_RELIABILITY:
+        temperature = float(config[keys.TEMPERATURE])  # type: ignore[arg-type]
+        for key, t in ((keys.RELIABILITY_BEFORE, 1.0), (keys.RELIABILITY_AFTER, temperature)):
+            metrics[key] = [float(v) for v in reliability_sums(labels, softmax(logits, t)).reshape(-1)]
+        if cfg.evaluate.gradcam_samples > 0:
+            metrics[keys.GRADCAM_SAVED] = _save_gradcam(cfg, site, model, msg, context, temperature)
+    else:
+        raise IncompatibleUpdateError(
+            f"Unknown final stage {stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "
+            f"{keys.STAGE_RELIABILITY!r} (is the coordinator running another medfed version?)."
+        )
+    metrics[keys.EVAL_TIME_S] = time.perf_counter() - started
+    return metrics
+
+
+def explanations_dir(context: Context, site_id: str, run_id: int) -> Path:
+    """Where this hospital keeps a run's Grad-CAM maps: in simulation the run directory's ``sites/<id>/gradcam``
+    (the researcher's machine), in deployment the hospital's state directory (never the coordinator's)."""
+    if _partition_id(context) is not None and keys.RUN_DIR in context.run_config:
+        return Path(str(context.run_config[keys.RUN_DIR])) / "sites" / site_id / "gradcam"
+    return _state_dir(context) / "explanations" / f"run-{run_id}"
+
+
+def _save_gradcam(
+    cfg: Config, site: SiteData, model: torch.nn.Module, msg: Message, context: Context, temperature: float
+) -> int:
+    """Grad-CAM maps of a seeded sample of validation images, saved at this hospital; returns how many."""
+    count = min(cfg.evaluate.gradcam_samples, len(site.val))
+    if count == 0:
+        return 0
+    rng = np.random.default_rng(derive_seed(cfg.train.seed, "gradcam", site.site_id))
+    chosen = np.sort(rng.choice(len(site.val), size=count, replace=False))
+    images = site.val.images[chosen]
+    maps = gradcam_maps(model, images, device=select_device())
+    probs = softmax(predict_logits(model, images, device=select_device()), temperature)
+    out_dir = explanations_dir(context, site.site_id, msg.metadata.run_id)
+    save_explanations(out_dir, images, maps, [f"val-{int(i):05d}" for i in chosen], probs)
+    logger.info("saved %d Grad-CAM maps in %s", count, out_dir)
+    return count
 
 
 def _personalised_metrics(

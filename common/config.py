@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "DPConfig",
     "DatasetConfig",
+    "EvaluateConfig",
     "FederationConfig",
     "FolderConfig",
     "MedMNISTConfig",
@@ -413,6 +414,31 @@ class PersonalizeConfig:
         return self.local_layers != "none" or self.finetune_epochs > 0
 
 
+def _count(key: str, value: object, *, minimum: int, meaning: str) -> None:
+    """An int that is 0 (off) or at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < minimum):
+        raise ConfigError(f"{key}={value!r} is out of range; it must be 0 (off) or an integer >= {minimum} ({meaning}).")
+
+
+@dataclass
+class EvaluateConfig:
+    """What happens after the last round: federated temperature scaling on the hospitals' validation splits, the
+    coordinator's uncertainty analysis on the test set (MC dropout, snapshot ensemble, referral), and Grad-CAM maps
+    each hospital computes and keeps."""
+
+    calibrate: bool = True
+    mc_samples: int = 0
+    snapshots: int = 0
+    gradcam_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError(f"evaluate.calibrate={self.calibrate!r} is not allowed; it must be true or false.")
+        _count("evaluate.mc_samples", self.mc_samples, minimum=2, meaning="stochastic passes with dropout on")
+        _count("evaluate.snapshots", self.snapshots, minimum=2, meaning="global models of the last rounds")
+        _count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
+
+
 @dataclass
 class AugmentConfig:
     """MONAI augmentation applied to training images (2D and 3D): flip, rotate, scale, intensity."""
@@ -575,8 +601,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
+        if self.evaluate.mc_samples > 0 and self.model.dropout <= 0.0:
+            raise ConfigError(
+                f"evaluate.mc_samples={self.evaluate.mc_samples} needs a model trained with dropout, but "
+                "model.dropout=0; set model.dropout=0.2 (for example) or evaluate.mc_samples=0."
+            )
         if self.personalize.enabled and (self.privacy.name != "none" or self.privacy.secure_aggregation):
             raise ConfigError(
                 "personalize.* cannot run with privacy=dp, privacy=central_dp or secure aggregation yet: local layers "
@@ -739,6 +771,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         train=TrainConfig(**train),
         privacy=_option_from_dict("privacy", "name", "privacy mechanism", data["privacy"]),
         personalize=PersonalizeConfig(**data.get("personalize", {})),
+        evaluate=EvaluateConfig(**data.get("evaluate", {})),
     )
 
 

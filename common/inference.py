@@ -8,6 +8,7 @@ flag of every submodule is restored afterwards, so a training loop can call :fun
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -15,21 +16,23 @@ from torch import nn
 
 from common.metrics import classification_metrics
 
-__all__ = ["evaluate", "predict_proba"]
+__all__ = ["evaluate", "predict_logits", "predict_proba", "softmax"]
 
 logger = logging.getLogger(__name__)
 
 
-def predict_proba(
+def predict_logits(
     model: nn.Module,
     images: np.ndarray,
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    stochastic: bool = False,
 ) -> np.ndarray:
-    """Softmax class probabilities ``(N, n_classes)`` as float64 numpy.
+    """Logits ``(N, n_classes)`` as float64 numpy.
 
-    The model is moved to ``device`` (and stays there); batches of ``images`` are sent there as float32.
+    The model is moved to ``device`` (and stays there); batches of ``images`` are sent there as float32. With
+    ``stochastic`` its dropout layers stay active (one Monte-Carlo dropout pass; seed torch beforehand).
 
     Raises:
         ValueError: ``batch_size < 1``, empty ``images``, or ``images`` without a batch and channel axis.
@@ -47,17 +50,47 @@ def predict_proba(
     modes = [(module, module.training) for module in model.modules()]
     model.to(torch_device)
     model.eval()
+    if stochastic:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.train()
     outputs: list[np.ndarray] = []
     try:
         with torch.no_grad():
             for start in range(0, array.shape[0], batch_size):
                 batch = torch.as_tensor(array[start : start + batch_size], dtype=torch.float32, device=torch_device)
-                logits = model(batch)
-                outputs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+                outputs.append(model(batch).double().cpu().numpy())
     finally:
         for module, was_training in modes:
             module.training = was_training
     return np.concatenate(outputs, axis=0)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities of ``logits / temperature`` (rows), computed stably in float64.
+
+    Raises:
+        ValueError: ``temperature`` not a finite number > 0.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} is out of range; it must be a finite number > 0.")
+    scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
+    scaled = scaled - scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Softmax class probabilities ``(N, n_classes)`` as float64 numpy, of the logits divided by ``temperature``
+    (1: the model as trained; a fitted temperature calibrates it). See :func:`predict_logits`."""
+    return softmax(predict_logits(model, images, batch_size=batch_size, device=device), temperature)
 
 
 def evaluate(

@@ -7,6 +7,15 @@ metrics and one ConfigRecord naming the site. Nothing else leaves a site.
 from __future__ import annotations
 
 __all__ = [
+    "GRADCAM_SAVED",
+    "RELIABILITY_AFTER",
+    "RELIABILITY_BEFORE",
+    "NLL_SUMS",
+    "TEMPERATURE",
+    "TEMPERATURES",
+    "STAGE_RELIABILITY",
+    "STAGE_CALIBRATE",
+    "FINAL_STAGE",
     "ARRAYS",
     "CONFIG",
     "DELTA",
@@ -57,6 +66,12 @@ SITE = "site"
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # FedProx: the proximal weight Flower's FedProx puts in the train ConfigRecord
 SITE_ID = "site-id"
+# after the last round (evaluate messages): which final stage, and its parameters
+FINAL_STAGE = "final-stage"  # STAGE_CALIBRATE or STAGE_RELIABILITY
+STAGE_CALIBRATE = "calibrate"  # reply: the validation NLL sum at each temperature
+STAGE_RELIABILITY = "reliability"  # reply: reliability sums before/after the fitted temperature (+ Grad-CAM count)
+TEMPERATURES = "temperatures"  # the grid (list of floats)
+TEMPERATURE = "temperature"  # the fitted temperature
 
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # samples (never batches): FedAvg's weight
@@ -74,6 +89,10 @@ FINETUNED_EPOCH = "ft-epoch"  # the fine-tuning epoch a hospital kept (0: fine-t
 EPSILON = "epsilon"  # the site's cumulative epsilon (all runs on its data) after this round
 DELTA = "delta"  # the delta that epsilon is stated at
 NOISE_MULTIPLIER = "noise-multiplier"
+NLL_SUMS = "nll-sums"  # final stage: summed validation NLL per temperature (list, one float per temperature)
+RELIABILITY_BEFORE = "reliability-before"  # final stage: reliability sums (count, confidence, correct per bin), T=1
+RELIABILITY_AFTER = "reliability-after"  # ... at the fitted temperature
+GRADCAM_SAVED = "gradcam-saved"  # final stage: Grad-CAM maps the hospital wrote to its own disk (a count)
 
 # Run config keys (set by `medfed simulate` / `medfed train`)
 RUN_DIR = "run-dir"

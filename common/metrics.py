@@ -18,10 +18,14 @@ __all__ = [
     "ECE_BINS",
     "EPS",
     "classification_metrics",
+    "ece_from_sums",
     "expected_calibration_error",
     "finite_or_none",
     "reliability_bins",
+    "reliability_from_sums",
+    "reliability_sums",
     "roc_auc",
+    "roc_curve",
     "selection_key",
 ]
 
@@ -104,31 +108,83 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
 ECE_BINS = 15  # equal-width confidence bins (Guo et al. 2017)
 
 
-def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
-    """Reliability data: for each of ``bins`` equal-width bins of the top-class confidence (right-closed, the
-    first also holding 0), the images in it, their mean confidence and their accuracy (empty bins: nan)."""
+def reliability_sums(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Reliability sums ``(3, bins)``: per equal-width bin of the top-class confidence (right-closed, the first
+    also holding 0) the number of images, the sum of their confidences and the number predicted correctly.
+
+    Sums add up over hospitals, so the federation's pooled reliability data and ECE come from the sites' sums
+    (:func:`reliability_from_sums`) without any image leaving a site.
+    """
     y, p = _check_inputs(y_true, probs)
     confidence = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    sums = np.zeros((3, bins), dtype=np.float64)
+    np.add.at(sums[0], index, 1.0)
+    np.add.at(sums[1], index, confidence)
+    np.add.at(sums[2], index, correct)
+    return sums
+
+
+def reliability_from_sums(sums: np.ndarray) -> list[dict[str, float]]:
+    """The reliability table of :func:`reliability_sums` output: per bin its edges, count, mean confidence and
+    accuracy (empty bins: nan)."""
+    table = np.asarray(sums, dtype=np.float64)
+    if table.ndim != 2 or table.shape[0] != 3 or table.shape[1] < 1:
+        raise ValueError(f"reliability sums must have shape (3, bins); got shape {table.shape}.")
+    bins = table.shape[1]
+    edges = np.linspace(0.0, 1.0, bins + 1)
     out = []
     for b in range(bins):
-        members = index == b
-        count = int(members.sum())
+        count = float(table[0, b])
         out.append({
-            "low": float(edges[b]), "high": float(edges[b + 1]), "count": float(count),
-            "confidence": float(confidence[members].mean()) if count else NAN,
-            "accuracy": float(correct[members].mean()) if count else NAN,
+            "low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
+            "confidence": float(table[1, b] / count) if count else NAN,
+            "accuracy": float(table[2, b] / count) if count else NAN,
         })
     return out
 
 
+def ece_from_sums(sums: np.ndarray) -> float:
+    """ECE of reliability sums: the count-weighted mean over bins of |accuracy - mean confidence| (nan: no image)."""
+    table = np.asarray(sums, dtype=np.float64)
+    n = float(table[0].sum())
+    if n <= 0:
+        return NAN
+    return float(np.abs(table[2] - table[1]).sum() / n)
+
+
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Reliability data: for each of ``bins`` equal-width bins of the top-class confidence (right-closed, the
+    first also holding 0), the images in it, their mean confidence and their accuracy (empty bins: nan)."""
+    return reliability_from_sums(reliability_sums(y_true, probs, bins))
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the count-weighted mean over confidence bins of |accuracy - mean confidence| (top-class)."""
-    table = reliability_bins(y_true, probs, bins)
-    n = sum(b["count"] for b in table)
-    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in table if b["count"]) / n)
+    return ece_from_sums(reliability_sums(y_true, probs, bins))
+
+
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold, from (0, 0) to (1, 1).
+
+    Raises:
+        ValueError: length mismatch, or fewer than two classes in ``y_true``.
+    """
+    y = np.asarray(y_true).reshape(-1).astype(bool)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"roc_curve: y_true has {y.size} entries but scores has {s.size}; they must match.")
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError("roc_curve needs both classes in y_true; this set holds only one.")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return np.r_[0.0, fps / negatives], np.r_[0.0, tps / positives]
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from common.config import CentralDPConfig, Config, DPConfig, compose_config, con
 from common.data import ArrayDataset, DatasetInfo, load_test_set
 from common.errors import ConfigError, DatasetUnavailableError
 from common.inference import evaluate
-from common.models import build_model, require_dp_compatible
+from common.models import build_model, load_checkpoint, require_dp_compatible
+from server.final import calibrate_federated, uncertainty_on_test_set
 from server.grid import PromptGrid
 from server.runs import RunDirectory
 from server.secure_aggregation import run_secure_aggregation
@@ -57,6 +59,40 @@ def _test_set(cfg: Config, simulation: bool) -> tuple[DatasetInfo, ArrayDataset]
             f"The coordinator needs the dataset's public test split to build and evaluate the global model, and "
             f"it is not available here ({exc}). Place it under dataset.root on the coordinator."
         ) from None
+
+
+def _final_evaluation(
+    grid: Grid,
+    cfg: Config,
+    run_dir: RunDirectory,
+    model: torch.nn.Module,
+    test_set: ArrayDataset | None,
+    tracker: RunTracker,
+    final_arrays: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Calibrate the selected model (best validation round) with the hospitals, then analyse its uncertainty on
+    the test set; the summary's ``calibration`` and ``uncertainty`` sections."""
+    started = time.perf_counter()
+    best_round = (tracker.best or {}).get("round")
+    state = final_arrays
+    if best_round is not None and run_dir.best_model_path.is_file():
+        state = dict(load_checkpoint(run_dir.best_model_path)[0])
+    out: dict[str, Any] = {}
+    temperature = None
+    if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0:
+        calibration = calibrate_federated(grid, state, timeout=cfg.strategy.round_timeout_s)
+        calibration["round"] = best_round
+        if cfg.evaluate.calibrate:  # (without it, the stages only carried the request for Grad-CAM maps)
+            temperature = calibration["temperature"]
+            out["calibration"] = calibration
+        else:
+            out["gradcam_saved"] = calibration.get("gradcam_saved", {})
+    if test_set is not None:
+        out["uncertainty"] = uncertainty_on_test_set(cfg, model, state, test_set, run_dir, temperature=temperature,
+                                              up_to_round=(tracker.last or {}).get("round"))
+        out["uncertainty"]["round"] = best_round
+    tracker.add_compute(time.perf_counter() - started)
+    return out
 
 
 @app.main()
@@ -102,7 +138,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         run_dir.write_config(config_to_yaml(cfg), overrides)
     remaining = cfg.train.rounds - start_round
 
-    tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state)
+    tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,
+                         snapshots=cfg.evaluate.snapshots)
     inner = build_strategy(cfg.strategy)
     if isinstance(cfg.privacy, CentralDPConfig):
         if cfg.strategy.fraction_train < 1.0:
@@ -189,7 +226,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         final_arrays = latest["arrays"]
     else:
         final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    summary = tracker.finish(
-        final_arrays, extra={"stopped": strategy.stop_reason} if strategy.stop_reason is not None else None
-    )
+    extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}
+    extra.update(_final_evaluation(grid, cfg, run_dir, model, test_set, tracker, final_arrays))
+    summary = tracker.finish(final_arrays, extra=extra or None)
     logger.info("run finished: best round %s", (summary.get("best") or {}).get("round"))

@@ -93,6 +93,27 @@ class RunDirectory:
     def last_checkpoint_path(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
 
+    @property
+    def evaluation_dir(self) -> Path:
+        """The final evaluation's files: the test set's labels and probabilities per model variant."""
+        return self.path / "evaluation"
+
+    def snapshot_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round:04d}.pt"
+
+    def save_snapshot(self, server_round: int, arrays: Mapping[str, np.ndarray], keep: int) -> None:
+        """Keep this round's global model for a snapshot ensemble; only the ``keep`` latest rounds stay on disk."""
+        self.save_weights(self.snapshot_path(server_round), arrays, {"round": server_round})
+        for old in self.snapshot_paths()[:-keep]:
+            old.unlink(missing_ok=True)
+
+    def snapshot_paths(self, up_to: int | None = None) -> list[Path]:
+        """The kept per-round models, oldest first (those after round ``up_to`` left out: a resumed run's)."""
+        paths = sorted((self.path / "checkpoints").glob("round-[0-9][0-9][0-9][0-9].pt"))
+        if up_to is not None:
+            paths = [p for p in paths if int(p.stem.split("-")[1]) <= up_to]
+        return paths
+
     # --- config --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def exclusive(self, timeout: float = 60.0) -> Iterator[None]:

@@ -133,8 +133,10 @@ class RunTracker:
         total_rounds: int,
         t0: float,
         state: Mapping[str, Any] | None = None,
+        snapshots: int = 0,
     ) -> None:
         self.run_dir = run_dir
+        self.snapshots = snapshots  # keep the global models of this many latest rounds (snapshot ensemble)
         self.mode = mode
         self.total_rounds = total_rounds
         self.t0 = t0
@@ -249,6 +251,8 @@ class RunTracker:
                 {"round": server_round, "tracker": self.state()},
                 strategy_state=strategy_state,
             )
+            if self.snapshots > 0:
+                self.run_dir.save_snapshot(server_round, arrays, self.snapshots)
         self.run_dir.append_metrics(record)
         return record
 

@@ -96,6 +96,13 @@ def test_default_synthetic_simulation_learns(tmp_path):
     # the ClientApps composed the same config as the ServerApp: dataset.n_train=600 shared out
     assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 600
     assert summary["best"]["test"]["auc"] > 0.7  # chance is 0.5
+    # after the rounds: one temperature fitted with every hospital, the test set analysed with it
+    calibration = summary["calibration"]
+    assert calibration["sites_fitted"] == ["hospital-0", "hospital-1", "hospital-2"]
+    assert calibration["temperature"] > 0 and calibration["round"] == summary["best"]["round"]
+    assert calibration["val"]["nll_after"] <= calibration["val"]["nll_before"]
+    assert set(summary["uncertainty"]["test"]) == {"model", "calibrated"}
+    assert summary["uncertainty"]["test"]["model"]["metrics"]["auc"] == pytest.approx(summary["best"]["test"]["auc"])
     assert "round 2/2" in result.stdout
     assert "best (by val AUC)" in result.stdout
 

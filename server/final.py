@@ -1,0 +1,190 @@
+"""After the last round: federated temperature scaling, and the coordinator's uncertainty analysis of the test set.
+
+**Calibration** (``evaluate.calibrate``) takes the selected model (best validation round) through two evaluate
+messages to every hospital: ``calibrate`` (each replies its validation NLL summed at each temperature of a grid;
+the coordinator adds them and takes the least) and ``reliability`` (each replies its reliability sums before and
+after that temperature, so per-site and pooled ECE and reliability data need no image, logit or label). A hospital
+that fails or does not answer is left out with its reason; calibration is skipped when none answers.
+
+**Uncertainty** (when the coordinator holds a test split: simulation, or the task's public test set) compares the
+selected model as trained, temperature-scaled, with MC dropout (``evaluate.mc_samples``) and as a snapshot
+ensemble of the last rounds' global models (``evaluate.snapshots``): test metrics and the referral curve of each.
+The test set only ever *reports*: the temperature is fitted on validation data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import keys
+from common.calibration import TEMPERATURES, fit_temperature
+from common.config import Config
+from common.data import ArrayDataset
+from common.inference import predict_logits, softmax
+from common.metrics import ECE_BINS, classification_metrics, ece_from_sums, reliability_from_sums
+from common.models.weights import load_checkpoint
+from common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
+from server.runs import RunDirectory
+
+__all__ = ["calibrate_federated", "uncertainty_on_test_set"]
+
+logger = logging.getLogger(__name__)
+
+
+def _send(
+    grid: Grid, state: Mapping[str, np.ndarray], config: dict[str, Any], timeout: float | None
+) -> tuple[dict[str, Mapping[str, Any]], list[dict[str, str]]]:
+    """One evaluate message with the model and ``config`` to every connected hospital; their metrics by site id,
+    and the hospitals that failed (with the PHI-free reason they sent) or did not answer."""
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    node_ids = list(grid.get_node_ids())
+    messages = [
+        Message(
+            content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord(config)}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node_id,
+        )
+        for node_id in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    metrics: dict[str, Mapping[str, Any]] = {}
+    failed: list[dict[str, str]] = []
+    for reply in replies:
+        if reply.has_error():
+            failed.append({"node": str(reply.metadata.src_node_id), "reason": reply.error.reason})
+            continue
+        site = reply.content.config_records.get(keys.SITE)
+        record = reply.content.metric_records.get(keys.METRICS)
+        if site is None or record is None:
+            failed.append({"node": str(reply.metadata.src_node_id), "reason": "reply without site id or metrics"})
+            continue
+        metrics[str(site[keys.SITE_ID])] = dict(record)
+    answered = {int(r.metadata.src_node_id) for r in replies}
+    failed += [{"node": str(n), "reason": "no reply before the round timeout"} for n in node_ids if n not in answered]
+    return metrics, failed
+
+
+def _sums(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).reshape(3, ECE_BINS)
+
+
+def calibrate_federated(
+    grid: Grid, state: Mapping[str, np.ndarray], *, timeout: float | None
+) -> dict[str, Any]:
+    """Fit one temperature for the model ``state`` on every hospital's validation split; the result's
+    ``temperature`` is None (with ``skipped``: why) when no hospital returned usable sums."""
+    grid_t = list(TEMPERATURES)
+    replies, failed = _send(
+        grid, state, {keys.FINAL_STAGE: keys.STAGE_CALIBRATE, keys.TEMPERATURES: grid_t}, timeout
+    )
+    usable = {site: m for site, m in replies.items() if keys.NLL_SUMS in m and int(m.get(keys.NUM_EXAMPLES, 0)) > 0}
+    result: dict[str, Any] = {"temperature": None, "grid": {"min": grid_t[0], "max": grid_t[-1], "steps": len(grid_t)},
+                              "dropped": failed}
+    if not usable:
+        result["skipped"] = "no hospital returned validation NLL sums"
+        logger.warning("calibration skipped: %s", result["skipped"])
+        return result
+    totals = np.sum([np.asarray(m[keys.NLL_SUMS], dtype=np.float64) for m in usable.values()], axis=0)
+    n_val = sum(int(m[keys.NUM_EXAMPLES]) for m in usable.values())
+    temperature = fit_temperature(totals, grid_t)
+    one = grid_t.index(1.0)
+    result.update({"temperature": temperature, "sites_fitted": sorted(usable)})
+    if temperature in (grid_t[0], grid_t[-1]):  # the least NLL may lie beyond the grid: say so
+        result["at_grid_edge"] = True
+        logger.warning("the fitted temperature %.4g is at the edge of the grid", temperature)
+
+    replies, failed_2 = _send(
+        grid, state, {keys.FINAL_STAGE: keys.STAGE_RELIABILITY, keys.TEMPERATURE: temperature}, timeout
+    )
+    result["dropped"] = failed + failed_2
+    sites: dict[str, Any] = {}
+    pooled_before = np.zeros((3, ECE_BINS))
+    pooled_after = np.zeros((3, ECE_BINS))
+    gradcam: dict[str, int] = {}
+    for site, m in sorted(replies.items()):
+        if keys.RELIABILITY_BEFORE not in m:
+            continue
+        before, after = _sums(m[keys.RELIABILITY_BEFORE]), _sums(m[keys.RELIABILITY_AFTER])
+        pooled_before += before
+        pooled_after += after
+        sites[site] = {"n_val": int(m[keys.NUM_EXAMPLES]), "ece_before": ece_from_sums(before),
+                       "ece_after": ece_from_sums(after)}
+        if keys.GRADCAM_SAVED in m:
+            gradcam[site] = int(m[keys.GRADCAM_SAVED])
+    result["val"] = {
+        "n": n_val,
+        "nll_before": float(totals[one] / n_val),
+        "nll_after": float(totals[grid_t.index(temperature)] / n_val),
+        "ece_before": ece_from_sums(pooled_before),
+        "ece_after": ece_from_sums(pooled_after),
+    }
+    result["sites"] = sites
+    result["reliability"] = {"val_before": reliability_from_sums(pooled_before),
+                             "val_after": reliability_from_sums(pooled_after)}
+    if gradcam:
+        result["gradcam_saved"] = gradcam
+    logger.info("temperature %.3f: validation ECE %.4f -> %.4f", temperature, result["val"]["ece_before"],
+                result["val"]["ece_after"])
+    return result
+
+
+def _variant(labels: np.ndarray, probs: np.ndarray, uncertainty: np.ndarray) -> dict[str, Any]:
+    return {"metrics": classification_metrics(labels, probs), "referral": referral_curve(labels, probs, uncertainty)}
+
+
+def uncertainty_on_test_set(
+    cfg: Config,
+    model: torch.nn.Module,
+    state: Mapping[str, np.ndarray],
+    test_set: ArrayDataset,
+    run_dir: RunDirectory,
+    *,
+    temperature: float | None,
+    up_to_round: int | None,
+) -> dict[str, Any]:
+    """Test metrics and referral curves of the selected model's variants; writes their test probabilities to
+    ``RUN_DIR/evaluation/test_predictions.npz`` (labels, ``probs_<variant>``) (the report's ROC and reliability curves)."""
+    batch = cfg.train.eval_batch_size
+    labels = np.asarray(test_set.labels).reshape(-1)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    logits = predict_logits(model, test_set.images, batch_size=batch)
+    probs: dict[str, np.ndarray] = {"model": softmax(logits)}
+    t = temperature if temperature is not None and math.isfinite(temperature) else 1.0
+    if temperature is not None:
+        probs["calibrated"] = softmax(logits, t)
+    uncertainty = {name: predictive_entropy(p) for name, p in probs.items()}
+    extra: dict[str, Any] = {}
+    if cfg.evaluate.mc_samples > 0:
+        passes = mc_dropout_proba(model, test_set.images, samples=cfg.evaluate.mc_samples, seed=cfg.train.seed,
+                                  temperature=t, batch_size=batch)
+        probs["mc_dropout"] = passes.mean(axis=0)
+        uncertainty["mc_dropout"] = predictive_entropy(probs["mc_dropout"])
+        variance = passes.var(axis=0).mean(axis=1)  # per image: the passes' variance, mean over classes
+        extra["mc_dropout"] = {"samples": cfg.evaluate.mc_samples, "mean_variance": float(variance.mean()),
+                               "max_variance": float(variance.max())}
+    if cfg.evaluate.snapshots > 0:
+        paths = run_dir.snapshot_paths(up_to=up_to_round)
+        if len(paths) >= 2:
+            members = []
+            for path in paths:
+                arrays, _ = load_checkpoint(path)
+                model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+                members.append(softmax(predict_logits(model, test_set.images, batch_size=batch), t))
+            probs["snapshot_ensemble"] = mean_proba(members)
+            uncertainty["snapshot_ensemble"] = predictive_entropy(probs["snapshot_ensemble"])
+            extra["snapshot_ensemble"] = {"members": [int(p.stem.split("-")[1]) for p in paths]}
+        else:
+            extra["snapshot_ensemble"] = {"skipped": f"{len(paths)} snapshot(s) on disk; an ensemble needs 2"}
+    variants = {name: _variant(labels, p, uncertainty[name]) for name, p in probs.items()}
+    run_dir.evaluation_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(run_dir.evaluation_dir / "test_predictions.npz", labels=labels,
+                        **{f"probs_{name}": p for name, p in probs.items()})
+    return {"test": variants, **extra}
