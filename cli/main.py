@@ -223,6 +223,21 @@ def baseline_local(
     _baseline("local", overrides, run_dir, cache_dir, verbose)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's directory.")],
+) -> None:
+    """Write RUN_DIR/report.html (self-contained, plots embedded) and the plots as RUN_DIR/report/*.png."""
+    from cli.report import write_report
+
+    try:
+        page = write_report(run_dir)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"wrote {page} (plots in {page.parent / 'report'}/)")
+
+
 @config_app.command("show")
 def config_show(overrides: Overrides = None) -> None:
     """Print the composed config for these overrides (every key can be overridden)."""

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["flower_environment", "script"]
+__all__ = ["flower_environment", "script", "software_versions"]
 
 
 def flower_environment() -> None:
@@ -41,3 +41,17 @@ def script(name: str) -> str:
     if found is None:
         raise ConfigError(f"{name} is not installed in this environment; reinstall medfed (pip install medfed).")
     return found
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run's results depend on (Python, platform, medfed's main packages; absent ones: '-')."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("medfed", "flwr", "torch", "monai", "opacus", "numpy", "pydicom"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "-"
+    return versions

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys
 from common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
 from common.data import ArrayDataset, DatasetInfo, load_test_set
+from common.environment import software_versions
 from common.errors import ConfigError, DatasetUnavailableError
 from common.inference import evaluate
 from common.models import build_model, load_checkpoint, require_dp_compatible
@@ -117,6 +118,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     elif not simulation:  # Flower's deployment Grid pulls replies every 3 s; the SuperLink is local, pull sooner
         grid = PromptGrid(grid)
 
+    run_dir.write_environment(software_versions())
     info, test_set = _test_set(cfg, simulation)
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)

@@ -94,6 +94,14 @@ class RunDirectory:
         return self.path / "checkpoints" / "last.pt"
 
     @property
+    def environment_path(self) -> Path:
+        return self.path / "environment.json"
+
+    def write_environment(self, versions: Mapping[str, str]) -> None:
+        """The software a run (or a resumed session of it) ran with."""
+        _atomic_write_text(self.environment_path, json.dumps(dict(versions), indent=1, sort_keys=True) + "\n")
+
+    @property
     def evaluation_dir(self) -> Path:
         """The final evaluation's files: the test set's labels and probabilities per model variant."""
         return self.path / "evaluation"
