@@ -526,6 +526,68 @@ def hospital_check(
         raise typer.Exit(1)
 
 
+ModelOpt = Annotated[Path, typer.Option("--model", help="A trained model: a run's best_model.pt or model.pt.")]
+RunConfigOpt = Annotated[Path | None, typer.Option(
+    "--run-config", help="The config.yaml of the run that trained it (default: beside the model).")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="The model's input size (default: the run config's).")]
+
+
+@hospital_app.command("explain")
+def hospital_explain(
+    model: ModelOpt,
+    images: Annotated[Path, typer.Option(help="An image, a DICOM series folder, or a folder of images.")],
+    out: Annotated[Path, typer.Option(help="The folder for the maps (PNG overlays, .npy maps, index.csv).")],
+    run_config: RunConfigOpt = None,
+    image_size: ImageSizeOpt = None,
+    layer: Annotated[str | None, typer.Option(help="The layer to explain (default: the encoder's last stage).")] = None,
+    target_class: Annotated[int | None, typer.Option(
+        "--class", help="The class to explain (default: each image's predicted class).")] = None,
+) -> None:
+    """Grad-CAM maps of a trained model's predictions for any image, computed and written on this machine only."""
+    from client.local_tools import load_local_model, predict, read_images
+    from common.explain import gradcam_maps, save_explanations
+
+    try:
+        local = load_local_model(model, run_config=run_config, image_size=image_size)
+        array, names, failed = read_images(images, local)
+        maps = gradcam_maps(local.model, array, target_layer=layer, class_index=target_class)
+        labels = [f"{i:05d}-" + Path(name).name.replace(".", "_") for i, name in enumerate(names)]
+        save_explanations(out, array, maps, labels, predict(local, array))
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"{len(names)} Grad-CAM map(s) in {out}/ (index.csv lists them)")
+    for name, reason in failed:
+        console.print(f"  skipped {name}: {reason}")
+
+
+@hospital_app.command("rank")
+def hospital_rank(
+    model: ModelOpt,
+    images: Annotated[Path, typer.Option(help="The unlabelled images: a folder (or one image / series).")],
+    out: Annotated[Path, typer.Option(help="The CSV to write: which images to label first.")],
+    method: Annotated[str, typer.Option(help="entropy | margin | mc_dropout | random.")] = "entropy",
+    run_config: RunConfigOpt = None,
+    image_size: ImageSizeOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of mc_dropout passes and of the random order.")] = 0,
+) -> None:
+    """Active learning: rank this site's unlabelled images by the model's uncertainty and write the labelling
+    queue (rank, path, score, prediction) as a local CSV."""
+    from client.local_tools import load_local_model, predict, read_images, uncertainty_scores, write_ranking
+
+    try:
+        local = load_local_model(model, run_config=run_config, image_size=image_size)
+        array, names, failed = read_images(images, local)
+        scores = uncertainty_scores(local, array, method, seed=seed)
+        write_ranking(out, names, scores, predict(local, array), method)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"ranked {len(names)} image(s) by {method} -> {out}")
+    for name, reason in failed:
+        console.print(f"  skipped {name}: {reason}")
+
+
 @hospital_app.command("export-demo")
 def hospital_export_demo(
     index: Annotated[int, typer.Option(help="Which simulated hospital (0-based).")],

@@ -29,8 +29,8 @@ from common.data.dicom import read_dicom, read_series
 from common.data.partition import stratified_split
 from common.errors import SiteDataError
 
-__all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "load_folder", "read_entry", "read_labelled",
-           "scan_site"]
+__all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "image_entries", "load_folder", "read_entry",
+           "read_labelled", "read_resized", "scan_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,33 @@ def read_entry(root: str | Path, entry: SiteEntry) -> np.ndarray:
     return _read_nifti(path)
 
 
+def image_entries(path: str | Path) -> tuple[Path, list[SiteEntry]]:
+    """The images at ``path``, unlabelled: one file, or every image under a folder laid out like a site folder
+    (the folder and its first-level subfolders group images; a DICOM series is a folder below those). Returns the
+    root the entries are relative to.
+
+    Raises:
+        SiteDataError: nothing there, or no image in it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SiteDataError("the image path does not exist; check the --images argument.")
+    if path.is_file():
+        kind = _kind(path)
+        if kind is None:
+            raise SiteDataError("the file is not an image medfed reads (DICOM, NIfTI, PNG/JPEG).")
+        return path.parent, [SiteEntry(path.name, kind)]
+    entries = [SiteEntry(p.relative_to(path).as_posix(), _kind(p) or "dicom") for p in _walk(path, class_level=True)]
+    if not entries:
+        raise SiteDataError("the folder holds no image medfed reads (DICOM files or series, NIfTI, PNG/JPEG).")
+    return path, entries
+
+
+def read_resized(root: str | Path, entry: SiteEntry, size: int, spatial_dims: int, channels: int) -> np.ndarray:
+    """:func:`read_entry`, converted to ``channels`` and resized to the task's input (as training saw it)."""
+    return _resize(read_entry(root, entry), size, spatial_dims, channels)
+
+
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -356,7 +383,7 @@ def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dim
     """The decoded, resized entry; decoded once per file version (the cache key includes size and mtime)."""
     path = root / entry.path
     if cache_dir is None:
-        return _resize(read_entry(root, entry), size, dims, channels)
+        return read_resized(root, entry, size, dims, channels)
     stamp = [path.resolve().as_posix(), size, dims, channels, DECODE_VERSION]
     for file in ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())):
         stat = file.stat()
@@ -368,7 +395,7 @@ def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dim
             return np.load(target, allow_pickle=False)
         except (OSError, ValueError):
             logger.warning("ignoring a damaged cache entry")
-    image = _resize(read_entry(root, entry), size, dims, channels)
+    image = read_resized(root, entry, size, dims, channels)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as handle:
         np.save(handle, image, allow_pickle=False)
