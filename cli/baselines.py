@@ -56,7 +56,9 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
-    tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0)
+    cfg.tracking.require_runtime()
+    tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0,
+                         tensorboard=cfg.tracking.tensorboard)
     for server_round in range(1, cfg.train.rounds + 1):
         result = train_epochs(
             model, pooled, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
@@ -91,7 +93,9 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
         ).to(device)
         models.append(model)
         optimizers.append(make_optimizer(model, cfg.train))
-    tracker = RunTracker(run_dir, mode="local", total_rounds=cfg.train.rounds, t0=t0)
+    cfg.tracking.require_runtime()
+    tracker = RunTracker(run_dir, mode="local", total_rounds=cfg.train.rounds, t0=t0,
+                         tensorboard=cfg.tracking.tensorboard)
     for server_round in range(1, cfg.train.rounds + 1):
         rounds: dict[str, SiteRound] = {}
         for site, model, optimizer in zip(sites, models, optimizers, strict=True):

@@ -125,7 +125,8 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
             fmt(test.get("auc")),
             fmt(test.get("acc")),
         )
-    for label, key in (("personalised (by val AUC)", "personalized"), ("fine-tuned (last round)", "finetuned")):
+    for label, key in (("personalised (by val AUC)", "personalized"), ("fine-tuned (last round)", "finetuned"),
+                       ("global+personal ensemble", "ensemble")):
         entry = summary.get(key)
         if entry:  # each hospital's own model: validation weighted over sites, test the mean over hospitals
             val, test = entry.get("val") or {}, entry.get("test") or {}

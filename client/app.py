@@ -72,10 +72,11 @@ from common.data import SiteData, load_test_set
 from common.errors import IncompatibleUpdateError, MedfedError
 from common.calibration import nll_sums
 from common.explain import gradcam_maps, save_explanations
-from common.inference import evaluate, predict_logits, softmax
-from common.metrics import reliability_sums
+from common.inference import evaluate, predict_logits, predict_proba, softmax
+from common.metrics import classification_metrics, reliability_sums
 from common.models import build_model
 from common.models.weights import load_state_dict_numpy, set_weights
+from common.uncertainty import mean_proba
 
 __all__ = ["SiteFailure", "app", "explanations_dir", "node_config"]
 
@@ -422,20 +423,28 @@ def _save_gradcam(
 def _personalised_metrics(
     cfg: Config, site: SiteData, model: torch.nn.Module, context: Context, server_round: int
 ) -> dict[str, float | int]:
-    """The personalised model's metrics (global + kept layers) and, after the last round, the fine-tuned one's;
-    on the validation split, and in simulation also on the global test set (a deployed hospital has none)."""
+    """The personalised model's metrics (global + kept layers), after the last round the fine-tuned one's, and
+    the ensemble's (the mean of the global model's and these models' probabilities); on the validation split, and in
+    simulation also on the global test set (a deployed hospital has none)."""
     device = select_device()
     test = None
     if _partition_id(context) is not None:
         cache = context.run_config.get(keys.RUN_CACHE_DIR)
         test = load_test_set(cfg, cache_dir=Path(str(cache)) if cache else None)[1]
+    members: list[tuple[np.ndarray, np.ndarray | None]] = []  # (validation, test) probabilities of each model
 
-    def scores(prefix: str, test_prefix: str, candidate: torch.nn.Module) -> dict[str, float | int]:
-        out = {f"{prefix}{k}": float(v) for k, v in validate(candidate).items()}
-        if test is not None:
-            test_scores = evaluate(candidate, test.images, test.labels, batch_size=cfg.train.eval_batch_size,
-                                   device=device)
-            out.update({f"{test_prefix}{k}": float(v) for k, v in test_scores.items()})
+    def probabilities(candidate: torch.nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+        val = predict_proba(candidate, site.val.images, batch_size=cfg.train.eval_batch_size, device=device)
+        tested = None if test is None else predict_proba(candidate, test.images,
+                                                         batch_size=cfg.train.eval_batch_size, device=device)
+        members.append((val, tested))
+        return val, tested
+
+    def scores(prefix: str, test_prefix: str, probs: tuple[np.ndarray, np.ndarray | None]) -> dict[str, float | int]:
+        out = {f"{prefix}{k}": float(v) for k, v in classification_metrics(site.val.labels, probs[0]).items()}
+        if test is not None and probs[1] is not None:
+            out.update({f"{test_prefix}{k}": float(v)
+                        for k, v in classification_metrics(test.labels, probs[1]).items()})
         return out
 
     def validate(candidate: torch.nn.Module) -> dict[str, float]:
@@ -443,10 +452,11 @@ def _personalised_metrics(
                         device=device)
 
     metrics: dict[str, float | int] = {}
+    probabilities(model)  # the global model: the ensemble's first member
     local = local_layer_names(model, cfg.personalize.local_layers)
     if local:
         restore_local_layers(model, _kept_layers(context, site, server_round + 1), local)
-        metrics.update(scores(keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX, model))
+        metrics.update(scores(keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX, probabilities(model)))
     if cfg.personalize.finetune_epochs > 0 and server_round >= cfg.train.rounds:
 
         def train_one_epoch(candidate: torch.nn.Module, epoch: int) -> None:
@@ -457,6 +467,10 @@ def _personalised_metrics(
             candidate.cpu()
 
         tuned = finetune(model, cfg.personalize.finetune_epochs, train_one_epoch, validate)
-        metrics.update(scores(keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX, tuned.model))
+        metrics.update(scores(keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX, probabilities(tuned.model)))
         metrics[keys.FINETUNED_EPOCH] = tuned.epoch
+    if len(members) >= 2:
+        ensemble = (mean_proba([v for v, _ in members]),
+                    None if test is None else mean_proba([t for _, t in members if t is not None]))
+        metrics.update(scores(keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX, ensemble))
     return metrics

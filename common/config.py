@@ -36,6 +36,7 @@ __all__ = [
     "MedMNISTConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "TrackingConfig",
     "StrategyConfig",
     "TrimmedMeanConfig",
     "KrumConfig",
@@ -440,6 +441,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Optional extra outputs of every run: TensorBoard event files of the per-round metrics."""
+
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tracking.tensorboard={self.tensorboard!r} is not allowed; it must be true or false.")
+
+    def require_runtime(self) -> None:
+        """Fail before the first round when TensorBoard logging is asked for and its package is missing."""
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "tracking.tensorboard=true needs the tensorboard package: pip install 'medfed[tensorboard]' "
+                    "(or set tracking.tensorboard=false)."
+                ) from None
+
+
+@dataclass
 class AugmentConfig:
     """MONAI augmentation applied to training images (2D and 3D): flip, rotate, scale, intensity."""
 
@@ -602,6 +625,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.evaluate.mc_samples > 0 and self.model.dropout <= 0.0:
@@ -772,6 +796,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         privacy=_option_from_dict("privacy", "name", "privacy mechanism", data["privacy"]),
         personalize=PersonalizeConfig(**data.get("personalize", {})),
         evaluate=EvaluateConfig(**data.get("evaluate", {})),
+        tracking=TrackingConfig(**data.get("tracking", {})),
     )
 
 

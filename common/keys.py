@@ -7,6 +7,8 @@ metrics and one ConfigRecord naming the site. Nothing else leaves a site.
 from __future__ import annotations
 
 __all__ = [
+    "ENSEMBLE_PREFIX",
+    "ENSEMBLE_TEST_PREFIX",
     "GRADCAM_SAVED",
     "RELIABILITY_AFTER",
     "RELIABILITY_BEFORE",
@@ -85,6 +87,8 @@ PERSONAL_PREFIX = "pval-"  # the personalised model (global + the site's local l
 PERSONAL_TEST_PREFIX = "ptest-"  # ... on the global test set (simulation only: a deployed hospital has none)
 FINETUNED_PREFIX = "ftval-"  # after local fine-tuning of the final model, at the best-validation epoch
 FINETUNED_TEST_PREFIX = "fttest-"  # ... on the global test set (simulation only)
+ENSEMBLE_PREFIX = "ensval-"  # personalisation: the mean of the global, personalised and fine-tuned models' probabilities
+ENSEMBLE_TEST_PREFIX = "enstest-"  # ... on the global test set (simulation only)
 FINETUNED_EPOCH = "ft-epoch"  # the fine-tuning epoch a hospital kept (0: fine-tuning did not help on validation)
 EPSILON = "epsilon"  # the site's cumulative epsilon (all runs on its data) after this round
 DELTA = "delta"  # the delta that epsilon is stated at

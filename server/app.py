@@ -119,6 +119,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         grid = PromptGrid(grid)
 
     run_dir.write_environment(software_versions())
+    cfg.tracking.require_runtime()
     info, test_set = _test_set(cfg, simulation)
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
@@ -141,7 +142,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     remaining = cfg.train.rounds - start_round
 
     tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,
-                         snapshots=cfg.evaluate.snapshots)
+                         snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard)
     inner = build_strategy(cfg.strategy)
     if isinstance(cfg.privacy, CentralDPConfig):
         if cfg.strategy.fraction_train < 1.0:

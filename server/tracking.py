@@ -43,6 +43,8 @@ class SiteRound:
     # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
     personal: dict[str, dict[str, float]] | None = None
     finetuned: dict[str, Any] | None = None
+    # the ensemble of the global model with the personalised (and, after the last round, fine-tuned) ones
+    ensemble: dict[str, dict[str, float]] | None = None
 
     def as_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
@@ -56,6 +58,8 @@ class SiteRound:
             record["personal"] = self.personal
         if self.finetuned is not None:
             record["finetuned"] = self.finetuned
+        if self.ensemble is not None:
+            record["ensemble"] = self.ensemble
         return record
 
 
@@ -92,6 +96,7 @@ def site_rounds(
         site.val = _prefixed(metrics, keys.EVAL_PREFIX)
         site.personal = _personal_parts(metrics, keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX)
         site.finetuned = _personal_parts(metrics, keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX)
+        site.ensemble = _personal_parts(metrics, keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX)
         if site.finetuned is not None and keys.FINETUNED_EPOCH in metrics:
             site.finetuned["epoch"] = int(metrics[keys.FINETUNED_EPOCH])
     return sites
@@ -134,8 +139,11 @@ class RunTracker:
         t0: float,
         state: Mapping[str, Any] | None = None,
         snapshots: int = 0,
+        tensorboard: bool = False,
     ) -> None:
         self.run_dir = run_dir
+        self.tensorboard = tensorboard
+        self._writer: Any = None
         self.snapshots = snapshots  # keep the global models of this many latest rounds (snapshot ensemble)
         self.mode = mode
         self.total_rounds = total_rounds
@@ -155,6 +163,7 @@ class RunTracker:
         # personalisation: the round with the best weighted personalised validation AUC, each site's personalised
         # metrics in it, and the fine-tuned metrics of the last round
         self.personal_best: dict[str, Any] | None = state.get("personal_best")
+        self.ensemble_best: dict[str, Any] | None = state.get("ensemble_best")
         self.finetuned: dict[str, Any] | None = state.get("finetuned")
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -174,6 +183,7 @@ class RunTracker:
             "accountant_state": self.accountant_state,
             "run_privacy": self.run_privacy,
             "personal_best": self.personal_best,
+            "ensemble_best": self.ensemble_best,
             "finetuned": self.finetuned,
             "mode": self.mode,
         }
@@ -254,21 +264,60 @@ class RunTracker:
             if self.snapshots > 0:
                 self.run_dir.save_snapshot(server_round, arrays, self.snapshots)
         self.run_dir.append_metrics(record)
+        if self.tensorboard:
+            self._log_tensorboard(record)
         return record
+
+    def _log_tensorboard(self, record: Mapping[str, Any]) -> None:
+        """The round's scalars as TensorBoard events in ``RUN_DIR/tensorboard`` (global, per site, privacy)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = int(record["round"])
+        if self._writer is None:  # a resumed run drops events after its checkpoint
+            self._writer = SummaryWriter(log_dir=str(self.run_dir.path / "tensorboard"), purge_step=step)
+        scalars: dict[str, Any] = {"train/loss": record["train"]["loss"]}
+        scalars.update({f"val/{k}": v for k, v in record["val"].items()})
+        scalars.update({f"test/{k}": v for k, v in (record.get("test") or {}).items()})
+        for site_id, site in record["sites"].items():
+            scalars.update({f"site/{site_id}/val_{k}": site["val"].get(k) for k in ("auc", "acc", "ece")})
+            scalars[f"site/{site_id}/epsilon"] = site.get("epsilon")
+        scalars.update({f"privacy/{k}": v for k, v in (record.get("privacy") or {}).items()})
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(tag, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if one was opened."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _record_personal(self, server_round: int, sites: Mapping[str, SiteRound]) -> None:
         """Select the personalised models' best round on their validation metrics; keep the fine-tuned ones."""
-        personal = {k: s for k, s in sites.items() if s.personal is not None}
-        if personal:
-            val = weighted_metrics(personal, lambda s: (s.personal or {}).get("val", {}))
-            if self.personal_best is None or selection_key(val) > selection_key(self.personal_best["val"]):
-                self.personal_best = {"round": server_round, "val": val,
-                                      "sites": {k: s.personal for k, s in sorted(personal.items())}}
+        self.personal_best = self._select(server_round, sites, lambda s: s.personal, self.personal_best)
+        self.ensemble_best = self._select(server_round, sites, lambda s: s.ensemble, self.ensemble_best)
         tuned = {k: s for k, s in sites.items() if s.finetuned is not None}
         if tuned:
             self.finetuned = {"round": server_round,
                               "val": weighted_metrics(tuned, lambda s: (s.finetuned or {}).get("val", {})),
                               "sites": {k: s.finetuned for k, s in sorted(tuned.items())}}
+
+    @staticmethod
+    def _select(
+        server_round: int,
+        sites: Mapping[str, SiteRound],
+        part: Callable[[SiteRound], dict[str, Any] | None],
+        best: dict[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """The round whose weighted validation metrics of the sites' ``part`` model are best so far."""
+        chosen = {k: s for k, s in sites.items() if part(s) is not None}
+        if not chosen:
+            return best
+        val = weighted_metrics(chosen, lambda s: (part(s) or {}).get("val", {}))
+        if best is None or selection_key(val) > selection_key(best["val"]):
+            return {"round": server_round, "val": val, "sites": {k: part(s) for k, s in sorted(chosen.items())}}
+        return best
 
     @staticmethod
     def _personal_summary(part: Mapping[str, Any]) -> dict[str, Any]:
@@ -327,6 +376,8 @@ class RunTracker:
             summary["personalized"] = self._personal_summary(self.personal_best)
         if self.finetuned is not None:
             summary["finetuned"] = self._personal_summary(self.finetuned)
+        if self.ensemble_best is not None:
+            summary["ensemble"] = self._personal_summary(self.ensemble_best)
         if self.mode == "local":
             # each hospital alone: its own model, selected at its own best-validation round
             auc = _mean_min_max([(s.get("test") or {}).get("auc", math.nan) for s in sites.values()])
@@ -340,6 +391,7 @@ class RunTracker:
             }
         if extra:
             summary.update(extra)
+        self.close()
         self.run_dir.write_summary(summary)
         return summary
 

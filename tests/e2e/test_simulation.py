@@ -232,7 +232,7 @@ def test_personalised_federation_with_an_attacker(tmp_path):
         assert [d["site"] for d in rejected] == ["hospital-0"]
         assert "median" in rejected[0]["reason"]
     # personalised and fine-tuned metrics, per site, validation and test
-    for part in ("personalized", "finetuned"):
+    for part in ("personalized", "finetuned", "ensemble"):
         assert sorted(summary[part]["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
         assert 0.0 <= summary[part]["test"]["auc"]["min"] <= summary[part]["test"]["auc"]["max"] <= 1.0
     assert "personalised (by val AUC)" in result.stdout

@@ -163,8 +163,10 @@ def test_a_hospital_keeps_its_norm_layers_and_reports_personalised_metrics(tmp_p
     assert {"val-auc", "pval-auc", "ptest-auc"} <= set(metrics.keys())
     assert metrics["pval-loss"] != metrics["val-loss"]  # the personalised model is not the global one
     assert not any(k.startswith("ftval-") for k in metrics.keys())
+    assert {"ensval-auc", "enstest-auc"} <= set(metrics.keys())  # global + personalised, averaged
+    assert metrics["ensval-loss"] not in (metrics["val-loss"], metrics["pval-loss"])
     final = last.content[keys.METRICS]
-    assert {"ftval-auc", "fttest-auc", keys.FINETUNED_EPOCH} <= set(final.keys())
+    assert {"ftval-auc", "fttest-auc", keys.FINETUNED_EPOCH, "ensval-auc"} <= set(final.keys())
     assert 0 <= final[keys.FINETUNED_EPOCH] <= 2
 
 

@@ -145,7 +145,8 @@ def test_personalised_models_are_selected_on_their_own_validation_and_reported_p
     from server.tracking import site_rounds
 
     def evaluate(global_auc: float, personal_auc: float, personal_test: float, finetuned: bool) -> dict:
-        metrics = {"n-val": 10, "val-auc": global_auc, "pval-auc": personal_auc, "ptest-auc": personal_test}
+        metrics = {"n-val": 10, "val-auc": global_auc, "pval-auc": personal_auc, "ptest-auc": personal_test,
+                   "ensval-auc": (global_auc + personal_auc) / 2, "enstest-auc": personal_test - 0.1}
         if finetuned:
             metrics.update({"ftval-auc": personal_auc + 0.01, "fttest-auc": personal_test + 0.01, "ft-epoch": 2})
         return metrics
@@ -171,6 +172,55 @@ def test_personalised_models_are_selected_on_their_own_validation_and_reported_p
     assert summary["finetuned"]["round"] == 2
     assert summary["finetuned"]["test"]["auc"]["mean"] == pytest.approx(0.91)  # mean of 0.96 and 0.86
     assert summary["finetuned"]["sites"]["hospital-0"]["epoch"] == 2
+    # the ensemble's own validation picks round 2 (0.80 > 0.75), tested there
+    assert summary["ensemble"]["round"] == 2 and summary["ensemble"]["val"]["auc"] == pytest.approx(0.80)
+    assert summary["ensemble"]["test"]["auc"]["mean"] == pytest.approx(0.80)
     lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert lines[0]["sites"]["hospital-0"]["personal"]["val"]["auc"] == pytest.approx(0.9)
     assert "finetuned" not in lines[0]["sites"]["hospital-0"]
+
+
+def test_tensorboard_events_hold_the_rounds_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from server.tracking import site_rounds
+
+    # Prepare
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=2, t0=time.time(), tensorboard=True)
+    train = {"hospital-0": {"n-train": 40, "train-loss": 0.5, "epsilon": 1.5, "delta": 1e-5}}
+
+    # Execute: two rounds, then the end of the run
+    for server_round, auc in ((1, 0.6), (2, 0.7)):
+        evaluate = {"hospital-0": {"n-val": 10, "val-auc": auc, "val-loss": 0.4}}
+        tracker.record_round(server_round, sites=site_rounds(train, evaluate), test={"auc": auc + 0.1},
+                             arrays=None)
+    tracker.finish(None)
+
+    # Assert
+    events = EventAccumulator(str(run.path / "tensorboard"))
+    events.Reload()
+    val_auc = [(e.step, round(e.value, 4)) for e in events.Scalars("val/auc")]
+    assert val_auc == [(1, 0.6), (2, 0.7)]
+    assert [round(e.value, 4) for e in events.Scalars("test/auc")] == [0.7, 0.8]
+    assert [e.value for e in events.Scalars("site/hospital-0/epsilon")] == [1.5, 1.5]
+    assert "privacy/max_epsilon" in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_its_package_is_refused_before_training(monkeypatch):
+    import builtins
+
+    from common.config import TrackingConfig
+    from common.errors import ConfigError
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match=r"medfed\[tensorboard\]"):
+        TrackingConfig(tensorboard=True).require_runtime()
+    TrackingConfig(tensorboard=False).require_runtime()  # off: nothing needed
