@@ -79,6 +79,8 @@ def test_hospitals_fit_one_temperature_and_keep_their_gradcam_maps(tmp_path, tas
     assert result["temperature"] in TEMPERATURES and result["dropped"] == []
     assert result["sites_fitted"] == ["hospital-0", "hospital-1", "hospital-2"]
     assert result["val"]["nll_after"] <= result["val"]["nll_before"]
+    assert result["temperature"] > 1.0  # the over-confident model is softened
+    assert result["val"]["ece_after"] < result["val"]["ece_before"]  # and better calibrated on validation
     assert sorted(result["sites"]) == result["sites_fitted"]
     assert sum(s["n_val"] for s in result["sites"].values()) == result["val"]["n"]
     assert len(result["reliability"]["val_after"]) == ECE_BINS
