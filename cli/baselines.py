@@ -19,9 +19,10 @@ import torch
 
 from client.training import configure_threads, derive_seed, make_optimizer, select_device, train_epochs
 from common.config import Config
-from common.data import ArrayDataset, SiteData, load_site, load_test_set
+from common.data import ArrayDataset, DatasetInfo, SiteData, load_site, load_test_set
 from common.inference import evaluate
 from common.models import build_model
+from common.models.pretrained import load_pretrained
 from server.runs import RunDirectory
 from server.tracking import RunTracker, SiteRound
 
@@ -52,9 +53,7 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     info, test_set = load_test_set(cfg)
     pooled = ArrayDataset.concat([s.train for s in sites])
     device = select_device()
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
-    model.to(device)
+    model = initial_model(cfg, info).to(device)
     optimizer = make_optimizer(model, cfg.train)
     cfg.tracking.require_runtime()
     tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0,
@@ -78,6 +77,15 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     return tracker.finish(_numpy_state(model))
 
 
+def initial_model(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
+    """The model a run starts from: seeded like the federated run's, then the pretrained weights if any."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    return model
+
+
 def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float | None = None) -> dict:
     """Train each hospital's model on its own data only; returns the summary."""
     t0 = t0 if t0 is not None else time.time()
@@ -87,10 +95,7 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
     device = select_device()
     models, optimizers = [], []
     for site in sites:
-        torch.manual_seed(cfg.train.seed)  # every hospital starts from the same initial model, as in FedAvg
-        model = build_model(
-            cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes
-        ).to(device)
+        model = initial_model(cfg, info).to(device)  # every hospital starts from the same model, as in FedAvg
         models.append(model)
         optimizers.append(make_optimizer(model, cfg.train))
     cfg.tracking.require_runtime()

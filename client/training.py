@@ -79,8 +79,12 @@ def configure_threads(threads: int, parallel: int) -> int:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer`` (validated by the config schema)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer named by ``train.optimizer`` (validated by the config schema), over the trainable parameters:
+    the encoder's at ``lr x train.encoder_lr_scale`` (discriminative learning rates), the rest at ``lr``."""
+    encoder = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    params = [{"params": group, "lr_scale": scale, "lr": cfg.lr * scale}
+              for group, scale in ((encoder, cfg.encoder_lr_scale), (rest, 1.0)) if group]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -89,9 +93,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (a persistent optimizer following the round schedule)."""
+    """Set the learning rate (a persistent optimizer following the round schedule); each parameter group keeps its
+    ``lr_scale`` (the encoder's discriminative factor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:

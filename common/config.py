@@ -63,6 +63,7 @@ RUN_CONFIG_OVERRIDES = "medfed-overrides"
 
 PARTITIONS = ("iid", "dirichlet", "quantity")
 ATTACKS = ("none", "scale", "noise")  # simulated poisoning (federation.attack)
+FINETUNE_MODES = ("full", "partial", "linear_probe")  # which layers train (model.finetune)
 LOCAL_LAYERS = ("none", "norm", "head", "norm_head")  # layers a hospital keeps to itself (personalize.local_layers)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -187,10 +188,17 @@ class ModelConfig:
     name: str = "smallcnn"
     width: int = 32
     dropout: float = 0.0
+    # transfer learning: a local weights file the coordinator starts the run from ('' = random initialisation), and
+    # which layers train: full (all), partial (the encoder's last stage and the head), linear_probe (the head only)
+    pretrained: str = ""
+    finetune: str = "full"
 
     def __post_init__(self) -> None:
         _positive("model.width", self.width)
         _fraction("model.dropout", self.dropout, low_open=False, high_open=True)
+        _choice("model.finetune", self.finetune, FINETUNE_MODES)
+        if not isinstance(self.pretrained, str):
+            raise ConfigError(f"model.pretrained={self.pretrained!r} must be a file path (or '' for none).")
 
 
 @dataclass
@@ -497,6 +505,7 @@ class TrainConfig:
     momentum: float = 0.9
     class_weighting: str = "none"
     seed: int = 0
+    encoder_lr_scale: float = 1.0  # discriminative learning rates: the encoder trains at lr x this, the head at lr
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def round_lr(self, server_round: int) -> float:
@@ -519,6 +528,7 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _fraction("train.momentum", self.momentum, low_open=False, high_open=True)
+        _positive("train.encoder_lr_scale", self.encoder_lr_scale)
 
 
 PRIVACY_MECHANISMS = ("none", "dp", "central_dp")

@@ -30,15 +30,9 @@ def default_target_layer(model: nn.Module) -> str:
     Raises:
         ConfigError: the model has no ``encoder`` with a weighted stage (name a layer explicitly then).
     """
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, nn.Module):
-        stages = [name for name, child in encoder.named_children() if any(True for _ in child.parameters())]
-        if stages:
-            return f"encoder.{stages[-1]}"
-    raise ConfigError(
-        f"{type(model).__name__} has no encoder stage to take Grad-CAM from; name one with --layer "
-        "(a dotted module name, e.g. encoder.block3_1)."
-    )
+    from common.models.registry import last_encoder_stage
+
+    return last_encoder_stage(model)
 
 
 def gradcam_maps(

@@ -26,6 +26,7 @@ from common.environment import software_versions
 from common.errors import ConfigError, DatasetUnavailableError
 from common.inference import evaluate
 from common.models import build_model, load_checkpoint, require_dp_compatible
+from common.models.pretrained import load_pretrained
 from server.final import calibrate_federated, uncertainty_on_test_set
 from server.grid import PromptGrid
 from server.runs import RunDirectory
@@ -123,6 +124,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     info, test_set = _test_set(cfg, simulation)
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    if cfg.model.pretrained and not context.run_config.get(keys.RUN_RESUME):  # a resumed run has its checkpoint
+        load_pretrained(model, cfg.model.pretrained)
     if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch
         require_dp_compatible(model, cfg.model.name)
         cfg.privacy.require_runtime()

@@ -123,6 +123,7 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         width=cfg.width,
         dropout=cfg.dropout,
     )
+    set_trainable(model, cfg.finetune)
     logger.debug(
         "Built model %s (spatial_dims=%d, in_channels=%d, n_classes=%d, width=%d, dropout=%s): %d parameters",
         cfg.name,
@@ -134,6 +135,33 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         sum(p.numel() for p in model.parameters()),
     )
     return model
+
+
+def last_encoder_stage(model: nn.Module) -> str:
+    """The dotted name of the encoder's last stage with weights (``encoder.block3_1`` for ``smallcnn``,
+    ``encoder.layer4`` for ``resnet18``).
+
+    Raises:
+        ConfigError: the model has no ``encoder`` with a weighted stage.
+    """
+    from torch import nn
+
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, nn.Module):
+        stages = [name for name, child in encoder.named_children() if any(True for _ in child.parameters())]
+        if stages:
+            return f"encoder.{stages[-1]}"
+    raise ConfigError(f"{type(model).__name__} has no encoder stage with weights (medfed's models have one).")
+
+
+def set_trainable(model: nn.Module, finetune: str) -> None:
+    """Which parameters train: ``full`` all; ``partial`` the encoder's last stage with weights and the head;
+    ``linear_probe`` the head only. Frozen parameters keep ``requires_grad=False`` (Opacus skips them too)."""
+    trainable = ("",) if finetune == "full" else ("head.",)
+    if finetune == "partial":
+        trainable = ("head.", last_encoder_stage(model) + ".")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(trainable)
 
 
 def require_dp_compatible(model: nn.Module, name: str) -> None:

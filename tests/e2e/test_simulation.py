@@ -289,3 +289,27 @@ def test_two_dicom_folder_hospitals_train(tmp_path):
     assert len(list((tmp_path / "cache" / "folders" / "decoded").glob("*.npy"))) == 300
     run_files = "".join(p.read_text(errors="ignore") for p in (tmp_path / "run").glob("*.json*"))
     assert DICOM_PATIENT not in run_files and "PID-12345" not in run_files
+
+
+def test_a_run_starts_from_a_pretrained_encoder_and_probes_it_linearly(tmp_path):
+    # Prepare: a first run's model is the second run's pretrained encoder
+    first = _medfed(["simulate", "--run-dir", "first", "--cache-dir", "cache", *FAST, "train.rounds=1"], tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    pretrained = tmp_path / "first" / "model.pt"
+
+    # Execute: a linear probe on it (only the head trains)
+    result = _medfed(["simulate", "--run-dir", "probe", "--cache-dir", "cache", *FAST, "train.rounds=2",
+                      f"model.pretrained={pretrained}", "model.finetune=linear_probe"], tmp_path)
+
+    # Assert: the encoder is exactly the pretrained one, the head moved, and the run learned
+    assert result.returncode == 0, result.stdout[-3000:]
+    start, _ = load_checkpoint(pretrained)
+    final, _ = load_checkpoint(tmp_path / "probe" / "model.pt")
+    assert all(np.array_equal(final[k], start[k]) for k in final if k.startswith("encoder."))
+    assert not np.array_equal(final["head.weight"], start["head.weight"])
+    summary = _assert_run_outputs(tmp_path / "probe", 2)
+    assert summary["best"]["test"]["auc"] > 0.7
+    # a missing file is refused before any round, naming the key
+    missing = _medfed(["simulate", "--run-dir", "bad", "--cache-dir", "cache", *FAST,
+                       f"model.pretrained={tmp_path / 'nope.pt'}"], tmp_path)
+    assert missing.returncode != 0 and "model.pretrained" in missing.stdout
