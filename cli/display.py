@@ -48,11 +48,12 @@ def print_round(console: Console, record: Mapping[str, Any], total_rounds: int) 
     privacy = (
         " | eps " + " ".join(f"{k.rsplit('-', 1)[-1]}:{fmt(e, 2)}" for k, e in epsilons.items()) if epsilons else ""
     )
+    scores = (f"val AUC {fmt(val.get('auc'))} acc {fmt(val.get('acc'))} | test AUC {fmt(test.get('auc'))}"
+              if "auc" in val or "auc" in test or not val  # a classifier; SSL runs report their pretext losses
+              else f"val loss {fmt(val.get('loss'))} | test loss {fmt(test.get('loss'))}")
     console.print(
         f"[bold]round {record.get('round')}/{total_rounds}[/] | "
-        f"loss {fmt((record.get('train') or {}).get('loss'))} | "
-        f"val AUC {fmt(val.get('auc'))} acc {fmt(val.get('acc'))} | "
-        f"test AUC {fmt(test.get('auc'))} | "
+        f"loss {fmt((record.get('train') or {}).get('loss'))} | {scores} | "
         f"{len(sites)} sites" + (f" [red]{len(dropped)} dropped[/]" if dropped else "") + privacy + " | "
         f"{fmt(record.get('elapsed_s'), 0)} s",
         highlight=False,

@@ -103,12 +103,17 @@ def _state_dir(option: Path | None) -> Path:
 
 
 def _check_registries(cfg: Config) -> None:
-    """Names resolved through registries (model, strategy) are checked before anything starts."""
+    """Names resolved through registries (model, strategy) and the pretrained weights file are checked before
+    anything starts."""
     from common.models.registry import require_model
     from strategies import require_strategy
 
     require_model(cfg.model.name)
     require_strategy(cfg.strategy.name)
+    if cfg.model.pretrained:  # a missing or unreadable weights file is refused before any process starts
+        from common.models.pretrained import read_state_dict
+
+        read_state_dict(cfg.model.pretrained)
 
 
 def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
@@ -181,6 +186,13 @@ def simulate(
         return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
+    if cfg.task == "ssl":
+        quality = summary.get("representation") or {}
+        console.print(
+            f"self-supervised encoder (best validation {cfg.ssl.method} loss): {run_path}/best_model.pt; test-set "
+            f"silhouette {quality.get('silhouette', float('nan')):.3f}, Davies-Bouldin "
+            f"{quality.get('davies_bouldin', float('nan')):.3f}. Fine-tune it with model.pretrained={run_path}/best_model.pt"
+        )
 
 
 def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):

@@ -74,7 +74,7 @@ from common.calibration import nll_sums
 from common.explain import gradcam_maps, save_explanations
 from common.inference import evaluate, predict_logits, predict_proba, softmax
 from common.metrics import classification_metrics, reliability_sums
-from common.models import build_model
+from common.models.ssl import MeanLoss, build_task_model, ssl_loss
 from common.models.weights import load_state_dict_numpy, set_weights
 from common.uncertainty import mean_proba
 
@@ -148,8 +148,8 @@ def _setup(msg: Message, context: Context) -> tuple[Config, SiteData, torch.nn.M
     else:
         configure_threads(cfg.federation.threads, cfg.federation.parallel)
     site = resolve_site(cfg, context.node_config, context.run_config)
-    model = build_model(
-        cfg.model, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
+    model = build_task_model(
+        cfg, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
     )
     legacy = _legacy_instruction(msg)
     if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
@@ -289,6 +289,7 @@ def train(msg: Message, context: Context) -> Message:
             else None
         ),
         proximal_mu=mu,
+        criterion=MeanLoss() if cfg.task == "ssl" else None,
     )
     model.cpu()
     if local:
@@ -345,9 +346,13 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if config is not None and keys.FINAL_STAGE in config:
         return _reply(msg, site, _final_stage(cfg, site, model, config, msg, context), None)
     started = time.perf_counter()
-    scores = evaluate(
-        model, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size, device=select_device()
-    )
+    if cfg.task == "ssl":  # no labels: the pretext loss on the held-out images
+        scores = {"loss": ssl_loss(model, site.val.images, batch_size=cfg.train.eval_batch_size,
+                                   seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id)), "n": float(len(site.val))}
+    else:
+        scores = evaluate(
+            model, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size, device=select_device()
+        )
     metrics: dict[str, float | int] = {f"{keys.EVAL_PREFIX}{k}": float(v) for k, v in scores.items()}
     if cfg.personalize.enabled:
         metrics.update(_personalised_metrics(cfg, site, model, context, server_round))

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from client.site import SiteConfig, node_config_for
 from common.environment import flower_environment, script

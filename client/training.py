@@ -145,6 +145,7 @@ def train_epochs(
     device: torch.device | None = None,
     privacy: DPTraining | None = None,
     proximal_mu: float = 0.0,
+    criterion: nn.Module | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``.
 
@@ -155,6 +156,7 @@ def train_epochs(
     logical batches split to ``max_physical_batch_size`` in memory. ``model`` itself stays unwrapped.
     ``proximal_mu`` > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 to the loss (not with ``privacy``: Opacus
     builds updates from per-sample gradients, which leave the term out); the reported loss is the data loss.
+    ``criterion`` replaces the cross-entropy (SSL models: the mean of the loss terms their forward returns).
     """
     if proximal_mu > 0 and privacy is not None:
         raise ValueError("train_epochs(): a proximal term and DP-SGD cannot be combined (see the docstring).")
@@ -167,8 +169,9 @@ def train_epochs(
     optimizer = optimizer or make_optimizer(model, cfg)
     if lr is not None:
         set_lr(optimizer, lr)
-    weights = class_weights(data.labels, n_classes, cfg.class_weighting)
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
+    if criterion is None:  # classification; an SSL model brings its own (its forward returns the loss terms)
+        weights = class_weights(data.labels, n_classes, cfg.class_weighting)
+        criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None

@@ -36,6 +36,7 @@ __all__ = [
     "MedMNISTConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "SSLConfig",
     "TrackingConfig",
     "StrategyConfig",
     "TrimmedMeanConfig",
@@ -99,6 +100,9 @@ class DatasetConfig:
     """Base of every dataset option; ``source`` picks the loader (set by the group's YAML)."""
 
     source: str = "synthetic"
+    # label scarcity (task=classify): each hospital keeps the labels of this stratified fraction of its training
+    # images (at least one per class); task=ssl uses every image, labelled or not
+    label_fraction: float = 1.0
     name: str = "synthetic"
 
 
@@ -448,6 +452,30 @@ class EvaluateConfig:
         _count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
 
 
+SSL_METHODS = ("simclr", "mim")
+TASKS = ("classify", "ssl")
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised pretraining (``task=ssl``): SimCLR-style contrastive learning or masked image modelling."""
+
+    method: str = "simclr"
+    temperature: float = 0.5  # SimCLR's NT-Xent temperature
+    projection_dim: int = 64  # SimCLR's projector output
+    mask_ratio: float = 0.5  # MIM: the fraction of patches hidden
+    patch_size: int = 4  # MIM: the side of a hidden square (cube), pixels
+
+    def __post_init__(self) -> None:
+        _choice("ssl.method", self.method, SSL_METHODS)
+        _positive("ssl.temperature", self.temperature)
+        _fraction("ssl.mask_ratio", self.mask_ratio, high_open=True)
+        for key in ("projection_dim", "patch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ssl.{key}={value!r} is out of range; it must be an integer >= 1.")
+
+
 @dataclass
 class TrackingConfig:
     """Optional extra outputs of every run: TensorBoard event files of the per-round metrics."""
@@ -636,8 +664,14 @@ class Config:
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: str = "classify"  # classify: supervised; ssl: self-supervised pretraining of the encoder (no labels)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _fraction("dataset.label_fraction", self.dataset.label_fraction)
+        if self.task == "ssl":
+            _check_ssl(self)
         if self.evaluate.mc_samples > 0 and self.model.dropout <= 0.0:
             raise ConfigError(
                 f"evaluate.mc_samples={self.evaluate.mc_samples} needs a model trained with dropout, but "
@@ -671,6 +705,26 @@ class Config:
                 f"strategy.min_train_nodes={self.strategy.min_train_nodes} exceeds federation.hospitals="
                 f"{self.federation.hospitals}; lower strategy.min_train_nodes or add hospitals."
             )
+
+
+def _check_ssl(self: Config) -> None:
+    """What self-supervised pretraining cannot be combined with, said before anything starts."""
+    if self.ssl.method == "simclr" and self.privacy.name == "dp":
+        raise ConfigError(
+            "task=ssl ssl.method=simclr cannot run with privacy=dp: the contrastive loss couples every image of a "
+            "batch, so per-sample clipping does not bound one image's influence and the epsilon would not hold. Use "
+            "ssl.method=mim (masked image modelling: one loss per image) with privacy=dp."
+        )
+    if self.privacy.name == "dp" and getattr(self.privacy, "grad_sample_mode", "hooks") != "hooks":
+        raise ConfigError("task=ssl with privacy=dp needs privacy.grad_sample_mode=hooks.")
+    if self.personalize.enabled:
+        raise ConfigError("task=ssl trains one shared encoder: leave personalize.* off.")
+    if self.evaluate.mc_samples or self.evaluate.snapshots or self.evaluate.gradcam_samples:
+        raise ConfigError("evaluate.mc_samples/snapshots/gradcam_samples are for classifiers; task=ssl has no "
+                          "predictions. Leave them 0 (the SSL run reports its representation quality instead).")
+    if self.model.pretrained or self.model.finetune != "full":
+        raise ConfigError("task=ssl pretrains an encoder from scratch; model.pretrained and model.finetune apply to "
+                          "the supervised run that follows it.")
 
 
 _SCHEMAS: dict[str, dict[str, type]] = {
@@ -807,6 +861,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         personalize=PersonalizeConfig(**data.get("personalize", {})),
         evaluate=EvaluateConfig(**data.get("evaluate", {})),
         tracking=TrackingConfig(**data.get("tracking", {})),
+        task=data.get("task", "classify"),
+        ssl=SSLConfig(**data.get("ssl", {})),
     )
 
 

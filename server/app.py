@@ -25,7 +25,9 @@ from common.data import ArrayDataset, DatasetInfo, load_test_set
 from common.environment import software_versions
 from common.errors import ConfigError, DatasetUnavailableError
 from common.inference import evaluate
-from common.models import build_model, load_checkpoint, require_dp_compatible
+from common.models import load_checkpoint, require_dp_compatible
+from common.models.ssl import build_task_model, ssl_loss
+from common.representation import representation_quality
 from common.models.pretrained import load_pretrained
 from server.final import calibrate_federated, uncertainty_on_test_set
 from server.grid import PromptGrid
@@ -81,6 +83,14 @@ def _final_evaluation(
         state = dict(load_checkpoint(run_dir.best_model_path)[0])
     out: dict[str, Any] = {}
     temperature = None
+    if test_set is not None:  # how well the selected encoder separates the classes (any task)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        out["representation"] = representation_quality(
+            model.encoder, test_set.images, test_set.labels, plot=run_dir.path / "embedding.png",
+            title=f"Test-set embeddings, round {best_round} (PCA)")
+    if cfg.task == "ssl":  # no classifier: nothing to calibrate or to be uncertain about
+        tracker.add_compute(time.perf_counter() - started)
+        return out
     if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0:
         calibration = calibrate_federated(grid, state, timeout=cfg.strategy.round_timeout_s)
         calibration["round"] = best_round
@@ -123,7 +133,7 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     cfg.tracking.require_runtime()
     info, test_set = _test_set(cfg, simulation)
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
-    model = build_model(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
+    model = build_task_model(cfg, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
     if cfg.model.pretrained and not context.run_config.get(keys.RUN_RESUME):  # a resumed run has its checkpoint
         load_pretrained(model, cfg.model.pretrained)
     if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch
@@ -173,9 +183,13 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         test_metrics = None
         if test_set is not None:
             model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-            test_metrics = evaluate(
-                model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
-            )
+            if cfg.task == "ssl":  # the pretext loss (labels unused)
+                test_metrics = {"loss": ssl_loss(model, test_set.images, batch_size=cfg.train.eval_batch_size,
+                                                 seed=cfg.train.seed)}
+            else:
+                test_metrics = evaluate(
+                    model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
+                )
         return test_metrics, time.perf_counter() - started
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +24,7 @@ import numpy as np
 from common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
 from common.data.medmnist import load_medmnist
-from common.data.partition import partition_indices, stratified_split
+from common.data.partition import labelled_subset, partition_indices, stratified_split
 from common.data.synthetic import load_synthetic, scanner_effect
 from common.atomic import atomic_write
 from common.errors import ConfigError, DatasetUnavailableError, SiteDataError
@@ -125,7 +124,8 @@ def cache_key(cfg: Config) -> str:
     """First 16 hex digits of the sha256 of everything that decides the sites' arrays (and a format version)."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
-        "dataset": {"type": type(cfg.dataset).__name__, **asdict(cfg.dataset)},
+        "dataset": {"type": type(cfg.dataset).__name__,
+                    **{k: v for k, v in asdict(cfg.dataset).items() if k != "label_fraction"}},
         "federation": {key: getattr(cfg.federation, key) for key in _FEDERATION_KEYS},
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
@@ -203,6 +203,19 @@ def forget_loaded_sites() -> None:
 
 
 def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
+    """Hospital ``index``'s data, i.e. ``build_sites(...)[index]``; cached under ``cache_dir`` when given. With
+    ``dataset.label_fraction < 1`` (and ``task=classify``) its training split keeps only the labelled images
+    (:func:`~common.data.partition.labelled_subset`, seeded by the federation seed and the site)."""
+    site = _load_full_site(cfg, index, cache_dir=cache_dir)
+    fraction = cfg.dataset.label_fraction
+    if fraction >= 1.0 or cfg.task == "ssl":
+        return site
+    kept = labelled_subset(site.train.labels, fraction, seed=cfg.federation.seed * 1000 + index)
+    return SiteData(site_id=site.site_id, train=ArrayDataset(site.train.images[kept], site.train.labels[kept]),
+                    val=site.val, info=site.info)
+
+
+def _load_full_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
     """Hospital ``index``'s data, i.e. ``build_sites(...)[index]``; cached under ``cache_dir`` when given.
 
     On a cache miss every site's file is written (building one site costs as much as building all). With a cache

@@ -21,7 +21,7 @@ import numpy as np
 
 from common.errors import ConfigError
 
-__all__ = ["SCHEMES", "partition_indices", "stratified_split"]
+__all__ = ["SCHEMES", "labelled_subset", "partition_indices", "stratified_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +132,17 @@ def stratified_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple
     keep_idx = np.sort(np.concatenate(keep)).astype(np.int64) if keep else empty
     held_idx = np.sort(np.concatenate(held)).astype(np.int64) if held else empty
     return keep_idx, held_idx
+
+
+def labelled_subset(labels: np.ndarray, fraction: float, *, seed: int) -> np.ndarray:
+    """The sorted positions that keep their labels when only ``fraction`` of a hospital's training images are
+    labelled: per class ``max(1, round(fraction x count))`` images, chosen at random (seeded), so every class the
+    hospital holds stays represented.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"dataset.label_fraction={fraction!r} is out of range; it must lie in (0, 1].")
+    rng = np.random.default_rng(seed)
+    kept = [rng.permutation(np.flatnonzero(labels == c))[: max(1, int(round(fraction * np.sum(labels == c))))]
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, dtype=np.int64)

@@ -14,7 +14,6 @@ Pass the *unwrapped* model (not Opacus' ``GradSampleModule``) so the keys carry 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import zipfile
 from collections import OrderedDict

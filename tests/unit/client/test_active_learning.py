@@ -64,8 +64,6 @@ def test_uncertainty_ranking_beats_random_labelling_in_seeded_runs(seed):
 
 
 def test_the_cnn_learner_trains_on_real_images(data_dir):
-    from pathlib import Path
-
     from client.site import load_site
     from common.config import compose_config
     from common.data import load_test_set

@@ -85,11 +85,11 @@ def test_hospitals_fit_one_temperature_and_keep_their_gradcam_maps(tmp_path, tas
     assert sum(s["n_val"] for s in result["sites"].values()) == result["val"]["n"]
     assert len(result["reliability"]["val_after"]) == ECE_BINS
     # replies: scalars and short lists only (the NLL grid, 3 x bins reliability sums), never weights or maps
-    for reply in grid.replies:
-        assert not reply.content.array_records
-        for value in reply.content[keys.METRICS].values():
+    for sent in grid.replies:
+        assert not sent.content.array_records
+        for value in sent.content[keys.METRICS].values():
             assert not isinstance(value, list) or len(value) in (len(TEMPERATURES), 3 * ECE_BINS)
-        assert set(reply.content.config_records) == {keys.SITE}
+        assert set(sent.content.config_records) == {keys.SITE}
     assert result["gradcam_saved"] == {f"hospital-{i}": 4 for i in range(3)}
     for site in range(3):  # the maps are on the (simulated) hospital's disk
         folder = tmp_path / "run" / "sites" / f"hospital-{site}" / "gradcam"

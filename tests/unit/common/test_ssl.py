@@ -1,0 +1,91 @@
+"""Self-supervised pretraining (SimCLR, MIM), label scarcity and representation quality: the pieces."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import SSLConfig, compose_config
+from common.data import load_site
+from common.models import build_model, save_checkpoint, state_dict_to_numpy
+from common.models.pretrained import load_pretrained
+from common.models.ssl import MIMModel, build_ssl_model, nt_xent
+from common.representation import davies_bouldin, representation_quality, silhouette
+from tests.conftest import medmnist_dir
+
+
+def _images(n: int = 192) -> np.ndarray:
+    """Real images when the shared BreastMNIST file is here, else the synthetic task's."""
+    path = medmnist_dir() / "breastmnist.npz"
+    if path.is_file():
+        return (np.load(path)["train_images"][:n, None] / 255.0).astype(np.float32)
+    return load_site(compose_config(["dataset.n_train=600"]), 0).train.images[:n]
+
+
+def test_nt_xent_by_hand():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    terms = nt_xent(z1, z1.clone(), temperature=1.0)
+
+    # each view: its partner at similarity 1, the two others at 0 -> -log(e / (e + 1 + 1))
+    assert terms.shape == (4,)
+    assert torch.allclose(terms, torch.full((4,), -math.log(math.e / (math.e + 2))))
+    assert nt_xent(z1, -z1, 1.0).mean() > terms.mean()  # views pointing apart cost more
+
+
+def test_mim_hides_the_asked_fraction_in_patches():
+    model = MIMModel(torch.nn.Identity(), 1, 1, 2, SSLConfig(method="mim", mask_ratio=0.3, patch_size=4))
+    torch.manual_seed(0)
+
+    mask = model.mask(torch.zeros(64, 1, 28, 28))
+
+    assert mask.shape == (64, 1, 28, 28)
+    assert 0.25 < float(mask.mean()) < 0.35
+    assert torch.equal(mask[:, :, :4, :4].amax(dim=(2, 3)), mask[:, :, :4, :4].amin(dim=(2, 3)))  # whole patches
+
+
+def test_an_ssl_checkpoint_starts_a_classifier(tmp_path):
+    cfg = compose_config(["model.width=8"])
+    ssl_model = build_ssl_model(cfg.model, SSLConfig(method="simclr"), spatial_dims=2, in_channels=1)
+    save_checkpoint(tmp_path / "encoder.pt", state_dict_to_numpy(ssl_model), {"round": 1})
+    classifier = build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2)
+
+    report = load_pretrained(classifier, tmp_path / "encoder.pt")
+
+    encoder = {k: v for k, v in classifier.state_dict().items() if k.startswith("encoder.")}
+    assert all(torch.equal(v, ssl_model.state_dict()[k]) for k, v in encoder.items())
+    assert all(k.startswith("projector.") for k in report.skipped) and report.skipped
+    assert report.missing == ["head.bias", "head.weight"]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.01])
+def test_label_fraction_keeps_a_stratified_count_per_hospital(fraction):
+    full = compose_config(["federation.hospitals=3", "federation.partition=dirichlet"])
+    scarce = compose_config(["federation.hospitals=3", "federation.partition=dirichlet",
+                             f"dataset.label_fraction={fraction}"])
+    for index in range(3):
+        labels = load_site(full, index).train.labels
+        site = load_site(scarce, index)
+        expected = [max(1, round(fraction * int(np.sum(labels == c)))) for c in np.unique(labels)]
+        assert np.bincount(site.train.labels)[np.unique(labels)].tolist() == expected
+        assert len(site.val) == len(load_site(full, index).val)  # validation untouched
+    ssl = compose_config(["dataset.label_fraction=0.1", "task=ssl"])
+    assert len(load_site(ssl, 0).train) == len(load_site(compose_config([]), 0).train)  # SSL sees every image
+
+
+def test_silhouette_and_davies_bouldin_match_scikit_learn(tmp_path):
+    from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    points = rng.normal(size=(120, 5)) + labels[:, None] * 1.5
+
+    assert silhouette(points, labels) == pytest.approx(silhouette_score(points, labels))
+    assert davies_bouldin(points, labels) == pytest.approx(davies_bouldin_score(points, labels))
+    assert math.isnan(silhouette(points, np.zeros(120)))
+    encoder = build_model(compose_config(["model.width=8"]).model, spatial_dims=2, in_channels=1, n_classes=2).encoder
+    quality = representation_quality(encoder, _images(60), np.arange(60) % 2, plot=tmp_path / "pca.png")
+    assert (tmp_path / "pca.png").stat().st_size > 1000 and quality["dims"] == 32
