@@ -86,12 +86,20 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
+MAX_IMAGES = 2000  # silhouette needs all pairwise distances: a seeded sample of larger sets keeps memory small
+
+
 def representation_quality(
-    encoder: nn.Module, images: np.ndarray, labels: np.ndarray, *, plot: Path | None = None, title: str = ""
+    encoder: nn.Module, images: np.ndarray, labels: np.ndarray, *, plot: Path | None = None, title: str = "",
+    max_images: int = MAX_IMAGES,
 ) -> dict[str, Any]:
-    """Silhouette and Davies-Bouldin of the encoder's embeddings by class; with ``plot``, a PCA scatter PNG."""
-    features = embed(encoder, images)
+    """Silhouette and Davies-Bouldin of the encoder's embeddings by class (of a seeded sample of ``max_images``
+    when there are more); with ``plot``, a PCA scatter PNG."""
     labels = np.asarray(labels).reshape(-1)
+    if labels.size > max_images:
+        chosen = np.sort(np.random.default_rng(0).choice(labels.size, size=max_images, replace=False))
+        images, labels = np.asarray(images)[chosen], labels[chosen]
+    features = embed(encoder, images)
     result: dict[str, Any] = {"silhouette": silhouette(features, labels),
                               "davies_bouldin": davies_bouldin(features, labels), "n": int(labels.size),
                               "dims": int(features.shape[1])}

@@ -88,4 +88,5 @@ def test_silhouette_and_davies_bouldin_match_scikit_learn(tmp_path):
     assert math.isnan(silhouette(points, np.zeros(120)))
     encoder = build_model(compose_config(["model.width=8"]).model, spatial_dims=2, in_channels=1, n_classes=2).encoder
     quality = representation_quality(encoder, _images(60), np.arange(60) % 2, plot=tmp_path / "pca.png")
-    assert (tmp_path / "pca.png").stat().st_size > 1000 and quality["dims"] == 32
+    assert (tmp_path / "pca.png").stat().st_size > 1000 and quality["dims"] == 32 and quality["n"] == 60
+    assert representation_quality(encoder, _images(60), np.arange(60) % 2, max_images=25)["n"] == 25
