@@ -1,6 +1,7 @@
 """``medfed report RUN_DIR``: one self-contained HTML page (and PNG files) of a run's results.
 
 The page holds, as far as the run has them: learning curves per round, each hospital's validation AUC per round,
+the selected encoder's test-set embeddings (PCA) with their silhouette and Davies-Bouldin scores,
 each hospital's cumulative epsilon per round (DP runs), ROC and reliability curves of the selected model on the test
 set (before and after temperature scaling) and the pooled validation reliability the hospitals reported, the
 referral curves of the uncertainty analysis, the summary tables, the config and the software environment. Plots are
@@ -175,6 +176,11 @@ def _plots(run_dir: Path, summary: Mapping[str, Any], records: list[dict[str, An
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
         p.save(fig, "referral", "Referral: AUC when the most uncertain cases go to a clinician")
+    embedding = run_dir / "embedding.png"
+    if embedding.is_file():  # drawn by the run (the selected encoder's test-set embeddings)
+        target = out_dir / "embedding.png"
+        target.write_bytes(embedding.read_bytes())
+        p.plots.append(Plot("embedding", "Test-set embeddings of the selected encoder (PCA)", target))
     return p.plots
 
 
@@ -221,6 +227,12 @@ def _summary_tables(summary: Mapping[str, Any]) -> str:
             rows.append([name, m.get("auc"), m.get("acc"), m.get("ece"), m.get("loss"), refer.get(0.1), refer.get(0.2)])
         parts.append("<h3>Test set: the selected model and its uncertainty-aware variants</h3>")
         parts.append(_table(rows, ["variant", "AUC", "acc", "ECE", "NLL", "AUC, 10 % referred", "AUC, 20 % referred"]))
+    representation = summary.get("representation")
+    if representation:
+        parts.append("<h3>Representation quality (test-set embeddings by class)</h3>")
+        parts.append(_table([[representation.get("n"), representation.get("silhouette"),
+                              representation.get("davies_bouldin")]],
+                            ["images", "silhouette (higher is better)", "Davies-Bouldin (lower is better)"]))
     privacy = summary.get("privacy")
     if privacy:
         parts.append("<h3>Privacy</h3><pre>" + html.escape(json.dumps(privacy, indent=1)) + "</pre>")

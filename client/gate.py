@@ -81,7 +81,9 @@ def _layout(message: Any) -> dict[str, Any]:
     return out
 
 
-def audit_entry(message: Any, *, site_id: str, server_round: int | None = None) -> dict[str, Any]:
+def audit_entry(
+    message: Any, *, site_id: str, server_round: int | None = None, stage: str | None = None
+) -> dict[str, Any]:
     """The audit line of one outgoing message: size and sha256 of what goes on the wire, and what it reports."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -98,6 +100,7 @@ def audit_entry(message: Any, *, site_id: str, server_round: int | None = None) 
         "site": site_id,
         "run": int(message.metadata.run_id),
         "round": server_round,
+        "stage": stage,  # after the last round: the final stage (calibrate | reliability) the reply answers
         "type": message.metadata.message_type,
         "bytes": int(size),
         "sha256": message.object_id,
@@ -129,12 +132,13 @@ class _Gate:
     def __init__(self) -> None:
         self.refusal: UnapprovedApp | None = None
         self.round: int | None = None  # the server round of the message being answered
+        self.stage: str | None = None  # or the final stage it asks for
         self.site: tuple[Any, Path] | None = None  # the site config and audit file, read once per message
 
     def pull(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def pull_task_input(client: Any) -> Any:
             message, context, run, fab = original(client)
-            self.round = _server_round(message)
+            self.round, self.stage = _server_round(message), _final_stage(message)
             self.site = _site_of(context)
             site, audit = self.site
             content_hash = hashlib.sha256(fab.content).hexdigest()
@@ -159,7 +163,7 @@ class _Gate:
     def push(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def push_message(client: Any, message: Any, context: Any) -> Any:
             site, audit = self.site if self.site is not None else _site_of(context)
-            _append(audit, audit_entry(message, site_id=site.site_id, server_round=self.round))
+            _append(audit, audit_entry(message, site_id=site.site_id, server_round=self.round, stage=self.stage))
             return original(client, message, context)
 
         return push_message
@@ -171,6 +175,15 @@ def _server_round(message: Any) -> int | None:
         record = message.content.config_records.get(keys.CONFIG)
         return int(record[keys.SERVER_ROUND]) if record is not None and keys.SERVER_ROUND in record else None
     except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _final_stage(message: Any) -> str | None:
+    """The final stage a request asks for (calibration after the last round), if any."""
+    try:
+        record = message.content.config_records.get(keys.CONFIG)
+        return str(record[keys.FINAL_STAGE]) if record is not None and keys.FINAL_STAGE in record else None
+    except (TypeError, AttributeError):
         return None
 
 

@@ -156,6 +156,8 @@ def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int 
     import numpy as np
 
     array = np.asarray(images, dtype=np.float32)
+    if array.shape[0] == 0:
+        raise ValueError("ssl_loss() got no images; the pretext loss needs at least one (two for SimCLR).")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     if isinstance(model, SimCLRModel) and model.augment is not None:

@@ -162,6 +162,8 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
     assert summary["best"]["test"]["auc"] > 0.6
+    assert summary["calibration"]["sites_fitted"] == ["hospital-a", "hospital-b"]  # the refusing one left out
+    assert len(summary["calibration"]["dropped"]) == 2  # hospital-c, in both final stages
     # the unapproved hospital was dropped every round, with its reason
     for line in lines:
         reasons = [d["reason"] for d in line["dropped"]]
@@ -176,8 +178,9 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
     # every message the training hospitals sent is in their audit log, and carries only weights and scalars
     for site in deployment.sites[:2]:
         sent = [e for e in read_audit(site / "state") if e["event"] == "sent"]
-        assert sorted((e["round"], e["type"]) for e in sent) == [
-            (1, "evaluate"), (1, "train"), (2, "evaluate"), (2, "train")]
+        assert sorted((e["round"] or 0, e["stage"] or "", e["type"]) for e in sent) == [
+            (0, "calibrate", "evaluate"), (0, "reliability", "evaluate"),  # temperature scaling after the rounds
+            (1, "", "evaluate"), (1, "", "train"), (2, "", "evaluate"), (2, "", "train")]
         for entry in sent:
             assert entry["error"] is None and entry["bytes"] > 0 and len(entry["sha256"]) == 64
             kinds = {name: rec["kind"] for name, rec in entry["records"].items()}

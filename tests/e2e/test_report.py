@@ -60,16 +60,17 @@ def test_report_of_a_private_run_renders_every_plot_in_chromium(tmp_path):
         capture_output=True, timeout=120, check=False,
     )
 
-    # Assert: the six plots exist as PNG files and every one decoded in the browser
+    # Assert: the seven plots exist as PNG files and every one decoded in the browser
     names = sorted(p.stem for p in (run_dir / "report").glob("*.png"))
-    assert names == ["epsilon", "learning_curves", "referral", "reliability", "roc", "site_auc"]
+    assert names == ["embedding", "epsilon", "learning_curves", "referral", "reliability", "roc", "site_auc"]
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:2000]
-    assert 'data-plots-expected="6"' in body.group(0)
-    assert 'data-plots-rendered="6"' in body.group(0)
+    assert 'data-plots-expected="7"' in body.group(0)
+    assert 'data-plots-rendered="7"' in body.group(0)
     html = page.read_text()
     assert "src=\"file:" not in html and "http://" not in html and "https://" not in html  # self-contained
     assert "Temperature scaling" in html and "target_epsilon: 8" in html  # tables and the config
+    assert "Representation quality" in html
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)

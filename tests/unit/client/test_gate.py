@@ -40,6 +40,18 @@ def test_audit_entry_of_an_error_reply() -> None:
     assert entry["error"] == "refused" and entry["records"] == {} and entry["epsilon"] is None
 
 
+def test_a_final_stage_request_is_named_in_the_audit() -> None:
+    from client.gate import _final_stage, _server_round
+    from tests.conftest import instruction
+
+    request = instruction(RecordDict({"config": ConfigRecord({"final-stage": "calibrate"})}), "evaluate")
+    entry = audit_entry(_reply(RecordDict({"metrics": MetricRecord({"nll-sums": [1.0, 2.0]})})), site_id="a",
+                        server_round=_server_round(request), stage=_final_stage(request))
+
+    assert entry["round"] is None and entry["stage"] == "calibrate"
+    assert entry["records"]["metrics"] == {"kind": "MetricRecord", "keys": ["nll-sums"]}
+
+
 def test_refusal_names_the_bundle_and_the_fix() -> None:
     text = str(UnapprovedApp("hospital-a", "ab" * 32))
     assert "ab" * 32 in text and "medfed hospital approve" in text

@@ -22,7 +22,9 @@ def _images(n: int = 192) -> np.ndarray:
     path = medmnist_dir() / "breastmnist.npz"
     if path.is_file():
         return (np.load(path)["train_images"][:n, None] / 255.0).astype(np.float32)
-    return load_site(compose_config(["dataset.n_train=600"]), 0).train.images[:n]
+    images = load_site(compose_config(["dataset.n_train=1200"]), 0).train.images[:n]
+    assert len(images) == n, f"the synthetic fallback has {len(images)} images, {n} asked"
+    return images
 
 
 def test_nt_xent_by_hand():
