@@ -34,6 +34,7 @@ __all__ = ["MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task
 logger = logging.getLogger(__name__)
 
 # SimCLR's views: stronger than supervised training's augmentation (the task is to be invariant to them)
+VIEW_GROUP = 8  # images sharing one random draw of the view transform
 VIEW_AUGMENT = AugmentConfig(enabled=True, prob=0.8, flip_prob=0.5, rotate_deg=20.0, scale=0.25, intensity=0.3)
 
 
@@ -69,11 +70,19 @@ class SimCLRModel(nn.Module):
         self.augment = build_augmentation(VIEW_AUGMENT, spatial_dims, seed=seed)
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independent random views of each image (per-sample MONAI transforms)."""
+        """Two independent random views of each image. MONAI's transforms act on one channel-first array, so each
+        group of ``VIEW_GROUP`` images is stacked along the channels and shares one random draw (per view): 8x
+        fewer transform calls than image by image (measured: 0.38 s -> ~0.05 s per batch of 64 at 28 px), and the
+        two views of an image still always differ."""
+        return self._view(x), self._view(x)
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
         assert self.augment is not None
-        first = torch.stack([self.augment(img.cpu()) for img in x]).to(x.device)
-        second = torch.stack([self.augment(img.cpu()) for img in x]).to(x.device)
-        return first, second
+        parts = []
+        for group in x.split(VIEW_GROUP):
+            stacked = group.detach().cpu().reshape(-1, *group.shape[2:])  # (images x channels, *spatial)
+            parts.append(self.augment(stacked).reshape(group.shape))
+        return torch.cat(parts).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < 2:  # one image has no negatives: nothing to contrast (a zero loss, still on the graph)
