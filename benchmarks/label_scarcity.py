@@ -76,7 +76,11 @@ class Runner:
 def main() -> None:
     import platform
 
-    args = benchmark_parser(__doc__, "label_scarcity", DATASETS).parse_args()
+    parser = benchmark_parser(__doc__, "label_scarcity", DATASETS)
+    parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
+    parser.add_argument("--no-dp", action="store_true", help="only the non-private rows")
+    parser.add_argument("--starts", nargs="+", default=["scratch", "transfer", "simclr", "mim"])
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     require_medmnist(args.data_dir, args.datasets)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -85,27 +89,31 @@ def main() -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, CPU",
                                "pretraining": {}, "datasets": {}}
     # starting points: transfer sources (each dataset, all labels), SSL encoders (each dataset), with and without DP
+    privacy_modes = (False,) if args.no_dp else (False, True)
     for dataset in DATASETS:
-        for private in (False, True):
+        for private in privacy_modes:
             tag = "-dp" if private else ""
-            results["pretraining"][f"supervised-{dataset}{tag}"] = runner.run(
-                f"source-{dataset}{tag}", [*runner.base(dataset), *RECIPES[dataset], *(DP if private else [])])
+            if "transfer" in args.starts:
+                results["pretraining"][f"supervised-{dataset}{tag}"] = runner.run(
+                    f"source-{dataset}{tag}", [*runner.base(dataset), *RECIPES[dataset], *(DP if private else [])])
             if dataset in args.datasets:
                 for method in ("simclr", "mim"):
-                    if private and method == "simclr":
+                    if method not in args.starts or private and method == "simclr":
                         continue
                     results["pretraining"][f"{method}-{dataset}{tag}"] = runner.run(
                         f"{method}-{dataset}{tag}", [*runner.base(dataset), "task=ssl", f"ssl.method={method}",
                                                      *SSL_RECIPE, *(DP if private else [])])
     for dataset in args.datasets:
         table: dict[str, Any] = {}
-        for private in (False, True):
+        for private in privacy_modes:
             tag = "-dp" if private else ""
+            pre = results["pretraining"]
             starts = {"scratch": None,
-                      "transfer": results["pretraining"][f"supervised-{OTHER[dataset]}{tag}"].get("model"),
-                      "simclr": None if private else results["pretraining"][f"simclr-{dataset}"].get("model"),
-                      "mim": results["pretraining"][f"mim-{dataset}{tag}"].get("model")}
-            for fraction in FRACTIONS:
+                      "transfer": pre.get(f"supervised-{OTHER[dataset]}{tag}", {}).get("model"),
+                      "simclr": None if private else pre.get(f"simclr-{dataset}", {}).get("model"),
+                      "mim": pre.get(f"mim-{dataset}{tag}", {}).get("model")}
+            starts = {k: v for k, v in starts.items() if k in args.starts}
+            for fraction in args.fractions:
                 for method, encoder in starts.items():
                     key = f"{method}{tag}@{fraction}"
                     if method != "scratch" and encoder is None:
@@ -117,7 +125,9 @@ def main() -> None:
                     table[key] = runner.run(f"{dataset}-{method}{tag}-{fraction}", overrides)
         results["datasets"][dataset] = table
     results["wall_s"] = time.time() - started
-    text = markdown(results, "python benchmarks/label_scarcity.py" + (" --quick" if args.quick else ""))
+    command = "python benchmarks/label_scarcity.py " + " ".join(sys.argv[1:])
+    results["fractions"] = args.fractions
+    text = markdown(results, command.strip())
     print(text)
     if not args.quick:
         (REPO / "benchmarks" / "results" / "label_scarcity.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -150,11 +160,14 @@ def markdown(results: dict[str, Any], command: str) -> str:
                      f"{rep.get('silhouette', float('nan')):.3f} | {rep.get('davies_bouldin', float('nan')):.3f} | "
                      f"{eps_text} |")
     for dataset, table in results["datasets"].items():
-        lines += ["", f"{dataset}:", "", "| start | " + " | ".join(f"labels {f}" for f in FRACTIONS) + " |",
-                  "|---|" + "---|" * len(FRACTIONS)]
+        fractions = results.get("fractions", FRACTIONS)
+        lines += ["", f"{dataset}:", "", "| start | " + " | ".join(f"labels {f}" for f in fractions) + " |",
+                  "|---|" + "---|" * len(fractions)]
         for tag in ("", "-dp"):
             for method in ("scratch", "transfer", "simclr", "mim"):
-                cells = [_cell(table.get(f"{method}{tag}@{f}", {"skipped": ""})) for f in FRACTIONS]
+                if not any(f"{method}{tag}@{f}" in table for f in fractions):
+                    continue
+                cells = [_cell(table.get(f"{method}{tag}@{f}", {"skipped": ""})) for f in fractions]
                 label = f"{method}{' + DP eps 8' if tag else ''}"
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", END]
