@@ -209,6 +209,11 @@ def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cach
             f"{kind} baseline on [bold]{cfg.dataset.name}[/] ({cfg.federation.hospitals} hospitals' data), "
             f"{cfg.train.rounds} x {cfg.train.local_epochs} epochs -> {run_path}"
         )
+        if cfg.task != "classify":
+            raise ConfigError(
+                f"The baselines are supervised references; task={cfg.task} has no {kind} baseline. Compare a "
+                "supervised run that starts from the SSL encoder (model.pretrained=...) with one that does not."
+            )
         runner = run_centralized if kind == "centralized" else run_local
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console):
             summary = runner(cfg, RunDirectory(run_path), cache_dir=_cache_dir(cache_dir), t0=t0)

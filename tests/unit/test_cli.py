@@ -62,3 +62,10 @@ def test_config_show_prints_every_group():
     assert "rounds: 7" in result.output
     for group in ("dataset:", "model:", "strategy:", "federation:", "train:", "privacy:"):
         assert group in result.output
+
+
+def test_baselines_refuse_a_self_supervised_task(tmp_path):
+    result = runner.invoke(app, ["baseline", "local", "--run-dir", str(tmp_path / "run"), "task=ssl"])
+
+    assert result.exit_code != 0
+    assert "no local baseline" in result.output
