@@ -313,3 +313,26 @@ def test_a_coordinator_restart_resumes_the_run_from_its_checkpoint(tmp_path: Pat
             assert list((site / "state" / "privacy").glob("*.json"))
             audited = [e["epsilon"] for e in read_audit(site / "state") if e["event"] == "sent" and e["type"] == "train"]
             assert max(audited) == pytest.approx(max(spent)) and all(e > 0 for e in audited)
+
+
+def test_federated_ssl_pretraining_in_a_deployment(tmp_path: Path) -> None:
+    # Prepare: a coordinator and two hospitals over TLS
+    with _deploy(tmp_path, [True, True]) as dep:
+        run_dir = dep.root / "ssl"
+
+        # Execute: masked image modelling under DP at the hospitals, one round
+        _medfed(["train", "--dir", str(dep.coord), "--run-dir", str(run_dir), *RECIPE, "train.rounds=1",
+                 "strategy.min_train_nodes=2", "strategy.min_evaluate_nodes=2", "strategy.min_available_nodes=2",
+                 "task=ssl", "ssl.method=mim", "privacy=dp", "privacy.target_epsilon=8"], dep.env)
+        _wait_for(run_dir / "summary.json", 400, dep.processes)
+
+    # Assert: the encoder was trained and selected on the hospitals' pretext loss, each hospital's epsilon recorded
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["best"]["val"]["loss"] > 0
+    assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
+    assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"].values())
+    assert "calibration" not in summary and -1 <= summary["representation"]["silhouette"] <= 1
+    from common.models import load_checkpoint
+
+    arrays, _ = load_checkpoint(run_dir / "best_model.pt")
+    assert any(k.startswith("decoder.") for k in arrays) and any(k.startswith("encoder.") for k in arrays)
