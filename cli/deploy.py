@@ -578,8 +578,8 @@ def hospital_rank(
     try:
         local = load_local_model(model, run_config=run_config, image_size=image_size)
         array, names, failed = read_images(images, local)
-        scores = uncertainty_scores(local, array, method, seed=seed)
-        write_ranking(out, names, scores, predict(local, array), method)
+        probs = predict(local, array)  # once: for the scores and the CSV's predictions
+        write_ranking(out, names, uncertainty_scores(local, array, method, seed=seed, probs=probs), probs, method)
     except MedfedError as exc:
         fail(exc)
         return

@@ -24,7 +24,7 @@ from common.errors import ConfigError
 from common.inference import predict_proba
 from common.metrics import classification_metrics
 from common.models import build_model
-from common.uncertainty import predictive_entropy
+from common.uncertainty import labelling_scores, rank_for_labelling
 
 __all__ = ["Learner", "active_learning_curve", "cnn_learner", "stratified_start"]
 
@@ -49,17 +49,6 @@ def stratified_start(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
             if per_class[c] and len(chosen) < count:
                 chosen.append(per_class[c].pop())
     return np.sort(np.asarray(chosen, dtype=np.int64))
-
-
-def _scores(method: str, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if method == "entropy":
-        return predictive_entropy(probs)
-    if method == "margin":
-        top = np.sort(probs, axis=1)
-        return 1.0 - (top[:, -1] - top[:, -2])
-    if method == "random":
-        return rng.random(probs.shape[0])
-    raise ConfigError(f"active-learning method {method!r} is unknown; choose one of: entropy, margin, random.")
 
 
 # given the labelled indices: a function giving class probabilities of any site indices, and the test metrics
@@ -92,8 +81,7 @@ def active_learning_curve(
         curve.append({"step": step, "labelled": int(labelled.size), **metrics})
         if step == steps or pool.size == 0:
             break
-        scores = _scores(method, predict(pool), rng)
-        chosen = pool[np.argsort(-scores, kind="stable")[:per_step]]
+        chosen = pool[rank_for_labelling(labelling_scores(method, predict(pool), rng))[:per_step]]
         labelled = np.sort(np.concatenate([labelled, chosen]))
         pool = np.setdiff1d(pool, chosen)
     return curve

@@ -418,7 +418,7 @@ def _save_gradcam(
     chosen = np.sort(rng.choice(len(site.val), size=count, replace=False))
     images = site.val.images[chosen]
     maps = gradcam_maps(model, images, device=select_device())
-    probs = softmax(predict_logits(model, images, device=select_device()), temperature)
+    probs = predict_proba(model, images, device=select_device(), temperature=temperature)
     out_dir = explanations_dir(context, site.site_id, msg.metadata.run_id)
     save_explanations(out_dir, images, maps, [f"val-{int(i):05d}" for i in chosen], probs)
     logger.info("saved %d Grad-CAM maps in %s", count, out_dir)

@@ -22,11 +22,17 @@ from torch import nn
 from common.config import ModelConfig
 from common.data.site_folder import image_entries, read_resized
 from common.errors import ConfigError, MedfedError
-from common.inference import predict_logits, softmax
+from common.inference import predict_proba
 from common.models import build_model, load_checkpoint, load_state_dict_numpy
-from common.uncertainty import dropout_rate, mc_dropout_proba, predictive_entropy
+from common.uncertainty import (
+    dropout_rate,
+    labelling_scores,
+    mc_dropout_proba,
+    predictive_entropy,
+    rank_for_labelling,
+)
 
-__all__ = ["RANKING_METHODS", "LocalModel", "load_local_model", "predict", "rank_for_labelling", "read_images",
+__all__ = ["RANKING_METHODS", "LocalModel", "load_local_model", "predict", "read_images",
            "uncertainty_scores", "write_ranking"]
 
 logger = logging.getLogger(__name__)
@@ -113,21 +119,26 @@ def read_images(path: Path, local: LocalModel) -> tuple[np.ndarray, list[str], l
 
 
 def uncertainty_scores(
-    local: LocalModel, images: np.ndarray, method: str, *, seed: int = 0, mc_samples: int = 20
+    local: LocalModel,
+    images: np.ndarray,
+    method: str,
+    *,
+    seed: int = 0,
+    mc_samples: int = 20,
+    probs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per image, how much labelling it would teach the model (higher: label it sooner).
 
     ``entropy``: predictive entropy; ``margin``: 1 - (top-1 - top-2 probability); ``mc_dropout``: the entropy of
     the mean of ``mc_samples`` dropout passes (needs a model with dropout); ``random``: a seeded random order (the
-    baseline to compare with).
+    baseline to compare with). ``probs``: the model's calibrated probabilities of ``images`` when the caller has
+    them already (:func:`predict`).
 
     Raises:
         ConfigError: an unknown method, or MC dropout without dropout in the model.
     """
     if method not in RANKING_METHODS:
         raise ConfigError(f"ranking method {method!r} is unknown; choose one of: {', '.join(RANKING_METHODS)}.")
-    if method == "random":
-        return np.random.default_rng(seed).random(images.shape[0])
     if method == "mc_dropout":
         if dropout_rate(local.model) <= 0.0:
             raise ConfigError("--method mc_dropout needs a model trained with dropout (model.dropout > 0); use "
@@ -135,16 +146,8 @@ def uncertainty_scores(
         probs = mc_dropout_proba(local.model, images, samples=mc_samples, seed=seed,
                                  temperature=local.temperature).mean(axis=0)
         return predictive_entropy(probs)
-    probs = softmax(predict_logits(local.model, images), local.temperature)
-    if method == "entropy":
-        return predictive_entropy(probs)
-    top = np.sort(probs, axis=1)
-    return 1.0 - (top[:, -1] - top[:, -2])
-
-
-def rank_for_labelling(scores: np.ndarray) -> np.ndarray:
-    """Indices from the most to the least informative image (ties: the earlier image first)."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return labelling_scores(method, predict(local, images) if probs is None else probs,
+                            np.random.default_rng(seed))
 
 
 def write_ranking(out: Path, names: Sequence[str], scores: np.ndarray, probs: np.ndarray | None, method: str) -> None:
@@ -162,5 +165,5 @@ def write_ranking(out: Path, names: Sequence[str], scores: np.ndarray, probs: np
 
 def predict(local: LocalModel, images: np.ndarray) -> np.ndarray:
     """Calibrated class probabilities of the images."""
-    return softmax(predict_logits(local.model, images), local.temperature)
+    return predict_proba(local.model, images, temperature=local.temperature)
 

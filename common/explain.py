@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.inference import eval_mode
 
 __all__ = ["default_target_layer", "gradcam_maps", "overlay_rgb", "save_explanations"]
 
@@ -63,19 +64,17 @@ def gradcam_maps(
     array = np.asarray(images, dtype=np.float32)
     if array.ndim < 4 or array.shape[0] == 0:
         raise ValueError(f"images must have shape (N, C, H, W) or (N, C, D, H, W) with N >= 1; got {array.shape}.")
-    modes = [(module, module.training) for module in model.modules()]
     torch_device = torch.device(device)
-    model.to(torch_device).eval()
+    model.to(torch_device)
     cam = GradCAM(nn_module=model, target_layers=layer)
     maps: list[np.ndarray] = []
     try:
-        for start in range(0, array.shape[0], batch_size):
-            batch = torch.as_tensor(array[start : start + batch_size], device=torch_device)
-            result = cam(batch, class_idx=class_index)
-            maps.append(result.detach().cpu().numpy()[:, 0].astype(np.float32))
+        with eval_mode(model):
+            for start in range(0, array.shape[0], batch_size):
+                batch = torch.as_tensor(array[start : start + batch_size], device=torch_device)
+                result = cam(batch, class_idx=class_index)
+                maps.append(result.detach().cpu().numpy()[:, 0].astype(np.float32))
     finally:
-        for module, was_training in modes:
-            module.training = was_training
         model.zero_grad(set_to_none=True)
     return np.nan_to_num(np.concatenate(maps), nan=0.0)
 

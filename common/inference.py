@@ -7,8 +7,10 @@ flag of every submodule is restored afterwards, so a training loop can call :fun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -16,9 +18,22 @@ from torch import nn
 
 from common.metrics import classification_metrics
 
-__all__ = ["evaluate", "predict_logits", "predict_proba", "softmax"]
+__all__ = ["eval_mode", "evaluate", "predict_logits", "predict_proba", "softmax"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; every submodule's train/eval flag is restored afterwards (so a
+    training loop can evaluate mid-epoch)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
 
 
 def predict_logits(
@@ -47,22 +62,16 @@ def predict_logits(
     if array.shape[0] == 0:
         raise ValueError("images is empty (N=0); there is nothing to predict.")
     torch_device = torch.device(device)
-    modes = [(module, module.training) for module in model.modules()]
     model.to(torch_device)
-    model.eval()
-    if stochastic:
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.train()
     outputs: list[np.ndarray] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, array.shape[0], batch_size):
-                batch = torch.as_tensor(array[start : start + batch_size], dtype=torch.float32, device=torch_device)
-                outputs.append(model(batch).double().cpu().numpy())
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
+    with eval_mode(model), torch.no_grad():
+        if stochastic:
+            for module in model.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.train()
+        for start in range(0, array.shape[0], batch_size):
+            batch = torch.as_tensor(array[start : start + batch_size], dtype=torch.float32, device=torch_device)
+            outputs.append(model(batch).double().cpu().numpy())
     return np.concatenate(outputs, axis=0)
 
 

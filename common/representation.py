@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.inference import eval_mode
+
 __all__ = ["davies_bouldin", "embed", "pca_2d", "representation_quality", "silhouette"]
 
 logger = logging.getLogger(__name__)
@@ -24,17 +26,11 @@ logger = logging.getLogger(__name__)
 
 def embed(encoder: nn.Module, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """The encoder's pooled features ``(N, D)`` of ``images`` (eval mode, no gradients), L2-normalised."""
-    modes = [(m, m.training) for m in encoder.modules()]
-    encoder.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                batch = torch.as_tensor(np.asarray(images[start:start + batch_size], dtype=np.float32))
-                out.append(encoder(batch).flatten(1).double().numpy())
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
+    with eval_mode(encoder), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(np.asarray(images[start:start + batch_size], dtype=np.float32))
+            out.append(encoder(batch).flatten(1).double().numpy())
     features = np.concatenate(out)
     return features / np.clip(np.linalg.norm(features, axis=1, keepdims=True), 1e-12, None)
 

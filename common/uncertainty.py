@@ -22,9 +22,11 @@ from common.metrics import EPS, classification_metrics
 __all__ = [
     "REFERRAL_FRACTIONS",
     "dropout_rate",
+    "labelling_scores",
     "mc_dropout_proba",
     "mean_proba",
     "predictive_entropy",
+    "rank_for_labelling",
     "referral_curve",
 ]
 
@@ -92,6 +94,29 @@ def predictive_entropy(probs: np.ndarray) -> np.ndarray:
     """Entropy (nats) of each row of ``probs`` ``(N, C)``: 0 for a certain prediction, log C for a uniform one."""
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0)
     return -(p * np.log(p)).sum(axis=-1)
+
+
+def labelling_scores(method: str, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per image, how much labelling it would teach the model (higher: label it sooner), from its class
+    probabilities ``(N, C)``: ``entropy`` (predictive entropy), ``margin`` (1 - (top-1 - top-2 probability)) or
+    ``random`` (a draw of ``rng``: the baseline to compare with).
+
+    Raises:
+        ConfigError: another method.
+    """
+    if method == "entropy":
+        return predictive_entropy(probs)
+    if method == "margin":
+        top = np.sort(np.asarray(probs, dtype=np.float64), axis=1)
+        return 1.0 - (top[:, -1] - top[:, -2])
+    if method == "random":
+        return rng.random(np.shape(probs)[0])
+    raise ConfigError(f"labelling method {method!r} is unknown; choose one of: entropy, margin, random.")
+
+
+def rank_for_labelling(scores: np.ndarray) -> np.ndarray:
+    """Indices from the most to the least informative image (ties: the earlier image first)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
 
 
 def referral_curve(

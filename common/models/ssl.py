@@ -26,6 +26,7 @@ from torch import nn
 
 from common.config import AugmentConfig, Config, ModelConfig, SSLConfig
 from common.errors import ConfigError
+from common.inference import eval_mode
 from common.models.registry import build_model
 from common.models.smallcnn import conv_layer, group_norm
 
@@ -171,17 +172,13 @@ def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int 
     torch.manual_seed(seed)
     if isinstance(model, SimCLRModel) and model.augment is not None:
         model.augment.compose.set_random_state(seed=seed)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, array.shape[0], batch_size):
                 terms = model(torch.from_numpy(array[start:start + batch_size]))
                 total += float(terms.sum())
                 count += int(terms.numel())
     finally:
         torch.random.set_rng_state(state)
-        for module, was_training in modes:
-            module.training = was_training
     return total / max(count, 1)
