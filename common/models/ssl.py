@@ -4,8 +4,8 @@ Both wrap the *encoder* of a registered classifier (``smallcnn``, ``resnet18``) 
 (``encoder.*``), so an SSL checkpoint starts a supervised run through ``model.pretrained=`` with no mapping; the
 SSL-only parts (``projector.*``, ``decoder.*``) are left out there.
 
-- **SimCLR** (:class:`SimCLRModel`): two random views of each image (MONAI augmentations: flips, rotation and zoom,
-  intensity scale/shift), the encoder's pooled features through an MLP projector, and the NT-Xent loss (each view
+- **SimCLR** (:class:`SimCLRModel`): two random views of each image (per image: a random crop with rotation and flips
+  resampled by MONAI's batched ``AffineTransform``, intensity scale/shift, noise), the encoder's pooled features through an MLP projector, and the NT-Xent loss (each view
   must find its partner among the batch's 2B - 1 other views). The loss couples the images of a batch, so one
   image's influence is not bounded by per-sample clipping: SimCLR is refused under DP-SGD.
 - **MIM** (:class:`MIMModel`): a random ``mask_ratio`` of square patches is blanked, the encoder's spatial feature
@@ -18,25 +18,84 @@ SSL-only parts (``projector.*``, ``decoder.*``) are left out there.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import AugmentConfig, Config, ModelConfig, SSLConfig
+from common.config import Config, ModelConfig, SSLConfig
 from common.errors import ConfigError
 from common.inference import eval_mode
 from common.models.registry import build_model
 from common.models.smallcnn import conv_layer, group_norm
 
-__all__ = ["MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task_model", "nt_xent", "ssl_loss"]
+__all__ = ["ContrastiveViews", "MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task_model", "nt_xent", "ssl_loss"]
 
 logger = logging.getLogger(__name__)
 
-# SimCLR's views: stronger than supervised training's augmentation (the task is to be invariant to them)
-VIEW_GROUP = 8  # images sharing one random draw of the view transform
-VIEW_AUGMENT = AugmentConfig(enabled=True, prob=0.8, flip_prob=0.5, rotate_deg=20.0, scale=0.25, intensity=0.3)
+
+class ContrastiveViews:
+    """SimCLR's random views of a batch, every image drawing its own parameters, in a few batched tensor ops.
+
+    Per image: a random crop (side ``crop..1`` of the image, placed anywhere inside it) with a rotation of up to
+    ``rotate_deg`` and a flip along each spatial axis with probability ``flip_prob``, all in one resampling (MONAI's
+    batched ``AffineTransform``, border padding); then, with probability ``intensity_prob``, intensity scaling and
+    shifting by up to ``intensity``, and Gaussian noise of standard deviation up to ``noise``. Draws come from
+    torch's global generator, which training seeds per round and site (and :func:`ssl_loss` per evaluation).
+
+    Every image must draw its *own* view: when images share one draw (the whole batch, or groups of it), the
+    network can tell views apart by the transform alone (an intensity shift is a mean pixel value), and the
+    contrastive task teaches the transform instead of the anatomy. Measured on PneumoniaMNIST at 10 % labels, a
+    linear probe of an encoder pretrained with views shared by groups of 8 reached test AUC 0.68.
+    """
+
+    def __init__(self, spatial_dims: int, *, crop: float = 0.5, rotate_deg: float = 20.0, flip_prob: float = 0.5,
+                 intensity: float = 0.3, intensity_prob: float = 0.8, noise: float = 0.05) -> None:
+        from monai.networks.layers import AffineTransform
+
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"SimCLR views support 2D or 3D images, got spatial_dims={spatial_dims!r}.")
+        self.spatial_dims = spatial_dims
+        self.crop, self.rotate, self.flip_prob = crop, math.radians(rotate_deg), flip_prob
+        self.intensity, self.intensity_prob, self.noise = intensity, intensity_prob, noise
+        self.resample = AffineTransform(normalized=True, reverse_indexing=False, padding_mode="border",
+                                        align_corners=False)
+
+    @staticmethod
+    def _uniform(*shape: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(*shape)
+
+    def _rotation(self, n: int) -> torch.Tensor:
+        """``(n, d, d)`` random rotations: one angle in 2D, one about each axis in 3D."""
+        def plane(angle: torch.Tensor, i: int, j: int) -> torch.Tensor:
+            r = torch.eye(self.spatial_dims).repeat(n, 1, 1)
+            r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
+            return r
+
+        if self.spatial_dims == 2:
+            return plane(self._uniform(n) * self.rotate, 0, 1)
+        rotation = torch.eye(3).repeat(n, 1, 1)
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            rotation = rotation @ plane(self._uniform(n) * self.rotate, i, j)
+        return rotation
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape[0], self.spatial_dims
+        side = self._uniform(n, 1, low=self.crop, high=1.0)  # the crop's side, as a fraction of the image's
+        flips = torch.where(torch.rand(n, d) < self.flip_prob, -1.0, 1.0)
+        linear = self._rotation(n) * (side * flips).unsqueeze(1)  # scale and flip the sampled axes, then rotate
+        offset = self._uniform(n, d) * (1.0 - side)  # anywhere the crop stays inside the image
+        theta = torch.cat([linear, offset.unsqueeze(2)], dim=2).to(x.device, x.dtype)
+        out = self.resample(x, theta)
+        apply = (torch.rand(n) < self.intensity_prob).to(x.dtype)
+        shape = (n,) + (1,) * (x.dim() - 1)
+        factor = 1.0 + self._uniform(n) * self.intensity * apply
+        shift = self._uniform(n) * self.intensity * apply
+        sigma = self._uniform(n, low=0.0, high=self.noise) * apply
+        noise = torch.randn(out.shape) * sigma.view(shape)
+        return out * factor.view(shape).to(x.device) + shift.view(shape).to(x.device) + noise.to(x.device)
 
 
 class MeanLoss(nn.Module):
@@ -60,35 +119,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 class SimCLRModel(nn.Module):
     """The encoder, an MLP projector, and two augmented views per image; ``forward`` returns the NT-Xent terms."""
 
-    def __init__(self, encoder: nn.Module, features: int, spatial_dims: int, cfg: SSLConfig, seed: int = 0) -> None:
+    def __init__(self, encoder: nn.Module, features: int, spatial_dims: int, cfg: SSLConfig) -> None:
         super().__init__()
-        from common.data.transforms import build_augmentation
-
         self.encoder = encoder
         self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Linear(features,
                                                                                             cfg.projection_dim))
         self.temperature = cfg.temperature
-        self.augment = build_augmentation(VIEW_AUGMENT, spatial_dims, seed=seed)
-
-    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independent random views of each image. MONAI's transforms act on one channel-first array, so each
-        group of ``VIEW_GROUP`` images is stacked along the channels and shares one random draw (per view): 8x
-        fewer transform calls than image by image (measured: 0.38 s -> ~0.05 s per batch of 64 at 28 px), and the
-        two views of an image still always differ."""
-        return self._view(x), self._view(x)
-
-    def _view(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.augment is not None
-        parts = []
-        for group in x.split(VIEW_GROUP):
-            stacked = group.detach().cpu().reshape(-1, *group.shape[2:])  # (images x channels, *spatial)
-            parts.append(self.augment(stacked).reshape(group.shape))
-        return torch.cat(parts).to(x.device)
+        self.views = ContrastiveViews(spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < 2:  # one image has no negatives: nothing to contrast (a zero loss, still on the graph)
             return (self.projector(self.encoder(x)).sum() * 0.0).reshape(1)
-        first, second = self.views(x)
+        first, second = self.views(x.detach()), self.views(x.detach())
         return nt_xent(self.projector(self.encoder(first)), self.projector(self.encoder(second)), self.temperature)
 
 
@@ -135,7 +177,7 @@ class MIMModel(nn.Module):
 
 
 def build_ssl_model(
-    model_cfg: ModelConfig, ssl_cfg: SSLConfig, *, spatial_dims: int, in_channels: int, seed: int = 0
+    model_cfg: ModelConfig, ssl_cfg: SSLConfig, *, spatial_dims: int, in_channels: int
 ) -> nn.Module:
     """The SSL model of ``ssl_cfg.method`` around a fresh encoder of ``model_cfg.name`` (all layers train).
 
@@ -146,7 +188,7 @@ def build_ssl_model(
                              in_channels=in_channels, n_classes=2)
     features = int(classifier.num_features)
     if ssl_cfg.method == "simclr":
-        return SimCLRModel(classifier.encoder, features, spatial_dims, ssl_cfg, seed=seed)
+        return SimCLRModel(classifier.encoder, features, spatial_dims, ssl_cfg)
     if ssl_cfg.method == "mim":
         return MIMModel(classifier.encoder, features, in_channels, spatial_dims, ssl_cfg)
     raise ConfigError(f"ssl.method={ssl_cfg.method!r} is unknown; choose simclr or mim.")
@@ -155,8 +197,7 @@ def build_ssl_model(
 def build_task_model(cfg: Config, *, spatial_dims: int, in_channels: int, n_classes: int) -> nn.Module:
     """The network a run trains: the classifier (``task=classify``) or the SSL model (``task=ssl``)."""
     if cfg.task == "ssl":
-        return build_ssl_model(cfg.model, cfg.ssl, spatial_dims=spatial_dims, in_channels=in_channels,
-                               seed=cfg.train.seed)
+        return build_ssl_model(cfg.model, cfg.ssl, spatial_dims=spatial_dims, in_channels=in_channels)
     return build_model(cfg.model, spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes)
 
 
@@ -170,8 +211,6 @@ def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int 
         raise ValueError("ssl_loss() got no images; the pretext loss needs at least one (two for SimCLR).")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    if isinstance(model, SimCLRModel) and model.augment is not None:
-        model.augment.compose.set_random_state(seed=seed)
     total, count = 0.0, 0
     try:
         with eval_mode(model), torch.no_grad():

@@ -92,3 +92,29 @@ def test_silhouette_and_davies_bouldin_match_scikit_learn(tmp_path):
     quality = representation_quality(encoder, _images(60), np.arange(60) % 2, plot=tmp_path / "pca.png")
     assert (tmp_path / "pca.png").stat().st_size > 1000 and quality["dims"] == 32 and quality["n"] == 60
     assert representation_quality(encoder, _images(60), np.arange(60) % 2, max_images=25)["n"] == 25
+
+
+@pytest.mark.parametrize("shape", [(16, 1, 28, 28), (4, 1, 16, 16, 16)])
+def test_every_image_draws_its_own_view(shape):
+    """Views shared by several images let SimCLR learn the transform instead of the image (measured: a linear
+    probe at AUC 0.68 instead of 0.89 on PneumoniaMNIST): identical images must get different views."""
+    from common.models.ssl import ContrastiveViews
+
+    torch.manual_seed(0)
+    image = torch.rand(1, *shape[1:])
+    views = ContrastiveViews(len(shape) - 2)(image.expand(*shape).contiguous())
+
+    assert views.shape == shape and views.dtype == torch.float32
+    flat = views.flatten(1)
+    distance = torch.cdist(flat, flat)
+    assert bool((distance + torch.eye(shape[0]) * 1e9 > 1e-3).all())  # no two images share a view
+
+
+def test_views_without_randomness_are_the_image_and_flips_are_exact():
+    from common.models.ssl import ContrastiveViews
+
+    x = torch.rand(4, 1, 28, 28)
+    plain = dict(crop=1.0, rotate_deg=0.0, intensity=0.0, noise=0.0)
+
+    assert torch.allclose(ContrastiveViews(2, flip_prob=0.0, **plain)(x), x, atol=1e-5)
+    assert torch.allclose(ContrastiveViews(2, flip_prob=1.0, **plain)(x), x.flip(2).flip(3), atol=1e-5)
