@@ -35,8 +35,10 @@ from baselines import FEDERATION, benchmark_parser, require_medmnist, run_medfed
 logger = logging.getLogger("benchmarks.label_scarcity")
 START, END = "<!-- label-scarcity:start -->", "<!-- label-scarcity:end -->"
 DATASETS = ["breastmnist", "pneumoniamnist"]
-RECIPES: dict[str, list[str]] = {  # supervised fine-tuning, the same for every starting point
-    "breastmnist": ["train.rounds=20", "train.local_epochs=5", "train.lr=3e-3"],
+# Supervised fine-tuning, the same for every starting point; the learning rates were chosen on validation AUC
+# (BreastMNIST all labels: val 0.78 at 1e-3 vs 0.73 at 3e-3; PneumoniaMNIST 10 %: val 0.98 at 3e-3 vs 0.97 at 1e-3).
+RECIPES: dict[str, list[str]] = {
+    "breastmnist": ["train.rounds=20", "train.local_epochs=5"],
     "pneumoniamnist": ["train.rounds=10", "train.local_epochs=1", "train.lr_schedule=cosine", "train.lr=3e-3"],
 }
 # Pretraining: SimCLR needs many epochs and large batches (negatives); ~200 epochs of BreastMNIST's 546 images,
