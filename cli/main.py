@@ -35,8 +35,10 @@ app = typer.Typer(
 )
 baseline_app = typer.Typer(help="Baselines on the same config, model and training budget as `simulate`.")
 config_app = typer.Typer(help="Inspect the composed configuration.")
+weights_app = typer.Typer(help="Pretrained weights: fetch them once into a local file for model.pretrained=PATH.")
 app.add_typer(baseline_app, name="baseline")
 app.add_typer(config_app, name="config")
+app.add_typer(weights_app, name="weights")
 register_commands(app)
 
 console = Console()
@@ -264,6 +266,27 @@ def config_show(overrides: Overrides = None) -> None:
         fail(exc)
         return
     console.print(config_to_yaml(cfg), highlight=False, markup=False)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    spec: Annotated[str, typer.Argument(help="A known name (torchvision:resnet18, torchvision:resnet34) or a URL.")],
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where to keep it (default ~/.cache/medfed/weights, or $MEDFED_WEIGHTS_DIR)."),
+    ] = None,
+) -> None:
+    """Download pretrained weights (the only medfed command that goes online) and print the local file to pass as
+    model.pretrained=PATH; a file already fetched is reused."""
+    from common.models.hub import fetch_weights
+
+    try:
+        path = fetch_weights(spec, directory, progress=sys.stderr.isatty())
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"{path}\nstart a run from it with model.pretrained={path}", highlight=False, markup=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

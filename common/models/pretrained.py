@@ -63,7 +63,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(
             f"model.pretrained={str(path)!r} does not exist. Give a local weights file (a medfed checkpoint, or a "
-            "torchvision/MONAI/timm ResNet state dict saved with torch.save); medfed never downloads at run time."
+            "torchvision/MONAI/timm ResNet state dict saved with torch.save). Runs never download; fetch hub weights "
+            "first with `medfed weights fetch torchvision:resnet18` (or any URL) and pass the file it prints."
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -69,3 +69,17 @@ def test_baselines_refuse_a_self_supervised_task(tmp_path):
 
     assert result.exit_code != 0
     assert "no local baseline" in result.output
+
+
+def test_weights_fetch_prints_the_local_file_and_fails_clearly_offline(tmp_path):
+    import torch
+
+    source = tmp_path / "encoder.pt"
+    torch.save({"encoder.conv.weight": torch.zeros(2, 1, 3, 3)}, source)
+
+    result = runner.invoke(app, ["weights", "fetch", source.as_uri(), "--dir", str(tmp_path / "w")])
+
+    assert result.exit_code == 0, result.output
+    assert f"model.pretrained={tmp_path / 'w' / 'encoder.pt'}" in result.output
+    offline = runner.invoke(app, ["weights", "fetch", "http://127.0.0.1:9/r.pth", "--dir", str(tmp_path / "w")])
+    assert offline.exit_code != 0 and "Offline?" in offline.output

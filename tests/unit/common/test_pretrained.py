@@ -200,3 +200,67 @@ def test_dp_training_keeps_frozen_layers_frozen():
     changed = {"head" if k.startswith("head") else k.split(".")[1]
                for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert result.steps > 0 and changed == {"head", "block3_1"}
+
+
+def _hub_file(tmp_path, name="weights.pth"):
+    """A torchvision-layout ResNet-18 saved as a 'hub' file; returns (path, its SHA-256)."""
+    import hashlib
+
+    source = tmp_path / "hub" / name
+    source.parent.mkdir(exist_ok=True)
+    torch.save(_TVResNet18().state_dict(), source)
+    return source, hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_fetch_downloads_checks_the_hash_in_the_name_and_reuses_the_file(tmp_path):
+    from common.models.hub import fetch_weights
+
+    plain, digest = _hub_file(tmp_path)
+    named = plain.rename(plain.with_name(f"resnet18-{digest[:8]}.pth"))
+
+    path = fetch_weights(named.as_uri(), tmp_path / "weights")
+
+    assert path == tmp_path / "weights" / named.name and path.read_bytes() == named.read_bytes()
+    model = build_model(ModelConfig(name="resnet18", width=64), spatial_dims=2, in_channels=1, n_classes=2)
+    assert load_pretrained(model, path).loaded  # the fetched file starts a run
+    named.unlink()  # a second fetch does not go online: the file is already here
+    assert fetch_weights(named.as_uri(), tmp_path / "weights") == path
+
+
+def test_fetch_refuses_a_file_whose_hash_does_not_match_its_name(tmp_path):
+    from common.models.hub import fetch_weights
+
+    plain, digest = _hub_file(tmp_path)
+    wrong = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
+    named = plain.rename(plain.with_name(f"resnet18-{wrong}.pth"))
+
+    with pytest.raises(ConfigError, match="SHA-256 prefix"):
+        fetch_weights(named.as_uri(), tmp_path / "weights")
+    assert not any((tmp_path / "weights").iterdir())  # nothing half-fetched is left
+
+
+def test_fetch_offline_says_how_to_bring_the_file_in(tmp_path):
+    from common.models.hub import fetch_weights
+
+    with pytest.raises(ConfigError, match=r"Offline\?.*model.pretrained=/path/to/resnet18.pth"):
+        fetch_weights("http://127.0.0.1:9/models/resnet18.pth", tmp_path / "weights", timeout_s=5)
+    with pytest.raises(ConfigError, match="neither a known weights name"):
+        fetch_weights("resnet18", tmp_path / "weights")
+    not_weights = tmp_path / "notes.pth"
+    not_weights.write_text("not torch weights")
+    with pytest.raises(ConfigError, match="cannot be read as torch weights"):
+        fetch_weights(not_weights.as_uri(), tmp_path / "weights")
+    assert not (tmp_path / "weights" / "notes.pth").exists()
+
+
+def test_known_names_are_hub_urls_with_their_hash():
+    from common.models.hub import KNOWN_WEIGHTS, resolve_weights_url
+
+    assert resolve_weights_url("torchvision:resnet18") == KNOWN_WEIGHTS["torchvision:resnet18"]
+    assert all(url.startswith("https://") and _hash_named(url) for url in KNOWN_WEIGHTS.values())
+
+
+def _hash_named(url: str) -> bool:
+    import re
+
+    return re.search(r"-[0-9a-f]{8}\.pth$", url) is not None
