@@ -4,9 +4,10 @@ Both wrap the *encoder* of a registered classifier (``smallcnn``, ``resnet18``) 
 (``encoder.*``), so an SSL checkpoint starts a supervised run through ``model.pretrained=`` with no mapping; the
 SSL-only parts (``projector.*``, ``decoder.*``) are left out there.
 
-- **SimCLR** (:class:`SimCLRModel`): two random views of each image (per image: a random crop with rotation and flips
-  resampled by MONAI's batched ``AffineTransform``, intensity scale/shift, noise), the encoder's pooled features through an MLP projector, and the NT-Xent loss (each view
-  must find its partner among the batch's 2B - 1 other views). The loss couples the images of a batch, so one
+- **SimCLR** (:class:`SimCLRModel`): two random views of each image (:class:`ContrastiveViews`: per image a random
+  crop with rotation and flips, resampled by MONAI's batched ``AffineTransform``, intensity scale/shift, noise), the
+  encoder's pooled features through an MLP projector, and the NT-Xent loss (each view must find its partner among
+  the batch's 2B - 1 other views). The loss couples the images of a batch, so one
   image's influence is not bounded by per-sample clipping: SimCLR is refused under DP-SGD.
 - **MIM** (:class:`MIMModel`): a random ``mask_ratio`` of square patches is blanked, the encoder's spatial feature
   map is decoded back to the image (upsampling + two convolutions), and the loss is the mean squared error on the
@@ -31,7 +32,10 @@ from common.inference import eval_mode
 from common.models.registry import build_model
 from common.models.smallcnn import conv_layer, group_norm
 
-__all__ = ["ContrastiveViews", "MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task_model", "nt_xent", "ssl_loss"]
+__all__ = [
+    "ContrastiveViews", "MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task_model", "nt_xent",
+    "ssl_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +98,8 @@ class ContrastiveViews:
         factor = 1.0 + self._uniform(n) * self.intensity * apply
         shift = self._uniform(n) * self.intensity * apply
         sigma = self._uniform(n, low=0.0, high=self.noise) * apply
-        noise = torch.randn(out.shape) * sigma.view(shape)
-        return out * factor.view(shape).to(x.device) + shift.view(shape).to(x.device) + noise.to(x.device)
+        noise = torch.randn(out.shape, device=out.device) * sigma.view(shape).to(out.device)
+        return out * factor.view(shape).to(out.device) + shift.view(shape).to(out.device) + noise
 
 
 class MeanLoss(nn.Module):
