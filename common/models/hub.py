@@ -82,14 +82,12 @@ def fetch_weights(
     socket.setdefaulttimeout(timeout_s)  # a network that drops packets fails instead of hanging
     try:
         download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None, progress=progress)
-    except RuntimeError as exc:  # torch.hub's hash check
-        target.unlink(missing_ok=True)
+    except RuntimeError as exc:  # torch.hub's hash check (it writes a temporary file, moved to target on success only)
         raise ConfigError(
             f"The file fetched from {url} does not match the SHA-256 prefix in its name ({exc}); it was deleted. "
             "Fetch it again, or check the URL."
         ) from None
     except OSError as exc:  # URLError, connection refused, DNS failure, no such local file
-        target.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
         raise ConfigError(
             f"Could not fetch {url} ({reason}). Offline? Download the file on a machine with internet, copy it "
