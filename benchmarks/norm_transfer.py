@@ -1,7 +1,7 @@
 """Benchmark: what replacing a pretrained encoder's BatchNorm by GroupNorm costs (medfed's way to use BatchNorm
 weights under DP-SGD, which needs per-sample independent layers).
 
-On one dataset (PneumoniaMNIST by default), centralized, medfed's ``resnet18`` layout:
+On one dataset (PneumoniaMNIST by default), centralized on the train + val pool, medfed's ``resnet18`` layout:
   1. train it with **BatchNorm** for ``--epochs`` (the "pretrained BN encoder"); test AUC with its running stats;
   2. load those weights into the GroupNorm ``resnet18`` through ``model.pretrained``'s loader (affine parameters kept,
      running statistics dropped): test AUC with no training (the raw cost of the swap);
@@ -33,12 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from baselines import benchmark_parser, require_medmnist, write_doc  # noqa: E402
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
-from client.privacy import sampling  # noqa: E402
+from client.privacy import SiteCap, plan_round  # noqa: E402
 from client.training import DPTraining, train_epochs  # noqa: E402
-from common.config import ModelConfig, TrainConfig  # noqa: E402
-from common.data import ArrayDataset  # noqa: E402
+from common.config import DPConfig, MedMNISTConfig, ModelConfig, TrainConfig  # noqa: E402
+from common.data.medmnist import load_medmnist  # noqa: E402
 from common.inference import predict_proba  # noqa: E402
 from common.metrics import roc_auc  # noqa: E402
 from common.models import build_model, save_checkpoint, state_dict_to_numpy  # noqa: E402
@@ -71,14 +70,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     require_medmnist(args.data_dir, args.datasets)
     name = args.datasets[0]
-    raw = np.load(args.data_dir / f"{name}.npz")
-    train_x = (raw["train_images"][:, None] / 255.0).astype(np.float32)
-    train_y = raw["train_labels"].reshape(-1).astype(np.int64)
-    test_x = (raw["test_images"][:, None] / 255.0).astype(np.float32)
-    test_y = raw["test_labels"].reshape(-1).astype(np.int64)
+    splits = load_medmnist(MedMNISTConfig(name=name, root=str(args.data_dir)))  # train + val pool, test
+    data, test_x, test_y = splits.train, splits.test.images, splits.test.labels
     if args.quick:
-        train_x, train_y, args.epochs = train_x[:256], train_y[:256], 1
-    data = ArrayDataset(train_x, train_y)
+        data, args.epochs = data.subset(np.arange(256)), 1
     model_cfg = ModelConfig(name="resnet18")
     recipe = TrainConfig(batch_size=64, lr=1e-3)
     common = dict(n_classes=2, spatial_dims=2, device=torch.device("cpu"))
@@ -103,9 +98,9 @@ def main() -> None:
             return model
 
         results["groupnorm_no_training"] = auc(converted(), test_x, test_y)
-        sample_rate, steps = sampling(len(data), recipe.batch_size, args.finetune_epochs)
-        sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=sample_rate, steps=steps,
-                                     accountant="rdp")
+        sigma = plan_round(DPConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0), SiteCap(), n_train=len(data),
+                           batch_size=recipe.batch_size, local_epochs=args.finetune_epochs, rounds_left=1, entries=[],
+                           run_id=0).noise_multiplier  # as a medfed hospital derives it
         results["dp_noise_multiplier"] = sigma
         for label, private in (("finetuned", None), ("finetuned_dp", DPTraining(noise_multiplier=sigma,
                                                                                  max_grad_norm=1.0))):
