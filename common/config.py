@@ -65,6 +65,7 @@ RUN_CONFIG_OVERRIDES = "medfed-overrides"
 PARTITIONS = ("iid", "dirichlet", "quantity")
 ATTACKS = ("none", "scale", "noise")  # simulated poisoning (federation.attack)
 FINETUNE_MODES = ("full", "partial", "linear_probe")  # which layers train (model.finetune)
+MODEL_NORMS = ("group", "batch")  # the normalisation after each convolution (model.norm)
 LOCAL_LAYERS = ("none", "norm", "head", "norm_head")  # layers a hospital keeps to itself (personalize.local_layers)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -196,9 +197,12 @@ class ModelConfig:
     # which layers train: full (all), partial (the encoder's last stage and the head), linear_probe (the head only)
     pretrained: str = ""
     finetune: str = "full"
+    # normalisation after each convolution: group (GroupNorm; works with DP-SGD) | batch (BatchNorm; runs without DP)
+    norm: str = "group"
 
     def __post_init__(self) -> None:
         _positive("model.width", self.width)
+        _choice("model.norm", self.norm, MODEL_NORMS)
         _fraction("model.dropout", self.dropout, low_open=False, high_open=True)
         _choice("model.finetune", self.finetune, FINETUNE_MODES)
         if not isinstance(self.pretrained, str):
@@ -682,6 +686,19 @@ class Config:
                 "personalize.* cannot run with privacy=dp, privacy=central_dp or secure aggregation yet: local layers "
                 "and fine-tuning steps are training on the hospital's data that the privacy accounting does not "
                 "cover. Leave personalize.local_layers=none and personalize.finetune_epochs=0 for private runs."
+            )
+        if self.model.norm == "batch" and self.privacy.name != "none":
+            raise ConfigError(
+                f"model.norm=batch cannot run with privacy={self.privacy.name}: BatchNorm normalises each image by "
+                "its batch's statistics, so one image's influence is not bounded (DP-SGD), and its running "
+                "statistics would be noised like weights (central DP). Use model.norm=group with privacy, or "
+                "privacy=none."
+            )
+        if self.model.norm == "batch" and self.privacy.secure_aggregation:
+            raise ConfigError(
+                "model.norm=batch cannot run with privacy.secure_aggregation=true: SecAgg+ quantises every value into "
+                "a fixed range ([-8, 8]), and BatchNorm's running variances can lie outside it. Use model.norm=group "
+                "with secure aggregation."
             )
         if self.privacy.secure_aggregation and self.strategy.name != "fedavg":
             raise ConfigError(

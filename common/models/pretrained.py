@@ -7,9 +7,10 @@ What is adapted, and what it costs:
   ``layer1.0.downsample.0/1``, ``fc``) map onto medfed's ``resnet18`` (``encoder.stem.conv``, ``encoder.stem.norm``,
   ``encoder.layer1.0.conv1``, ``encoder.layer1.0.norm1``, ``...downsample.conv/norm``, ``head``). A ``state_dict``,
   ``model`` or ``module.``-prefixed wrapper is unwrapped.
-- **BatchNorm -> GroupNorm**: medfed's networks use GroupNorm (Opacus needs per-sample independence), so a BatchNorm's
-  affine ``weight``/``bias`` become the GroupNorm's and its running mean/variance are dropped (GroupNorm normalises
-  each image by its own statistics). The features shift: measured on PneumoniaMNIST (benchmarks/norm_transfer.py),
+- **BatchNorm -> GroupNorm**: medfed's networks use GroupNorm by default (Opacus needs per-sample independence), so
+  a BatchNorm's affine ``weight``/``bias`` become the GroupNorm's and its running mean/variance are dropped (GroupNorm
+  normalises each image by its own statistics). A ``model.norm=batch`` network (runs without DP) takes the running
+  statistics too. The features shift: measured on PneumoniaMNIST (benchmarks/norm_transfer.py),
   the swap alone costs 0.150 test AUC (0.963 -> 0.813), and one epoch of fine-tuning recovers most of it (0.953
   vs 0.877 from scratch; 0.926 vs 0.912 under DP-SGD at epsilon 8).
 - **Stem kernel**: torchvision's 7x7 stride-2 stem kernel is resized to medfed's 3x3 stem (area interpolation,
@@ -88,8 +89,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 _TORCHVISION_BN = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
-def torchvision_to_medfed(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """torchvision/MONAI/timm ResNet names -> medfed ``resnet18`` names; BatchNorm statistics are dropped.
+def torchvision_to_medfed(
+    state: Mapping[str, torch.Tensor], *, keep_statistics: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """torchvision/MONAI/timm ResNet names -> medfed ``resnet18`` names; BatchNorm running statistics are dropped
+    unless ``keep_statistics`` (a ``model.norm=batch`` target has them; the batch counter is always dropped).
 
     Returns the renamed tensors and the names left out.
     """
@@ -104,7 +108,8 @@ def torchvision_to_medfed(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
         name = re.sub(r"^(layer\d)\.(\d+)\.downsample\.0\.", r"encoder.\1.\2.downsample.conv.", name)
         name = re.sub(r"^(layer\d)\.(\d+)\.downsample\.1\.", r"encoder.\1.\2.downsample.norm.", name)
         name = re.sub(r"^fc\.", "head.", name)
-        if ".norm" in name and name.rsplit(".", 1)[1] in _TORCHVISION_BN - {"weight", "bias"}:
+        kept = {"weight", "bias"} | ({"running_mean", "running_var"} if keep_statistics else set())
+        if ".norm" in name and name.rsplit(".", 1)[1] in _TORCHVISION_BN - kept:
             dropped.append(key)  # BatchNorm running statistics: GroupNorm has none
             continue
         if name == key and not key.startswith(("encoder.", "head.")):
@@ -163,7 +168,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
         report.skipped += extra  # e.g. an SSL projection or reconstruction head
         state = {k: v for k, v in state.items() if k not in extra}
     else:
-        state, dropped = torchvision_to_medfed(raw)
+        target_has_statistics = any(k.endswith(".running_mean") for k in model.state_dict())
+        state, dropped = torchvision_to_medfed(raw, keep_statistics=target_has_statistics)
         report.skipped += dropped
     target = model.state_dict()
     fitted: dict[str, torch.Tensor] = {}

@@ -7,7 +7,7 @@ instantiated from a string. The built-in models register themselves when ``commo
 happens before this module runs (it is a submodule of that package), so callers never import them by hand.
 
 A factory has the keyword-only signature
-``factory(*, spatial_dims, in_channels, n_classes, width, dropout) -> nn.Module`` and returns a module whose
+``factory(*, spatial_dims, in_channels, n_classes, width, dropout, norm) -> nn.Module`` and returns a module whose
 ``forward`` maps ``(B, in_channels, *spatial)`` to logits ``(B, n_classes)``.
 """
 
@@ -42,7 +42,7 @@ class ModelFactory(Protocol):
     """Signature every registered factory implements."""
 
     def __call__(
-        self, *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float
+        self, *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float, norm: str
     ) -> nn.Module: ...
 
 
@@ -104,7 +104,7 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
     """Build the registered network ``cfg.name`` for images with the given geometry.
 
     Args:
-        cfg: model name, width and dropout.
+        cfg: model name, width, dropout and normalisation (``group`` | ``batch``).
         spatial_dims: 2 for images ``(B, C, H, W)``, 3 for volumes ``(B, C, D, H, W)``.
         in_channels: image channels (1 grey, 3 RGB).
         n_classes: number of output logits, >= 2 (binary tasks use two logits and softmax).
@@ -122,16 +122,18 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         n_classes=n_classes,
         width=cfg.width,
         dropout=cfg.dropout,
+        norm=cfg.norm,
     )
     set_trainable(model, cfg.finetune)
     logger.debug(
-        "Built model %s (spatial_dims=%d, in_channels=%d, n_classes=%d, width=%d, dropout=%s): %d parameters",
+        "Built model %s (spatial_dims=%d, in_channels=%d, n_classes=%d, width=%d, dropout=%s, norm=%s): %d parameters",
         cfg.name,
         spatial_dims,
         in_channels,
         n_classes,
         cfg.width,
         cfg.dropout,
+        cfg.norm,
         sum(p.numel() for p in model.parameters()),
     )
     return model
@@ -172,10 +174,18 @@ def require_dp_compatible(model: nn.Module, name: str) -> None:
     """
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        found = "; ".join(sorted({str(e).splitlines()[0] for e in errors})[:5])
+    from torch import nn
+
+    findings = {str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)}
+    # Opacus matches BatchNorm by exact type; medfed's FederatedBatchNorm (a subclass) must be caught here
+    batch_norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batch_norms:
+        findings.add(f"BatchNorm layers ({', '.join(batch_norms[:3])}{', ...' if len(batch_norms) > 3 else ''}) "
+                     "mix the images of a batch")
+    if findings:
+        found = "; ".join(sorted(findings)[:5])
         raise ConfigError(
-            f"model.name={name!r} cannot be trained with differential privacy: Opacus reports {found}. Use a model "
-            "with GroupNorm and no in-place operations (medfed's smallcnn and resnet18 are), or privacy=none."
+            f"model.name={name!r} cannot be trained with differential privacy: {found}. Use a model "
+            "with GroupNorm and no in-place operations (medfed's smallcnn and resnet18 with model.norm=group are), "
+            "or privacy=none."
         )

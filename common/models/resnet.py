@@ -1,4 +1,4 @@
-"""``resnet18``: a ResNet-18-style encoder for small medical images, 2D or 3D, GroupNorm, no in-place ops.
+"""``resnet18``: a ResNet-18-style encoder for small medical images, 2D or 3D, GroupNorm (or BatchNorm), no in-place ops.
 
 BasicBlocks ``[2, 2, 2, 2]`` with channels ``w, 2w, 4w, 8w`` (``w`` = width; ``w=64`` gives the classic ResNet-18
 widths, the config default is 32), strides ``1, 2, 2, 2``. The stem is adapted to small images: a single 3x3
@@ -7,7 +7,8 @@ and MedMNIST-sized inputs (28-64 px) would be reduced to a few pixels by the Ima
 For large images (>= 128 px) this stem is expensive; downsample the images first or add a model with a strided stem.
 
 Unlike MONAI's ResNet blocks (``out += residual``, ``ReLU(inplace=True)``), every op here is out of place
-(``out = out + identity``) and every norm is GroupNorm, so Opacus can compute per-sample gradients. ``encoder``
+(``out = out + identity``) and every norm is GroupNorm, so Opacus can compute per-sample gradients (``norm="batch"``
+gives BatchNorm instead, for runs without sample-level DP). ``encoder``
 (or :meth:`ResNet18.forward_features`) gives the pooled ``(B, 8w)`` features; ``head`` is the linear classifier.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from common.models.registry import register_model
-from common.models.smallcnn import PooledClassifier, check_model_args, conv_layer, group_norm
+from common.models.smallcnn import PooledClassifier, check_model_args, conv_layer, norm_layer
 
 __all__ = ["BasicBlock", "ResNet18", "resnet18"]
 
@@ -33,20 +34,22 @@ STAGE_STRIDES = (1, 2, 2, 2)
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with GroupNorm and an out-of-place residual add (1x1 projection when the shape changes)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, stride: int = 1) -> None:
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, *, stride: int = 1, norm: str = "group"
+    ) -> None:
         super().__init__()
         self.conv1 = conv_layer(spatial_dims, in_channels, out_channels, stride=stride, bias=False)
-        self.norm1 = group_norm(out_channels)
+        self.norm1 = norm_layer(spatial_dims, out_channels, norm)
         self.act1 = nn.ReLU()
         self.conv2 = conv_layer(spatial_dims, out_channels, out_channels, bias=False)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm_layer(spatial_dims, out_channels, norm)
         self.act2 = nn.ReLU()
         self.downsample: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
                 OrderedDict(
                     conv=conv_layer(spatial_dims, in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                    norm=group_norm(out_channels),
+                    norm=norm_layer(spatial_dims, out_channels, norm),
                 )
             )
         else:
@@ -70,6 +73,7 @@ class ResNet18(PooledClassifier):
         n_classes: output logits, >= 2.
         width: channels of the first stage (later stages 2x, 4x, 8x), >= 1; 64 is the classic ResNet-18.
         dropout: dropout probability before the head, in [0, 1).
+        norm: ``group`` (GroupNorm, DP-compatible) or ``batch`` (BatchNorm, runs without sample-level DP).
     """
 
     def __init__(
@@ -80,16 +84,16 @@ class ResNet18(PooledClassifier):
         n_classes: int = 2,
         width: int = 32,
         dropout: float = 0.0,
+        norm: str = "group",
     ) -> None:
         super().__init__()
-        check_model_args(
-            spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width, dropout=dropout
-        )
+        check_model_args(spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width,
+                         dropout=dropout, norm=norm)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["stem"] = nn.Sequential(
             OrderedDict(
                 conv=conv_layer(spatial_dims, in_channels, width, bias=False),
-                norm=group_norm(width),
+                norm=norm_layer(spatial_dims, width, norm),
                 act=nn.ReLU(),
             )
         )
@@ -99,7 +103,7 @@ class ResNet18(PooledClassifier):
             blocks = []
             for index in range(n_blocks):
                 blocks.append(
-                    BasicBlock(spatial_dims, channels, out_channels, stride=stride if index == 0 else 1)
+                    BasicBlock(spatial_dims, channels, out_channels, stride=stride if index == 0 else 1, norm=norm)
                 )
                 channels = out_channels
             layers[f"layer{stage + 1}"] = nn.Sequential(*blocks)
@@ -107,8 +111,9 @@ class ResNet18(PooledClassifier):
 
 
 @register_model("resnet18")
-def resnet18(*, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float) -> nn.Module:
+def resnet18(
+    *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float, norm: str = "group"
+) -> nn.Module:
     """Factory of :class:`ResNet18` for the model registry."""
-    return ResNet18(
-        spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width, dropout=dropout
-    )
+    return ResNet18(spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width,
+                    dropout=dropout, norm=norm)

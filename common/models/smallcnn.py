@@ -1,16 +1,19 @@
 """``smallcnn``: a fast GroupNorm CNN for small 2D images and 3D volumes, plus shared building blocks.
 
-Layout (``w`` = width), each conv a 3x3 (3x3x3) kernel followed by GroupNorm and ReLU:
+Layout (``w`` = width), each conv a 3x3 (3x3x3) kernel followed by a normalisation (GroupNorm, or BatchNorm with
+``norm="batch"``) and ReLU:
 
 - 2D: ``conv(in->w)``, max-pool /2, ``conv(w->2w)``, ``conv(2w->2w)``, max-pool /2, ``conv(2w->4w)``
   (~130k parameters at ``w=32`` for grey images; 28 px -> 14 -> 7).
 - 3D: one conv per stage, ``conv(in->w)``, pool, ``conv(w->2w)``, pool, ``conv(2w->4w)`` (cheaper on volumes).
 
-then global average pooling, dropout and a linear ``head``. There is no BatchNorm and no in-place op, so Opacus'
-``ModuleValidator`` accepts the network as is. ``encoder`` (or :meth:`SmallCNN.forward_features`) gives the pooled
+then global average pooling, dropout and a linear ``head``. With the default GroupNorm there is no BatchNorm and no
+in-place op, so Opacus' ``ModuleValidator`` accepts the network as is. ``norm="batch"`` (``model.norm=batch``) is for
+runs without sample-level DP: BatchNorm mixes the images of a batch, which per-sample gradients cannot allow, but it
+generalises better on small datasets (BreastMNIST, docs/benchmarks.md). ``encoder`` (or :meth:`SmallCNN.forward_features`) gives the pooled
 ``(B, 4w)`` features for linear probing.
 
-This module also holds the helpers shared with :mod:`common.models.resnet`: :func:`group_norm`,
+This module also holds the helpers shared with :mod:`common.models.resnet`: :func:`group_norm`, :func:`norm_layer`,
 :func:`conv_layer`, :func:`max_pool_layer`, :func:`adaptive_avg_pool_layer` and the base class
 :class:`PooledClassifier`.
 """
@@ -24,10 +27,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from common.config import MODEL_NORMS
 from common.errors import ConfigError
 from common.models.registry import register_model
 
 __all__ = [
+    "NORMS",
+    "FederatedBatchNorm2d",
+    "FederatedBatchNorm3d",
     "PooledClassifier",
     "SmallCNN",
     "adaptive_avg_pool_layer",
@@ -35,12 +42,14 @@ __all__ = [
     "conv_layer",
     "group_norm",
     "max_pool_layer",
+    "norm_layer",
     "smallcnn",
 ]
 
 logger = logging.getLogger(__name__)
 
 MAX_GROUPS = 32
+NORMS = MODEL_NORMS  # group | batch
 
 
 def group_norm(channels: int, *, max_groups: int = MAX_GROUPS) -> nn.GroupNorm:
@@ -54,6 +63,40 @@ def group_norm(channels: int, *, max_groups: int = MAX_GROUPS) -> nn.GroupNorm:
     limit = min(max_groups, channels // 2) if channels > 1 else 1
     groups = max(g for g in range(1, max(limit, 1) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
+
+
+class _WithoutBatchCounter:
+    """BatchNorm without the ``num_batches_tracked`` counter: with a fixed momentum the counter is never read, and an
+    integer buffer would be averaged into a float by the aggregation. The running mean and variance stay, so the
+    coordinator averages them with the weights (FedAvg), or a hospital keeps them (``personalize.local_layers=norm``,
+    FedBN)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)  # type: ignore[call-arg]
+        self.num_batches_tracked = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # version 2: PyTorch's BatchNorm would otherwise add a num_batches_tracked entry for old checkpoints
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, {**local_metadata, "version": 2}, *args, **kwargs)
+
+
+class FederatedBatchNorm2d(_WithoutBatchCounter, nn.BatchNorm2d):
+    """2D BatchNorm whose state holds only float tensors (weight, bias, running mean and variance)."""
+
+
+class FederatedBatchNorm3d(_WithoutBatchCounter, nn.BatchNorm3d):
+    """3D BatchNorm whose state holds only float tensors (weight, bias, running mean and variance)."""
+
+
+def norm_layer(spatial_dims: int, channels: int, norm: str = "group") -> nn.Module:
+    """The normalisation after a convolution: ``group`` (:func:`group_norm`, works with DP-SGD) or ``batch``
+    (:class:`FederatedBatchNorm2d`/``3d``; not with sample-level DP)."""
+    if norm == "group":
+        return group_norm(channels)
+    if norm == "batch":
+        return FederatedBatchNorm2d(channels) if spatial_dims == 2 else FederatedBatchNorm3d(channels)
+    raise ConfigError(f"model.norm={norm!r} is not supported; choose one of: {', '.join(NORMS)}.")
 
 
 def conv_layer(
@@ -74,7 +117,9 @@ def adaptive_avg_pool_layer(spatial_dims: int) -> nn.Module:
     return nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
 
 
-def check_model_args(*, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float) -> None:
+def check_model_args(
+    *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float, norm: str = "group"
+) -> None:
     """Validate the common constructor arguments; raises :class:`ConfigError` naming the bad one."""
     for key, value, minimum in (("in_channels", in_channels, 1), ("n_classes", n_classes, 2), ("width", width, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -85,11 +130,11 @@ def check_model_args(*, spatial_dims: int, in_channels: int, n_classes: int, wid
         raise ConfigError(f"dropout={dropout!r} is out of range; it must lie in [0, 1).")
 
 
-def _conv_block(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
             conv=conv_layer(spatial_dims, in_channels, out_channels, bias=False),
-            norm=group_norm(out_channels),
+            norm=norm_layer(spatial_dims, out_channels, norm),
             act=nn.ReLU(),
         )
     )
@@ -130,6 +175,7 @@ class SmallCNN(PooledClassifier):
         n_classes: output logits, >= 2.
         width: channels of the first stage (later stages use 2x and 4x), >= 1.
         dropout: dropout probability before the head, in [0, 1).
+        norm: ``group`` (GroupNorm, DP-compatible) or ``batch`` (BatchNorm, runs without sample-level DP).
         convs_per_stage: convolutions in each of the three stages; default ``(1, 2, 1)`` in 2D, ``(1, 1, 1)`` in 3D.
     """
 
@@ -141,12 +187,12 @@ class SmallCNN(PooledClassifier):
         n_classes: int = 2,
         width: int = 32,
         dropout: float = 0.0,
+        norm: str = "group",
         convs_per_stage: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        check_model_args(
-            spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width, dropout=dropout
-        )
+        check_model_args(spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width,
+                         dropout=dropout, norm=norm)
         if convs_per_stage is None:
             convs_per_stage = (1, 2, 1) if spatial_dims == 2 else (1, 1, 1)
         if len(convs_per_stage) < 1 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
@@ -162,14 +208,15 @@ class SmallCNN(PooledClassifier):
                 layers[f"pool{stage}"] = max_pool_layer(spatial_dims)
             out_channels = width * 2**stage
             for index in range(n_convs):
-                layers[f"block{stage + 1}_{index + 1}"] = _conv_block(spatial_dims, channels, out_channels)
+                layers[f"block{stage + 1}_{index + 1}"] = _conv_block(spatial_dims, channels, out_channels, norm)
                 channels = out_channels
         self._attach_head(layers, channels, spatial_dims=spatial_dims, n_classes=n_classes, dropout=dropout)
 
 
 @register_model("smallcnn")
-def smallcnn(*, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float) -> nn.Module:
+def smallcnn(
+    *, spatial_dims: int, in_channels: int, n_classes: int, width: int, dropout: float, norm: str = "group"
+) -> nn.Module:
     """Factory of :class:`SmallCNN` for the model registry."""
-    return SmallCNN(
-        spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width, dropout=dropout
-    )
+    return SmallCNN(spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes, width=width,
+                    dropout=dropout, norm=norm)

@@ -198,6 +198,26 @@ def test_3d_colour_federation_runs(tmp_path):
     assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 120
 
 
+def test_batch_norm_federation_averages_running_statistics(tmp_path):
+    # Execute: model.norm=batch, 3 hospitals, 2 rounds
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=2",
+                      "model.norm=batch"], tmp_path)
+    refused = _medfed(["simulate", "--run-dir", "run-dp", "--cache-dir", "cache", *FAST, "model.norm=batch",
+                       "privacy=dp"], tmp_path, timeout=120)
+
+    # Assert: the global model carries trained (averaged) running statistics and no integer batch counter
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 2)
+    final, _ = load_checkpoint(tmp_path / "run" / "model.pt")
+    variances = [k for k in final if k.endswith(".running_var")]
+    assert variances and not [k for k in final if "num_batches_tracked" in k]
+    assert all(not np.allclose(final[k], 1.0) for k in variances)  # moved from their initial value
+    assert summary["best"]["test"]["auc"] > 0.6
+    # and DP refuses it before anything starts, saying what to change
+    assert refused.returncode != 0
+    assert "model.norm=batch cannot run with privacy=dp" in refused.stdout and "model.norm=group" in refused.stdout
+
+
 def test_same_command_gives_the_same_numbers(tmp_path):
     # Execute: the same federation twice (Flower samples nodes in random order each time)
     records = []

@@ -76,6 +76,11 @@ def test_group_option_switches_schema_and_overrides_apply():
         (["dataset=medmnist", "dataset.size=30"], r"dataset.size=30 is not allowed; choose one of: 28, 64, 128, 224"),
         (["federation.hospitals=1"], r"strategy.min_train_nodes=2 exceeds federation.hospitals=1"),
         (["train.rounds"], r"not of the form key=value"),
+        (["model.norm=layer"], r"model.norm='layer' is not allowed; choose one of: group, batch"),
+        (["model.norm=batch", "privacy=dp"], r"model.norm=batch cannot run with privacy=dp: .*model.norm=group"),
+        (["model.norm=batch", "privacy=central_dp"], r"model.norm=batch cannot run with privacy=central_dp"),
+        (["model.norm=batch", "privacy.secure_aggregation=true"],
+         r"model.norm=batch cannot run with privacy.secure_aggregation=true: SecAgg\+ quantises"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(overrides, match):

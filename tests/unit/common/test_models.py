@@ -12,7 +12,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.errors import ConfigError
-from common.models import available_models, build_model, group_norm, register_model
+from common.models import available_models, build_model, group_norm, register_model, require_dp_compatible
 from common.models.resnet import ResNet18
 from common.models.smallcnn import SmallCNN
 
@@ -203,3 +203,47 @@ def test_group_norm_groups(channels: int, groups: int) -> None:
     # Assert
     assert norm.num_groups == groups
     assert channels % norm.num_groups == 0
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet18"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_batch_norm_models_keep_float_state_and_train_their_statistics(name: str, dims: int) -> None:
+    # Prepare
+    cfg = ModelConfig(name=name, width=8, norm="batch")
+    torch.manual_seed(0)
+    model = build_model(cfg, spatial_dims=dims, in_channels=1, n_classes=2)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    x = _input(dims, 1, batch=4)
+
+    # Execute
+    model.train()
+    model(x)
+    state = model.state_dict()
+    fresh = build_model(cfg, spatial_dims=dims, in_channels=1, n_classes=2)
+    fresh.load_state_dict(state)  # strict: no counter is expected or added
+    model.eval()
+    fresh.eval()
+
+    # Assert
+    assert norms and not any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not [k for k in state if "num_batches_tracked" in k]
+    assert {v.dtype for v in state.values()} == {torch.float32}  # what FedAvg averages
+    assert not torch.allclose(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_batch_norm_models_are_refused_for_dp_by_opacus() -> None:
+    # Prepare
+    model = build_model(ModelConfig(norm="batch"), spatial_dims=2, in_channels=1, n_classes=2)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"cannot be trained with differential privacy.*model\.norm=group"):
+        require_dp_compatible(model, "smallcnn")
+
+
+def test_unknown_norm_is_refused_with_the_choices() -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"model\.norm='layer' .*group, batch"):
+        ModelConfig(norm="layer")
+    with pytest.raises(ConfigError, match=r"model\.norm='instance' .*group, batch"):
+        SmallCNN(norm="instance")

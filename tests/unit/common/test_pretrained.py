@@ -58,9 +58,10 @@ def _torchvision_file(tmp_path) -> tuple[dict[str, torch.Tensor], object]:
     return tv.state_dict(), path
 
 
-def _model(name: str = "resnet18", width: int = 64, dims: int = 2, channels: int = 1, finetune: str = "full"):
+def _model(name: str = "resnet18", width: int = 64, dims: int = 2, channels: int = 1, finetune: str = "full",
+           norm: str = "group"):
     torch.manual_seed(0)
-    return build_model(ModelConfig(name=name, width=width, finetune=finetune), spatial_dims=dims,
+    return build_model(ModelConfig(name=name, width=width, finetune=finetune, norm=norm), spatial_dims=dims,
                        in_channels=channels, n_classes=2)
 
 
@@ -104,6 +105,20 @@ def test_a_torchvision_resnet18_state_dict_loads_with_adaptations(tmp_path):
     assert report.missing == ["head.bias", "head.weight"]
     logits = model(torch.rand(2, 1, 28, 28))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_a_batch_norm_model_takes_the_running_statistics_too(tmp_path):
+    tv, path = _torchvision_file(tmp_path)
+    model = _model(norm="batch")
+
+    report = load_pretrained(model, path)
+
+    state = model.state_dict()
+    assert torch.equal(state["encoder.stem.norm.running_var"], tv["bn1.running_var"])
+    assert torch.equal(state["encoder.layer2.1.norm2.running_mean"], tv["layer2.1.bn2.running_mean"])
+    assert "encoder.layer1.0.norm1.running_var" in report.loaded
+    assert "layer1.0.bn1.num_batches_tracked" in report.skipped  # the counter medfed's BatchNorm does without
+    assert report.missing == ["head.bias", "head.weight"]
 
 
 def test_a_shape_mismatch_names_the_layers(tmp_path):
