@@ -1,4 +1,5 @@
-"""``resnet18``: a ResNet-18-style encoder for small medical images, 2D or 3D, GroupNorm (or BatchNorm), no in-place ops.
+"""``resnet18``: a ResNet-18-style encoder for small medical images, 2D or 3D, GroupNorm or BatchNorm, no in-place
+ops.
 
 BasicBlocks ``[2, 2, 2, 2]`` with channels ``w, 2w, 4w, 8w`` (``w`` = width; ``w=64`` gives the classic ResNet-18
 widths, the config default is 32), strides ``1, 2, 2, 2``. The stem is adapted to small images: a single 3x3
@@ -32,7 +33,8 @@ STAGE_STRIDES = (1, 2, 2, 2)
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and an out-of-place residual add (1x1 projection when the shape changes)."""
+    """Two 3x3 convolutions, each normalised (GroupNorm or BatchNorm), and an out-of-place residual add (1x1 projection
+    when the shape changes)."""
 
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, *, stride: int = 1, norm: str = "group"

@@ -1,4 +1,4 @@
-"""``smallcnn``: a fast GroupNorm CNN for small 2D images and 3D volumes, plus shared building blocks.
+"""``smallcnn``: a fast CNN (GroupNorm by default) for small 2D images and 3D volumes, plus shared building blocks.
 
 Layout (``w`` = width), each conv a 3x3 (3x3x3) kernel followed by a normalisation (GroupNorm, or BatchNorm with
 ``norm="batch"``) and ReLU:
@@ -10,8 +10,8 @@ Layout (``w`` = width), each conv a 3x3 (3x3x3) kernel followed by a normalisati
 then global average pooling, dropout and a linear ``head``. With the default GroupNorm there is no BatchNorm and no
 in-place op, so Opacus' ``ModuleValidator`` accepts the network as is. ``norm="batch"`` (``model.norm=batch``) is for
 runs without sample-level DP: BatchNorm mixes the images of a batch, which per-sample gradients cannot allow, but it
-generalises better on small datasets (BreastMNIST, docs/benchmarks.md). ``encoder`` (or :meth:`SmallCNN.forward_features`) gives the pooled
-``(B, 4w)`` features for linear probing.
+generalises better on small datasets (BreastMNIST, docs/benchmarks.md). ``encoder`` (or
+:meth:`SmallCNN.forward_features`) gives the pooled ``(B, 4w)`` features for linear probing.
 
 This module also holds the helpers shared with :mod:`common.models.resnet`: :func:`group_norm`, :func:`norm_layer`,
 :func:`conv_layer`, :func:`max_pool_layer`, :func:`adaptive_avg_pool_layer` and the base class
@@ -75,8 +75,8 @@ class _WithoutBatchCounter:
         super().__init__(channels)  # type: ignore[call-arg]
         self.num_batches_tracked = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        # version 2: PyTorch's BatchNorm would otherwise add a num_batches_tracked entry for old checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # noqa: ANN001
+        # as version 2: PyTorch's BatchNorm would otherwise add a num_batches_tracked entry (for old checkpoints)
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, {**local_metadata, "version": 2}, *args, **kwargs)
 
@@ -128,6 +128,8 @@ def check_model_args(
         raise ConfigError(f"spatial_dims={spatial_dims!r} is not supported; choose one of: 2, 3.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout={dropout!r} is out of range; it must lie in [0, 1).")
+    if norm not in NORMS:
+        raise ConfigError(f"model.norm={norm!r} is not supported; choose one of: {', '.join(NORMS)}.")
 
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
@@ -167,7 +169,7 @@ class PooledClassifier(nn.Module):
 
 
 class SmallCNN(PooledClassifier):
-    """Small GroupNorm CNN classifier for 2D images or 3D volumes (see the module docstring for the layout).
+    """Small CNN classifier (GroupNorm, or BatchNorm) for 2D images or 3D volumes (see the module docstring).
 
     Args:
         spatial_dims: 2 or 3.
