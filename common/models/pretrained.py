@@ -99,6 +99,7 @@ def torchvision_to_medfed(
     """
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
+    kept = {"weight", "bias"} | ({"running_mean", "running_var"} if keep_statistics else set())
     for key, value in state.items():
         name = key
         name = re.sub(r"^conv1\.", "encoder.stem.conv.", name)
@@ -108,7 +109,6 @@ def torchvision_to_medfed(
         name = re.sub(r"^(layer\d)\.(\d+)\.downsample\.0\.", r"encoder.\1.\2.downsample.conv.", name)
         name = re.sub(r"^(layer\d)\.(\d+)\.downsample\.1\.", r"encoder.\1.\2.downsample.norm.", name)
         name = re.sub(r"^fc\.", "head.", name)
-        kept = {"weight", "bias"} | ({"running_mean", "running_var"} if keep_statistics else set())
         if ".norm" in name and name.rsplit(".", 1)[1] in _TORCHVISION_BN - kept:
             dropped.append(key)  # BatchNorm running statistics: GroupNorm has none
             continue
@@ -162,16 +162,16 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     """
     raw = read_state_dict(path)
     report = PretrainedReport()
+    target = model.state_dict()
     if any(k.startswith(("encoder.", "head.")) for k in raw):
         state = dict(raw)  # a medfed checkpoint (a run's model, or an SSL encoder)
         extra = [k for k in state if not k.startswith(("encoder.", "head."))]
         report.skipped += extra  # e.g. an SSL projection or reconstruction head
         state = {k: v for k, v in state.items() if k not in extra}
     else:
-        target_has_statistics = any(k.endswith(".running_mean") for k in model.state_dict())
+        target_has_statistics = any(k.endswith(".running_mean") for k in target)
         state, dropped = torchvision_to_medfed(raw, keep_statistics=target_has_statistics)
         report.skipped += dropped
-    target = model.state_dict()
     fitted: dict[str, torch.Tensor] = {}
     mismatched: list[str] = []
     for name, value in state.items():

@@ -32,7 +32,6 @@ from common.errors import ConfigError
 from common.models.registry import register_model
 
 __all__ = [
-    "NORMS",
     "FederatedBatchNorm2d",
     "FederatedBatchNorm3d",
     "PooledClassifier",
@@ -49,7 +48,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_GROUPS = 32
-NORMS = MODEL_NORMS  # group | batch
 
 
 def group_norm(channels: int, *, max_groups: int = MAX_GROUPS) -> nn.GroupNorm:
@@ -89,14 +87,18 @@ class FederatedBatchNorm3d(_WithoutBatchCounter, nn.BatchNorm3d):
     """3D BatchNorm whose state holds only float tensors (weight, bias, running mean and variance)."""
 
 
+def _require_norm(norm: str) -> None:
+    if norm not in MODEL_NORMS:
+        raise ConfigError(f"model.norm={norm!r} is not supported; choose one of: {', '.join(MODEL_NORMS)}.")
+
+
 def norm_layer(spatial_dims: int, channels: int, norm: str = "group") -> nn.Module:
     """The normalisation after a convolution: ``group`` (:func:`group_norm`, works with DP-SGD) or ``batch``
     (:class:`FederatedBatchNorm2d`/``3d``; not with sample-level DP)."""
+    _require_norm(norm)
     if norm == "group":
         return group_norm(channels)
-    if norm == "batch":
-        return FederatedBatchNorm2d(channels) if spatial_dims == 2 else FederatedBatchNorm3d(channels)
-    raise ConfigError(f"model.norm={norm!r} is not supported; choose one of: {', '.join(NORMS)}.")
+    return FederatedBatchNorm2d(channels) if spatial_dims == 2 else FederatedBatchNorm3d(channels)
 
 
 def conv_layer(
@@ -128,8 +130,7 @@ def check_model_args(
         raise ConfigError(f"spatial_dims={spatial_dims!r} is not supported; choose one of: 2, 3.")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout={dropout!r} is out of range; it must lie in [0, 1).")
-    if norm not in NORMS:
-        raise ConfigError(f"model.norm={norm!r} is not supported; choose one of: {', '.join(NORMS)}.")
+    _require_norm(norm)
 
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
