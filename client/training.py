@@ -7,6 +7,7 @@ alone in the local-only baseline, so every comparison uses one training core.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -160,6 +161,9 @@ def train_epochs(
     """
     if proximal_mu > 0 and privacy is not None:
         raise ValueError("train_epochs(): a proximal term and DP-SGD cannot be combined (see the docstring).")
+    if privacy is not None and cfg.class_weighting != "none":
+        raise ValueError("train_epochs(): class weights (computed from the training labels) and DP-SGD cannot be "
+                         "combined (see TrainConfig.class_weighting).")
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
     started = time.perf_counter()  # everything local training does, optimizer set-up included
@@ -169,13 +173,23 @@ def train_epochs(
     optimizer = optimizer or make_optimizer(model, cfg)
     if lr is not None:
         set_lr(optimizer, lr)
-    if criterion is None:  # classification; an SSL model brings its own (its forward returns the loss terms)
+    classification = criterion is None
+    if classification:  # an SSL model brings its own criterion (its forward returns the loss terms)
         weights = class_weights(data.labels, n_classes, cfg.class_weighting)
         criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None
     forward, optimizer, criterion = private[:3] if private else (model, optimizer, criterion)
+    # DP-SGD builds each step from Opacus' per-sample gradients and replaces the batch gradient autograd would
+    # put in p.grad, so when every layer trains, backward is asked for the gradient of the images instead: the
+    # same module-output gradients reach Opacus' hooks, and the batch weight gradients are never computed (a
+    # third of a plain backward pass). Frozen layers (their input gradients would be extra work), SSL losses and
+    # ghost clipping (its own double backward) keep the usual backward.
+    per_sample_only = (
+        privacy is not None and privacy.grad_sample_mode == "hooks" and classification
+        and all(p.requires_grad for p in model.parameters())
+    )
 
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     total_loss, total_seen, steps = 0.0, 0, 0
@@ -185,9 +199,14 @@ def train_epochs(
             for images, labels in epoch_batches:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
+                if per_sample_only:
+                    images.requires_grad_(True)
                 loss = criterion(forward(images), labels)
                 objective = loss + proximal_term(model, anchor, proximal_mu) if proximal_mu > 0 else loss
-                objective.backward()
+                if per_sample_only:
+                    objective.backward(inputs=[images])
+                else:  # (ghost clipping's loss wrapper takes no inputs=)
+                    objective.backward()
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(labels)
                 total_seen += len(labels)
@@ -212,6 +231,19 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> to
     """FedProx's (mu / 2) * ||w - anchor||^2 over the trainable parameters (its gradient is mu * (w - anchor))."""
     params = [p for p in model.parameters() if p.requires_grad]
     return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def _summed_over_batch(criterion: nn.Module) -> nn.Module:
+    """A copy of ``criterion`` that sums its per-image terms over the batch (``reduction="sum"``).
+
+    Raises:
+        TypeError: a criterion without a ``reduction`` of ``"mean"`` or ``"sum"``.
+    """
+    if getattr(criterion, "reduction", None) not in ("mean", "sum"):
+        raise TypeError(f"DP-SGD needs a criterion with reduction 'mean' or 'sum', got {type(criterion).__name__}.")
+    summed = copy.copy(criterion)
+    summed.reduction = "sum"
+    return summed
 
 
 class _BatchedTensors(torch.utils.data.Dataset):
@@ -250,6 +282,8 @@ def _make_private(
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+    import client.grad_samplers  # noqa: F401  (registers medfed's faster convolution per-sample gradients)
+
     augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
     generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)
     if augment is not None:
@@ -260,6 +294,7 @@ def _make_private(
                                              collate_fn=_as_batched)
     engine = PrivacyEngine(accountant="rdp", secure_mode=privacy.secure_mode)
     noise = None if privacy.secure_mode else torch.Generator().manual_seed(seed + 1)
+    ghost = privacy.grad_sample_mode == "ghost"
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -270,11 +305,17 @@ def _make_private(
         poisson_sampling=True,
         noise_generator=noise,
         grad_sample_mode=privacy.grad_sample_mode,
+        # hooks: the loss is summed over the batch, so each image's gradient is its own loss's (Opacus then needs
+        # no rescaling of every layer's output gradient); ghost clipping reduces per-image losses itself
+        loss_reduction="mean" if ghost else "sum",
     )
-    if privacy.grad_sample_mode == "ghost":
+    if ghost:
         wrapped, dp_optimizer, dp_criterion, dp_loader = made
     else:
-        (wrapped, dp_optimizer, dp_loader), dp_criterion = made, criterion
+        (wrapped, dp_optimizer, dp_loader), dp_criterion = made, _summed_over_batch(criterion)
+        # the update stays the mean: the noisy sum of clipped gradients over the expected batch size, as with
+        # loss_reduction="mean" (which would only differ by rescaling every per-sample gradient by the batch size)
+        dp_optimizer.loss_reduction = "mean"
 
     def epoch() -> BatchMemoryManager:
         return BatchMemoryManager(

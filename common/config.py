@@ -712,6 +712,13 @@ class Config:
                 "gradients, which leave the proximal term out. Use strategy=fedavg (or another aggregator) with "
                 "privacy=dp, or strategy.mu=0."
             )
+        if self.privacy.name == "dp" and self.train.class_weighting != "none":
+            raise ConfigError(
+                f"train.class_weighting={self.train.class_weighting} cannot run with privacy=dp: the weights are "
+                "computed from the hospital's training labels, so every image's loss would depend on the others' "
+                "labels, which DP-SGD's epsilon does not account for. Use train.class_weighting=none with "
+                "privacy=dp."
+            )
         if isinstance(self.dataset, FolderConfig) and len(self.dataset.roots) != self.federation.hospitals:
             raise ConfigError(
                 f"dataset.roots has {len(self.dataset.roots)} folders but federation.hospitals="

@@ -103,10 +103,15 @@ class ContrastiveViews:
 
 
 class MeanLoss(nn.Module):
-    """The training criterion of SSL models: their forward already returns the loss terms; average them."""
+    """The training criterion of SSL models: their forward already returns the loss terms; average them (or, with
+    ``reduction="sum"``, as DP-SGD trains, sum them)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
 
     def forward(self, output: torch.Tensor, target: Any = None) -> torch.Tensor:  # noqa: ARG002 - no labels
-        return output.mean()
+        return output.sum() if self.reduction == "sum" else output.mean()
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

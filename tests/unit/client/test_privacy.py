@@ -186,6 +186,49 @@ def test_dp_sgd_without_noise_or_clipping_equals_plain_sgd() -> None:
         torch.testing.assert_close(private.state_dict()[name], value, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", available_models())
+def test_a_clipped_dp_step_is_the_mean_of_per_image_autograd_gradients_clipped(name: str) -> None:
+    # Prepare: a full batch (Poisson rate 1), SGD, no noise, a clipping norm every image's gradient exceeds. The
+    # reference is independent of Opacus: one autograd pass per image, each gradient clipped, then averaged.
+    data = _tiny_data(6)
+    cfg = TrainConfig(optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.5, batch_size=len(data))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, width=4), spatial_dims=2, in_channels=1, n_classes=2)
+    start = copy.deepcopy(model)
+    clip = 1e-3
+    total = [torch.zeros_like(p) for p in start.parameters()]
+    norms = []
+    for image, label in zip(torch.from_numpy(data.images), torch.from_numpy(data.labels), strict=True):
+        start.zero_grad()
+        torch.nn.functional.cross_entropy(start(image[None]), label[None]).backward()
+        grads = [p.grad.detach().clone() for p in start.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(float(norm))
+        for t, g in zip(total, grads, strict=True):
+            t += g * min(1.0, clip / (float(norm) + 1e-6))
+    expected = [p.detach() - cfg.lr * t / len(data) for p, t in zip(start.parameters(), total, strict=True)]
+
+    # Execute
+    result = train_epochs(model, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=0,
+                          privacy=DPTraining(noise_multiplier=0.0, max_grad_norm=clip))
+
+    # Assert: clipping was active for every image, and the update is the clipped mean
+    assert result.steps == 1 and result.sample_rate == 1.0
+    assert min(norms) > 10 * clip
+    for (key, got), want in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_class_weights_are_refused_with_dp_sgd() -> None:
+    with pytest.raises(ConfigError, match=r"train.class_weighting=balanced cannot run with privacy=dp.*"
+                                          r"class_weighting=none"):
+        compose_config(["privacy=dp", "train.class_weighting=balanced"])
+    model = build_model(ModelConfig(name="smallcnn", width=4), spatial_dims=2, in_channels=1, n_classes=2)
+    with pytest.raises(ValueError, match="class weights"):
+        train_epochs(model, _tiny_data(), TrainConfig(class_weighting="balanced"), epochs=1, n_classes=2,
+                     spatial_dims=2, seed=0, privacy=DPTraining(noise_multiplier=1.0, max_grad_norm=1.0))
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_dp_training_counts_poisson_steps_and_leaves_the_model_unwrapped(mode: str) -> None:
     data = _tiny_data(40)
