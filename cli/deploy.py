@@ -22,6 +22,7 @@ Hospital::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import signal
@@ -368,6 +369,9 @@ def hospital_init(
     max_epsilon: Annotated[float, typer.Option(help="The site's privacy cap over every run on its data.")] = 10.0,
     max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
     min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
+    secure_rng: Annotated[bool, typer.Option(
+        help="DP rounds only with a cryptographically secure RNG (Opacus' secure_mode; needs torchcsprng, see "
+             "docs/operations.md). --no-secure-rng: torch's RNG, for experiments.")] = True,
     runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's Runtime API.")] = 9094,
     threads: Annotated[int, typer.Option(
         help="CPU threads for training (0 = every core); on a machine shared with other sites, its share.")] = 0,
@@ -393,7 +397,7 @@ def hospital_init(
             approved.append(bundle_hash())
         site = SiteConfig(
             site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
-            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
+            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise, secure_rng=secure_rng,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
             runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
             classes=classes.split(",") if classes else [], image_size=image_size,
@@ -440,6 +444,10 @@ def hospital_start(
         if not site.approved_apps:
             err_console.print("warning: approved_apps is empty, so every run will be refused; see "
                               "`medfed hospital approve`.")
+        if site.secure_rng and importlib.util.find_spec("torchcsprng") is None:
+            err_console.print("warning: secure_rng is true but torchcsprng is not installed, so every DP round will "
+                              "be refused; see docs/operations.md, 'A secure RNG for DP' (or set secure_rng: false "
+                              "in the site config for experiments).")
         daemon = HospitalDaemon(site, insecure=insecure)
     except MedfedError as exc:
         fail(exc)

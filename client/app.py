@@ -45,6 +45,7 @@ from client.privacy import (
     entries_to_state,
     epsilon_spent,
     plan_round,
+    secure_rng_problem,
     site_cap,
 )
 from client.personalization import (
@@ -69,7 +70,7 @@ from common.config import (
     overrides_from_run_config,
 )
 from common.data import SiteData, load_test_set
-from common.errors import IncompatibleUpdateError, MedfedError
+from common.errors import ConfigError, IncompatibleUpdateError, MedfedError
 from common.calibration import nll_sums
 from common.explain import gradcam_maps, save_explanations
 from common.inference import evaluate, predict_logits, predict_proba, softmax
@@ -222,9 +223,10 @@ def _record(ledger: PrivacyLedger, context: Context, entries: list[LedgerEntry])
 
 def _privacy_round(
     cfg: Config, dp: DPConfig, site: SiteData, msg: Message, context: Context, server_round: int
-) -> tuple[RoundPlan, PrivacyLedger]:
-    """Plan this round under the site's cap and record it in the ledger before training (crash-safe)."""
-    dp.require_runtime()
+) -> tuple[RoundPlan, PrivacyLedger, bool]:
+    """Plan this round under the site's cap and record it in the ledger before training (crash-safe); the bool
+    says whether DP-SGD uses a cryptographically secure RNG (the recipe's ``privacy.secure_mode`` or the site's
+    ``secure-rng``: either may ask, and then the site trains only if it has one)."""
     simulated = keys.NODE_PARTITION_ID in context.node_config
     # in deployment only the hospital's node config sets its cap; the coordinator's federation.* never does
     cap = site_cap(
@@ -232,6 +234,14 @@ def _privacy_round(
         context.node_config,
         int(context.node_config[keys.NODE_PARTITION_ID]) if simulated else None,  # type: ignore[arg-type]
     )
+    secure = dp.secure_mode or cap.secure_rng
+    problem = secure_rng_problem(select_device()) if secure else None
+    if problem:  # before the ledger: a refused round spends nothing
+        asked = "this hospital's site config (secure_rng: true)" if cap.secure_rng else "privacy.secure_mode=true"
+        fix = ("install torchcsprng, or set secure_rng: false in site.yaml for experiments" if cap.secure_rng
+               else "install torchcsprng at every hospital, or run with privacy.secure_mode=false for experiments")
+        raise ConfigError(f"{asked} asks for DP noise from a cryptographically secure RNG, but {problem}; so this "
+                          f"hospital does not train with privacy=dp. To train: {fix}.")
     ledger = PrivacyLedger(_state_dir(context), dataset_fingerprint(site))
     kept = context.state.config_records.get(keys.STATE_LEDGER)
     entries = ledger.record(entries_from_state(str(kept["entries"]) if kept is not None else None))
@@ -247,7 +257,7 @@ def _privacy_round(
     )
     entry = LedgerEntry.new(msg.metadata.run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
     _record(ledger, context, [entry])
-    return plan, ledger
+    return plan, ledger, secure
 
 
 @app.train()
@@ -262,7 +272,9 @@ def train(msg: Message, context: Context) -> Message:
     dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
     config = msg.content.config_records.get(keys.CONFIG)
     mu = float(config.get(keys.PROXIMAL_MU, 0.0)) if config is not None else 0.0  # FedProx's, from the strategy
-    plan, ledger = _privacy_round(cfg, dp, site, msg, context, server_round) if dp is not None else (None, None)
+    plan, ledger, secure = (
+        _privacy_round(cfg, dp, site, msg, context, server_round) if dp is not None else (None, None, False)
+    )
     received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     local = local_layer_names(model, cfg.personalize.local_layers)
     if local:  # personalisation: this hospital's own layers over the new global model
@@ -283,7 +295,7 @@ def train(msg: Message, context: Context) -> Message:
                 max_grad_norm=dp.max_grad_norm,
                 max_physical_batch_size=dp.max_physical_batch_size,
                 grad_sample_mode=dp.grad_sample_mode,
-                secure_mode=dp.secure_mode,
+                secure_mode=secure,
             )
             if dp is not None and plan is not None
             else None

@@ -37,12 +37,14 @@ logger = logging.getLogger(__name__)
 PID_FILE = "daemon.pid"
 
 
-def node_config_arg(values: dict[str, str | float]) -> str:
+def node_config_arg(values: dict[str, str | float | bool]) -> str:
     """Flower's ``--node-config`` string: space-separated ``key=value`` pairs with TOML values."""
     parts = []
     for key, value in values.items():
         if isinstance(value, str):
             parts.append(f"{key}={json.dumps(value)}")
+        elif isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
         else:
             parts.append(f"{key}={'inf' if value == float('inf') else repr(float(value))}")
     return " ".join(parts)

@@ -24,12 +24,16 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import keys
 from common.atomic import atomic_write
 from common.config import DPConfig, FederationConfig
 from common.data import SiteData
 from common.errors import ConfigError, PrivacyBudgetExceeded
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LedgerEntry",
@@ -42,6 +46,7 @@ __all__ = [
     "entries_to_state",
     "epsilon_spent",
     "plan_round",
+    "secure_rng_problem",
     "site_cap",
 ]
 
@@ -63,6 +68,7 @@ class SiteCap:
     max_epsilon: float = math.inf
     max_delta: float = 1e-5
     min_noise: float = 0.0
+    secure_rng: bool = False  # DP-SGD only with a cryptographically secure RNG (Opacus' secure_mode)
 
 
 def _node_float(node_config: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:
@@ -78,6 +84,17 @@ def _node_float(node_config: Mapping[str, object], key: str, default: float, low
     return value
 
 
+def _node_bool(node_config: Mapping[str, object], key: str) -> bool:
+    raw = node_config.get(key, False)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return raw.strip().lower() in ("true", "1", "yes")
+    raise ConfigError(f"Node config {key}={raw!r} is not true or false; set it in the site config.")
+
+
 def site_cap(federation: FederationConfig, node_config: Mapping[str, object], site_index: int | None) -> SiteCap:
     """The hospital's cap: its node config wins; in simulation ``federation.site_*`` stands in for it."""
     default_eps = federation.site_max_epsilon
@@ -87,7 +104,30 @@ def site_cap(federation: FederationConfig, node_config: Mapping[str, object], si
         max_epsilon=_node_float(node_config, keys.NODE_MAX_EPSILON, default_eps, 1e-9, math.inf),
         max_delta=_node_float(node_config, keys.NODE_MAX_DELTA, federation.site_max_delta, 1e-300, 0.999999),
         min_noise=_node_float(node_config, keys.NODE_MIN_NOISE, federation.site_min_noise, 0.0, _MAX_NOISE),
+        secure_rng=_node_bool(node_config, keys.NODE_SECURE_RNG),
     )
+
+
+def secure_rng_problem(device: torch.device) -> str | None:
+    """Why DP-SGD cannot draw its noise and batches from a cryptographically secure RNG here, or None if it can.
+
+    Opacus' ``secure_mode`` takes the RNG from ``torchcsprng`` (``/dev/urandom`` through AES). Its releases stop at
+    torch 1.8; it builds from source against this torch (docs/operations.md, "A secure RNG for DP"). A build
+    without CUDA cannot draw on a GPU, so the check draws one number on the training device.
+    """
+    import torch
+
+    try:
+        import torchcsprng
+    except ImportError:
+        return ("torchcsprng is not installed on this machine (it has no wheel for this torch: build it from source, "
+                "see docs/operations.md, 'A secure RNG for DP')")
+    try:
+        generator = torchcsprng.create_random_device_generator("/dev/urandom")
+        torch.empty(1, device=device).normal_(0.0, 1.0, generator=generator)
+    except Exception as exc:  # noqa: BLE001 - any failure means no secure noise; the type says which
+        return f"torchcsprng cannot draw random numbers on {device.type} here ({type(exc).__name__})"
+    return None
 
 
 # fingerprints of the SiteData objects alive in this process (an entry goes when its object is collected, so this

@@ -55,7 +55,8 @@ class SiteConfig:
     ``channels`` / ``spatial_dims`` (the task's model input a folder's images are resized to), ``cache_dir``
     (decoded images; default ``STATE_DIR/cache``), ``val_fraction`` and
     ``split_seed`` (the local validation split), ``max_epsilon`` / ``max_delta`` / ``min_noise`` (the privacy cap,
-    cumulative over every run on this data), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
+    cumulative over every run on this data), ``secure_rng`` (true, the default: DP-SGD rounds only with Opacus'
+    secure_mode, whose RNG needs torchcsprng; a round is refused without it), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
     of every app bundle this site runs), ``superlink`` (the coordinator's address), ``ca_certificate`` and
     ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the SuperNode's Runtime API),
     ``threads`` (CPU threads for training; 0 = every core; the site decides, whatever the recipe says). Relative
@@ -71,6 +72,7 @@ class SiteConfig:
     max_epsilon: float = 10.0
     max_delta: float = 1e-5
     min_noise: float = 0.0
+    secure_rng: bool = True  # DP-SGD only with a cryptographically secure RNG (torchcsprng); false for experiments
     state_dir: str = "state"
     approved_apps: list[str] = field(default_factory=list)
     superlink: str = "127.0.0.1:9093"
@@ -102,6 +104,8 @@ class SiteConfig:
             raise ConfigError(f"max_delta={self.max_delta!r} is out of range; it must lie in (0, 1), e.g. 1e-5.")
         if not float(self.min_noise) >= 0.0:
             raise ConfigError(f"min_noise={self.min_noise!r} is out of range; it must be >= 0.")
+        if not isinstance(self.secure_rng, bool):
+            raise ConfigError(f"secure_rng={self.secure_rng!r} must be true or false.")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(
                 f"threads={self.threads!r} is out of range; it must be an integer >= 0 (0 = every core; on a machine "
@@ -173,7 +177,7 @@ def write_site_config(site: SiteConfig, path: Path) -> None:
         yaml.safe_dump(data, handle, sort_keys=False)
 
 
-def node_config_for(site: SiteConfig) -> dict[str, str | float]:
+def node_config_for(site: SiteConfig) -> dict[str, str | float | bool]:
     """The Flower node config the hospital daemon gives its SuperNode (the ClientApp reads it)."""
     assert site.source is not None, "node_config_for needs a site config read from a file"
     return {
@@ -182,6 +186,7 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float]:
         keys.NODE_MAX_EPSILON: float(site.max_epsilon),
         keys.NODE_MAX_DELTA: float(site.max_delta),
         keys.NODE_MIN_NOISE: float(site.min_noise),
+        keys.NODE_SECURE_RNG: bool(site.secure_rng),
         keys.NODE_THREADS: float(site.threads),
     }
 

@@ -604,7 +604,7 @@ class DPConfig(PrivacyConfig):
     accountant: str = "rdp"
     max_physical_batch_size: int = 64  # Opacus BatchMemoryManager: the logical batch is train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (ghost clipping: no per-sample gradients in memory)
-    secure_mode: bool = False  # cryptographically secure noise (needs torchcsprng); on in deployment configs
+    secure_mode: bool = False  # cryptographically secure noise (torchcsprng); deployed sites: site secure_rng
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -626,7 +626,8 @@ class DPConfig(PrivacyConfig):
         if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
             raise ConfigError(
                 "privacy.secure_mode=true needs the torchcsprng package for cryptographically secure noise, and it "
-                "is not installed (it has no wheel for this torch/Python). Install it, or set "
+                "is not installed (it has no wheel for this torch: build it from source, docs/operations.md 'A "
+                "secure RNG for DP'). Install it, or set "
                 "privacy.secure_mode=false for experiments (Opacus then warns that the RNG is not secure)."
             )
 

@@ -35,6 +35,7 @@ __all__ = [
     "NODE_MAX_EPSILON",
     "NODE_MIN_NOISE",
     "NODE_PARTITION_ID",
+    "NODE_SECURE_RNG",
     "NODE_SITE_CONFIG",
     "NODE_STATE_DIR",
     "NODE_THREADS",
@@ -117,6 +118,7 @@ NODE_STATE_DIR = "state-dir"  # a hospital's state directory (privacy ledger)
 NODE_MAX_EPSILON = "max-epsilon"  # a hospital's privacy cap: cumulative epsilon over every run on its data
 NODE_MAX_DELTA = "max-delta"  # the largest delta it accepts
 NODE_MIN_NOISE = "min-noise"  # the least noise multiplier it accepts
+NODE_SECURE_RNG = "secure-rng"  # true: DP noise and sampling from a cryptographically secure RNG, or no DP
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data
 NODE_THREADS = "threads"  # deployment: the site's torch threads (0 = every core); overrides federation.threads
 NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)

@@ -138,7 +138,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
         load_pretrained(model, cfg.model.pretrained)
     if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch
         require_dp_compatible(model, cfg.model.name)
-        cfg.privacy.require_runtime()
+        if simulation:  # the simulated hospitals run here; deployed hospitals check their own machines
+            cfg.privacy.require_runtime()
 
     start_round, tracker_state = 0, None
     if context.run_config.get(keys.RUN_RESUME):

@@ -202,6 +202,16 @@ def test_docker_stages_run_the_medfed_daemons(stage, role):
     assert parse_cli(cmd)[0] == role
     user = [rest for k, rest in _stages()["base"] if k == "USER"]
     assert user == ["medfed"]  # the daemons never run as root
+    assert [rest for k, rest in _stages()[stage] if k == "USER"][-1:] in ([], ["medfed"])  # (root only to build)
+
+
+def test_the_hospital_image_builds_torchcsprng_from_a_pinned_commit_and_checks_it():
+    stage = _stages()["hospital"]
+    args = dict(rest.split("=", 1) for k, rest in stage if k == "ARG" and "=" in rest)
+    assert re.fullmatch(r"[0-9a-f]{40}", args["CSPRNG_COMMIT"])
+    (build,) = [rest for k, rest in stage if k == "RUN" and "csprng" in rest]
+    assert "github.com/pytorch/csprng@${CSPRNG_COMMIT}" in build and "--no-build-isolation" in build
+    assert "create_random_device_generator" in build  # a broken build fails the image, not a hospital's first round
 
 
 # --- systemd -----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 
@@ -19,6 +20,7 @@ from client.privacy import (
     epsilon_spent,
     plan_round,
     sampling,
+    secure_rng_problem,
     site_cap,
 )
 from client.training import DPTraining, train_epochs
@@ -335,6 +337,48 @@ def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
     entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
     assert len(entries) == 3  # the refused round spent nothing
     assert epsilon_spent(entries, 1e-5) <= 1.0
+
+
+def test_the_site_reads_its_secure_rng_demand_and_refuses_a_bad_value() -> None:
+    federation = FederationConfig()
+    assert not site_cap(federation, {}, None).secure_rng  # simulation: the recipe's privacy.secure_mode decides
+    for raw, expected in ((True, True), ("false", False), (1.0, True), ("yes", True)):
+        assert site_cap(federation, {keys.NODE_SECURE_RNG: raw}, None).secure_rng is expected
+    with pytest.raises(ConfigError, match="secure-rng='sometimes' is not true or false"):
+        site_cap(federation, {keys.NODE_SECURE_RNG: "sometimes"}, None)
+
+
+HAS_CSPRNG = importlib.util.find_spec("torchcsprng") is not None
+
+
+@pytest.mark.skipif(HAS_CSPRNG, reason="torchcsprng is installed here; the next test covers this machine")
+def test_a_site_demanding_a_secure_rng_without_torchcsprng_refuses_dp_and_spends_nothing(tmp_path) -> None:
+    with pytest.raises(SiteFailure) as refused:
+        app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: True}))
+
+    reason = str(refused.value)
+    assert reason.startswith("ConfigError: this hospital's site config (secure_rng: true) asks for DP noise from a "
+                             "cryptographically secure RNG, but torchcsprng is not installed")
+    assert "does not train with privacy=dp" in reason and "secure_rng: false" in reason
+    assert str(tmp_path) not in reason
+    assert not list((tmp_path / "state").glob("privacy/*.json"))  # refused before the ledger: nothing spent
+    # the same site without the demand trains (the recipe does not ask for secure_mode)
+    out = app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: False}))
+    assert not out.has_error()
+
+
+@pytest.mark.skipif(not HAS_CSPRNG, reason="torchcsprng is not installed (no wheel for this torch; CI lacks it)")
+def test_a_site_demanding_a_secure_rng_trains_with_opacus_secure_mode(tmp_path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: True}))
+
+    assert not out.has_error(), out.error
+    assert 0 < out.content[keys.METRICS][keys.EPSILON] <= 4.0
+    assert not [w for w in caught if "Secure RNG turned off" in str(w.message)]
+    assert secure_rng_problem(torch.device("cpu")) is None
 
 
 # --- client-level DP (privacy=central_dp) ----------------------------------------------------------------------

@@ -37,8 +37,11 @@ def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
     assert node[keys.NODE_SITE_CONFIG] == str(path.resolve())
     assert node[keys.NODE_STATE_DIR] == str(tmp_path.resolve() / "state")  # relative to the file's folder
     assert node[keys.NODE_THREADS] == 1.0  # the site's CPU share reaches its ClientApp
+    assert node[keys.NODE_SECURE_RNG] is True  # a deployed site asks for a secure RNG unless it opts out
     text = node_config_arg(node)
-    assert 'max-epsilon=inf' in text and f'site-config="{path.resolve()}"' in text
+    assert 'max-epsilon=inf' in text and f'site-config="{path.resolve()}"' in text and "secure-rng=true" in text
+    opted_out = node_config_for(load_site_config(_site(tmp_path, secure_rng=False)))
+    assert "secure-rng=false" in node_config_arg(opted_out)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
         ({"approved_apps": ["nope"]}, "not a sha256"),
         ({"val_fraction": 1.0}, "val_fraction="),
         ({"threads": -1}, "threads=-1 is out of range"),
+        ({"secure_rng": "maybe"}, "secure_rng='maybe' must be true or false"),
     ],
 )
 def test_bad_site_config_values_name_the_key(tmp_path: Path, edit: dict[str, object], match: str) -> None:
