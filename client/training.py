@@ -191,6 +191,7 @@ def train_epochs(
         and all(p.requires_grad for p in model.parameters())
     )
 
+    summed_loss = getattr(criterion, "reduction", "mean") == "sum"  # DP-SGD's (hooks): the batch's sum, not mean
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     total_loss, total_seen, steps = 0.0, 0, 0
     for epoch in range(epochs):
@@ -208,7 +209,7 @@ def train_epochs(
                 else:  # (ghost clipping's loss wrapper takes no inputs=)
                     objective.backward()
                 optimizer.step()
-                total_loss += float(loss.detach()) * len(labels)
+                total_loss += float(loss.detach()) * (1 if summed_loss else len(labels))
                 total_seen += len(labels)
                 steps += 1
     sample_rate = None

@@ -199,10 +199,12 @@ def test_a_clipped_dp_step_is_the_mean_of_per_image_autograd_gradients_clipped(n
     start = copy.deepcopy(model)
     clip = 1e-3
     total = [torch.zeros_like(p) for p in start.parameters()]
-    norms = []
+    norms, losses = [], []
     for image, label in zip(torch.from_numpy(data.images), torch.from_numpy(data.labels), strict=True):
         start.zero_grad()
-        torch.nn.functional.cross_entropy(start(image[None]), label[None]).backward()
+        loss = torch.nn.functional.cross_entropy(start(image[None]), label[None])
+        losses.append(float(loss))
+        loss.backward()
         grads = [p.grad.detach().clone() for p in start.parameters()]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         norms.append(float(norm))
@@ -214,8 +216,9 @@ def test_a_clipped_dp_step_is_the_mean_of_per_image_autograd_gradients_clipped(n
     result = train_epochs(model, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=0,
                           privacy=DPTraining(noise_multiplier=0.0, max_grad_norm=clip))
 
-    # Assert: clipping was active for every image, and the update is the clipped mean
+    # Assert: clipping was active for every image, the update is the clipped mean, the loss reported the mean
     assert result.steps == 1 and result.sample_rate == 1.0
+    assert result.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert min(norms) > 10 * clip
     for (key, got), want in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-7, msg=key)
