@@ -5,7 +5,7 @@ runs as short as one image row (14 floats at 14 px), and a second copy then pick
 result even when there is one group. Here the input is padded channels-last first, so the unfolded copy moves
 whole runs of ``kernel width x channels`` floats, and one batched matrix product gives every image's gradient
 with no second copy. Timed alone on this project's 2-core CPU, smallcnn's three deeper convolutions took
-0.6-0.65 x Opacus' time (batch 32, 28 px); the DP step time in docs/benchmarks.md includes it. The values are
+0.58-0.63 x Opacus' time (batch 32, 28 px); the DP step time in docs/benchmarks.md includes it. The values are
 the same (tests compare them with Opacus' sampler and with per-image autograd).
 
 Convolutions this does not cover (grouped, 1D, non-zero padding modes) go to Opacus' sampler unchanged.
