@@ -397,7 +397,8 @@ def hospital_init(
             approved.append(bundle_hash())
         site = SiteConfig(
             site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
-            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise, secure_rng=secure_rng,
+            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
+            secure_rng=secure_rng,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
             runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
             classes=classes.split(",") if classes else [], image_size=image_size,

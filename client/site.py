@@ -56,11 +56,11 @@ class SiteConfig:
     (decoded images; default ``STATE_DIR/cache``), ``val_fraction`` and
     ``split_seed`` (the local validation split), ``max_epsilon`` / ``max_delta`` / ``min_noise`` (the privacy cap,
     cumulative over every run on this data), ``secure_rng`` (true, the default: DP-SGD rounds only with Opacus'
-    secure_mode, whose RNG needs torchcsprng; a round is refused without it), ``state_dir`` (privacy ledger, audit log), ``approved_apps`` (sha256
-    of every app bundle this site runs), ``superlink`` (the coordinator's address), ``ca_certificate`` and
-    ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the SuperNode's Runtime API),
-    ``threads`` (CPU threads for training; 0 = every core; the site decides, whatever the recipe says). Relative
-    paths are relative to the file's folder.
+    secure_mode, whose RNG needs torchcsprng; a round is refused without it), ``state_dir`` (privacy ledger, audit
+    log), ``approved_apps`` (sha256 of every app bundle this site runs), ``superlink`` (the coordinator's
+    address), ``ca_certificate`` and ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the
+    SuperNode's Runtime API), ``threads`` (CPU threads for training; 0 = every core; the site decides, whatever the
+    recipe says). Relative paths are relative to the file's folder.
     """
 
     site_id: str
