@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -365,15 +366,17 @@ def test_a_site_demanding_a_secure_rng_without_torchcsprng_refuses_dp_and_spends
     assert "does not train with privacy=dp" in reason and "secure_rng: false" in reason
     assert str(tmp_path) not in reason
     assert not list((tmp_path / "state").glob("privacy/*.json"))  # refused before the ledger: nothing spent
-    # the same site without the demand trains (the recipe does not ask for secure_mode)
-    out = app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: False}))
+    # the same site without the demand trains (the recipe does not ask for secure_mode), and Opacus' warning that
+    # its RNG is not secure is shown, not silenced
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: False}))
     assert not out.has_error()
+    assert [w for w in caught if "Secure RNG turned off" in str(w.message)]
 
 
 @pytest.mark.skipif(not HAS_CSPRNG, reason="torchcsprng is not installed (no wheel for this torch; CI lacks it)")
 def test_a_site_demanding_a_secure_rng_trains_with_opacus_secure_mode(tmp_path) -> None:
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = app(_train_message(1), _context(tmp_path, {keys.NODE_SECURE_RNG: True}))
