@@ -30,7 +30,7 @@ from common.environment import flower_environment, script
 from common.errors import ConfigError
 from common.processes import stop_tree
 
-__all__ = ["HospitalDaemon", "node_config_arg", "supernode_command"]
+__all__ = ["HospitalDaemon", "child_environment", "node_config_arg", "supernode_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def node_config_arg(values: dict[str, str | float | bool]) -> str:
         else:
             parts.append(f"{key}={'inf' if value == float('inf') else repr(float(value))}")
     return " ".join(parts)
+
+
+def child_environment(site: SiteConfig) -> dict[str, str]:
+    """The environment of the hospital's SuperNode, SuperExec and ClientApps: Flower's home (where the SuperNode
+    installs each run's app bundle and the ClientApps load it from) is the site's own, ``STATE_DIR/flwr-home``, so
+    two hospitals on one machine never install into the same folder at once (measured: a ClientApp then found a
+    half-written bundle and failed to load)."""
+    return {**os.environ, "FLWR_HOME": str(site.state_path / "flwr-home")}
 
 
 def supernode_command(site: SiteConfig, *, insecure: bool = False) -> list[str]:
@@ -85,12 +93,13 @@ class HospitalDaemon:
         flower_environment()
         state = self.site.state_path
         state.mkdir(parents=True, exist_ok=True)
-        supernode = subprocess.Popen(supernode_command(self.site, insecure=self.insecure))
+        env = child_environment(self.site)
+        supernode = subprocess.Popen(supernode_command(self.site, insecure=self.insecure), env=env)
         self.children.append(supernode)
         superexec = subprocess.Popen([
             sys.executable, "-m", "client.daemon", "superexec",
             "--runtime-api-address", f"127.0.0.1:{self.site.runtime_port}", "--parent-pid", str(os.getpid()),
-        ])
+        ], env=env)
         self.children.append(superexec)
         (state / PID_FILE).write_text(str(os.getpid()), encoding="utf-8")
         logger.info("hospital %s: SuperNode pid %d, SuperExec pid %d", self.site.site_id, supernode.pid, superexec.pid)

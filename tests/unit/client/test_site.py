@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.daemon import node_config_arg
+from client.daemon import child_environment, node_config_arg
 from client.site import SiteConfig, load_site_config, node_config_for, resolve_site, write_site_config
 from common import keys
 from common.config import compose_config
@@ -42,6 +42,17 @@ def test_site_config_round_trip_and_node_config(tmp_path: Path) -> None:
     assert 'max-epsilon=inf' in text and f'site-config="{path.resolve()}"' in text and "secure-rng=true" in text
     opted_out = node_config_for(load_site_config(_site(tmp_path, secure_rng=False)))
     assert "secure-rng=false" in node_config_arg(opted_out)
+
+
+def test_two_hospitals_on_one_machine_get_their_own_flower_home(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = load_site_config(_site(tmp_path / "a"))
+    b = load_site_config(_site(tmp_path / "b"))
+
+    homes = {child_environment(site)["FLWR_HOME"] for site in (a, b)}
+
+    assert homes == {str(a.state_path / "flwr-home"), str(b.state_path / "flwr-home")}
 
 
 @pytest.mark.parametrize(
