@@ -90,8 +90,9 @@ def _node_bool(node_config: Mapping[str, object], key: str) -> bool:
         return raw
     if isinstance(raw, (int, float)) and raw in (0, 1):
         return bool(raw)
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return raw.strip().lower() in ("true", "1", "yes")
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if text in ("true", "1", "yes", "false", "0", "no"):
+        return text in ("true", "1", "yes")
     raise ConfigError(f"Node config {key}={raw!r} is not true or false; set it in the site config.")
 
 

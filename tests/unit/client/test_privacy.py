@@ -33,6 +33,8 @@ from common.errors import ConfigError, PrivacyBudgetExceeded
 from common.models import available_models, build_model, require_dp_compatible
 from tests.conftest import instruction
 
+HAS_CSPRNG = importlib.util.find_spec("torchcsprng") is not None  # no wheel for this torch (CI lacks it)
+
 DP = ["privacy=dp", "privacy.target_epsilon=4", "dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3",
       "train.rounds=3"]
 
@@ -261,11 +263,8 @@ def test_every_registered_model_passes_opacus_validation(name: str, dims: int) -
     require_dp_compatible(model, name)
 
 
+@pytest.mark.skipif(HAS_CSPRNG, reason="torchcsprng is installed here")
 def test_secure_mode_without_torchcsprng_is_a_clear_config_error() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("torchcsprng") is not None:
-        pytest.skip("torchcsprng is installed here")
     with pytest.raises(ConfigError, match="secure_mode=true needs the torchcsprng package"):
         DPConfig(secure_mode=True).require_runtime()
 
@@ -350,9 +349,6 @@ def test_the_site_reads_its_secure_rng_demand_and_refuses_a_bad_value() -> None:
         assert site_cap(federation, {keys.NODE_SECURE_RNG: raw}, None).secure_rng is expected
     with pytest.raises(ConfigError, match="secure-rng='sometimes' is not true or false"):
         site_cap(federation, {keys.NODE_SECURE_RNG: "sometimes"}, None)
-
-
-HAS_CSPRNG = importlib.util.find_spec("torchcsprng") is not None
 
 
 @pytest.mark.skipif(HAS_CSPRNG, reason="torchcsprng is installed here; the next test covers this machine")
