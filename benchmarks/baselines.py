@@ -44,7 +44,7 @@ def run_medfed(args: list[str], *, cwd: Path, timeout: float) -> tuple[int, floa
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONPATH=str(REPO))
     started = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env, text=True,
+        [sys.executable, "-m", "medfed.cli.main", *args], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

@@ -34,14 +34,14 @@ sys.path.insert(0, str(REPO))
 
 from baselines import benchmark_parser, require_medmnist, write_doc  # noqa: E402
 
-from client.privacy import SiteCap, plan_round  # noqa: E402
-from client.training import DPTraining, train_epochs  # noqa: E402
-from common.config import DPConfig, MedMNISTConfig, ModelConfig, TrainConfig  # noqa: E402
-from common.data.medmnist import load_medmnist  # noqa: E402
-from common.inference import predict_proba  # noqa: E402
-from common.metrics import roc_auc  # noqa: E402
-from common.models import build_model, save_checkpoint, state_dict_to_numpy  # noqa: E402
-from common.models.pretrained import load_pretrained  # noqa: E402
+from medfed.client.privacy import SiteCap, plan_round  # noqa: E402
+from medfed.client.training import DPTraining, train_epochs  # noqa: E402
+from medfed.common.config import DPConfig, MedMNISTConfig, ModelConfig, TrainConfig  # noqa: E402
+from medfed.common.data.medmnist import load_medmnist  # noqa: E402
+from medfed.common.inference import predict_proba  # noqa: E402
+from medfed.common.metrics import roc_auc  # noqa: E402
+from medfed.common.models import build_model, save_checkpoint, state_dict_to_numpy  # noqa: E402
+from medfed.common.models.pretrained import load_pretrained  # noqa: E402
 
 logger = logging.getLogger("benchmarks.norm_transfer")
 START, END = "<!-- norm-transfer:start -->", "<!-- norm-transfer:end -->"

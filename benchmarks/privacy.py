@@ -88,10 +88,10 @@ def _step_seconds(model_name: str, mode: str | None, repeats: int, *, warm_up: b
     a first call (imports, allocations) is not counted."""
     import numpy as np
 
-    from client.training import DPTraining, configure_threads, train_epochs
-    from common.config import DPConfig, ModelConfig, TrainConfig
-    from common.data import ArrayDataset
-    from common.models import build_model
+    from medfed.client.training import DPTraining, configure_threads, train_epochs
+    from medfed.common.config import DPConfig, ModelConfig, TrainConfig
+    from medfed.common.data import ArrayDataset
+    from medfed.common.models import build_model
 
     configure_threads(0, 1)
     rng = np.random.default_rng(0)
@@ -113,8 +113,8 @@ def _step_seconds(model_name: str, mode: str | None, repeats: int, *, warm_up: b
 def bench_speed(quick: bool) -> dict[str, dict[str, float]]:
     """Per model and grad-sample mode: median step times and the median of per-repeat DP/non-DP ratios. Each
     repeat times a non-DP call and a DP call back to back, so slow drifts of a shared machine cancel out."""
-    from common.config import GRAD_SAMPLE_MODES
-    from common.models import available_models
+    from medfed.common.config import GRAD_SAMPLE_MODES
+    from medfed.common.models import available_models
 
     repeats = 1 if quick else SPEED_REPEATS
     out: dict[str, dict[str, float]] = {}
@@ -136,7 +136,7 @@ def render(
     utility: dict[str, Any], speed: dict[str, dict[str, float]], total_s: float, command: str,
     utility_measured: str | None = None,
 ) -> str:
-    from common.config import DPConfig, GRAD_SAMPLE_MODES
+    from medfed.common.config import DPConfig, GRAD_SAMPLE_MODES
 
     default_mode = DPConfig().grad_sample_mode
     when = time.strftime("%Y-%m-%d")

@@ -44,7 +44,7 @@ def write_site(root: Path, n: int, size: int, data_dir: Path) -> float:
     import torch
     import torch.nn.functional as F
 
-    from common.data.dicom import write_dicom
+    from medfed.common.data.dicom import write_dicom
 
     npz = np.load(data_dir / "pneumoniamnist.npz")
     images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("common.data.site_folder").setLevel(logging.ERROR)
-    from common.data.site_folder import read_labelled
+    logging.getLogger("medfed.common.data.site_folder").setLevel(logging.ERROR)
+    from medfed.common.data.site_folder import read_labelled
 
     work = Path(tempfile.mkdtemp(prefix="medfed-bench-site-"))
     try:

@@ -61,10 +61,10 @@ def federated_run(name: str, data_dir: Path, work: Path, quick: bool) -> dict[st
 
 
 def active_learning(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
-    from client.active_learning import active_learning_curve, cnn_learner
-    from client.site import load_site
-    from common.config import compose_config
-    from common.data import load_test_set
+    from medfed.client.active_learning import active_learning_curve, cnn_learner
+    from medfed.client.site import load_site
+    from medfed.common.config import compose_config
+    from medfed.common.data import load_test_set
 
     initial, per_step, steps, epochs = (20, 10, 1, 2) if quick else AL_SETTINGS[name]
     cfg = compose_config(["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}", *FEDERATION])

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.training import configure_threads, derive_seed, make_optimizer, select_device, train_epochs
-from common.config import Config
-from common.data import ArrayDataset, DatasetInfo, SiteData, load_site, load_test_set
-from common.inference import evaluate
-from common.models import build_model
-from common.models.pretrained import load_pretrained
-from server.runs import RunDirectory
-from server.tracking import RunTracker, SiteRound
+from medfed.client.training import configure_threads, derive_seed, make_optimizer, select_device, train_epochs
+from medfed.common.config import Config
+from medfed.common.data import ArrayDataset, DatasetInfo, SiteData, load_site, load_test_set
+from medfed.common.inference import evaluate
+from medfed.common.models import build_model
+from medfed.common.models.pretrained import load_pretrained
+from medfed.server.runs import RunDirectory
+from medfed.server.tracking import RunTracker, SiteRound
 
 __all__ = ["run_centralized", "run_local"]
 

@@ -1,7 +1,9 @@
 """medfed's Flower app bundle (FAB): built the same way from the installed code at the coordinator and at a site.
 
-The bundle holds the app packages (``client``, ``common``, ``server``, ``strategies``: Python sources and the
-Hydra config tree) and a fixed ``pyproject.toml``. Flower writes FABs with fixed timestamps, so two machines with
+The bundle holds the ``medfed`` package's app parts (``medfed.client``, ``medfed.common``, ``medfed.server``,
+``medfed.strategies``: Python sources and the Hydra config tree, laid out as ``medfed/client/...``) and a fixed
+``pyproject.toml``. The components are ``medfed.server.app:app`` and ``medfed.client.app:app``; a process that has
+already imported ``medfed`` (a hospital's gate does) runs its own installation's code, never the bundle's copy. Flower writes FABs with fixed timestamps, so two machines with
 the same medfed release build byte-identical bundles: a hospital approves the sha256 that
 ``medfed hospital approve`` computes from its own installation, and the coordinator's ``medfed train`` submits
 exactly that bundle.
@@ -19,8 +21,8 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from common import keys
-from common.config import RUN_CONFIG_OVERRIDES
+from medfed.common import keys
+from medfed.common.config import RUN_CONFIG_OVERRIDES
 
 __all__ = ["APP_PACKAGES", "APP_SECTION", "bundle_hash", "staged_app"]
 
@@ -34,8 +36,8 @@ APP_SECTION = """[tool.flwr.app]
 publisher = "medfed"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
+serverapp = "medfed.server.app:app"
+clientapp = "medfed.client.app:app"
 
 [tool.flwr.app.config]"""
 
@@ -71,11 +73,14 @@ def staged_app() -> Iterator[Path]:
     """A temporary app directory holding exactly what goes into the bundle."""
     with tempfile.TemporaryDirectory(prefix="medfed-fab-") as tmp:
         root = Path(tmp)
+        namespace = Path(importlib.import_module("medfed").__file__ or "")
+        (root / "medfed").mkdir()
+        shutil.copyfile(namespace, root / "medfed" / namespace.name)
         for package in APP_PACKAGES:
-            source = Path(importlib.import_module(package).__file__ or "").parent
+            source = Path(importlib.import_module(f"medfed.{package}").__file__ or "").parent
             for path in sorted(source.rglob("*")):
                 if path.is_file() and path.suffix in _SUFFIXES and "__pycache__" not in path.parts:
-                    target = root / package / path.relative_to(source)
+                    target = root / "medfed" / package / path.relative_to(source)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, target)
         (root / "pyproject.toml").write_text(

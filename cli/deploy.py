@@ -35,8 +35,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.display import fail
-from common.errors import ConfigError, MedfedError
+from medfed.cli.display import fail
+from medfed.common.errors import ConfigError, MedfedError
 
 __all__ = ["register_commands"]
 
@@ -55,7 +55,7 @@ SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site con
 
 
 def _coordinator(directory: Path) -> Any:
-    from server.coordinator import Coordinator
+    from medfed.server.coordinator import Coordinator
 
     settings = Path(directory) / "coordinator.json"
     if not settings.is_file():
@@ -69,7 +69,7 @@ def _coordinator(directory: Path) -> Any:
 
 
 def _save_settings(directory: Path, address: str, insecure: bool, tls_dir: Path | None = None) -> None:
-    from common.atomic import atomic_write
+    from medfed.common.atomic import atomic_write
 
     settings = {"address": address, "insecure": insecure}
     if tls_dir is not None:
@@ -87,7 +87,7 @@ def coordinator_init(
     force: Annotated[bool, typer.Option(help="Replace existing keys and certificates.")] = False,
 ) -> None:
     """Create the deployment's certificate authority and the SuperLink's TLS certificate."""
-    from common.pki import create_ca, create_server_certificate, load_ca
+    from medfed.common.pki import create_ca, create_server_certificate, load_ca
 
     try:
         create_ca(directory, force=force)
@@ -105,7 +105,7 @@ def coordinator_renew_cert(
     host: Annotated[list[str], typer.Option("--host", help="Name or IP hospitals use to reach the coordinator.")],
 ) -> None:
     """Issue a new SuperLink certificate from the same CA (hospitals keep their ca.crt); restart to use it."""
-    from common.pki import create_server_certificate, load_ca
+    from medfed.common.pki import create_server_certificate, load_ca
 
     try:
         coordinator = _coordinator(directory)
@@ -120,7 +120,7 @@ def resume_interrupted(directory: Path) -> None:
     """Relaunch every run a coordinator stop or crash cut off, from its last checkpoint. A run that cannot be
     relaunched is reported and left for the next start, and one that made no progress since it was last resumed
     this way is left alone (it fails by itself); the coordinator keeps serving the others."""
-    from server.coordinator import AUTO_RESUMED_AT
+    from medfed.server.coordinator import AUTO_RESUMED_AT
 
     for run in _coordinator(directory).interrupted_runs():
         if run.stalled:
@@ -151,7 +151,7 @@ def coordinator_start(
         help="Resume the runs an earlier stop or crash of the coordinator cut off, from their last checkpoint.")] = True,
 ) -> None:
     """Run the SuperLink in the foreground until Ctrl-C / SIGTERM (TLS and SuperNode authentication on)."""
-    from common.processes import stop_tree
+    from medfed.common.processes import stop_tree
 
     try:
         if not (Path(directory) / "coordinator.json").is_file() and (tls_dir is not None or insecure):
@@ -200,7 +200,7 @@ def hospitals_register(
     name: Annotated[str | None, typer.Option(help="A name for the hospital.")] = None,
 ) -> None:
     """Allow a hospital's SuperNode to connect (no one else's credentials change)."""
-    from common.pki import public_key_fingerprint
+    from medfed.common.pki import public_key_fingerprint
 
     try:
         node_id = _coordinator(directory).register(public_key, name=name)
@@ -244,10 +244,10 @@ def launch_run(
 ) -> tuple[int, Path, Any]:
     """Launch a training run of this installation's app bundle on the coordinator; returns (run id, run dir,
     composed config)."""
-    from cli.bundle import staged_app
-    from common import keys
-    from common.config import compose_config, run_config_from_overrides
-    from server.runs import RunDirectory
+    from medfed.cli.bundle import staged_app
+    from medfed.common import keys
+    from medfed.common.config import compose_config, run_config_from_overrides
+    from medfed.server.runs import RunDirectory
 
     coordinator = _coordinator(directory)
     cfg = compose_config(overrides)  # bad overrides fail here, before anything is submitted
@@ -271,8 +271,8 @@ def train(
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish and show its summary.")] = False,
 ) -> None:
     """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
-    from cli.display import RoundFollower, summary_table
-    from server.runs import RunDirectory
+    from medfed.cli.display import RoundFollower, summary_table
+    from medfed.server.runs import RunDirectory
 
     try:
         if resume and run_dir is not None and not overrides:
@@ -337,8 +337,8 @@ def runs_logs(run_id: int, directory: CoordDir, follow: Annotated[bool, typer.Op
     """The ServerApp's log of a run (Flower's `flwr log`)."""
     import subprocess
 
-    from common.environment import script
-    from server.coordinator import CONNECTION
+    from medfed.common.environment import script
+    from medfed.server.coordinator import CONNECTION
 
     try:
         coordinator = _coordinator(directory)
@@ -382,8 +382,8 @@ def hospital_init(
     force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
-    from client.site import SiteConfig, write_site_config
-    from common.pki import KeyExists, create_node_keys, public_key_fingerprint
+    from medfed.client.site import SiteConfig, write_site_config
+    from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
 
     try:
         config_path = Path(directory) / "site.yaml"
@@ -392,7 +392,7 @@ def hospital_init(
         _, pub = create_node_keys(directory, force=force)
         approved = []
         if approve_installed:
-            from cli.bundle import bundle_hash
+            from medfed.cli.bundle import bundle_hash
 
             approved.append(bundle_hash())
         site = SiteConfig(
@@ -417,8 +417,8 @@ def hospital_approve(
     sha256: Annotated[str | None, typer.Option(help="A bundle hash to approve (default: this installation's).")] = None,
 ) -> None:
     """Approve an app bundle: the site runs only bundles listed in its site config."""
-    from cli.bundle import bundle_hash
-    from client.site import load_site_config, write_site_config
+    from medfed.cli.bundle import bundle_hash
+    from medfed.client.site import load_site_config, write_site_config
 
     try:
         site = load_site_config(config)
@@ -437,8 +437,8 @@ def hospital_start(
     insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
 ) -> None:
     """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
-    from client.daemon import HospitalDaemon
-    from client.site import load_site_config
+    from medfed.client.daemon import HospitalDaemon
+    from medfed.client.site import load_site_config
 
     try:
         site = load_site_config(config)
@@ -460,8 +460,8 @@ def hospital_start(
 @hospital_app.command("audit")
 def hospital_audit(config: SiteOpt) -> None:
     """Every message this site sent (and every bundle it refused)."""
-    from client.gate import read_audit
-    from client.site import load_site_config
+    from medfed.client.gate import read_audit
+    from medfed.client.site import load_site_config
 
     try:
         entries = read_audit(load_site_config(config).state_path)
@@ -493,12 +493,12 @@ def hospital_check(
     when no labelled image is usable."""
     import json
 
-    from common.data.site_folder import check_site
+    from medfed.common.data.site_folder import check_site
 
     try:
         wanted = classes.split(",") if classes else None
         if config is not None:
-            from client.site import load_site_config
+            from medfed.client.site import load_site_config
 
             site = load_site_config(config)
             data = site.path(site.data_path)
@@ -553,8 +553,8 @@ def hospital_explain(
         "--class", help="The class to explain (default: each image's predicted class).")] = None,
 ) -> None:
     """Grad-CAM maps of a trained model's predictions for any image, computed and written on this machine only."""
-    from client.local_tools import load_local_model, predict, read_images
-    from common.explain import gradcam_maps, save_explanations
+    from medfed.client.local_tools import load_local_model, predict, read_images
+    from medfed.common.explain import gradcam_maps, save_explanations
 
     try:
         local = load_local_model(model, run_config=run_config, image_size=image_size)
@@ -582,7 +582,7 @@ def hospital_rank(
 ) -> None:
     """Active learning: rank this site's unlabelled images by the model's uncertainty and write the labelling
     queue (rank, path, score, prediction) as a local CSV."""
-    from client.local_tools import load_local_model, predict, read_images, uncertainty_scores, write_ranking
+    from medfed.client.local_tools import load_local_model, predict, read_images, uncertainty_scores, write_ranking
 
     try:
         local = load_local_model(model, run_config=run_config, image_size=image_size)
@@ -606,9 +606,9 @@ def hospital_export_demo(
                                                        "subfolder per class (2D greyscale tasks).")] = "npz",
 ) -> None:
     """Write one simulated hospital's data as a site array file or DICOM folder (for walk-throughs and tests)."""
-    from common.config import compose_config
-    from common.data import ArrayDataset, load_site
-    from common.data.site_files import write_array_file
+    from medfed.common.config import compose_config
+    from medfed.common.data import ArrayDataset, load_site
+    from medfed.common.data.site_files import write_array_file
 
     try:
         if fmt not in ("npz", "dicom"):
@@ -630,7 +630,7 @@ def _write_dicom_site(out: Path, data: object, class_names: tuple[str, ...]) -> 
     """A class-subfolder DICOM site (8-bit greyscale secondary captures) from channel-first arrays in [0, 1]."""
     import numpy as np
 
-    from common.data.dicom import write_dicom
+    from medfed.common.data.dicom import write_dicom
 
     images, labels = data.images, data.labels  # type: ignore[attr-defined]
     if images.ndim != 4 or images.shape[1] != 1:
@@ -643,7 +643,7 @@ def _write_dicom_site(out: Path, data: object, class_names: tuple[str, ...]) -> 
 def show_bundle_hash() -> None:
     """The sha256 of the app bundle this installation builds and `medfed train` submits: the coordinator announces
     it, and each hospital approves it (`medfed hospital approve --sha256 ...`) after checking its own matches."""
-    from cli.bundle import bundle_hash
+    from medfed.cli.bundle import bundle_hash
 
     console.print(bundle_hash(), highlight=False)
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import EXIT_CODES, MedfedError
+from medfed.common.errors import EXIT_CODES, MedfedError
 
 __all__ = ["RoundFollower", "fail", "fmt", "print_round", "summary_table"]
 

@@ -16,11 +16,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from cli.deploy import register_commands
-from cli.display import RoundFollower, fail, summary_table
-from common.config import Config, compose_config, config_to_yaml
-from common.environment import flower_environment
-from common.errors import ConfigError, MedfedError
+from medfed.cli.deploy import register_commands
+from medfed.cli.display import RoundFollower, fail, summary_table
+from medfed.common.config import Config, compose_config, config_to_yaml
+from medfed.common.environment import flower_environment
+from medfed.common.errors import ConfigError, MedfedError
 
 __all__ = ["app", "main"]
 
@@ -93,13 +93,13 @@ def _default_run_dir(kind: str) -> Path:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    from client.site import default_cache_dir
+    from medfed.client.site import default_cache_dir
 
     return option if option is not None else default_cache_dir()
 
 
 def _state_dir(option: Path | None) -> Path:
-    from client.privacy import default_state_dir
+    from medfed.client.privacy import default_state_dir
 
     return option if option is not None else default_state_dir()
 
@@ -107,19 +107,19 @@ def _state_dir(option: Path | None) -> Path:
 def _check_registries(cfg: Config) -> None:
     """Names resolved through registries (model, strategy) and the pretrained weights file are checked before
     anything starts."""
-    from common.models.registry import require_model
-    from strategies import require_strategy
+    from medfed.common.models.registry import require_model
+    from medfed.strategies import require_strategy
 
     require_model(cfg.model.name)
     require_strategy(cfg.strategy.name)
     if cfg.model.pretrained:  # a missing or unreadable weights file is refused before any process starts
-        from common.models.pretrained import read_state_dict
+        from medfed.common.models.pretrained import read_state_dict
 
         read_state_dict(cfg.model.pretrained)
 
 
 def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
-    from server.runs import RunDirectory
+    from medfed.server.runs import RunDirectory
 
     cfg = compose_config(overrides)
     _check_registries(cfg)
@@ -147,8 +147,8 @@ def simulate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
-    from cli.runtime import run_simulation
-    from server.runs import RunDirectory
+    from medfed.cli.runtime import run_simulation
+    from medfed.server.runs import RunDirectory
 
     _setup_logging(verbose)
     t0 = time.time()
@@ -162,7 +162,7 @@ def simulate(
             checkpoint = target.last_checkpoint_path
             done = 0
             if checkpoint.is_file():
-                from common.models.weights import load_checkpoint
+                from medfed.common.models.weights import load_checkpoint
 
                 done = int(load_checkpoint(checkpoint)[1].get("round", 0))
             run_path = resume
@@ -198,8 +198,8 @@ def simulate(
 
 
 def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):
-    from cli.baselines import run_centralized, run_local
-    from server.runs import RunDirectory
+    from medfed.cli.baselines import run_centralized, run_local
+    from medfed.server.runs import RunDirectory
 
     _setup_logging(verbose)
     t0 = time.time()
@@ -247,7 +247,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's directory.")],
 ) -> None:
     """Write RUN_DIR/report.html (self-contained, plots embedded) and the plots as RUN_DIR/report/*.png."""
-    from cli.report import write_report
+    from medfed.cli.report import write_report
 
     try:
         page = write_report(run_dir)
@@ -278,7 +278,7 @@ def weights_fetch(
 ) -> None:
     """Download pretrained weights (the only medfed command that goes online) and print the local file to pass as
     model.pretrained=PATH; a file already fetched is reused."""
-    from common.models.hub import fetch_weights
+    from medfed.common.models.hub import fetch_weights
 
     try:
         path = fetch_weights(spec, directory, progress=sys.stderr.isatty())

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.metrics import reliability_bins, roc_curve
+from medfed.common.errors import ConfigError
+from medfed.common.metrics import reliability_bins, roc_curve
 
 __all__ = ["Plot", "write_report"]
 

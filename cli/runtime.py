@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cli.bundle import APP_SECTION
-from common import keys
-from common.config import Config, run_config_from_overrides
-from common.environment import flower_environment
+from medfed.cli.bundle import APP_SECTION
+from medfed.common import keys
+from medfed.common.config import Config, run_config_from_overrides
+from medfed.common.environment import flower_environment
 
 __all__ = ["run_simulation"]
 
@@ -84,8 +84,8 @@ def run_simulation(
         from flwr.app import Context, RecordDict
         from flwr.simulation.run_simulation import _run_simulation
 
-        from client.app import app as client_app
-        from server.app import app as server_app
+        from medfed.client.app import app as client_app
+        from medfed.server.app import app as server_app
 
         flwr_logger = logging.getLogger("flwr")  # Flower sets its own level and handler on import
         flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -17,14 +17,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from client.training import train_epochs
-from common.config import ModelConfig, TrainConfig
-from common.data import ArrayDataset
-from common.errors import ConfigError
-from common.inference import predict_proba
-from common.metrics import classification_metrics
-from common.models import build_model
-from common.uncertainty import labelling_scores, rank_for_labelling
+from medfed.client.training import train_epochs
+from medfed.common.config import ModelConfig, TrainConfig
+from medfed.common.data import ArrayDataset
+from medfed.common.errors import ConfigError
+from medfed.common.inference import predict_proba
+from medfed.common.metrics import classification_metrics
+from medfed.common.models import build_model
+from medfed.common.uncertainty import labelling_scores, rank_for_labelling
 
 __all__ = ["Learner", "active_learning_curve", "cnn_learner", "stratified_start"]
 

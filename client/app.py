@@ -35,7 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.privacy import (
+from medfed.client.privacy import (
     LedgerEntry,
     PrivacyLedger,
     RoundPlan,
@@ -48,7 +48,7 @@ from client.privacy import (
     secure_rng_problem,
     site_cap,
 )
-from client.personalization import (
+from medfed.client.personalization import (
     KeptLayersFile,
     finetune,
     keep_local_layers,
@@ -57,10 +57,10 @@ from client.personalization import (
     restore_local_layers,
     shared_state,
 )
-from client.site import resolve_site
-from client.training import DPTraining, configure_threads, derive_seed, select_device, train_epochs
-from common import keys
-from common.config import (
+from medfed.client.site import resolve_site
+from medfed.client.training import DPTraining, configure_threads, derive_seed, select_device, train_epochs
+from medfed.common import keys
+from medfed.common.config import (
     Config,
     DPConfig,
     FederationConfig,
@@ -69,15 +69,15 @@ from common.config import (
     config_to_dict,
     overrides_from_run_config,
 )
-from common.data import SiteData, load_test_set
-from common.errors import ConfigError, IncompatibleUpdateError, MedfedError
-from common.calibration import nll_sums
-from common.explain import gradcam_maps, save_explanations
-from common.inference import evaluate, predict_logits, predict_proba, softmax
-from common.metrics import classification_metrics, reliability_sums
-from common.models.ssl import MeanLoss, build_task_model, ssl_loss
-from common.models.weights import load_state_dict_numpy, set_weights
-from common.uncertainty import mean_proba
+from medfed.common.data import SiteData, load_test_set
+from medfed.common.errors import ConfigError, IncompatibleUpdateError, MedfedError
+from medfed.common.calibration import nll_sums
+from medfed.common.explain import gradcam_maps, save_explanations
+from medfed.common.inference import evaluate, predict_logits, predict_proba, softmax
+from medfed.common.metrics import classification_metrics, reliability_sums
+from medfed.common.models.ssl import MeanLoss, build_task_model, ssl_loss
+from medfed.common.models.weights import load_state_dict_numpy, set_weights
+from medfed.common.uncertainty import mean_proba
 
 __all__ = ["SiteFailure", "app", "explanations_dir", "node_config"]
 

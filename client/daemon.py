@@ -25,10 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from client.site import SiteConfig, node_config_for
-from common.environment import flower_environment, script
-from common.errors import ConfigError
-from common.processes import stop_tree
+from medfed.client.site import SiteConfig, node_config_for
+from medfed.common.environment import flower_environment, script
+from medfed.common.errors import ConfigError
+from medfed.common.processes import stop_tree
 
 __all__ = ["HospitalDaemon", "child_environment", "node_config_arg", "supernode_command"]
 
@@ -97,7 +97,7 @@ class HospitalDaemon:
         supernode = subprocess.Popen(supernode_command(self.site, insecure=self.insecure), env=env)
         self.children.append(supernode)
         superexec = subprocess.Popen([
-            sys.executable, "-m", "client.daemon", "superexec",
+            sys.executable, "-m", "medfed.client.daemon", "superexec",
             "--runtime-api-address", f"127.0.0.1:{self.site.runtime_port}", "--parent-pid", str(os.getpid()),
         ], env=env)
         self.children.append(superexec)

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import keys
-from common.environment import flower_environment
-from common.errors import ConfigError
+from medfed.common import keys
+from medfed.common.environment import flower_environment
+from medfed.common.errors import ConfigError
 
 __all__ = ["AUDIT_FILE", "UnapprovedApp", "audit_entry", "main", "read_audit"]
 
@@ -111,7 +111,7 @@ def audit_entry(
 
 
 def _site_of(context: Any) -> tuple[Any, Path]:
-    from client.site import load_site_config
+    from medfed.client.site import load_site_config
 
     if keys.NODE_SITE_CONFIG not in context.node_config:
         raise ConfigError(

@@ -19,12 +19,12 @@ import numpy as np
 import yaml
 from torch import nn
 
-from common.config import ModelConfig
-from common.data.site_folder import image_entries, read_resized
-from common.errors import ConfigError, MedfedError
-from common.inference import predict_proba
-from common.models import build_model, load_checkpoint, load_state_dict_numpy
-from common.uncertainty import (
+from medfed.common.config import ModelConfig
+from medfed.common.data.site_folder import image_entries, read_resized
+from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.inference import predict_proba
+from medfed.common.models import build_model, load_checkpoint, load_state_dict_numpy
+from medfed.common.uncertainty import (
     dropout_rate,
     labelling_scores,
     mc_dropout_proba,
@@ -101,7 +101,7 @@ def read_images(path: Path, local: LocalModel) -> tuple[np.ndarray, list[str], l
     Raises:
         SiteDataError: no image there, or none readable.
     """
-    from common.errors import SiteDataError
+    from medfed.common.errors import SiteDataError
 
     root, entries = image_entries(path)
     images: list[np.ndarray] = []

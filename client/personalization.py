@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import FederationConfig
-from common.errors import IncompatibleUpdateError
-from common.metrics import selection_key  # one model-selection rule for rounds and epochs
-from common.models.weights import load_checkpoint, save_checkpoint
+from medfed.common.config import FederationConfig
+from medfed.common.errors import IncompatibleUpdateError
+from medfed.common.metrics import selection_key  # one model-selection rule for rounds and epochs
+from medfed.common.models.weights import load_checkpoint, save_checkpoint
 
 __all__ = [
     "FineTuned",

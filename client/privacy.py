@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import keys
-from common.atomic import atomic_write
-from common.config import DPConfig, FederationConfig
-from common.data import SiteData
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from medfed.common import keys
+from medfed.common.atomic import atomic_write
+from medfed.common.config import DPConfig, FederationConfig
+from medfed.common.data import SiteData
+from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 
 if TYPE_CHECKING:
     import torch

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from common import keys
-from common.atomic import atomic_write
-from common.config import Config
-from common.data import DatasetInfo, SiteData, load_site, stratified_split
-from common.data.site_files import load_array_file
-from common.errors import ConfigError, SiteDataError
+from medfed.common import keys
+from medfed.common.atomic import atomic_write
+from medfed.common.config import Config
+from medfed.common.data import DatasetInfo, SiteData, load_site, stratified_split
+from medfed.common.data.site_files import load_array_file
+from medfed.common.errors import ConfigError, SiteDataError
 
 __all__ = [
     "SiteConfig",
@@ -220,7 +220,7 @@ def _deployment_site(site_cfg: SiteConfig) -> SiteData:
 def _folder_site(site_cfg: SiteConfig) -> SiteData:
     """A hospital's image folder: decoded once (cached in its state directory), resized to the task's input,
     split without patient leakage."""
-    from common.data.site_folder import load_folder
+    from medfed.common.data.site_folder import load_folder
 
     folder = load_folder(
         site_cfg.path(site_cfg.data_path),

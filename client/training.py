@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import TrainConfig
-from common.data import ArrayDataset, AugmentedDataset, build_augmentation
+from medfed.common.config import TrainConfig
+from medfed.common.data import ArrayDataset, AugmentedDataset, build_augmentation
 
 __all__ = [
     "DPTraining",
@@ -283,7 +283,7 @@ def _make_private(
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    import client.grad_samplers  # noqa: F401  (registers medfed's faster convolution per-sample gradients)
+    import medfed.client.grad_samplers  # noqa: F401  (registers medfed's faster convolution per-sample gradients)
 
     augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
     generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)

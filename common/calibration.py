@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.inference import softmax
-from common.metrics import EPS
+from medfed.common.inference import softmax
+from medfed.common.metrics import EPS
 
 __all__ = ["TEMPERATURES", "fit_temperature", "nll_sums"]
 

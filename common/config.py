@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 __all__ = [
     "CONF_DIR",

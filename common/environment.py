@@ -32,7 +32,7 @@ def flower_environment() -> None:
 
 def script(name: str) -> str:
     """The path of a console script installed beside this interpreter (medfed's, Flower's), else from PATH."""
-    from common.errors import ConfigError
+    from medfed.common.errors import ConfigError
 
     beside = Path(sys.executable).parent / name
     if beside.is_file():

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.inference import eval_mode
+from medfed.common.errors import ConfigError
+from medfed.common.inference import eval_mode
 
 __all__ = ["default_target_layer", "gradcam_maps", "overlay_rgb", "save_explanations"]
 
@@ -31,7 +31,7 @@ def default_target_layer(model: nn.Module) -> str:
     Raises:
         ConfigError: the model has no ``encoder`` with a weighted stage (name a layer explicitly then).
     """
-    from common.models.registry import last_encoder_stage
+    from medfed.common.models.registry import last_encoder_stage
 
     return last_encoder_stage(model)
 

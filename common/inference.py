@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import classification_metrics
+from medfed.common.metrics import classification_metrics
 
 __all__ = ["eval_mode", "evaluate", "predict_logits", "predict_proba", "softmax"]
 

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import atomic_write
-from common.errors import ConfigError
+from medfed.common.atomic import atomic_write
+from medfed.common.errors import ConfigError
 
 __all__ = [
     "CertificateAuthority",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.inference import eval_mode
+from medfed.common.inference import eval_mode
 
 __all__ = ["davies_bouldin", "embed", "pca_2d", "representation_quality", "silhouette"]
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.inference import predict_logits, softmax
-from common.metrics import EPS, classification_metrics
+from medfed.common.errors import ConfigError
+from medfed.common.inference import predict_logits, softmax
+from medfed.common.metrics import EPS, classification_metrics
 
 __all__ = [
     "REFERRAL_FRACTIONS",

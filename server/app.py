@@ -19,23 +19,23 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common import keys
-from common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
-from common.data import ArrayDataset, DatasetInfo, load_test_set
-from common.environment import software_versions
-from common.errors import ConfigError, DatasetUnavailableError
-from common.inference import evaluate
-from common.models import load_checkpoint, require_dp_compatible
-from common.models.ssl import build_task_model, ssl_loss
-from common.representation import representation_quality
-from common.models.pretrained import load_pretrained
-from server.final import calibrate_federated, uncertainty_on_test_set
-from server.grid import PromptGrid
-from server.runs import RunDirectory
-from server.secure_aggregation import run_secure_aggregation
-from server.tracking import RunTracker, site_rounds
-from strategies import ObservedStrategy, build_strategy, with_central_dp
-from strategies.server_optimizers import restore_strategy_state, strategy_state
+from medfed.common import keys
+from medfed.common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
+from medfed.common.data import ArrayDataset, DatasetInfo, load_test_set
+from medfed.common.environment import software_versions
+from medfed.common.errors import ConfigError, DatasetUnavailableError
+from medfed.common.inference import evaluate
+from medfed.common.models import load_checkpoint, require_dp_compatible
+from medfed.common.models.ssl import build_task_model, ssl_loss
+from medfed.common.representation import representation_quality
+from medfed.common.models.pretrained import load_pretrained
+from medfed.server.final import calibrate_federated, uncertainty_on_test_set
+from medfed.server.grid import PromptGrid
+from medfed.server.runs import RunDirectory
+from medfed.server.secure_aggregation import run_secure_aggregation
+from medfed.server.tracking import RunTracker, site_rounds
+from medfed.strategies import ObservedStrategy, build_strategy, with_central_dp
+from medfed.strategies.server_optimizers import restore_strategy_state, strategy_state
 
 __all__ = ["app"]
 

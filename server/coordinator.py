@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import keys
-from common.atomic import atomic_write
-from common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
-from common.environment import flower_environment, script
-from common.errors import ConfigError
+from medfed.common import keys
+from medfed.common.atomic import atomic_write
+from medfed.common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
+from medfed.common.environment import flower_environment, script
+from medfed.common.errors import ConfigError
 
 __all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun"]
 
@@ -164,7 +164,7 @@ class Coordinator:
 
     def register(self, public_key: Path, *, name: str | None = None) -> int:
         """Register a hospital's SuperNode public key; returns the node id Flower assigned."""
-        from common.pki import public_key_fingerprint
+        from medfed.common.pki import public_key_fingerprint
 
         public_key = Path(public_key).expanduser().resolve()  # Flower's CLI runs in the coordinator directory
         if not public_key.is_file():
@@ -229,7 +229,7 @@ class Coordinator:
         """Runs that neither finished (no summary.json) nor were stopped nor already resumed. When the coordinator
         starts, no ServerApp of an earlier SuperLink still runs, so these were cut off by a coordinator stop or
         crash, or failed by themselves (``stalled``: auto-resumed before at the same number of rounds)."""
-        from server.runs import RunDirectory  # torch comes with it: only when a coordinator starts
+        from medfed.server.runs import RunDirectory  # torch comes with it: only when a coordinator starts
 
         out = []
         for rid, entry in self.runs().items():

@@ -24,15 +24,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import keys
-from common.calibration import TEMPERATURES, fit_temperature
-from common.config import Config
-from common.data import ArrayDataset
-from common.inference import predict_logits, softmax
-from common.metrics import ECE_BINS, classification_metrics, ece_from_sums, reliability_from_sums
-from common.models.weights import load_checkpoint
-from common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
-from server.runs import RunDirectory
+from medfed.common import keys
+from medfed.common.calibration import TEMPERATURES, fit_temperature
+from medfed.common.config import Config
+from medfed.common.data import ArrayDataset
+from medfed.common.inference import predict_logits, softmax
+from medfed.common.metrics import ECE_BINS, classification_metrics, ece_from_sums, reliability_from_sums
+from medfed.common.models.weights import load_checkpoint
+from medfed.common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
+from medfed.server.runs import RunDirectory
 
 __all__ = ["calibrate_federated", "uncertainty_on_test_set"]
 

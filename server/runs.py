@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_write
-from common.errors import ConfigError
-from common.models.weights import load_checkpoint, load_checkpoint_section, save_checkpoint
+from medfed.common.atomic import atomic_write
+from medfed.common.errors import ConfigError
+from medfed.common.models.weights import load_checkpoint, load_checkpoint_section, save_checkpoint
 
 __all__ = ["STRATEGY_SECTION", "RunDirectory", "json_safe"]
 

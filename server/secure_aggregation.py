@@ -25,9 +25,9 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common import keys
-from common.config import Config
-from server.tracking import RunTracker, SiteRound, site_rounds
+from medfed.common import keys
+from medfed.common.config import Config
+from medfed.server.tracking import RunTracker, SiteRound, site_rounds
 
 __all__ = ["run_secure_aggregation", "secagg_parameters"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from common import keys
-from common.metrics import selection_key
-from server.runs import RunDirectory
+from medfed.common import keys
+from medfed.common.metrics import selection_key
+from medfed.server.runs import RunDirectory
 
 __all__ = ["RunTracker", "SiteRound", "selection_key", "site_rounds", "weighted_metrics"]
 

@@ -1,8 +1,8 @@
 """Aggregation strategies: Flower's Message-API strategies by name, plus medfed's wrappers."""
 
-from strategies.metrics import weighted_mean_ignoring_nan
-from strategies.observed import ObservedStrategy, RoundObservations, SiteDrop
-from strategies.registry import available_strategies, build_strategy, require_strategy, with_central_dp
+from medfed.strategies.metrics import weighted_mean_ignoring_nan
+from medfed.strategies.observed import ObservedStrategy, RoundObservations, SiteDrop
+from medfed.strategies.registry import available_strategies, build_strategy, require_strategy, with_central_dp
 
 __all__ = [
     "ObservedStrategy",

@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common import keys
-from strategies.validation import check_updates
+from medfed.common import keys
+from medfed.strategies.validation import check_updates
 
 __all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-from common import keys
-from common.config import (
+from medfed.common import keys
+from medfed.common.config import (
     AdaptiveMomentsConfig,
     CentralDPConfig,
     KrumConfig,
@@ -22,9 +22,9 @@ from common.config import (
     StrategyConfig,
     TrimmedMeanConfig,
 )
-from common.errors import ConfigError
-from strategies import server_optimizers
-from strategies.metrics import weighted_mean_ignoring_nan
+from medfed.common.errors import ConfigError
+from medfed.strategies import server_optimizers
+from medfed.strategies.metrics import weighted_mean_ignoring_nan
 
 __all__ = ["StrategyFactory", "available_strategies", "build_strategy", "require_strategy", "with_central_dp"]
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "restore_strategy_state", "strategy_state"]
 

@@ -92,6 +92,6 @@ DICOM_PATIENT = "Doe^Jane"  # written into test DICOM headers; must never appear
 
 def write_dicom(path: Path, pixels, *, z: float | None = None, series: str | None = None) -> Path:
     """A test DICOM file holding ``pixels``, with a patient's name and id in its header."""
-    from common.data.dicom import write_dicom as write
+    from medfed.common.data.dicom import write_dicom as write
 
     return write(path, pixels, patient_name=DICOM_PATIENT, patient_id="PID-12345", modality="US", z=z, series=series)

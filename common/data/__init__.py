@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
-from common.data.federation import (
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.data.federation import (
     SiteData,
     build_sites,
     cache_key,
@@ -17,10 +17,10 @@ from common.data.federation import (
     load_test_set,
     site_id_for,
 )
-from common.data.medmnist import load_medmnist, medmnist_path
-from common.data.partition import partition_indices, stratified_split
-from common.data.synthetic import load_synthetic, scanner_effect
-from common.data.transforms import AugmentedDataset, build_augmentation, to_tensor_dataset
+from medfed.common.data.medmnist import load_medmnist, medmnist_path
+from medfed.common.data.partition import partition_indices, stratified_split
+from medfed.common.data.synthetic import load_synthetic, scanner_effect
+from medfed.common.data.transforms import AugmentedDataset, build_augmentation, to_tensor_dataset
 
 __all__ = [
     "ArrayDataset",

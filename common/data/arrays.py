@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import SiteDataError
+from medfed.common.errors import SiteDataError
 
 __all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits", "min_max_scale"]
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.arrays import min_max_scale
-from common.errors import SiteDataError
+from medfed.common.data.arrays import min_max_scale
+from medfed.common.errors import SiteDataError
 
 __all__ = ["DicomReadError", "read_dicom", "read_series", "write_dicom"]
 

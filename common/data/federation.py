@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
-from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
-from common.data.medmnist import load_medmnist
-from common.data.partition import labelled_subset, partition_indices, stratified_split
-from common.data.synthetic import load_synthetic, scanner_effect
-from common.atomic import atomic_write
-from common.errors import ConfigError, DatasetUnavailableError, SiteDataError
+from medfed.common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.data.medmnist import load_medmnist
+from medfed.common.data.partition import labelled_subset, partition_indices, stratified_split
+from medfed.common.data.synthetic import load_synthetic, scanner_effect
+from medfed.common.atomic import atomic_write
+from medfed.common.errors import ConfigError, DatasetUnavailableError, SiteDataError
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -261,7 +261,7 @@ def _folder_options(dataset: FolderConfig, cache_dir: Path | None) -> dict[str, 
 
 def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path | None) -> SiteData:
     """Simulated hospital ``index`` reads its own folder, as a deployed hospital does (decoded once, cached)."""
-    from common.data.site_folder import load_folder
+    from medfed.common.data.site_folder import load_folder
 
     labels = dataset.labels[index] if dataset.labels else ""
     data = load_folder(dataset.roots[index], labels or None, list(dataset.classes),
@@ -272,7 +272,7 @@ def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path
 
 def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None) -> ArrayDataset:
     """The test folder's labelled images, or else every hospital's images marked ``split=test``."""
-    from common.data.site_folder import load_folder, read_labelled
+    from medfed.common.data.site_folder import load_folder, read_labelled
 
     options = _folder_options(dataset, cache_dir)
     if dataset.test_root:

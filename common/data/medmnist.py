@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from common.config import MedMNISTConfig
-from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
-from common.errors import ConfigError, DatasetUnavailableError
+from medfed.common.config import MedMNISTConfig
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.errors import ConfigError, DatasetUnavailableError
 
 __all__ = ["load_medmnist", "medmnist_path"]
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 __all__ = ["SCHEMES", "labelled_subset", "partition_indices", "stratified_split"]
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write
-from common.data.arrays import ArrayDataset
-from common.errors import SiteDataError
+from medfed.common.atomic import atomic_write
+from medfed.common.data.arrays import ArrayDataset
+from medfed.common.errors import SiteDataError
 
 __all__ = ["load_array_file", "write_array_file"]
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_write
-from common.data.arrays import ArrayDataset, min_max_scale
-from common.data.dicom import read_dicom, read_series
-from common.data.partition import stratified_split
-from common.errors import SiteDataError
+from medfed.common.atomic import atomic_write
+from medfed.common.data.arrays import ArrayDataset, min_max_scale
+from medfed.common.data.dicom import read_dicom, read_series
+from medfed.common.data.partition import stratified_split
+from medfed.common.errors import SiteDataError
 
 __all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "image_entries", "load_folder", "read_entry",
            "read_labelled", "read_resized", "scan_site"]

@@ -16,8 +16,8 @@ import logging
 
 import numpy as np
 
-from common.config import SyntheticConfig
-from common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.config import SyntheticConfig
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
 
 __all__ = ["TEST_SCANNER_STYLES", "load_synthetic", "scanner_effect"]
 

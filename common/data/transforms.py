@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from common.config import AugmentConfig
-from common.data.arrays import ArrayDataset
-from common.errors import ConfigError
+from medfed.common.config import AugmentConfig
+from medfed.common.data.arrays import ArrayDataset
+from medfed.common.errors import ConfigError
 
 __all__ = ["AugmentedDataset", "build_augmentation", "to_tensor_dataset"]
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from common.models.registry import available_models, build_model, register_model, require_dp_compatible
+from medfed.common.models.registry import available_models, build_model, register_model, require_dp_compatible
 
 # Imported for their side effect: each module registers its factory with @register_model.
-from common.models import resnet as resnet  # noqa: E402  (after the registry, on purpose)
-from common.models import smallcnn as smallcnn  # noqa: E402
-from common.models.resnet import ResNet18
-from common.models.smallcnn import SmallCNN, group_norm
-from common.models.weights import (
+from medfed.common.models import resnet as resnet  # noqa: E402  (after the registry, on purpose)
+from medfed.common.models import smallcnn as smallcnn  # noqa: E402
+from medfed.common.models.resnet import ResNet18
+from medfed.common.models.smallcnn import SmallCNN, group_norm
+from medfed.common.models.weights import (
     get_weights,
     load_checkpoint,
     load_state_dict_numpy,

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 __all__ = ["KNOWN_WEIGHTS", "default_weights_dir", "fetch_weights", "resolve_weights_url"]
 
@@ -66,7 +66,7 @@ def fetch_weights(
     """
     from torch.hub import download_url_to_file
 
-    from common.models.pretrained import read_state_dict
+    from medfed.common.models.pretrained import read_state_dict
 
     url = resolve_weights_url(spec)
     name = Path(unquote(urlparse(url).path)).name

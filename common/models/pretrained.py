@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 __all__ = ["PretrainedReport", "adapt_kernel", "load_pretrained", "read_state_dict", "torchvision_to_medfed"]
 

@@ -17,12 +17,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from common.config import ModelConfig
+    from medfed.common.config import ModelConfig
 
 __all__ = [
     "ModelFactory",

@@ -21,8 +21,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from common.models.registry import register_model
-from common.models.smallcnn import PooledClassifier, check_model_args, conv_layer, norm_layer
+from medfed.common.models.registry import register_model
+from medfed.common.models.smallcnn import PooledClassifier, check_model_args, conv_layer, norm_layer
 
 __all__ = ["BasicBlock", "ResNet18", "resnet18"]
 

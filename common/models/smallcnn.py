@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.config import MODEL_NORMS
-from common.errors import ConfigError
-from common.models.registry import register_model
+from medfed.common.config import MODEL_NORMS
+from medfed.common.errors import ConfigError
+from medfed.common.models.registry import register_model
 
 __all__ = [
     "FederatedBatchNorm2d",

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import Config, ModelConfig, SSLConfig
-from common.errors import ConfigError
-from common.inference import eval_mode
-from common.models.registry import build_model
-from common.models.smallcnn import conv_layer, group_norm
+from medfed.common.config import Config, ModelConfig, SSLConfig
+from medfed.common.errors import ConfigError
+from medfed.common.inference import eval_mode
+from medfed.common.models.registry import build_model
+from medfed.common.models.smallcnn import conv_layer, group_norm
 
 __all__ = [
     "ContrastiveViews", "MIMModel", "MeanLoss", "SimCLRModel", "build_ssl_model", "build_task_model", "nt_xent",

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomic import atomic_write
-from common.errors import IncompatibleUpdateError
+from medfed.common.atomic import atomic_write
+from medfed.common.errors import IncompatibleUpdateError
 
 __all__ = [
     "get_weights",

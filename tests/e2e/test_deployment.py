@@ -58,7 +58,7 @@ class Deployment:
     coordinator: subprocess.Popen[bytes] | None = None
 
     def start_coordinator(self) -> None:
-        from server.coordinator import Coordinator
+        from medfed.server.coordinator import Coordinator
 
         self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord)],
                                       self.root / f"coordinator-{len(self.processes)}.log")
@@ -172,7 +172,7 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
         reasons = [d["reason"] for d in line["dropped"]]
         assert any("not in approved_apps" in r for r in reasons), line["dropped"]
 
-    from client.gate import read_audit
+    from medfed.client.gate import read_audit
 
     # the refusing hospital audited its refusal and sent nothing but error replies
     refused = read_audit(deployment.sites[2] / "state")
@@ -194,7 +194,7 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
 
 
 def test_connections_without_trust_or_tls_are_refused(deployment: Deployment) -> None:
-    from server.coordinator import Coordinator, FlowerCommandError
+    from medfed.server.coordinator import Coordinator, FlowerCommandError
 
     # a client that does not know the CA certificate (system trust store only) cannot connect
     untrusted = Coordinator(deployment.root / "untrusted", address=deployment.address)
@@ -227,7 +227,7 @@ def test_connections_without_trust_or_tls_are_refused(deployment: Deployment) ->
 
 def _clientapp_running(daemon: subprocess.Popen[bytes]) -> bool:
     """Whether the hospital's SuperExec has started a ClientApp process (it has pulled a message)."""
-    from common.processes import descendants
+    from medfed.common.processes import descendants
 
     for pid in descendants(daemon.pid):
         try:
@@ -307,7 +307,7 @@ def test_a_coordinator_restart_resumes_the_run_from_its_checkpoint(tmp_path: Pat
         assert all(daemon.poll() is None for daemon in dep.daemons)
         # privacy accounting went on across the restart from each hospital's own ledger: cumulative, never reset,
         # never past the hospital's cap; what the audit log says each reply spent matches
-        from client.gate import read_audit
+        from medfed.client.gate import read_audit
 
         for site_id, site in zip(("hospital-a", "hospital-b"), dep.sites, strict=True):
             spent = [line["sites"][site_id]["epsilon"] for line in lines]
@@ -335,7 +335,7 @@ def test_federated_ssl_pretraining_in_a_deployment(tmp_path: Path) -> None:
     assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
     assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"].values())
     assert "calibration" not in summary and -1 <= summary["representation"]["silhouette"] <= 1
-    from common.models import load_checkpoint
+    from medfed.common.models import load_checkpoint
 
     arrays, _ = load_checkpoint(run_dir / "best_model.pt")
     assert any(k.startswith("decoder.") for k in arrays) and any(k.startswith("encoder.") for k in arrays)

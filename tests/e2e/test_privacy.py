@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.models.weights import load_checkpoint
+from medfed.common.models.weights import load_checkpoint
 from tests.e2e.test_simulation import FAST, _assert_run_outputs, _medfed
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.models.weights import load_checkpoint
+from medfed.common.models.weights import load_checkpoint
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +39,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _medfed(args: list[str], tmp_path: Path, *, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "medfed.cli.main", *args],
         cwd=tmp_path,
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -133,7 +133,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     recipe = ["--cache-dir", "cache", *FAST, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
     args = ["simulate", "--run-dir", "run", *recipe]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
+        [sys.executable, "-m", "medfed.cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -259,9 +259,9 @@ def test_personalised_federation_with_an_attacker(tmp_path):
     # the hospitals' norm layers never left them: the global model's are still the initial ones
     import torch
 
-    from common.config import compose_config
-    from common.data import load_test_set
-    from common.models import build_model
+    from medfed.common.config import compose_config
+    from medfed.common.data import load_test_set
+    from medfed.common.models import build_model
 
     cfg = compose_config(overrides)
     info, _ = load_test_set(cfg)
@@ -282,8 +282,8 @@ def test_two_dicom_folder_hospitals_train(tmp_path):
         npz = np.load(medmnist_dir() / "breastmnist.npz")
         images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
     else:
-        from common.config import SyntheticConfig
-        from common.data import load_synthetic
+        from medfed.common.config import SyntheticConfig
+        from medfed.common.data import load_synthetic
 
         splits = load_synthetic(SyntheticConfig(n_train=400, n_test=40))
         images = (splits.train.images[:, 0] * 255).round().astype(np.uint8)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import DPTraining, train_epochs
-from common.config import SSLConfig, TrainConfig, compose_config
-from common.data import ArrayDataset
-from common.models.ssl import MeanLoss, build_ssl_model, ssl_loss
+from medfed.client.training import DPTraining, train_epochs
+from medfed.common.config import SSLConfig, TrainConfig, compose_config
+from medfed.common.data import ArrayDataset
+from medfed.common.models.ssl import MeanLoss, build_ssl_model, ssl_loss
 from tests.unit.common.test_ssl import _images
 
 

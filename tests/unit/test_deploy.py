@@ -19,7 +19,7 @@ import pytest
 import typer
 import yaml
 
-from cli.main import app
+from medfed.cli.main import app
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -1,12 +1,16 @@
-"""The top-level folders are the import packages: each resolves inside this project, and the dependency rule
-of the design holds (common <- strategies <- server; common <- client; client and server never import each other;
+"""One import package, ``medfed``, whose parts are the repository's top-level folders: each resolves inside this
+project, the wheel installs nothing but ``medfed``, and the dependency rule of the design holds (common <- strategies <- server; common <- client; client and server never import each other;
 Flower types only in the apps and strategies)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,34 +30,80 @@ FLOWER_ALLOWED = {"client/app.py", "server/app.py", "server/secure_aggregation.p
 
 @pytest.mark.parametrize("name", PACKAGES)
 def test_package_resolves_inside_the_project(name):
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"medfed.{name}")
     assert Path(module.__file__).resolve().parent == ROOT / name
 
 
+def test_generic_top_level_names_are_not_importable():
+    # Prepare: a process whose path does not hold the repository (pytest puts it there for tests/ imports)
+    code = "import importlib.util as u; print([n for n in %r if u.find_spec(n)])" % (PACKAGES,)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Execute
+    found = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True)
+    # Assert
+    assert found.stdout.strip() == "[]"
+
+
 def test_wheel_lists_every_package():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
     on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.glob("*/**/__init__.py")}
-    on_disk = {p for p in on_disk if p.split(".")[0] in PACKAGES}
-    assert on_disk == listed
+    on_disk = {"medfed." + p for p in on_disk if p.split(".")[0] in PACKAGES}
+    assert on_disk | {"medfed"} == listed
+    assert setuptools["package-dir"] == {"medfed": "medfed", **{f"medfed.{name}": name for name in PACKAGES}}
+
+
+def test_wheel_installs_only_medfed(tmp_path):
+    # Prepare: the wheel, built from this tree without network access
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--wheel-dir", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, text=True)
+    (wheel,) = (tmp_path / "dist").glob("medfed-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    before = set(os.listdir(site))
+    # Execute: this environment's pip installs the wheel into the fresh venv
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--quiet", "--no-index", "--no-warn-script-location",
+                    "--prefix", str(tmp_path / "venv"), str(wheel)], check=True, capture_output=True, text=True)
+    # Assert: one new top-level name besides the metadata, the config tree shipped, the entry points moved
+    new = set(os.listdir(site)) - before
+    assert {n for n in new if not n.endswith(".dist-info")} == {"medfed"}
+    assert (Path(site) / "medfed" / "common" / "conf" / "config.yaml").is_file()
+    assert (Path(site) / "medfed" / "client" / "app.py").is_file()
+    assert {"medfed", "medfed-clientapp"} <= set(os.listdir(tmp_path / "venv" / "bin"))
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("entry_points.txt"))
+    assert "medfed = medfed.cli.main:main" in entry_points
+    assert "medfed-clientapp = medfed.client.gate:main" in entry_points
+    # the installed package imports (its dependencies come from this environment) from the fresh venv alone
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))}
+    out = subprocess.run([python, "-c", "import medfed.common.keys as k, medfed.client.app as a; "
+                          "print(k.__file__); print(a.__file__)"], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert all(Path(path).is_relative_to(site) for path in out)
 
 
 def _imports(path: Path) -> set[str]:
+    """Top-level names a file imports, with ``medfed``'s parts named as ``medfed.<part>``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = set()
+    modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            modules.add(node.module)
+    assert not any(m.split(".")[0] in PACKAGES for m in modules), f"{path}: import through medfed.<part>"
+    return {".".join(m.split(".")[:2]) if m.startswith("medfed.") else m.split(".")[0] for m in modules}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_dependency_rule(package):
+    forbidden = {f"medfed.{name}" if name != "flwr" else name for name in FORBIDDEN[package]}
     offenders = []
     for path in (ROOT / package).rglob("*.py"):
         rel = str(path.relative_to(ROOT))
-        bad = _imports(path) & FORBIDDEN[package]
+        bad = _imports(path) & forbidden
         if package == "strategies":
             bad -= {"flwr"}
         if rel in FLOWER_ALLOWED:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from client.active_learning import active_learning_curve, cnn_learner, stratified_start
-from common.errors import ConfigError
-from common.metrics import roc_auc
+from medfed.client.active_learning import active_learning_curve, cnn_learner, stratified_start
+from medfed.common.errors import ConfigError
+from medfed.common.metrics import roc_auc
 
 
 def test_the_start_holds_every_class_evenly():
@@ -64,9 +64,9 @@ def test_uncertainty_ranking_beats_random_labelling_in_seeded_runs(seed):
 
 
 def test_the_cnn_learner_trains_on_real_images(data_dir):
-    from client.site import load_site
-    from common.config import compose_config
-    from common.data import load_test_set
+    from medfed.client.site import load_site
+    from medfed.common.config import compose_config
+    from medfed.common.data import load_test_set
 
     cfg = compose_config(["dataset=medmnist", "dataset.name=pneumoniamnist", f"dataset.root={data_dir}",
                           "federation.hospitals=5", "model.width=8"])

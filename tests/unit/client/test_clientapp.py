@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
-from client.app import SiteFailure, app
-from common import keys
-from common.config import compose_config, run_config_from_overrides
-from common.models import build_model
+from medfed.client.app import SiteFailure, app
+from medfed.common import keys
+from medfed.common.config import compose_config, run_config_from_overrides
+from medfed.common.models import build_model
 from tests.conftest import instruction
 
 OVERRIDES = ["dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3"]
@@ -94,7 +94,7 @@ def test_node_without_data_is_refused_clearly(context):
 
 def test_config_is_composed_once_per_node_and_follows_the_run_config(context, monkeypatch):
     # Prepare
-    import client.app as client_app
+    import medfed.client.app as client_app
 
     calls = []
     real = client_app.compose_config

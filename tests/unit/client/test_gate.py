@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 
-from client.gate import UnapprovedApp, audit_entry
+from medfed.client.gate import UnapprovedApp, audit_entry
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower stamps replies with the running task's identity
@@ -41,7 +41,7 @@ def test_audit_entry_of_an_error_reply() -> None:
 
 
 def test_a_final_stage_request_is_named_in_the_audit() -> None:
-    from client.gate import _final_stage, _server_round
+    from medfed.client.gate import _final_stage, _server_round
     from tests.conftest import instruction
 
     request = instruction(RecordDict({"config": ConfigRecord({"final-stage": "calibrate"})}), "evaluate")

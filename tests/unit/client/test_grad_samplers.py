@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample as opacus_conv_grad_sample
 from torch import nn
 
-from client.grad_samplers import channels_last_applies, conv_grad_sample
+from medfed.client.grad_samplers import channels_last_applies, conv_grad_sample
 
 LAYERS = {
     "3x3 same size": (lambda: nn.Conv2d(3, 8, 3, padding=1), (4, 3, 9, 11)),

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
-from client.local_tools import load_local_model, read_images, uncertainty_scores
-from common.config import compose_config, config_to_yaml
-from common.errors import ConfigError
-from common.models import build_model, save_checkpoint, state_dict_to_numpy
+from medfed.cli.main import app
+from medfed.client.local_tools import load_local_model, read_images, uncertainty_scores
+from medfed.common.config import compose_config, config_to_yaml
+from medfed.common.errors import ConfigError
+from medfed.common.models import build_model, save_checkpoint, state_dict_to_numpy
 from tests.conftest import DICOM_PATIENT, write_dicom
 
 runner = CliRunner()

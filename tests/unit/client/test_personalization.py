@@ -9,8 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from torch import nn
 
-from client.app import app
-from client.personalization import (
+from medfed.client.app import app
+from medfed.client.personalization import (
     finetune,
     keep_local_layers,
     local_layer_names,
@@ -18,10 +18,10 @@ from client.personalization import (
     restore_local_layers,
     shared_state,
 )
-from common import keys
-from common.config import FederationConfig, ModelConfig, compose_config, run_config_from_overrides
-from common.errors import ConfigError
-from common.models import build_model
+from medfed.common import keys
+from medfed.common.config import FederationConfig, ModelConfig, compose_config, run_config_from_overrides
+from medfed.common.errors import ConfigError
+from medfed.common.models import build_model
 from tests.conftest import instruction
 
 BASE = ["dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3", "model.width=8"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
-from client.app import SiteFailure, app
-from client.privacy import (
+from medfed.client.app import SiteFailure, app
+from medfed.client.privacy import (
     LedgerEntry,
     PrivacyLedger,
     SiteCap,
@@ -24,13 +24,13 @@ from client.privacy import (
     secure_rng_problem,
     site_cap,
 )
-from client.training import DPTraining, train_epochs
-from common import keys
-from common.config import DPConfig, FederationConfig, ModelConfig, TrainConfig, compose_config
-from common.config import run_config_from_overrides
-from common.data import ArrayDataset
-from common.errors import ConfigError, PrivacyBudgetExceeded
-from common.models import available_models, build_model, require_dp_compatible
+from medfed.client.training import DPTraining, train_epochs
+from medfed.common import keys
+from medfed.common.config import DPConfig, FederationConfig, ModelConfig, TrainConfig, compose_config
+from medfed.common.config import run_config_from_overrides
+from medfed.common.data import ArrayDataset
+from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
+from medfed.common.models import available_models, build_model, require_dp_compatible
 from tests.conftest import instruction
 
 HAS_CSPRNG = importlib.util.find_spec("torchcsprng") is not None  # no wheel for this torch (CI lacks it)
@@ -132,10 +132,10 @@ def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
 def test_fingerprint_follows_the_data_and_is_forgotten_with_its_site() -> None:
     import gc
 
-    from client import privacy
-    from client.privacy import dataset_fingerprint
-    from common.data import SiteData
-    from common.data.arrays import DatasetInfo
+    from medfed.client import privacy
+    from medfed.client.privacy import dataset_fingerprint
+    from medfed.common.data import SiteData
+    from medfed.common.data.arrays import DatasetInfo
 
     def site(data: ArrayDataset) -> SiteData:
         return SiteData("hospital-0", data, _tiny_data(4), DatasetInfo("t", 2, 1, 2, 28, ("a", "b")))
@@ -404,8 +404,8 @@ def test_central_dp_runs_clip_each_hospital_update_and_other_runs_are_untouched(
 
 
 def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
-    import client.app as client_app
-    from client.training import LocalTrainResult
+    import medfed.client.app as client_app
+    from medfed.client.training import LocalTrainResult
 
     real = client_app.train_epochs
 

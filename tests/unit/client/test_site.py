@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.daemon import child_environment, node_config_arg
-from client.site import SiteConfig, load_site_config, node_config_for, resolve_site, write_site_config
-from common import keys
-from common.config import compose_config
-from common.data.site_files import load_array_file
-from common.errors import ConfigError, SiteDataError
+from medfed.client.daemon import child_environment, node_config_arg
+from medfed.client.site import SiteConfig, load_site_config, node_config_for, resolve_site, write_site_config
+from medfed.common import keys
+from medfed.common.config import compose_config
+from medfed.common.data.site_files import load_array_file
+from medfed.common.errors import ConfigError, SiteDataError
 
 
 def _data(path: Path, n: int = 40, labels: np.ndarray | None = None) -> Path:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import class_weights, make_optimizer, train_epochs
-from common.config import compose_config
-from common.data import ArrayDataset
-from common.models import build_model
+from medfed.client.training import class_weights, make_optimizer, train_epochs
+from medfed.common.config import compose_config
+from medfed.common.data import ArrayDataset
+from medfed.common.models import build_model
 
 
 def _data(n: int = 70) -> ArrayDataset:
@@ -68,7 +68,7 @@ def test_same_seed_same_weights():
 
 def test_dp_batches_are_fetched_whole_and_may_be_empty():
     # DP-SGD's Poisson sampling fetches a batch's indices at once, and may draw an empty batch
-    from client.training import _BatchedTensors
+    from medfed.client.training import _BatchedTensors
 
     images = np.arange(4 * 1 * 2 * 2, dtype=np.float32).reshape(4, 1, 2, 2)
     data = _BatchedTensors(ArrayDataset(images=images, labels=np.array([0, 1, 0, 1])))

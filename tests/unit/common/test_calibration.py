@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.calibration import TEMPERATURES, fit_temperature, nll_sums
-from common.config import ModelConfig
-from common.errors import ConfigError
-from common.explain import default_target_layer, gradcam_maps, save_explanations
-from common.inference import predict_logits, softmax
-from common.metrics import (
+from medfed.common.calibration import TEMPERATURES, fit_temperature, nll_sums
+from medfed.common.config import ModelConfig
+from medfed.common.errors import ConfigError
+from medfed.common.explain import default_target_layer, gradcam_maps, save_explanations
+from medfed.common.inference import predict_logits, softmax
+from medfed.common.metrics import (
     ece_from_sums,
     expected_calibration_error,
     reliability_bins,
@@ -21,8 +21,8 @@ from common.metrics import (
     roc_auc,
     roc_curve,
 )
-from common.models import build_model
-from common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
+from medfed.common.models import build_model
+from medfed.common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
 
 
 def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import (
+from medfed.common.config import (
     Config,
     MedMNISTConfig,
     SyntheticConfig,
@@ -13,7 +13,7 @@ from common.config import (
     overrides_from_run_config,
     run_config_from_overrides,
 )
-from common.errors import ConfigError
+from medfed.common.errors import ConfigError
 
 
 def test_defaults_compose_to_typed_config():
@@ -120,14 +120,14 @@ def test_resolved_yaml_lists_every_group():
     "overrides", [[], ["dataset=medmnist", "dataset.name=breastmnist", "train.augment.enabled=true", "train.lr=0.02"]]
 )
 def test_dict_round_trip_rebuilds_the_same_config(overrides):
-    from common.config import config_from_dict, config_to_dict
+    from medfed.common.config import config_from_dict, config_to_dict
 
     cfg = compose_config(overrides)
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
 def test_dict_round_trip_still_validates():
-    from common.config import config_from_dict, config_to_dict
+    from medfed.common.config import config_from_dict, config_to_dict
 
     data = config_to_dict(compose_config([]))
     data["train"]["lr"] = -1.0

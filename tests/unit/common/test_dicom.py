@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from common.data.dicom import DicomReadError, read_dicom, read_series
+from medfed.common.data.dicom import DicomReadError, read_dicom, read_series
 
 _FOLDERS = [Path(pydicom.__file__).parent / "data" / "test_files"]
 try:  # the pydicom-data package (a test dependency) holds the larger files
@@ -191,7 +191,7 @@ def test_series_problems_are_refused_clearly(tmp_path):
 
 
 def test_written_files_read_back_with_their_rescale(tmp_path):
-    from common.data.dicom import write_dicom
+    from medfed.common.data.dicom import write_dicom
 
     pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 100
     path = write_dicom(tmp_path / "x.dcm", pixels, rescale=(2.0, -1024.0))

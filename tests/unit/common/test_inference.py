@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ModelConfig
-from common.inference import evaluate, predict_proba
-from common.models import build_model
+from medfed.common.config import ModelConfig
+from medfed.common.inference import evaluate, predict_proba
+from medfed.common.models import build_model
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.metrics import classification_metrics, finite_or_none, roc_auc
+from medfed.common.metrics import classification_metrics, finite_or_none, roc_auc
 
 
 def _probs_for(pred: list[int], n_classes: int) -> np.ndarray:
@@ -221,7 +221,7 @@ def test_finite_or_none() -> None:
 def test_expected_calibration_error_by_hand():
     # Prepare: 5 images, 2 classes; top-class confidences 0.9, 0.9, 0.6, 0.6, 0.55 in 15 bins of width 1/15:
     # 0.9 -> bin 13 (0.8667, 0.9333]; 0.6 -> bin 8 (0.5333, 0.6]; 0.55 -> bin 8 too
-    from common.metrics import expected_calibration_error, reliability_bins
+    from medfed.common.metrics import expected_calibration_error, reliability_bins
 
     probs = np.array([[0.1, 0.9], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.45, 0.55]])
     labels = np.array([1, 1, 1, 1, 0])  # correct: yes, no, yes, no, no
@@ -240,7 +240,7 @@ def test_expected_calibration_error_by_hand():
 
 
 def test_a_perfectly_calibrated_certain_model_has_zero_ece():
-    from common.metrics import expected_calibration_error
+    from medfed.common.metrics import expected_calibration_error
 
     probs = np.array([[1.0, 0.0], [0.0, 1.0]] * 5)
     assert expected_calibration_error(np.array([0, 1] * 5), probs) == 0.0

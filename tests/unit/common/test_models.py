@@ -10,11 +10,11 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.config import ModelConfig
-from common.errors import ConfigError
-from common.models import available_models, build_model, group_norm, register_model, require_dp_compatible
-from common.models.resnet import ResNet18
-from common.models.smallcnn import SmallCNN
+from medfed.common.config import ModelConfig
+from medfed.common.errors import ConfigError
+from medfed.common.models import available_models, build_model, group_norm, register_model, require_dp_compatible
+from medfed.common.models.resnet import ResNet18
+from medfed.common.models.smallcnn import SmallCNN
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:

@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import ConfigError
-from common.pki import KeyExists, create_ca, create_node_keys, create_server_certificate, load_ca, public_key_fingerprint
+from medfed.common.errors import ConfigError
+from medfed.common.pki import KeyExists, create_ca, create_node_keys, create_server_certificate, load_ca, public_key_fingerprint
 
 
 def _mode(path: Path) -> int:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from client.training import make_optimizer, set_lr, train_epochs
-from common.config import ModelConfig, TrainConfig
-from common.data import ArrayDataset
-from common.errors import ConfigError
-from common.models import build_model, save_checkpoint, state_dict_to_numpy
-from common.models.pretrained import adapt_kernel, load_pretrained, read_state_dict
+from medfed.client.training import make_optimizer, set_lr, train_epochs
+from medfed.common.config import ModelConfig, TrainConfig
+from medfed.common.data import ArrayDataset
+from medfed.common.errors import ConfigError
+from medfed.common.models import build_model, save_checkpoint, state_dict_to_numpy
+from medfed.common.models.pretrained import adapt_kernel, load_pretrained, read_state_dict
 
 
 class _TVBlock(nn.Module):
@@ -200,7 +200,7 @@ def test_the_encoder_can_learn_slower_than_the_head():
 
 
 def test_dp_training_keeps_frozen_layers_frozen():
-    from client.training import DPTraining
+    from medfed.client.training import DPTraining
 
     model = _model("smallcnn", width=8, finetune="partial")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -228,7 +228,7 @@ def _hub_file(tmp_path, name="weights.pth"):
 
 
 def test_fetch_downloads_checks_the_hash_in_the_name_and_reuses_the_file(tmp_path):
-    from common.models.hub import fetch_weights
+    from medfed.common.models.hub import fetch_weights
 
     plain, digest = _hub_file(tmp_path)
     named = plain.rename(plain.with_name(f"resnet18-{digest[:8]}.pth"))
@@ -243,7 +243,7 @@ def test_fetch_downloads_checks_the_hash_in_the_name_and_reuses_the_file(tmp_pat
 
 
 def test_fetch_refuses_a_file_whose_hash_does_not_match_its_name(tmp_path):
-    from common.models.hub import fetch_weights
+    from medfed.common.models.hub import fetch_weights
 
     plain, digest = _hub_file(tmp_path)
     wrong = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
@@ -255,7 +255,7 @@ def test_fetch_refuses_a_file_whose_hash_does_not_match_its_name(tmp_path):
 
 
 def test_fetch_offline_says_how_to_bring_the_file_in(tmp_path):
-    from common.models.hub import fetch_weights
+    from medfed.common.models.hub import fetch_weights
 
     with pytest.raises(ConfigError, match=r"Offline\?.*model.pretrained=/path/to/resnet18.pth"):
         fetch_weights("http://127.0.0.1:9/models/resnet18.pth", tmp_path / "weights", timeout_s=5)
@@ -269,7 +269,7 @@ def test_fetch_offline_says_how_to_bring_the_file_in(tmp_path):
 
 
 def test_known_names_are_hub_urls_with_their_hash():
-    from common.models.hub import KNOWN_WEIGHTS, resolve_weights_url
+    from medfed.common.models.hub import KNOWN_WEIGHTS, resolve_weights_url
 
     assert resolve_weights_url("torchvision:resnet18") == KNOWN_WEIGHTS["torchvision:resnet18"]
     assert all(url.startswith("https://") and _hash_named(url) for url in KNOWN_WEIGHTS.values())

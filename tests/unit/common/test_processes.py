@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from common.processes import descendants, stop_tree
+from medfed.common.processes import descendants, stop_tree
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

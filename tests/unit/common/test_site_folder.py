@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from common.data.site_folder import check_site, read_entry, scan_site
+from medfed.cli.main import app
+from medfed.common.data.site_folder import check_site, read_entry, scan_site
 from tests.conftest import DICOM_PATIENT as PATIENT  # a header value that must never appear in a report
 from tests.conftest import write_dicom
 
@@ -121,7 +121,7 @@ def test_a_manifest_gives_labels_splits_patients_and_its_problems(site):
 
 def test_a_manifest_without_path_and_label_columns_is_refused(site):
     (site / "bad.csv").write_text("file,class\nbenign/b0.dcm,benign\n")
-    from common.errors import SiteDataError
+    from medfed.common.errors import SiteDataError
 
     with pytest.raises(SiteDataError, match=r"needs a header 'path,label'"):
         scan_site(site, site / "bad.csv")
@@ -134,7 +134,7 @@ def test_hospital_check_prints_writes_json_and_fails_only_when_nothing_is_usable
     assert "readable: benign" in result.output and "unreadable (skipped)" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["usable_labelled"] == 10
 
-    from client.site import SiteConfig, write_site_config
+    from medfed.client.site import SiteConfig, write_site_config
 
     write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=2,
                                  classes=["benign", "malignant"]), tmp_path / "site.yaml")
@@ -167,7 +167,7 @@ def test_real_dicom_files_of_every_kind_pass_the_check(tmp_path):
 
 # --- training data from a folder ---------------------------------------------------------------------------------
 def _load(site: Path, labels=None, **kwargs):
-    from common.data.site_folder import load_folder
+    from medfed.common.data.site_folder import load_folder
 
     options = {"image_size": 16, "spatial_dims": 2, "channels": 1, "val_fraction": 0.3, "seed": 0}
     return load_folder(site, labels, None, **{**options, **kwargs})
@@ -195,7 +195,7 @@ def test_decoded_images_come_from_the_cache_the_second_time(site, tmp_path, monk
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr("common.data.site_folder.read_entry", no_decoding)
+    monkeypatch.setattr("medfed.common.data.site_folder.read_entry", no_decoding)
     second = _load(site, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(first.train.images, second.train.images)
     # a changed file is decoded again
@@ -226,9 +226,9 @@ def test_a_patient_never_straddles_train_val_and_test(site):
 
 def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
     # Prepare: a site config whose data is the image folder (as `medfed hospital start` gives the ClientApp)
-    from client.site import SiteConfig, resolve_site, write_site_config
-    from common import keys
-    from common.config import compose_config
+    from medfed.client.site import SiteConfig, resolve_site, write_site_config
+    from medfed.common import keys
+    from medfed.common.config import compose_config
 
     config = tmp_path / "site.yaml"
     write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=2,
@@ -244,15 +244,15 @@ def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
 
     wrong = tmp_path / "wrong.yaml"
     write_site_config(SiteConfig(site_id="st-marys", data_path=str(site), n_classes=3), wrong)
-    from common.errors import SiteDataError
+    from medfed.common.errors import SiteDataError
 
     with pytest.raises(SiteDataError, match="has 2 labels but n_classes=3"):
         resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(wrong)}, {})
 
 
 def test_export_demo_writes_a_dicom_site_that_the_check_reads_back(tmp_path):
-    from common.config import compose_config
-    from common.data import load_site
+    from medfed.common.config import compose_config
+    from medfed.common.data import load_site
 
     overrides = ["dataset.n_train=100", "dataset.n_test=20"]
     result = CliRunner().invoke(app, ["hospital", "export-demo", "--index", "1", "--out", str(tmp_path / "site"),

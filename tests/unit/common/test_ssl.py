@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import SSLConfig, compose_config
-from common.data import load_site
-from common.models import build_model, save_checkpoint, state_dict_to_numpy
-from common.models.pretrained import load_pretrained
-from common.models.ssl import MIMModel, build_ssl_model, nt_xent
-from common.representation import davies_bouldin, representation_quality, silhouette
+from medfed.common.config import SSLConfig, compose_config
+from medfed.common.data import load_site
+from medfed.common.models import build_model, save_checkpoint, state_dict_to_numpy
+from medfed.common.models.pretrained import load_pretrained
+from medfed.common.models.ssl import MIMModel, build_ssl_model, nt_xent
+from medfed.common.representation import davies_bouldin, representation_quality, silhouette
 from tests.conftest import medmnist_dir
 
 
@@ -98,7 +98,7 @@ def test_silhouette_and_davies_bouldin_match_scikit_learn(tmp_path):
 def test_every_image_draws_its_own_view(shape):
     """Views shared by several images let SimCLR learn the transform instead of the image (measured: a linear
     probe at AUC 0.68 instead of 0.89 on PneumoniaMNIST): identical images must get different views."""
-    from common.models.ssl import ContrastiveViews
+    from medfed.common.models.ssl import ContrastiveViews
 
     torch.manual_seed(0)
     image = torch.rand(1, *shape[1:])
@@ -111,7 +111,7 @@ def test_every_image_draws_its_own_view(shape):
 
 
 def test_views_without_randomness_are_the_image_and_flips_are_exact():
-    from common.models.ssl import ContrastiveViews
+    from medfed.common.models.ssl import ContrastiveViews
 
     x = torch.rand(4, 1, 28, 28)
     plain = dict(crop=1.0, rotate_deg=0.0, intensity=0.0, noise=0.0)

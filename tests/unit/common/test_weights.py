@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ModelConfig
-from common.errors import IncompatibleUpdateError
-from common.models import build_model
-from common.models.weights import (
+from medfed.common.config import ModelConfig
+from medfed.common.errors import IncompatibleUpdateError
+from medfed.common.models import build_model
+from medfed.common.models.weights import (
     get_weights,
     load_checkpoint,
     load_state_dict_numpy,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import run_config_from_overrides
-from common.errors import ConfigError
-from server.coordinator import AUTO_RESUMED_AT, Coordinator, InterruptedRun
+from medfed.common.config import run_config_from_overrides
+from medfed.common.errors import ConfigError
+from medfed.server.coordinator import AUTO_RESUMED_AT, Coordinator, InterruptedRun
 
 
 def _launched(coord: Coordinator, run_id: int, run_dir: Path, overrides: list[str], note=None) -> None:

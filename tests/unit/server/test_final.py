@@ -8,16 +8,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Error, MessageType, RecordDict
 
-from client.app import SiteFailure
-from client.app import app as client_app
-from common import keys
-from common.calibration import TEMPERATURES
-from common.config import ModelConfig, compose_config, run_config_from_overrides
-from common.data import load_test_set
-from common.metrics import ECE_BINS
-from common.models import build_model
-from server.final import calibrate_federated, uncertainty_on_test_set
-from server.runs import RunDirectory
+from medfed.client.app import SiteFailure
+from medfed.client.app import app as client_app
+from medfed.common import keys
+from medfed.common.calibration import TEMPERATURES
+from medfed.common.config import ModelConfig, compose_config, run_config_from_overrides
+from medfed.common.data import load_test_set
+from medfed.common.metrics import ECE_BINS
+from medfed.common.models import build_model
+from medfed.server.final import calibrate_federated, uncertainty_on_test_set
+from medfed.server.runs import RunDirectory
 from tests.conftest import instruction, reply
 
 BASE = ["dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3", "model.width=8"]

@@ -7,7 +7,7 @@ import time
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from server.grid import PromptGrid
+from medfed.server.grid import PromptGrid
 from tests.conftest import instruction, reply
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import compose_config
-from common.errors import ConfigError
-from server.secure_aggregation import secagg_parameters
+from medfed.common.config import compose_config
+from medfed.common.errors import ConfigError
+from medfed.server.secure_aggregation import secagg_parameters
 
 
 def test_secure_aggregation_settings_default_to_every_hospital_and_two_thirds() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.runs import RunDirectory, json_safe
-from server.tracking import RunTracker, SiteRound, selection_key, weighted_metrics
+from medfed.server.runs import RunDirectory, json_safe
+from medfed.server.tracking import RunTracker, SiteRound, selection_key, weighted_metrics
 
 
 def _sites(val_auc_a: float, val_auc_b: float) -> dict[str, SiteRound]:
@@ -117,7 +117,7 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
     import subprocess
     import sys
 
-    from common.errors import ConfigError
+    from medfed.common.errors import ConfigError
 
     run = RunDirectory(tmp_path / "run")
     holder = subprocess.Popen(
@@ -142,7 +142,7 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
 def test_personalised_models_are_selected_on_their_own_validation_and_reported_per_site(tmp_path):
     # Prepare: the hospitals' reply metrics (as the ClientApp sends them); round 1 has the better personalised
     # validation AUC, round 2 the better global one and the better personalised *test* AUC
-    from server.tracking import site_rounds
+    from medfed.server.tracking import site_rounds
 
     def evaluate(global_auc: float, personal_auc: float, personal_test: float, finetuned: bool) -> dict:
         metrics = {"n-val": 10, "val-auc": global_auc, "pval-auc": personal_auc, "ptest-auc": personal_test,
@@ -183,7 +183,7 @@ def test_personalised_models_are_selected_on_their_own_validation_and_reported_p
 def test_tensorboard_events_hold_the_rounds_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from server.tracking import site_rounds
+    from medfed.server.tracking import site_rounds
 
     # Prepare
     run = RunDirectory(tmp_path / "run")
@@ -210,8 +210,8 @@ def test_tensorboard_events_hold_the_rounds_metrics(tmp_path):
 def test_tensorboard_without_its_package_is_refused_before_training(monkeypatch):
     import builtins
 
-    from common.config import TrackingConfig
-    from common.errors import ConfigError
+    from medfed.common.config import TrackingConfig
+    from medfed.common.errors import ConfigError
 
     real_import = builtins.__import__
 

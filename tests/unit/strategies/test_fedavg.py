@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
-from common import keys
-from common.config import StrategyConfig, compose_config
-from common.errors import ConfigError
-from strategies import ObservedStrategy, available_strategies, build_strategy, weighted_mean_ignoring_nan
+from medfed.common import keys
+from medfed.common.config import StrategyConfig, compose_config
+from medfed.common.errors import ConfigError
+from medfed.strategies import ObservedStrategy, available_strategies, build_strategy, weighted_mean_ignoring_nan
 from tests.conftest import instruction, reply
 
 

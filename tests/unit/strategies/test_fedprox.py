@@ -7,14 +7,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
-from client.app import app
-from client.training import proximal_term, train_epochs
-from common import keys
-from common.config import compose_config, run_config_from_overrides
-from common.data import ArrayDataset
-from common.errors import ConfigError
-from common.models import build_model
-from strategies import build_strategy
+from medfed.client.app import app
+from medfed.client.training import proximal_term, train_epochs
+from medfed.common import keys
+from medfed.common.config import compose_config, run_config_from_overrides
+from medfed.common.data import ArrayDataset
+from medfed.common.errors import ConfigError
+from medfed.common.models import build_model
+from medfed.strategies import build_strategy
 from tests.conftest import instruction
 
 OVERRIDES = ["dataset.n_train=240", "dataset.n_test=60", "federation.hospitals=3", "strategy=fedprox"]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common import keys
-from common.config import compose_config
-from common.errors import ConfigError
-from strategies import build_strategy
+from medfed.common import keys
+from medfed.common.config import compose_config
+from medfed.common.errors import ConfigError
+from medfed.strategies import build_strategy
 from tests.conftest import reply
 
 # one scalar weight per hospital; the last one is far off (a broken or hostile hospital)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common import keys
-from common.config import compose_config
-from common.errors import ConfigError
-from server.runs import RunDirectory
-from strategies import ObservedStrategy, build_strategy
-from strategies.server_optimizers import restore_strategy_state, strategy_state
+from medfed.common import keys
+from medfed.common.config import compose_config
+from medfed.common.errors import ConfigError
+from medfed.server.runs import RunDirectory
+from medfed.strategies import ObservedStrategy, build_strategy
+from medfed.strategies.server_optimizers import restore_strategy_state, strategy_state
 from tests.conftest import reply
 
 X0 = 1.0  # the one-weight global model

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common import keys
-from common.config import StrategyConfig
-from strategies import ObservedStrategy, build_strategy
-from strategies.validation import check_updates
+from medfed.common import keys
+from medfed.common.config import StrategyConfig
+from medfed.strategies import ObservedStrategy, build_strategy
+from medfed.strategies.validation import check_updates
 from tests.conftest import instruction, reply
 
 NAMES = ["w", "b"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.arrays import ArrayDataset, DatasetInfo
-from common.errors import SiteDataError
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo
+from medfed.common.errors import SiteDataError
 
 
 def _data(n: int, offset: int = 0) -> ArrayDataset:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import Config, DatasetConfig, FederationConfig, MedMNISTConfig, StrategyConfig, SyntheticConfig
-from common.data import federation
-from common.data.federation import build_sites, load_site, load_splits, load_test_set, site_id_for
-from common.errors import ConfigError
+from medfed.common.config import Config, DatasetConfig, FederationConfig, MedMNISTConfig, StrategyConfig, SyntheticConfig
+from medfed.common.data import federation
+from medfed.common.data.federation import build_sites, load_site, load_splits, load_test_set, site_id_for
+from medfed.common.errors import ConfigError
 
 DATA_DIR = Path(
     os.environ.get("MEDFED_DATA_DIR", Path(__file__).resolve().parents[4].parent / "shared" / "data" / "medmnist")

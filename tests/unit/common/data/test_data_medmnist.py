@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import MedMNISTConfig
-from common.data.medmnist import load_medmnist, medmnist_path
-from common.errors import ConfigError, DatasetUnavailableError
+from medfed.common.config import MedMNISTConfig
+from medfed.common.data.medmnist import load_medmnist, medmnist_path
+from medfed.common.errors import ConfigError, DatasetUnavailableError
 
 DATA_DIR = Path(
     os.environ.get("MEDFED_DATA_DIR", Path(__file__).resolve().parents[4].parent / "shared" / "data" / "medmnist")

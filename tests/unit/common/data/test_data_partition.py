@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.partition import partition_indices, stratified_split
-from common.errors import ConfigError
+from medfed.common.data.partition import partition_indices, stratified_split
+from medfed.common.errors import ConfigError
 
 
 def _labels(n: int = 600, n_classes: int = 3, seed: int = 0) -> np.ndarray:

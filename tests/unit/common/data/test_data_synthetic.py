@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import SyntheticConfig
-from common.data.synthetic import load_synthetic, scanner_effect
+from medfed.common.config import SyntheticConfig
+from medfed.common.data.synthetic import load_synthetic, scanner_effect
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import AugmentConfig
-from common.data.arrays import ArrayDataset
-from common.data.transforms import AugmentedDataset, build_augmentation, to_tensor_dataset
+from medfed.common.config import AugmentConfig
+from medfed.common.data.arrays import ArrayDataset
+from medfed.common.data.transforms import AugmentedDataset, build_augmentation, to_tensor_dataset
 
 
 def _data(shape: tuple[int, ...], n: int = 4) -> ArrayDataset:
