@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -54,9 +55,15 @@ def test_wheel_lists_every_package():
 
 
 def test_wheel_installs_only_medfed(tmp_path):
-    # Prepare: the wheel, built from this tree without network access
+    # Prepare: the wheel, built without network access from a copy of the source (setuptools writes build/ there)
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("medfed", *PACKAGES):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, text=True)
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True)
     (wheel,) = (tmp_path / "dist").glob("medfed-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     python = tmp_path / "venv" / "bin" / "python"
