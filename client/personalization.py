@@ -1,4 +1,4 @@
-"""Personalisation at a hospital: layers it keeps to itself, local fine-tuning, and (simulation) poisoned updates.
+"""Personalisation at a hospital: layers it keeps to itself, local fine-tuning, and the ensemble of its models.
 
 - **Local layers** (``personalize.local_layers``): FedBN-style normalisation layers (``norm``), a FedPer-style
   classifier head (``head``) or both stay at the hospital. Their trained values live in Flower's ``context.state``
@@ -8,8 +8,10 @@
 - **Fine-tuning** (``personalize.finetune_epochs``): after the last round a hospital trains its personalised model
   for a few more epochs on its training split and keeps the epoch (0 included: no fine-tuning) with the best
   validation AUC; only the metrics leave.
-- **Poisoned updates** (``federation.attack``): for robustness experiments, the first ``federation.attackers``
-  *simulated* hospitals send a scaled or random update. Deployed hospitals never do (they have no partition id).
+- **Ensembles**: the evaluation of a personalising hospital scores the global, personalised and fine-tuned models
+  and their mean (:func:`personalised_metrics`).
+
+Simulated poisoned updates live in :mod:`medfed.client.attacks`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfed.common.config import FederationConfig
+from medfed.client.node import NodeEnv, NodeState
+from medfed.client.training import derive_seed, select_device, train_epochs
+from medfed.common.config import Config
+from medfed.common.data import SiteData, load_test_set
+from medfed.common.inference import evaluate, predict_proba
+from medfed.common.metrics import classification_metrics
+from medfed.common.uncertainty import mean_proba
+from medfed.common import keys
 from medfed.common.errors import IncompatibleUpdateError
 from medfed.common.metrics import selection_key  # one model-selection rule for rounds and epochs
 from medfed.common.models.weights import load_checkpoint, save_checkpoint
@@ -36,8 +45,10 @@ __all__ = [
     "finetune",
     "keep_local_layers",
     "local_layer_names",
-    "poison",
+    "kept_layers",
+    "personalised_metrics",
     "restore_local_layers",
+    "save_kept_layers",
     "shared_state",
 ]
 
@@ -129,30 +140,6 @@ def shared_state(model: nn.Module, received: Mapping[str, np.ndarray], names: li
     return state
 
 
-def poison(
-    state: dict[str, torch.Tensor],
-    received: Mapping[str, np.ndarray],
-    federation: FederationConfig,
-    partition_id: int | None,
-    seed: int,
-) -> dict[str, torch.Tensor]:
-    """The update a simulated attacker sends instead of ``state`` (unchanged for honest or deployed hospitals)."""
-    if federation.attack == "none" or partition_id is None or partition_id >= federation.attackers:
-        return state
-    generator = torch.Generator().manual_seed(seed)
-    poisoned = {}
-    for name, value in state.items():
-        start = torch.as_tensor(np.asarray(received[name]), dtype=value.dtype)
-        if not value.is_floating_point():
-            poisoned[name] = value
-        elif federation.attack == "scale":
-            poisoned[name] = start + federation.attack_scale * (value - start)
-        else:  # noise
-            poisoned[name] = start + federation.attack_scale * torch.randn(value.shape, generator=generator)
-    logger.warning("simulated attacker (partition %d): sending a %s update", partition_id, federation.attack)
-    return poisoned
-
-
 @dataclass(frozen=True)
 class FineTuned:
     """The best fine-tuning epoch (0: the model as it came) and its validation metrics."""
@@ -179,3 +166,72 @@ def finetune(
         if selection_key(val) > selection_key(best.val):
             best = FineTuned(epoch=epoch, val=val, model=copy.deepcopy(tuned))
     return best
+
+
+def kept_layers(env: NodeEnv, state: NodeState, site_id: str, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The layers this hospital keeps to itself: from the node's state, or, in the first round after a coordinator
+    restart or ``--resume`` (a new Flower run), from its state directory; None in round 1."""
+    kept = state.kept_layers()
+    if kept is not None:
+        return kept
+    return KeptLayersFile.of(env.state_dir, env.run_key(), site_id).load_before(server_round)
+
+
+def save_kept_layers(env: NodeEnv, state: NodeState, site_id: str, kept: dict[str, torch.Tensor],
+                     server_round: int) -> None:
+    """Keep this round's personal layers in the node's state and on the hospital's disk."""
+    state.set_kept_layers(kept)
+    KeptLayersFile.of(env.state_dir, env.run_key(), site_id).save(kept, server_round)
+
+
+def personalised_metrics(
+    cfg: Config, site: SiteData, model: nn.Module, env: NodeEnv, state: NodeState, server_round: int
+) -> dict[str, float | int]:
+    """The personalised model's metrics (global + kept layers), after the last round the fine-tuned one's, and
+    the ensemble's (the mean of the global model's and these models' probabilities); on the validation split, and in
+    simulation also on the global test set (a deployed hospital has none)."""
+    device = select_device()
+    test = load_test_set(cfg, cache_dir=env.cache_dir)[1] if env.simulated else None
+    members: list[tuple[np.ndarray, np.ndarray | None]] = []  # (validation, test) probabilities of each model
+
+    def probabilities(candidate: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+        val = predict_proba(candidate, site.val.images, batch_size=cfg.train.eval_batch_size, device=device)
+        tested = None if test is None else predict_proba(candidate, test.images,
+                                                         batch_size=cfg.train.eval_batch_size, device=device)
+        members.append((val, tested))
+        return val, tested
+
+    def scores(prefix: str, test_prefix: str, probs: tuple[np.ndarray, np.ndarray | None]) -> dict[str, float | int]:
+        out = {f"{prefix}{k}": float(v) for k, v in classification_metrics(site.val.labels, probs[0]).items()}
+        if test is not None and probs[1] is not None:
+            out.update({f"{test_prefix}{k}": float(v)
+                        for k, v in classification_metrics(test.labels, probs[1]).items()})
+        return out
+
+    def validate(candidate: nn.Module) -> dict[str, float]:
+        return evaluate(candidate, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size,
+                        device=device)
+
+    metrics: dict[str, float | int] = {}
+    probabilities(model)  # the global model: the ensemble's first member
+    local = local_layer_names(model, cfg.personalize.local_layers)
+    if local:
+        restore_local_layers(model, kept_layers(env, state, site.site_id, server_round + 1), local)
+        metrics.update(scores(keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX, probabilities(model)))
+    if cfg.personalize.finetune_epochs > 0 and server_round >= cfg.train.rounds:
+
+        def train_one_epoch(candidate: nn.Module, epoch: int) -> None:
+            train_epochs(candidate, site.train, cfg.train, epochs=1, n_classes=site.info.n_classes,
+                         spatial_dims=site.info.spatial_dims,
+                         seed=derive_seed(cfg.train.seed, "finetune", epoch, site.site_id), lr=cfg.train.lr,
+                         device=device)
+            candidate.cpu()
+
+        tuned = finetune(model, cfg.personalize.finetune_epochs, train_one_epoch, validate)
+        metrics.update(scores(keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX, probabilities(tuned.model)))
+        metrics[keys.FINETUNED_EPOCH] = tuned.epoch
+    if len(members) >= 2:
+        ensemble = (mean_proba([v for v, _ in members]),
+                    None if test is None else mean_proba([t for _, t in members if t is not None]))
+        metrics.update(scores(keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX, ensemble))
+    return metrics

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from medfed.client.node import NodeEnv
 from medfed.common import keys
 from medfed.common.atomic import atomic_write
 from medfed.common.config import Config
@@ -249,16 +249,9 @@ def _folder_site(site_cfg: SiteConfig) -> SiteData:
     return SiteData(site_cfg.site_id, train=folder.train, val=folder.val, info=info)
 
 
-def resolve_site(cfg: Config, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteData:
-    """Load this node's site data: a simulated partition, or the hospital's own data from its site config."""
-    if keys.NODE_SITE_CONFIG in node_config:
-        return _deployment_site(load_site_config(Path(str(node_config[keys.NODE_SITE_CONFIG]))))
-    if keys.NODE_PARTITION_ID not in node_config:
-        raise SiteDataError(
-            "This SuperNode has no data configured: its node config has neither 'site-config' (a hospital "
-            "daemon started with `medfed hospital start`) nor 'partition-id' (simulation)."
-        )
-    index = int(node_config[keys.NODE_PARTITION_ID])  # type: ignore[arg-type]
-    cache = run_config.get(keys.RUN_CACHE_DIR)
-    cache_dir = Path(str(cache)).expanduser() if cache else default_cache_dir()
-    return load_site(cfg, index, cache_dir=cache_dir)
+def resolve_site(cfg: Config, env: NodeEnv) -> SiteData:
+    """Load this node's site data: the hospital's own data from its site config, or a simulated partition."""
+    if env.site_config is not None:
+        return _deployment_site(load_site_config(env.site_config))
+    assert env.partition_id is not None  # NodeEnv.resolve: a node without a site config is a simulated partition
+    return load_site(cfg, env.partition_id, cache_dir=env.cache_dir or default_cache_dir())

@@ -132,3 +132,28 @@ def test_flower_types_stay_in_apps_and_strategies():
 
 def test_training_core_never_imports_flower():
     assert "flwr" not in _imports(ROOT / "client" / "training.py")
+
+
+# the hospital's process wrappers around Flower's own processes, and the adapter itself
+CLIENT_ADAPTERS = {"app.py", "gate.py", "daemon.py"}
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "client").glob("*.py") if p.name not in CLIENT_ADAPTERS))
+def test_no_hospital_helper_takes_a_message_or_a_context(path):
+    tree = ast.parse((ROOT / "client" / path).read_text(encoding="utf-8"))
+    offenders = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations = [a.annotation for a in (*node.args.args, *node.args.kwonlyargs) if a.annotation is not None]
+            names = {n.id for a in annotations for n in ast.walk(a) if isinstance(n, ast.Name)}
+            names |= {n.attr for a in annotations for n in ast.walk(a) if isinstance(n, ast.Attribute)}
+            if names & {"Message", "Context"}:
+                offenders.append(node.name)
+    assert offenders == []
+
+
+def test_simulation_or_deployment_is_decided_in_one_place():
+    # the node's environment (NodeEnv) is the one reader of the keys that tell a simulated node from a deployed one
+    readers = {str(p.relative_to(ROOT)) for p in (ROOT / "client").glob("*.py")
+               if "NODE_PARTITION_ID" in p.read_text(encoding="utf-8")}
+    assert readers == {"client/node.py"}

@@ -10,11 +10,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from torch import nn
 
 from medfed.client.app import app
+from medfed.client.attacks import poison
 from medfed.client.personalization import (
     finetune,
     keep_local_layers,
     local_layer_names,
-    poison,
     restore_local_layers,
     shared_state,
 )

@@ -404,16 +404,16 @@ def test_central_dp_runs_clip_each_hospital_update_and_other_runs_are_untouched(
 
 
 def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
-    import medfed.client.app as client_app
+    import medfed.client.local_round as local_round
     from medfed.client.training import LocalTrainResult
 
-    real = client_app.train_epochs
+    real = local_round.train_epochs
 
     def one_step_too_many(*args, **kwargs):
         result = real(*args, **kwargs)
         return LocalTrainResult(result.loss, result.num_examples, result.steps + 1, result.seconds, result.sample_rate)
 
-    monkeypatch.setattr(client_app, "train_epochs", one_step_too_many)
+    monkeypatch.setattr(local_round, "train_epochs", one_step_too_many)
 
     out = app(_train_message(1), _context(tmp_path))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medfed.client.daemon import child_environment, node_config_arg
+from medfed.client.node import NodeEnv
 from medfed.client.site import SiteConfig, load_site_config, node_config_for, resolve_site, write_site_config
 from medfed.common import keys
 from medfed.common.config import compose_config
@@ -83,7 +84,7 @@ def test_unknown_and_missing_keys_in_the_file(tmp_path: Path) -> None:
 
 def test_deployment_site_data_comes_from_the_site_config(tmp_path: Path) -> None:
     path = _site(tmp_path)
-    site = resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(path)}, {})
+    site = resolve_site(compose_config([]), NodeEnv.resolve({keys.NODE_SITE_CONFIG: str(path)}, {}))
     assert site.site_id == "hospital-a"
     assert len(site.train) + len(site.val) == 40 and len(site.val) == 8  # stratified 20 %
     assert site.train.images.dtype == np.float32 and site.train.images.max() <= 1.0

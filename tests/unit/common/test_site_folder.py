@@ -226,6 +226,7 @@ def test_a_patient_never_straddles_train_val_and_test(site):
 
 def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
     # Prepare: a site config whose data is the image folder (as `medfed hospital start` gives the ClientApp)
+    from medfed.client.node import NodeEnv
     from medfed.client.site import SiteConfig, resolve_site, write_site_config
     from medfed.common import keys
     from medfed.common.config import compose_config
@@ -235,7 +236,7 @@ def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
                                  classes=["benign", "malignant"], image_size=28), config)
 
     # Execute
-    data = resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(config)}, {})
+    data = resolve_site(compose_config([]), NodeEnv.resolve({keys.NODE_SITE_CONFIG: str(config)}, {}))
 
     # Assert: resized to the task's input, cached in the site's state directory
     assert len(data.train) + len(data.val) == 10
@@ -247,7 +248,7 @@ def test_a_deployed_hospital_trains_from_its_folder(site, tmp_path):
     from medfed.common.errors import SiteDataError
 
     with pytest.raises(SiteDataError, match="has 2 labels but n_classes=3"):
-        resolve_site(compose_config([]), {keys.NODE_SITE_CONFIG: str(wrong)}, {})
+        resolve_site(compose_config([]), NodeEnv.resolve({keys.NODE_SITE_CONFIG: str(wrong)}, {}))
 
 
 def test_export_demo_writes_a_dicom_site_that_the_check_reads_back(tmp_path):

@@ -1,0 +1,99 @@
+"""One training round at a hospital: the received global model trained on the site's own training split.
+
+Under ``privacy=dp`` the round is planned and recorded first (:mod:`medfed.client.dp_round`); with
+personalisation the hospital's own layers are laid over the global model and kept back from the reply
+(:mod:`medfed.client.personalization`); a simulated attacker's reply is poisoned (:mod:`medfed.client.attacks`).
+The result is plain Python: the weights to send and the scalar metrics; the adapter turns them into a Message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from medfed.client.attacks import poison
+from medfed.client.dp_round import start_private_round
+from medfed.client.node import NodeEnv, NodeState
+from medfed.client.personalization import (
+    keep_local_layers,
+    kept_layers,
+    local_layer_names,
+    restore_local_layers,
+    save_kept_layers,
+    shared_state,
+)
+from medfed.client.training import derive_seed, select_device, train_epochs
+from medfed.common import keys
+from medfed.common.config import Config, DPConfig
+from medfed.common.data import SiteData
+from medfed.common.models.ssl import MeanLoss
+
+__all__ = ["RoundResult", "train_round"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a training round sends: the weights (state-dict order) and the scalar metrics."""
+
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+
+
+def train_round(
+    cfg: Config,
+    site: SiteData,
+    model: torch.nn.Module,
+    env: NodeEnv,
+    state: NodeState,
+    *,
+    run_id: int,
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> RoundResult:
+    """Train the received global model on this hospital's training split for ``train.local_epochs``.
+
+    With ``privacy=dp`` the site first plans the round under its own cap (refusing with a PHI-free reason when
+    the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD.
+    """
+    dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
+    private = (start_private_round(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
+               if dp is not None else None)
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    local = local_layer_names(model, cfg.personalize.local_layers)
+    if local:  # personalisation: this hospital's own layers over the new global model
+        restore_local_layers(model, kept_layers(env, state, site.site_id, server_round), local)
+    result = train_epochs(
+        model,
+        site.train,
+        cfg.train,
+        epochs=cfg.train.local_epochs,
+        n_classes=site.info.n_classes,
+        spatial_dims=site.info.spatial_dims,
+        seed=derive_seed(cfg.train.seed, server_round, site.site_id),
+        lr=cfg.train.round_lr(server_round),
+        device=select_device(),
+        privacy=private.training() if private is not None else None,
+        proximal_mu=proximal_mu,
+        criterion=MeanLoss() if cfg.task == "ssl" else None,
+    )
+    model.cpu()
+    if local:
+        save_kept_layers(env, state, site.site_id, keep_local_layers(model, local), server_round)
+    weights = poison(  # a simulated attacker's update (robustness experiments); the trained weights otherwise
+        shared_state(model, received, local), received, cfg.federation, env.partition_id,
+        derive_seed(cfg.train.seed, "attack", server_round),
+    )
+    metrics: dict[str, float | int] = {
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_TIME_S: result.seconds,
+        keys.N_TRAIN: len(site.train),
+    }
+    if private is not None:
+        metrics.update({keys.EPSILON: private.epsilon_after(result.steps), keys.DELTA: private.plan.delta,
+                        keys.NOISE_MULTIPLIER: private.plan.noise_multiplier})
+    return RoundResult(weights, metrics)

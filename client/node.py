@@ -1,0 +1,119 @@
+"""Where a ClientApp runs: its node's environment, resolved once per message from the node and run configs.
+
+A simulated hospital (a partition of a dataset on the researcher's machine) and a deployed hospital (its own
+site config) differ in where their data, state and outputs live and in who sets their privacy cap. That decision
+is taken here, once, from the node config; every job below the adapter reads a :class:`NodeEnv` and never looks
+at Flower's ``Context`` or ``Message``. What a node keeps between messages of one run (its ledger mirror, its
+personal layers) is reached through the :class:`NodeState` protocol, which the adapter implements over Flower's
+``context.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from medfed.client.privacy import SiteCap, default_state_dir, site_cap
+from medfed.common import keys
+from medfed.common.config import FederationConfig
+from medfed.common.errors import SiteDataError
+
+__all__ = ["NodeEnv", "NodeState"]
+
+logger = logging.getLogger(__name__)
+
+
+class NodeState(Protocol):
+    """What a node keeps between the messages of one run (Flower's ``context.state`` at a real node)."""
+
+    def ledger_entries(self) -> str | None:
+        """The serialised privacy-ledger entries mirrored from the last round, if any."""
+
+    def set_ledger_entries(self, raw: str) -> None:
+        """Mirror the whole serialised ledger."""
+
+    def kept_layers(self) -> dict[str, torch.Tensor] | None:
+        """The layers this hospital kept to itself after its last training round, if any."""
+
+    def set_kept_layers(self, kept: Mapping[str, torch.Tensor]) -> None:
+        """Keep these personal layers for the next round."""
+
+
+def _path(value: object) -> Path:
+    return Path(str(value)).expanduser()
+
+
+@dataclass(frozen=True)
+class NodeEnv:
+    """The environment of one ClientApp: simulated partition or deployed site, and where its files go.
+
+    ``partition_id`` is the simulated hospital's index (None for a deployed hospital); ``site_config`` the path
+    of a deployed hospital's site config; ``state_dir`` holds its privacy ledger, kept layers and explanations;
+    ``run_dir`` and ``cache_dir`` (None: the default cache) come from the researcher's run config in simulation; ``threads`` is the CPU
+    threads a deployed hospital allows itself (None: the recipe's ``federation.threads`` decides).
+    """
+
+    partition_id: int | None
+    site_config: Path | None
+    state_dir: Path
+    run_dir: Path | None
+    cache_dir: Path | None
+    threads: int | None
+    node_config: Mapping[str, object] = field(repr=False)
+
+    @classmethod
+    def resolve(cls, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> NodeEnv:
+        """Read a node's environment from its node config (the hospital's word) and the run config."""
+        site_config = node_config.get(keys.NODE_SITE_CONFIG)
+        partition = node_config.get(keys.NODE_PARTITION_ID)
+        if site_config is None and partition is None:
+            raise SiteDataError(
+                "This SuperNode has no data configured: its node config has neither 'site-config' (a hospital "
+                "daemon started with `medfed hospital start`) nor 'partition-id' (simulation)."
+            )
+        simulated = site_config is None
+        if keys.NODE_STATE_DIR in node_config:  # the hospital's node config decides
+            state_dir = _path(node_config[keys.NODE_STATE_DIR])
+        elif simulated and keys.RUN_STATE_DIR in run_config:  # in simulation the researcher's run config may
+            state_dir = _path(run_config[keys.RUN_STATE_DIR])
+        else:
+            state_dir = default_state_dir()
+        cache = run_config.get(keys.RUN_CACHE_DIR) if simulated else None
+        run_dir = run_config.get(keys.RUN_DIR)
+        threads = node_config.get(keys.NODE_THREADS)
+        return cls(
+            partition_id=int(str(partition)) if simulated else None,
+            site_config=None if site_config is None else _path(site_config),
+            state_dir=state_dir,
+            run_dir=_path(run_dir) if run_dir else None,
+            cache_dir=_path(cache) if cache else None,
+            threads=None if threads is None else int(float(str(threads))),
+            node_config=node_config,
+        )
+
+    @property
+    def simulated(self) -> bool:
+        """A simulated hospital: a partition on the researcher's machine."""
+        return self.partition_id is not None
+
+    def cap(self, federation: FederationConfig) -> SiteCap:
+        """The site's privacy cap. A deployed hospital's comes from its node config alone (the coordinator's
+        ``federation.site_*`` never sets it); in simulation ``federation.site_*`` stands in for the node config."""
+        return site_cap(federation if self.simulated else FederationConfig(), self.node_config, self.partition_id)
+
+    def run_key(self) -> str:
+        """The run directory as a string key of files kept per run ('' when the run config names none)."""
+        return "" if self.run_dir is None else str(self.run_dir)
+
+    def explanations_dir(self, site_id: str, run_id: int) -> Path:
+        """Where this hospital keeps a run's Grad-CAM maps: in simulation the run directory's
+        ``sites/<id>/gradcam`` (the researcher's machine), in deployment the hospital's state directory (never the
+        coordinator's)."""
+        if self.simulated and self.run_dir is not None:
+            return self.run_dir / "sites" / site_id / "gradcam"
+        return self.state_dir / "explanations" / f"run-{run_id}"
