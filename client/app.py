@@ -158,8 +158,18 @@ def _setup(msg: Message, context: Context) -> tuple[Config, NodeEnv, SiteData, t
             "must send the global model (is it running another medfed version?)."
         )
     load_state_dict_numpy(model, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
-    config = msg.content.config_records.get(keys.CONFIG)
-    return cfg, env, site, model, int(config.get(keys.SERVER_ROUND, 0)) if config is not None else 0
+    return cfg, env, site, model, int(_number(msg.content.config_records.get(keys.CONFIG), keys.SERVER_ROUND, 0))
+
+
+def _number(config: ConfigRecord | None, key: str, default: float) -> float:
+    """A number the coordinator sent in a ConfigRecord; ``default`` when the record or the key is absent."""
+    value = config.get(key, default) if config is not None else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise IncompatibleUpdateError(
+            f"The coordinator sent {key!r} as a {type(value).__name__}; this hospital expects a number (is the "
+            "coordinator running another medfed version?)."
+        )
+    return float(value)
 
 
 def _legacy_instruction(msg: Message) -> FitIns | EvaluateIns | None:
@@ -172,30 +182,33 @@ def _legacy_instruction(msg: Message) -> FitIns | EvaluateIns | None:
 
 
 def _reply(
-    msg: Message, site: SiteData, metrics: dict[str, float | int], weights: dict[str, torch.Tensor] | None
+    msg: Message, site: SiteData, metrics: Mapping[str, float | int | list[float]],
+    weights: dict[str, torch.Tensor] | None,
 ) -> Message:
     """The reply: the model's weights (train, in state-dict order), scalar metrics and the site id; in the legacy
-    layout for SecAgg+."""
+    layout for SecAgg+ rounds (scalars only: the final stages, whose sums are lists, always use the Message layout)."""
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     if _LEGACY_FIT in msg.content.array_records and weights is not None:
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([w.numpy() for w in weights.values()]),
-            num_examples=int(metrics[keys.NUM_EXAMPLES]),
-            metrics={**metrics, keys.SITE_ID: site.site_id},
+            num_examples=int(scalars[keys.NUM_EXAMPLES]),
+            metrics={**scalars, keys.SITE_ID: site.site_id},
         )
         return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     if _LEGACY_EVALUATE in msg.content.array_records:
         evaluateres = EvaluateRes(
             status=Status(code=Code.OK, message=""),
-            loss=float(metrics.get(f"{keys.EVAL_PREFIX}loss", math.nan)),
-            num_examples=int(metrics[keys.NUM_EXAMPLES]),
-            metrics={**metrics, keys.SITE_ID: site.site_id},
+            loss=float(scalars.get(f"{keys.EVAL_PREFIX}loss", math.nan)),
+            num_examples=int(scalars[keys.NUM_EXAMPLES]),
+            metrics={**scalars, keys.SITE_ID: site.site_id},
         )
         return Message(content=compat.evaluateres_to_recorddict(evaluateres), reply_to=msg)
     content = RecordDict()
     if weights is not None:
         content[keys.ARRAYS] = ArrayRecord(weights)
-    content[keys.METRICS] = MetricRecord(metrics)
+    record: dict[str, int | float | list[int] | list[float]] = {**metrics}
+    content[keys.METRICS] = MetricRecord(record)
     content[keys.SITE] = ConfigRecord({keys.SITE_ID: site.site_id})
     return Message(content=content, reply_to=msg)
 
@@ -206,7 +219,7 @@ def train(msg: Message, context: Context) -> Message:
     """A train message: the global model trained on this hospital's training split (:func:`train_round`)."""
     cfg, env, site, model, server_round = _setup(msg, context)
     config = msg.content.config_records.get(keys.CONFIG)
-    mu = float(config.get(keys.PROXIMAL_MU, 0.0)) if config is not None else 0.0  # FedProx's, from the strategy
+    mu = _number(config, keys.PROXIMAL_MU, 0.0)  # FedProx's, from the strategy
     result = train_round(cfg, site, model, env, _ContextState(context), run_id=msg.metadata.run_id,
                          server_round=server_round, proximal_mu=mu)
     return _reply(msg, site, result.metrics, result.weights)
@@ -228,8 +241,13 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def _final_request(config: ConfigRecord) -> FinalStage:
     """The final-stage request in a ConfigRecord, as plain values."""
     temperatures = config.get(keys.TEMPERATURES, [])
+    if not isinstance(temperatures, list) or not all(isinstance(t, (int, float)) for t in temperatures):
+        raise IncompatibleUpdateError(
+            f"The coordinator sent {keys.TEMPERATURES!r} as {type(temperatures).__name__}; this hospital expects a "
+            "list of numbers (is the coordinator running another medfed version?)."
+        )
     return FinalStage(
         stage=str(config[keys.FINAL_STAGE]),
-        temperatures=[float(t) for t in temperatures] if isinstance(temperatures, list) else [],
-        temperature=float(config.get(keys.TEMPERATURE, 1.0)),  # type: ignore[arg-type]
+        temperatures=[float(t) for t in temperatures if isinstance(t, (int, float))],
+        temperature=_number(config, keys.TEMPERATURE, 1.0),
     )

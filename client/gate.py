@@ -192,8 +192,9 @@ def main() -> None:
     flower_environment()
     import importlib
 
-    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the module (the package re-exports a function)
-    runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    # the modules (the package re-exports a function), typed Any: their functions are replaced below
+    cli: Any = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    runner: Any = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     gate = _Gate()
     runner.pull_task_input = gate.pull(runner.pull_task_input)

@@ -28,7 +28,8 @@ __all__ = ["channels_last_applies", "conv_grad_sample"]
 def channels_last_applies(layer: nn.Module) -> bool:
     """Whether :func:`conv_grad_sample` computes ``layer`` itself (else it hands it to Opacus' sampler)."""
     return (
-        type(layer) in (nn.Conv2d, nn.Conv3d)
+        isinstance(layer, (nn.Conv2d, nn.Conv3d))
+        and type(layer) in (nn.Conv2d, nn.Conv3d)
         and layer.groups == 1
         and layer.padding_mode == "zeros"
     )
@@ -41,13 +42,13 @@ def _pads(layer: nn.Conv2d | nn.Conv3d) -> list[tuple[int, int]]:
     if layer.padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
         return [(math.floor(t / 2), t - math.floor(t / 2)) for t in totals]
-    return [(p, p) for p in layer.padding]
+    return [(int(p), int(p)) for p in layer.padding]
 
 
 @register_grad_sampler([nn.Conv2d, nn.Conv3d])
 def conv_grad_sample(
     layer: nn.Conv2d | nn.Conv3d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of a 2D or 3D convolution's weight (and bias) from its input and output gradients.
 
     With ``k`` the kernel's spatial size and ``d`` the spatial dimensions, image ``i``'s weight gradient is
@@ -59,7 +60,7 @@ def conv_grad_sample(
         return opacus_conv_grad_sample(layer, activations, backprops)
     x = activations[0].to(backprops.dtype)
     n, channels = x.shape[0], x.shape[1]
-    ret: dict[nn.Parameter, torch.Tensor] = {}
+    ret: dict[torch.Tensor, torch.Tensor] = {}
     if n == 0:
         if layer.weight.requires_grad:
             ret[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)

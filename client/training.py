@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,23 @@ class DPTraining:
     max_physical_batch_size: int = 64
     grad_sample_mode: str = "hooks"
     secure_mode: bool = False
+
+
+@dataclass(frozen=True)
+class _PrivateTraining:
+    """What Opacus made of a training call: the wrapped model, the DP optimizer, the per-image loss, a source of
+    each epoch's batches (Poisson-sampled, split to the physical batch size) and the accountant's history."""
+
+    model: Any  # opacus.GradSampleModule or its ghost-clipping variant
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    epoch_batches: Callable[[], contextlib.AbstractContextManager[Iterator[tuple[torch.Tensor, torch.Tensor]]]]
+    engine: Any  # opacus.PrivacyEngine: its accountant counts the steps taken
+
+    def steps_and_rate(self) -> tuple[int, float | None]:
+        """Optimizer steps the accountant counted, and the sampling rate it used (None before any step)."""
+        history = self.engine.accountant.history
+        return sum(n for _, _, n in history), (history[-1][1] if history else None)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -174,13 +191,15 @@ def train_epochs(
     if lr is not None:
         set_lr(optimizer, lr)
     classification = criterion is None
-    if classification:  # an SSL model brings its own criterion (its forward returns the loss terms)
+    if criterion is None:  # an SSL model brings its own criterion (its forward returns the loss terms)
         weights = class_weights(data.labels, n_classes, cfg.class_weighting)
         criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None
-    forward, optimizer, criterion = private[:3] if private else (model, optimizer, criterion)
+    forward: Callable[[torch.Tensor], Any] = private.model if private else model
+    if private is not None:
+        optimizer, criterion = private.optimizer, private.criterion
     # DP-SGD builds each step from Opacus' per-sample gradients and replaces the batch gradient autograd would
     # put in p.grad, so when every layer trains, backward is asked for the gradient of the images instead: the
     # same module-output gradients reach Opacus' hooks, and the batch weight gradients are never computed (a
@@ -195,8 +214,9 @@ def train_epochs(
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     total_loss, total_seen, steps = 0.0, 0, 0
     for epoch in range(epochs):
-        batches = private[3]() if private else _batches(data, cfg, spatial_dims, generator, seed + epoch)
-        with batches if private else contextlib.nullcontext(batches) as epoch_batches:
+        batches = (private.epoch_batches() if private
+                   else contextlib.nullcontext(_batches(data, cfg, spatial_dims, generator, seed + epoch)))
+        with batches as epoch_batches:
             for images, labels in epoch_batches:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -214,10 +234,8 @@ def train_epochs(
                 steps += 1
     sample_rate = None
     if private:
-        forward.remove_hooks()
-        history = private[4].accountant.history
-        steps = sum(n for _, _, n in history)
-        sample_rate = history[-1][1] if history else None
+        private.model.remove_hooks()
+        steps, sample_rate = private.steps_and_rate()
     seconds = time.perf_counter() - started
     return LocalTrainResult(
         loss=total_loss / max(1, total_seen),
@@ -231,7 +249,8 @@ def train_epochs(
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's (mu / 2) * ||w - anchor||^2 over the trainable parameters (its gradient is mu * (w - anchor))."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    squares = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    return (mu / 2) * cast(torch.Tensor, squares)  # a sum of tensors (mypy types sum()'s start 0 in)
 
 
 def _summed_over_batch(criterion: nn.Module) -> nn.Module:
@@ -243,7 +262,7 @@ def _summed_over_batch(criterion: nn.Module) -> nn.Module:
     if getattr(criterion, "reduction", None) not in ("mean", "sum"):
         raise TypeError(f"DP-SGD needs a criterion with reduction 'mean' or 'sum', got {type(criterion).__name__}.")
     summed = copy.copy(criterion)
-    summed.reduction = "sum"
+    setattr(summed, "reduction", "sum")  # noqa: B010 (an attribute of every torch loss, not of nn.Module)
     return summed
 
 
@@ -278,7 +297,7 @@ def _make_private(
     spatial_dims: int,
     seed: int,
     privacy: DPTraining,
-) -> tuple[Any, Any, Any, Callable[[], Any], Any]:
+) -> _PrivateTraining:
     """Opacus' wrapped model, DP optimizer, loss, a per-epoch batch source and the engine (its accountant)."""
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -323,4 +342,4 @@ def _make_private(
             data_loader=dp_loader, max_physical_batch_size=privacy.max_physical_batch_size, optimizer=dp_optimizer
         )
 
-    return wrapped, dp_optimizer, dp_criterion, epoch, engine
+    return _PrivateTraining(wrapped, dp_optimizer, dp_criterion, epoch, engine)

@@ -110,7 +110,7 @@ def labelling_scores(method: str, probs: np.ndarray, rng: np.random.Generator) -
         top = np.sort(np.asarray(probs, dtype=np.float64), axis=1)
         return 1.0 - (top[:, -1] - top[:, -2])
     if method == "random":
-        return rng.random(np.shape(probs)[0])
+        return rng.random(int(np.shape(probs)[0]))
     raise ConfigError(f"labelling method {method!r} is unknown; choose one of: entropy, margin, random.")
 
 

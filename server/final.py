@@ -59,7 +59,7 @@ def _send(
     failed: list[dict[str, str]] = []
     for reply in replies:
         if reply.has_error():
-            failed.append({"node": str(reply.metadata.src_node_id), "reason": reply.error.reason})
+            failed.append({"node": str(reply.metadata.src_node_id), "reason": reply.error.reason or ""})
             continue
         site = reply.content.config_records.get(keys.SITE)
         record = reply.content.metric_records.get(keys.METRICS)
@@ -175,8 +175,8 @@ def uncertainty_on_test_set(
         if len(paths) >= 2:
             members = []
             for path in paths:
-                arrays, _ = load_checkpoint(path)
-                model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+                snapshot, _ = load_checkpoint(path)
+                model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in snapshot.items()})
                 members.append(softmax(predict_logits(model, test_set.images, batch_size=batch), t))
             probs["snapshot_ensemble"] = mean_proba(members)
             uncertainty["snapshot_ensemble"] = predictive_entropy(probs["snapshot_ensemble"])
@@ -185,6 +185,6 @@ def uncertainty_on_test_set(
             extra["snapshot_ensemble"] = {"skipped": f"{len(paths)} snapshot(s) on disk; an ensemble needs 2"}
     variants = {name: _variant(labels, p, uncertainty[name]) for name, p in probs.items()}
     run_dir.evaluation_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(run_dir.evaluation_dir / "test_predictions.npz", labels=labels,
-                        **{f"probs_{name}": p for name, p in probs.items()})
+    arrays: dict[str, Any] = {"labels": labels, **{f"probs_{name}": p for name, p in probs.items()}}
+    np.savez_compressed(run_dir.evaluation_dir / "test_predictions.npz", **arrays)
     return {"test": variants, **extra}

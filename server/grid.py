@@ -16,7 +16,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 if TYPE_CHECKING:  # Flower's own types, for the signatures only
-    from flwr.common.typing import Run
+    from flwr.supercore.run import Run
     from flwr.proto.node_pb2 import NodeInfo
 
 __all__ = ["PromptGrid"]

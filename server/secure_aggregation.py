@@ -101,7 +101,7 @@ def run_secure_aggregation(
     latest: dict[str, dict[str, np.ndarray]] = {"arrays": dict(initial)}
     pending: dict[int, tuple[dict[str, float] | None, dict[str, np.ndarray], float]] = {}
 
-    def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], _: dict[str, Scalar]) -> tuple[float, dict]:
+    def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], _config: dict[str, Scalar]) -> tuple[float, dict]:
         started = time.perf_counter()
         state = dict(zip(names, ndarrays, strict=True))
         latest["arrays"] = state

@@ -20,7 +20,8 @@ def weighted_mean_ignoring_nan(records: list[RecordDict], weighting_metric_name:
     weights: dict[str, float] = {}
     for record in records:
         for metrics in record.metric_records.values():
-            weight = float(metrics.get(weighting_metric_name, 0.0))
+            raw = metrics.get(weighting_metric_name, 0.0)
+            weight = 0.0 if isinstance(raw, list) else float(raw)
             for key, value in metrics.items():
                 if key == weighting_metric_name or isinstance(value, list):
                     continue

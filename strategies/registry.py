@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypedDict, TypeVar
+
+from flwr.app import MetricRecord, RecordDict
 
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
@@ -33,7 +36,23 @@ logger = logging.getLogger(__name__)
 StrategyFactory = Callable[[StrategyConfig], Strategy]
 
 
-def _common(cfg: StrategyConfig) -> dict[str, object]:
+class _CommonArgs(TypedDict):
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord]
+
+
+_Options = TypeVar("_Options", bound=StrategyConfig)
+
+
+def _common(cfg: StrategyConfig) -> _CommonArgs:
     """The arguments every Flower FedAvg-family strategy takes, from medfed's config and wire keys."""
     return {
         "fraction_train": cfg.fraction_train,
@@ -49,57 +68,57 @@ def _common(cfg: StrategyConfig) -> dict[str, object]:
     }
 
 
-def _options(cfg: StrategyConfig, schema: type) -> StrategyConfig:
+def _options(cfg: StrategyConfig, schema: type[_Options]) -> _Options:
     if not isinstance(cfg, schema):  # pragma: no cover - the Hydra group gives each option its schema
         raise ConfigError(f"strategy={cfg.name} needs its options ({schema.__name__}); compose it with strategy={cfg.name}.")
     return cfg
 
 
 def _fedavg(cfg: StrategyConfig) -> Strategy:
-    return FedAvg(**_common(cfg))  # type: ignore[arg-type]
+    return FedAvg(**_common(cfg))
 
 
 def _fedprox(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, ProxConfig)
-    return FedProx(**_common(cfg), proximal_mu=options.mu)  # type: ignore[arg-type,attr-defined]
+    return FedProx(**_common(cfg), proximal_mu=options.mu)
 
 
 def _fedmedian(cfg: StrategyConfig) -> Strategy:
-    return FedMedian(**_common(cfg))  # type: ignore[arg-type]
+    return FedMedian(**_common(cfg))
 
 
 def _fedtrimmedavg(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, TrimmedMeanConfig)
-    return FedTrimmedAvg(**_common(cfg), beta=options.beta)  # type: ignore[arg-type,attr-defined]
+    return FedTrimmedAvg(**_common(cfg), beta=options.beta)
 
 
 def _krum(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, KrumConfig)
-    return Krum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes)  # type: ignore[arg-type,attr-defined]
+    return Krum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes)
 
 
 def _multikrum(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, KrumConfig)
-    return MultiKrum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes,  # type: ignore[arg-type]
-                     num_nodes_to_select=options.num_nodes_to_select)  # type: ignore[attr-defined]
+    return MultiKrum(**_common(cfg), num_malicious_nodes=options.num_malicious_nodes,
+                     num_nodes_to_select=options.num_nodes_to_select)
 
 
 def _fedavgm(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, ServerMomentumConfig)
-    return server_optimizers.FedAvgM(**_common(cfg), server_learning_rate=options.server_learning_rate,  # type: ignore[arg-type]
-                                     server_momentum=options.server_momentum)  # type: ignore[attr-defined]
+    return server_optimizers.FedAvgM(**_common(cfg), server_learning_rate=options.server_learning_rate,
+                                     server_momentum=options.server_momentum)
 
 
 def _fedadagrad(cfg: StrategyConfig) -> Strategy:
     options = _options(cfg, ServerOptimizerConfig)
-    return server_optimizers.FedAdagrad(**_common(cfg), eta=options.eta, tau=options.tau)  # type: ignore[arg-type,attr-defined]
+    return server_optimizers.FedAdagrad(**_common(cfg), eta=options.eta, tau=options.tau)
 
 
-def _adaptive_moments(flower_class: type[Strategy]) -> StrategyFactory:
+def _adaptive_moments(flower_class: type[server_optimizers.FedAdam] | type[server_optimizers.FedYogi]) -> StrategyFactory:
     def factory(cfg: StrategyConfig) -> Strategy:
         options = _options(cfg, AdaptiveMomentsConfig)
-        return flower_class(**_common(cfg), eta=options.eta, tau=options.tau,  # type: ignore[call-arg,attr-defined]
-                            beta_1=options.beta_1, beta_2=options.beta_2)  # type: ignore[attr-defined]
+        return flower_class(**_common(cfg), eta=options.eta, tau=options.tau,
+                            beta_1=options.beta_1, beta_2=options.beta_2)
 
     return factory
 

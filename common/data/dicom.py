@@ -25,6 +25,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,8 +91,8 @@ def _window(ds) -> tuple[float, float, str] | None:  # noqa: ANN001
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
 
-    def first(value: object) -> float:
-        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)  # type: ignore[index,arg-type]
+    def first(value: Any) -> float:
+        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
 
     try:
         centre, width = first(ds.WindowCenter), first(ds.WindowWidth)

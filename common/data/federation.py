@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -142,10 +142,10 @@ def _info_from_json(text: str) -> DatasetInfo:
     return DatasetInfo(**raw)
 
 
-def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _write_atomic(path: Path, arrays: Mapping[str, Any]) -> None:
     """``np.savez`` (uncompressed) to a temp file in the same folder, then ``os.replace`` onto ``path``."""
     with atomic_write(path) as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        np.savez(handle, **arrays)
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:

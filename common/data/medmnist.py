@@ -47,7 +47,7 @@ def medmnist_path(cfg: MedMNISTConfig) -> Path:
 def _medmnist_info(name: str) -> dict[str, Any] | None:
     """``medmnist.INFO[name]`` when the optional package is importable, else ``None``."""
     try:
-        import medmnist  # type: ignore[import-not-found]
+        import medmnist
     except ImportError:
         return None
     info = getattr(medmnist, "INFO", {}).get(name)
@@ -58,7 +58,7 @@ def _download(cfg: MedMNISTConfig, path: Path) -> None:
     """Download the npz with the optional ``medmnist`` package, or raise a DatasetUnavailableError saying how else."""
     place = f"place {path.name} in the directory given by dataset.root (from the Zenodo record {ZENODO_RECORD})"
     try:
-        import medmnist  # type: ignore[import-not-found]
+        import medmnist
     except ImportError:
         raise DatasetUnavailableError(
             f"{path.name} is missing and dataset.download=true needs the medmnist package: "

@@ -159,7 +159,7 @@ def last_encoder_stage(model: nn.Module) -> str:
 def set_trainable(model: nn.Module, finetune: str) -> None:
     """Which parameters train: ``full`` all; ``partial`` the encoder's last stage with weights and the head;
     ``linear_probe`` the head only. Frozen parameters keep ``requires_grad=False`` (Opacus skips them too)."""
-    trainable = ("",) if finetune == "full" else ("head.",)
+    trainable: tuple[str, ...] = ("",) if finetune == "full" else ("head.",)
     if finetune == "partial":
         trainable = ("head.", last_encoder_stage(model) + ".")
     for name, parameter in model.named_parameters():

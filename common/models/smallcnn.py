@@ -69,13 +69,15 @@ class _WithoutBatchCounter:
     coordinator averages them with the weights (FedAvg), or a hospital keeps them (``personalize.local_layers=norm``,
     FedBN)."""
 
+    num_batches_tracked: torch.Tensor | None
+
     def __init__(self, channels: int) -> None:
-        super().__init__(channels)  # type: ignore[call-arg]
+        super().__init__(channels)  # type: ignore[call-arg]  # a mixin: the next class in the MRO is a BatchNorm
         self.num_batches_tracked = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # noqa: ANN001
         # as version 2: PyTorch's BatchNorm would otherwise add a num_batches_tracked entry (for old checkpoints)
-        super()._load_from_state_dict(  # type: ignore[misc]
+        super()._load_from_state_dict(  # type: ignore[misc]  # a mixin: the next class in the MRO is a BatchNorm
             state_dict, prefix, {**local_metadata, "version": 2}, *args, **kwargs)
 
 

@@ -195,11 +195,12 @@ def build_ssl_model(
     """
     classifier = build_model(ModelConfig(name=model_cfg.name, width=model_cfg.width), spatial_dims=spatial_dims,
                              in_channels=in_channels, n_classes=2)
-    features = int(classifier.num_features)
+    features = int(getattr(classifier, "num_features"))  # every registered network has encoder and num_features
+    encoder = classifier.get_submodule("encoder")
     if ssl_cfg.method == "simclr":
-        return SimCLRModel(classifier.encoder, features, spatial_dims, ssl_cfg)
+        return SimCLRModel(encoder, features, spatial_dims, ssl_cfg)
     if ssl_cfg.method == "mim":
-        return MIMModel(classifier.encoder, features, in_channels, spatial_dims, ssl_cfg)
+        return MIMModel(encoder, features, in_channels, spatial_dims, ssl_cfg)
     raise ConfigError(f"ssl.method={ssl_cfg.method!r} is unknown; choose simclr or mim.")
 
 
