@@ -8,7 +8,7 @@ import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ __all__ = ["RoundFollower", "fail", "fmt", "print_round", "summary_table"]
 logger = logging.getLogger(__name__)
 
 
-def fail(exc: MedfedError) -> None:
+def fail(exc: MedfedError) -> NoReturn:
     """Print a medfed error and what its exit code means on stderr, then exit with that code."""
     err = Console(stderr=True)
     err.print(f"[bold red]error:[/] {exc}", highlight=False)

@@ -6,7 +6,12 @@ metrics and one ConfigRecord naming the site. Nothing else leaves a site.
 
 from __future__ import annotations
 
+import re
+from enum import StrEnum
+
 __all__ = [
+    "SiteRefusal",
+    "site_refusal",
     "ENSEMBLE_PREFIX",
     "ENSEMBLE_TEST_PREFIX",
     "GRADCAM_SAVED",
@@ -122,3 +127,23 @@ NODE_SECURE_RNG = "secure-rng"  # true: DP noise and sampling from a cryptograph
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data
 NODE_THREADS = "threads"  # deployment: the site's torch threads (0 = every core); overrides federation.threads
 NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)
+
+
+class SiteRefusal(StrEnum):
+    """Why a hospital refused a message, as the coordinator reads it back from the error Flower forwards.
+
+    A hospital's error text is ``"<ErrorType>: <PHI-free explanation>"`` (the ClientApp's guard writes it); the
+    value of each member is the error type whose name opens that text.
+    """
+
+    PRIVACY_BUDGET = "PrivacyBudgetExceeded"  # the hospital is at its privacy cap (medfed.common.errors)
+
+
+_REFUSAL = re.compile(r"(?:^|[\s<'\"])(" + "|".join(m.value for m in SiteRefusal) + r"): ")
+
+
+def site_refusal(reason: str) -> SiteRefusal | None:
+    """The refusal a hospital's forwarded error names (Flower wraps the text, e.g. ``<class '...'>:<'Name: ...'>``);
+    None for any other failure."""
+    found = _REFUSAL.search(reason)
+    return SiteRefusal(found.group(1)) if found else None

@@ -25,7 +25,6 @@ __all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
 
 logger = logging.getLogger(__name__)
 
-_PRIVACY_REFUSAL = "PrivacyBudgetExceeded"  # the error type a hospital names when it refuses at its cap
 _STOP_REASON = "every hospital asked to train refused at its privacy cap"
 
 
@@ -176,7 +175,7 @@ class ObservedStrategy(Strategy):
         replies = self._validated(received)
         self.current.train = self._observe(replies, "train", also_answered=received)
         drops = self.current.dropped[earlier_drops:]
-        if received and not self.current.train and all(_PRIVACY_REFUSAL in d.reason for d in drops):
+        if received and not self.current.train and all(keys.site_refusal(d.reason) is keys.SiteRefusal.PRIVACY_BUDGET for d in drops):
             self.stopped_after = server_round + self.round_offset
             logger.warning("stopping after round %d: %s", self.stopped_after, self.stop_reason)
         return self.inner.aggregate_train(server_round + self.round_offset, replies)
