@@ -23,7 +23,7 @@ import numpy as np
 
 from medfed.common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
-from medfed.common.data.medmnist import load_medmnist
+from medfed.common.data.medmnist import load_medmnist, medmnist_path
 from medfed.common.data.partition import labelled_subset, partition_indices, stratified_split
 from medfed.common.data.synthetic import load_synthetic, scanner_effect
 from medfed.common.atomic import atomic_write
@@ -120,10 +120,26 @@ def build_sites(splits: DatasetSplits, fed: FederationConfig, *, dataset_seed: i
     return sites
 
 
+def _source_identity(dataset: DatasetConfig) -> dict[str, Any] | None:
+    """The identity of the file a dataset is read from (resolved path, size, modification time), so a file
+    replaced at the same path is read again, never served stale from the cache; None for generated data or a file
+    not there yet (a download then writes it, and the next run keys its cache by the file)."""
+    if not isinstance(dataset, MedMNISTConfig):
+        return None
+    path = medmnist_path(dataset)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def cache_key(cfg: Config) -> str:
-    """First 16 hex digits of the sha256 of everything that decides the sites' arrays (and a format version)."""
+    """First 16 hex digits of the sha256 of everything that decides the sites' arrays: the config, the identity of
+    the source file, and a format version."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
+        "source": _source_identity(cfg.dataset),
         "dataset": {"type": type(cfg.dataset).__name__,
                     **{k: v for k, v in asdict(cfg.dataset).items() if k != "label_fraction"}},
         "federation": {key: getattr(cfg.federation, key) for key in _FEDERATION_KEYS},

@@ -190,3 +190,32 @@ def test_test_set_mixes_scanner_styles_and_caches(tmp_path: Path, monkeypatch: p
     # Assert
     assert len(test) == 40 and info == info_again
     assert np.array_equal(test.images, test_again.images)
+
+
+def test_a_medmnist_file_replaced_at_the_same_path_is_read_again(tmp_path: Path) -> None:
+    # Prepare: a MedMNIST-layout file, its sites cached
+    def write(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for split, n in (("train", 60), ("val", 20), ("test", 10)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
+        np.savez(tmp_path / "breastmnist.npz", **arrays)
+
+    write(0)
+    cfg = Config(
+        dataset=MedMNISTConfig(name="breastmnist", root=str(tmp_path)),
+        federation=FederationConfig(hospitals=2, partition="iid", min_samples=10),
+        strategy=StrategyConfig(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+    )
+    cache = tmp_path / "cache"
+    first = load_site(cfg, 0, cache_dir=cache)
+    key = federation.cache_key(cfg)
+    # Execute: the hospital replaces the file (new content, same path)
+    write(1)
+    os.utime(tmp_path / "breastmnist.npz", ns=(1, 1))  # a different modification time even on a coarse clock
+    federation.forget_loaded_sites()
+    again = load_site(cfg, 0, cache_dir=cache)
+    # Assert: a new cache entry, built from the new file
+    assert federation.cache_key(cfg) != key
+    assert not np.array_equal(first.train.images, again.train.images)
