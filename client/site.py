@@ -20,9 +20,9 @@ from medfed.client.node import NodeEnv
 from medfed.common import keys
 from medfed.common.atomic import atomic_write
 from medfed.common.config import Config
-from medfed.common.data import DatasetInfo, SiteData, load_site, stratified_split
-from medfed.common.data.site_files import load_array_file
-from medfed.common.errors import ConfigError, SiteDataError
+from medfed.common.data import SiteData, load_site
+from medfed.common.data.site_spec import SiteSpec, load_site_data
+from medfed.common.errors import ConfigError
 
 __all__ = [
     "SiteConfig",
@@ -140,6 +140,23 @@ class SiteConfig:
     def approves(self, fab_hash: str) -> bool:
         return fab_hash in self.approved_apps
 
+    def spec(self) -> SiteSpec:
+        """The site's data as :func:`~medfed.common.data.site_spec.load_site_data` reads it (paths made absolute
+        against this file's folder; decoded images cached under ``cache_dir`` or ``STATE_DIR/cache``)."""
+        return SiteSpec(
+            site_id=self.site_id,
+            data=self.path(self.data_path),
+            n_classes=self.n_classes,
+            labels=self.path(self.labels) if self.labels else None,
+            classes=tuple(self.classes),
+            image_size=int(self.image_size),
+            channels=int(self.channels),
+            spatial_dims=int(self.spatial_dims),
+            val_fraction=float(self.val_fraction),
+            split_seed=int(self.split_seed),
+            cache_dir=self.path(self.cache_dir) if self.cache_dir else self.state_path / "cache",
+        )
+
 
 _FIELDS = {f for f in SiteConfig.__dataclass_fields__ if f != "source"}
 
@@ -191,67 +208,9 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float | bool]:
     }
 
 
-def _deployment_site(site_cfg: SiteConfig) -> SiteData:
-    if site_cfg.path(site_cfg.data_path).is_dir():
-        return _folder_site(site_cfg)
-    data = load_array_file(
-        site_cfg.path(site_cfg.data_path),
-        n_classes=site_cfg.n_classes,
-        labels_csv=site_cfg.path(site_cfg.labels) if site_cfg.labels else None,
-    )
-    keep, held = stratified_split(data.labels, site_cfg.val_fraction, seed=site_cfg.split_seed)
-    if len(keep) == 0 or len(held) == 0:
-        raise SiteDataError(
-            f"Site {site_cfg.site_id} has {len(data)} labelled images, too few for a training and a validation "
-            "split; a site needs at least 2 images of one class."
-        )
-    spatial_dims = data.images.ndim - 2
-    info = DatasetInfo(
-        name=f"site:{site_cfg.site_id}",
-        n_classes=site_cfg.n_classes,
-        channels=int(data.images.shape[1]),
-        spatial_dims=spatial_dims,
-        image_size=int(data.images.shape[-1]),
-        class_names=tuple(str(i) for i in range(site_cfg.n_classes)),
-    )
-    return SiteData(site_cfg.site_id, train=data.subset(keep), val=data.subset(held), info=info)
-
-
-def _folder_site(site_cfg: SiteConfig) -> SiteData:
-    """A hospital's image folder: decoded once (cached in its state directory), resized to the task's input,
-    split without patient leakage."""
-    from medfed.common.data.site_folder import load_folder
-
-    folder = load_folder(
-        site_cfg.path(site_cfg.data_path),
-        site_cfg.path(site_cfg.labels) if site_cfg.labels else None,
-        list(site_cfg.classes) or None,
-        image_size=int(site_cfg.image_size),
-        spatial_dims=int(site_cfg.spatial_dims),
-        channels=int(site_cfg.channels),
-        val_fraction=float(site_cfg.val_fraction),
-        seed=int(site_cfg.split_seed),
-        cache_dir=site_cfg.path(site_cfg.cache_dir) if site_cfg.cache_dir else site_cfg.state_path / "cache",
-    )
-    if len(folder.classes) != site_cfg.n_classes:
-        raise SiteDataError(
-            f"Site {site_cfg.site_id}'s folder has {len(folder.classes)} labels but n_classes={site_cfg.n_classes}; "
-            "list the task's classes in the site config (classes: [...]) so every hospital numbers them alike."
-        )
-    if folder.skipped:
-        logger.warning("site %s: %d unreadable files skipped (see `medfed hospital check`)", site_cfg.site_id,
-                       folder.skipped)
-    info = DatasetInfo(
-        name=f"site:{site_cfg.site_id}", n_classes=site_cfg.n_classes, channels=int(site_cfg.channels),
-        spatial_dims=int(site_cfg.spatial_dims), image_size=int(site_cfg.image_size),
-        class_names=tuple(folder.classes),
-    )
-    return SiteData(site_cfg.site_id, train=folder.train, val=folder.val, info=info)
-
-
 def resolve_site(cfg: Config, env: NodeEnv) -> SiteData:
     """Load this node's site data: the hospital's own data from its site config, or a simulated partition."""
     if env.site_config is not None:
-        return _deployment_site(load_site_config(env.site_config))
+        return load_site_data(load_site_config(env.site_config).spec())
     assert env.partition_id is not None  # NodeEnv.resolve: a node without a site config is a simulated partition
     return load_site(cfg, env.partition_id, cache_dir=env.cache_dir or default_cache_dir())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits, SiteData
 from medfed.common.data.federation import (
     SiteData,
     build_sites,

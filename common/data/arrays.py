@@ -15,7 +15,7 @@ import numpy as np
 
 from medfed.common.errors import SiteDataError
 
-__all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits", "min_max_scale"]
+__all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits", "SiteData", "min_max_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +105,13 @@ class DatasetSplits:
     info: DatasetInfo
     train: ArrayDataset
     test: ArrayDataset
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's local data: a training split, a local validation split, and the dataset's description."""
+
+    site_id: str
+    train: ArrayDataset
+    val: ArrayDataset
+    info: DatasetInfo

@@ -14,7 +14,7 @@ import json
 import logging
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from medfed.common.config import Config, DatasetConfig, FederationConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
-from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits
+from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits, SiteData
 from medfed.common.data.medmnist import load_medmnist, medmnist_path
+from medfed.common.data.site_spec import SiteSpec
 from medfed.common.data.partition import labelled_subset, partition_indices, stratified_split
 from medfed.common.data.synthetic import load_synthetic, scanner_effect
 from medfed.common.atomic import atomic_write
@@ -51,16 +52,6 @@ _FEDERATION_KEYS = ("hospitals", "partition", "alpha", "seed", "val_fraction", "
 LOADERS: MappingProxyType[str, tuple[type[DatasetConfig], Callable[[Any], DatasetSplits]]] = MappingProxyType(
     {"medmnist": (MedMNISTConfig, load_medmnist), "synthetic": (SyntheticConfig, load_synthetic)}
 )
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One hospital's local data: a training split, a local validation split, and the dataset's description."""
-
-    site_id: str
-    train: ArrayDataset
-    val: ArrayDataset
-    info: DatasetInfo
 
 
 def site_id_for(index: int) -> str:
@@ -275,15 +266,23 @@ def _folder_options(dataset: FolderConfig, cache_dir: Path | None) -> dict[str, 
             "cache_dir": Path(cache_dir) / "folders" if cache_dir is not None else None}
 
 
+def folder_site_spec(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path | None) -> SiteSpec:
+    """Simulated hospital ``index`` of ``dataset=folder``, described as a deployed hospital's site config is."""
+    labels = dataset.labels[index] if dataset.labels else ""
+    return SiteSpec(
+        site_id=site_id_for(index), data=Path(dataset.roots[index]), labels=Path(labels) if labels else None,
+        n_classes=len(dataset.classes), classes=tuple(dataset.classes), image_size=dataset.image_size,
+        channels=dataset.channels, spatial_dims=dataset.spatial_dims, val_fraction=cfg.federation.val_fraction,
+        split_seed=cfg.federation.seed, cache_dir=Path(cache_dir) / "folders" if cache_dir is not None else None,
+        name="folder",
+    )
+
+
 def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path | None) -> SiteData:
     """Simulated hospital ``index`` reads its own folder, as a deployed hospital does (decoded once, cached)."""
-    from medfed.common.data.site_folder import load_folder
+    from medfed.common.data.site_spec import load_site_data
 
-    labels = dataset.labels[index] if dataset.labels else ""
-    data = load_folder(dataset.roots[index], labels or None, list(dataset.classes),
-                       val_fraction=cfg.federation.val_fraction, seed=cfg.federation.seed,
-                       **_folder_options(dataset, cache_dir))
-    return SiteData(site_id_for(index), train=data.train, val=data.val, info=_folder_info(dataset))
+    return load_site_data(folder_site_spec(cfg, dataset, index, cache_dir))
 
 
 def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None) -> ArrayDataset:

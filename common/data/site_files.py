@@ -90,7 +90,7 @@ def load_array_file(path: Path, *, n_classes: int, labels_csv: Path | None = Non
     """Read a hospital's array file (and optional label CSV) into an :class:`ArrayDataset`, checking labels."""
     path = Path(path)
     if not path.is_file():
-        raise SiteDataError(f"The site's data file {path.name} does not exist; check data.path in the site config.")
+        raise SiteDataError(f"The site's data file {path.name} does not exist; check data_path in the site config.")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz.files:

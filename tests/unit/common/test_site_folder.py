@@ -264,3 +264,34 @@ def test_export_demo_writes_a_dicom_site_that_the_check_reads_back(tmp_path):
     assert sum(report.readable.values()) == len(site.train) + len(site.val) and not report.unreadable
     assert report.readable == {str(c): int((np.concatenate([site.train.labels, site.val.labels]) == c).sum())
                                for c in range(2)}
+
+
+def test_a_site_config_and_a_simulated_folder_describe_the_same_site_alike(site, tmp_path):
+    # Prepare: the same folder as a deployed hospital's site.yaml and as simulated hospital 0 of dataset=folder
+    from medfed.client.site import SiteConfig
+    from medfed.common.config import Config, FederationConfig, FolderConfig, StrategyConfig
+    from medfed.common.data.federation import folder_site_spec
+    from medfed.common.data.site_spec import load_site_data
+
+    classes = ["benign", "malignant"]
+    deployed = SiteConfig(site_id="hospital-0", data_path=str(site), n_classes=2, classes=classes, image_size=16,
+                          val_fraction=0.3, split_seed=0, cache_dir=str(tmp_path / "cache-a")).spec()
+    cfg = Config(dataset=FolderConfig(roots=[str(site)], classes=classes, image_size=16),
+                 federation=FederationConfig(hospitals=1, val_fraction=0.3, seed=0),
+                 strategy=StrategyConfig(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1))
+    simulated = folder_site_spec(cfg, cfg.dataset, 0, tmp_path / "cache-b")
+    # Execute: the one loader
+    a, b = load_site_data(deployed), load_site_data(simulated)
+    # Assert: one description, one result (the simulated site names its dataset "folder")
+    assert (deployed.data, deployed.classes, deployed.val_fraction) == (simulated.data, simulated.classes, 0.3)
+    np.testing.assert_array_equal(a.train.images, b.train.images)
+    np.testing.assert_array_equal(a.val.labels, b.val.labels)
+    assert (a.info.name, b.info.name) == ("site:hospital-0", "folder")
+
+
+def test_a_missing_data_path_names_the_key_to_fix(tmp_path):
+    from medfed.common.data.site_spec import SiteSpec, load_site_data
+    from medfed.common.errors import SiteDataError
+
+    with pytest.raises(SiteDataError, match="data path does not exist; set data_path"):
+        load_site_data(SiteSpec(site_id="a", data=tmp_path / "nowhere", n_classes=2))
