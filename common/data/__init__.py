@@ -9,7 +9,6 @@ import logging
 
 from medfed.common.data.arrays import ArrayDataset, DatasetInfo, DatasetSplits, SiteData
 from medfed.common.data.federation import (
-    SiteData,
     build_sites,
     cache_key,
     load_site,
