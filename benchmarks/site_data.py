@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("medfed.common.data.site_folder").setLevel(logging.ERROR)
-    from medfed.common.data.site_folder import read_labelled
+    for name in ("medfed.common.data.site_folder", "medfed.common.data.site_folder_arrays"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from medfed.common.data.site_folder_arrays import read_labelled
 
     work = Path(tempfile.mkdtemp(prefix="medfed-bench-site-"))
     try:

@@ -287,7 +287,7 @@ def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path
 
 def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None) -> ArrayDataset:
     """The test folder's labelled images, or else every hospital's images marked ``split=test``."""
-    from medfed.common.data.site_folder import load_folder, read_labelled
+    from medfed.common.data.site_folder_arrays import load_folder, read_labelled
 
     options = _folder_options(dataset, cache_dir)
     if dataset.test_root:

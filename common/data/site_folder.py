@@ -1,5 +1,6 @@
 """A hospital's image folder: what is in it (:func:`scan_site`), how one entry is read (:func:`read_entry`), and the
-site data check (:func:`check_site`) behind ``medfed hospital check``.
+site data check (:func:`check_site`) behind ``medfed hospital check``. The folder as training arrays (decoded,
+cached, split) is :mod:`medfed.common.data.site_folder_arrays`.
 
 A site folder holds DICOM files (``.dcm``, or no suffix), DICOM series (a folder of slices), NIfTI volumes
 (``.nii``/``.nii.gz``) or PNG/JPEG images. Labels come from a manifest CSV with the header
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,14 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from medfed.common.atomic import atomic_write
-from medfed.common.data.arrays import ArrayDataset, min_max_scale
+from medfed.common.data.arrays import min_max_scale
 from medfed.common.data.dicom import read_dicom, read_series
-from medfed.common.data.partition import stratified_split
 from medfed.common.errors import SiteDataError
 
-__all__ = ["CheckReport", "FolderData", "SiteEntry", "SiteScan", "check_site", "image_entries", "load_folder", "read_entry",
-           "read_labelled", "read_resized", "scan_site"]
+__all__ = ["CheckReport", "SiteEntry", "SiteScan", "check_site", "image_entries", "read_entry", "read_resized",
+           "scan_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,20 +336,6 @@ def check_site(root: str | Path, labels: str | Path | None = None, classes: list
     )
 
 
-# --- training data from a folder ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FolderData:
-    """A site folder as training data: labelled images resized to the task's input, split without patient
-    leakage; ``skipped`` counts unreadable files, ``unlabelled`` readable images without a label."""
-
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset | None
-    classes: list[str]
-    skipped: int
-    unlabelled: int
-
-
 def _resize(image: np.ndarray, size: int, spatial_dims: int, channels: int) -> np.ndarray:
     """Channel-convert (grey <-> RGB) and resize to ``size`` per spatial axis (area/trilinear interpolation)."""
     import torch
@@ -374,150 +358,3 @@ def _resize(image: np.ndarray, size: int, spatial_dims: int, channels: int) -> n
         kwargs = {} if mode == "area" else {"align_corners": False}
         tensor = F.interpolate(tensor, size=shape, mode=mode, **kwargs)
     return tensor[0].clamp(0.0, 1.0).numpy()
-
-
-DECODE_VERSION = 1  # bump when decoding changes, so cached images are decoded again
-
-
-def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dims: int, channels: int) -> np.ndarray:
-    """The decoded, resized entry; decoded once per file version (the cache key includes size and mtime)."""
-    path = root / entry.path
-    if cache_dir is None:
-        return read_resized(root, entry, size, dims, channels)
-    stamp = [path.resolve().as_posix(), size, dims, channels, DECODE_VERSION]
-    for file in ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())):
-        stat = file.stat()
-        stamp += [file.name, stat.st_size, stat.st_mtime_ns]
-    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
-    target = Path(cache_dir) / "decoded" / f"{key}.npy"
-    if target.is_file():
-        try:
-            return np.load(target, allow_pickle=False)
-        except (OSError, ValueError):
-            logger.warning("ignoring a damaged cache entry")
-    image = read_resized(root, entry, size, dims, channels)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target) as handle:
-        np.save(handle, image, allow_pickle=False)
-    return image
-
-
-def _group_split(labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out about ``fraction`` of the images, whole patients at a time, per class of each patient's first
-    image (stratified by patient); returns sorted (keep, held) positions."""
-    by_group: dict[str, list[int]] = {}
-    for index, group in enumerate(groups):
-        by_group.setdefault(group, []).append(index)
-    names = sorted(by_group)
-    group_labels = np.asarray([labels[by_group[g][0]] for g in names])
-    keep_groups, held_groups = stratified_split(group_labels, fraction, seed=seed)
-    keep = sorted(i for g in keep_groups for i in by_group[names[g]])
-    held = sorted(i for g in held_groups for i in by_group[names[g]])
-    return np.asarray(keep, dtype=np.int64), np.asarray(held, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class LabelledImages:
-    """Every readable labelled image of a folder, with its manifest split and patient (or a per-image group)."""
-
-    data: ArrayDataset
-    splits: list[str | None]
-    patients: list[str]
-    classes: list[str]
-    skipped: int
-    unlabelled: int
-
-
-def read_labelled(
-    root: str | Path,
-    labels: str | Path | None,
-    classes: list[str] | None,
-    *,
-    image_size: int,
-    spatial_dims: int,
-    channels: int,
-    cache_dir: str | Path | None = None,
-) -> LabelledImages:
-    """Decode (or read from the cache) every labelled image of a folder, resized; unreadable files are skipped
-    and counted (their paths in the local log only).
-
-    Raises:
-        SiteDataError: no labelled image is readable.
-    """
-    root = Path(root)
-    scan = scan_site(root, labels, classes)
-    images, targets, splits, patients = [], [], [], []
-    skipped = unlabelled = 0
-    for index, entry in enumerate(scan.entries):
-        if entry.label is None:
-            unlabelled += 1
-            continue
-        try:
-            images.append(_cached(root, entry, Path(cache_dir) if cache_dir else None, image_size, spatial_dims,
-                                  channels))
-        except SiteDataError as exc:
-            skipped += 1
-            logger.warning("skipping unreadable file %d (%s): %s", index, entry.path, exc)  # site-local log only
-            continue
-        targets.append(scan.classes.index(entry.label))
-        splits.append(entry.split)
-        patients.append(entry.patient_id or f"\0image-{index}")
-    if not images:
-        raise SiteDataError(
-            f"no labelled image of the site is readable ({skipped} unreadable, {unlabelled} unlabelled); run "
-            "`medfed hospital check --data DIR` for the reasons."
-        )
-    data = ArrayDataset(images=np.stack(images).astype(np.float32), labels=np.asarray(targets, dtype=np.int64))
-    return LabelledImages(data, splits, patients, scan.classes, skipped, unlabelled)
-
-
-def load_folder(
-    root: str | Path,
-    labels: str | Path | None,
-    classes: list[str] | None,
-    *,
-    image_size: int,
-    spatial_dims: int,
-    channels: int,
-    val_fraction: float,
-    seed: int,
-    cache_dir: str | Path | None = None,
-) -> FolderData:
-    """Read a site folder into training arrays (see :func:`read_labelled`).
-
-    Splits: the manifest's ``split`` column where given; the rest is split into train/val with ``val_fraction``
-    held out, whole patients at a time when ``patient_id`` is given (a patient never straddles train/val/test: a
-    patient with any image marked ``test`` or ``val`` has all its unmarked images there too).
-
-    Raises:
-        SiteDataError: no labelled image is readable, or too few for a training and a validation split.
-    """
-    found = read_labelled(root, labels, classes, image_size=image_size, spatial_dims=spatial_dims,
-                          channels=channels, cache_dir=cache_dir)
-    data, splits, patients = found.data, found.splits, found.patients
-    # a patient goes wholly where any of its images is marked (test before val before train)
-    fixed: dict[str, str] = {}
-    for patient, split in zip(patients, splits, strict=True):
-        if split is not None and SPLITS.index(split) > SPLITS.index(fixed.get(patient, "train")):
-            fixed[patient] = split
-    assigned = [fixed.get(p) or s for p, s in zip(patients, splits, strict=True)]
-    free = [i for i, s in enumerate(assigned) if s is None]
-    keep, held = _group_split(data.labels[free], [patients[i] for i in free], val_fraction, seed)
-    for position in held:
-        assigned[free[position]] = "val"
-    for position in keep:
-        assigned[free[position]] = "train"
-    index_of = {s: np.asarray([i for i, a in enumerate(assigned) if a == s], dtype=np.int64) for s in SPLITS}
-    if len(index_of["train"]) == 0 or len(index_of["val"]) == 0:
-        raise SiteDataError(
-            f"the site has {len(data)} readable labelled images, too few for a training and a validation split "
-            "(a site needs at least 2 images of one class, or val rows in its manifest)."
-        )
-    return FolderData(
-        train=data.subset(index_of["train"]),
-        val=data.subset(index_of["val"]),
-        test=data.subset(index_of["test"]) if len(index_of["test"]) else None,
-        classes=found.classes,
-        skipped=found.skipped,
-        unlabelled=found.unlabelled,
-    )

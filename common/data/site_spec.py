@@ -84,7 +84,7 @@ def load_site_data(spec: SiteSpec) -> SiteData:
 def _folder_site(spec: SiteSpec) -> SiteData:
     """A hospital's image folder: decoded once (cached), resized to the task's input, split without patient
     leakage."""
-    from medfed.common.data.site_folder import load_folder
+    from medfed.common.data.site_folder_arrays import load_folder
 
     folder = load_folder(
         spec.data,

@@ -167,7 +167,7 @@ def test_real_dicom_files_of_every_kind_pass_the_check(tmp_path):
 
 # --- training data from a folder ---------------------------------------------------------------------------------
 def _load(site: Path, labels=None, **kwargs):
-    from medfed.common.data.site_folder import load_folder
+    from medfed.common.data.site_folder_arrays import load_folder
 
     options = {"image_size": 16, "spatial_dims": 2, "channels": 1, "val_fraction": 0.3, "seed": 0}
     return load_folder(site, labels, None, **{**options, **kwargs})
