@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable
 
 from medfed.common.config.hydra_errors import explain_hydra_error
-from medfed.common.config.registry import CONF_DIR, SCHEMAS
+from medfed.common.config.registry import CONF_DIR, GROUPS, schema_node_name
 from medfed.common.config.schema import Config
 from medfed.common.errors import ConfigError
 
@@ -22,9 +22,9 @@ def register_schemas() -> None:
 
     store = ConfigStore.instance()
     store.store(name="medfed_schema", node=Config)
-    for group, options in SCHEMAS.items():
-        for option, schema in options.items():
-            store.store(group=group, name=f"{option}_schema", node=schema)
+    for group in GROUPS.values():
+        for option in group.options:
+            store.store(group=group.name, name=schema_node_name(option), node=group.node(option))
 
 
 _COMPOSED: dict[tuple[str, ...], Config] = {}

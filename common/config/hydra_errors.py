@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from medfed.common.config.registry import SCHEMAS, group_options
+from medfed.common.config.registry import GROUPS, group_options
 from medfed.common.errors import ConfigError
 
 __all__ = ["explain_hydra_error"]
@@ -19,7 +19,7 @@ def explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigError
     for override in overrides:
         key, _, value = override.partition("=")
         group = key.lstrip("+~")
-        if "." not in group and group in SCHEMAS and value and f"{group}/{value}" in text:
+        if "." not in group and group in GROUPS and value and f"{group}/{value}" in text:
             return ConfigError(
                 f"{group}={value!r} is not a known {group} option; choose one of: "
                 f"{', '.join(group_options(group))}."

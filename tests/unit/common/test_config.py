@@ -162,3 +162,33 @@ def test_round_learning_rate_schedules():
 def test_folder_dataset_options_are_checked(overrides, match):
     with pytest.raises(ConfigError, match=match):
         compose_config(overrides)
+
+
+def test_every_group_option_has_a_registered_schema_and_back():
+    from medfed.common.config.registry import GROUPS, group_options
+
+    for name, group in GROUPS.items():
+        assert sorted(group.options) == group_options(name), name
+
+
+def test_dict_round_trip_finds_the_schema_by_name():
+    from medfed.common.config import KrumConfig, config_from_dict, config_to_dict
+
+    # Prepare: multikrum shares KrumConfig with krum; fedmedian has the base schema
+    data = config_to_dict(compose_config(["strategy=multikrum"]))
+
+    # Execute
+    cfg = config_from_dict(data)
+
+    # Assert
+    assert isinstance(cfg.strategy, KrumConfig)
+    assert cfg.strategy.num_nodes_to_select == 2
+
+
+def test_dict_with_an_unknown_strategy_name_lists_the_choices():
+    from medfed.common.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(compose_config([]))
+    data["strategy"]["name"] = "fedsgd"
+    with pytest.raises(ConfigError, match=r"strategy.name='fedsgd' is not a known strategy; choose one of: fedadagrad, "):
+        config_from_dict(data)
