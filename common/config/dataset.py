@@ -85,9 +85,9 @@ class FolderConfig(DatasetConfig):
     test_root: str = ""  # the global test set's folder ('': the hospitals' images marked split=test)
     test_labels: str = ""
     classes: list[str] = field(default_factory=list)  # label names in class-index order
-    image_size: int = 28
-    channels: int = 1
-    spatial_dims: int = 2
+    image_size: int = 28  # every image is resized to this (per spatial axis)
+    channels: int = 1  # 1 grey (colour converted to luminance) or 3
+    spatial_dims: int = 2  # 2 images (a volume's middle slice) or 3 volumes
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:

@@ -22,11 +22,11 @@ class FederationConfig:
     """How the simulated federation is made: how many hospitals and how the data is split between them."""
 
     hospitals: int = 3
-    partition: str = "iid"
-    alpha: float = 0.5
+    partition: str = "iid"  # iid | dirichlet (label skew) | quantity
+    alpha: float = 0.5  # concentration of the dirichlet and quantity partitions
     seed: int = 0
-    val_fraction: float = 0.2
-    min_samples: int = 10
+    val_fraction: float = 0.2  # each hospital's held-out local validation split (stratified)
+    min_samples: int = 10  # every hospital holds at least this many images
     threads: int = 0  # torch threads per hospital process; 0 = all cores / parallel
 
     parallel: int = 1  # hospitals trained at once in simulation

@@ -49,9 +49,9 @@ class DPConfig(PrivacyConfig):
     name: str = "dp"
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
     max_noise_multiplier: float = 10.0  # a site refuses when fitting its cap would need more noise (useless updates)
-    accountant: str = "rdp"
+    accountant: str = "rdp"  # Opacus' RDP accountant (the only one offered)
     max_physical_batch_size: int = 64  # Opacus BatchMemoryManager: the logical batch is train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (ghost clipping: no per-sample gradients in memory)
     secure_mode: bool = False  # cryptographically secure noise (torchcsprng); deployed sites: site secure_rng

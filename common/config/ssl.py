@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 class SSLConfig:
     """Self-supervised pretraining (``task=ssl``): SimCLR-style contrastive learning or masked image modelling."""
 
-    method: str = "simclr"
+    method: str = "simclr"  # simclr (contrastive, two views per image) | mim (masked image modelling; works with DP)
     temperature: float = 0.2  # SimCLR's NT-Xent temperature (0.2 beat 0.5 on PneumoniaMNIST, docs/benchmarks.md)
     projection_dim: int = 64  # SimCLR's projector output
     mask_ratio: float = 0.5  # MIM: the fraction of patches hidden

@@ -45,13 +45,13 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 256
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
     lr_schedule: str = "constant"  # cosine: decay from lr to lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
     weight_decay: float = 1e-4
-    momentum: float = 0.9
-    class_weighting: str = "none"
+    momentum: float = 0.9  # sgd only
+    class_weighting: str = "none"  # balanced: inverse class frequency of the training split; not with DP
     seed: int = 0
     encoder_lr_scale: float = 1.0  # discriminative learning rates: the encoder trains at lr x this, the head at lr
     augment: AugmentConfig = field(default_factory=AugmentConfig)
