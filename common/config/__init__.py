@@ -12,7 +12,8 @@ The package, one concept a module:
 
 - schemas, one module per group: :mod:`.dataset`, :mod:`.model` (with ``personalize``), :mod:`.strategy`,
   :mod:`.federation`, :mod:`.train`, :mod:`.privacy`, :mod:`.evaluate` (with ``tracking``), :mod:`.ssl`, and the
-  root :mod:`.schema`; the allowed strings in :mod:`.choices`, the checks of one value in :mod:`.checks`;
+  root :mod:`.schema`; the choices (``StrEnum`` types and their values) in :mod:`.choices`, the checks of one
+  value in :mod:`.checks`;
 - :mod:`.rules`: the named checks that involve several sections;
 - :mod:`.registry`: the Hydra groups, their options and the schema of each;
 - :mod:`.compose` and :mod:`.hydra_errors`: composition and the translation of Hydra's errors;
@@ -37,6 +38,19 @@ from medfed.common.config.choices import (
     PRIVACY_MECHANISMS,
     SSL_METHODS,
     TASKS,
+    Accountant,
+    Attack,
+    ClassWeighting,
+    FinetuneMode,
+    GradSampleMode,
+    LRSchedule,
+    LocalLayers,
+    ModelNorm,
+    Optimizer,
+    Partition,
+    PrivacyMechanism,
+    SSLMethod,
+    Task,
 )
 from medfed.common.config.compose import compose_config, register_schemas
 from medfed.common.config.dataset import DatasetConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
@@ -76,26 +90,39 @@ __all__ = [
     "RUN_CONFIG_OVERRIDES",
     "SSL_METHODS",
     "TASKS",
+    "Accountant",
     "AdaptiveMomentsConfig",
+    "Attack",
     "AugmentConfig",
     "CentralDPConfig",
+    "ClassWeighting",
     "Config",
     "DPConfig",
     "DatasetConfig",
     "EvaluateConfig",
     "FederationConfig",
+    "FinetuneMode",
     "FolderConfig",
+    "GradSampleMode",
     "KrumConfig",
+    "LRSchedule",
+    "LocalLayers",
     "MedMNISTConfig",
     "ModelConfig",
+    "ModelNorm",
+    "Optimizer",
+    "Partition",
     "PersonalizeConfig",
     "PrivacyConfig",
+    "PrivacyMechanism",
     "ProxConfig",
     "SSLConfig",
+    "SSLMethod",
     "ServerMomentumConfig",
     "ServerOptimizerConfig",
     "StrategyConfig",
     "SyntheticConfig",
+    "Task",
     "TrackingConfig",
     "TrainConfig",
     "TrimmedMeanConfig",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from medfed.common.errors import ConfigError
 
-__all__ = ["require_choice", "require_count", "require_fraction", "require_positive"]
+__all__ = ["choice_error", "require_choice", "require_count", "require_fraction", "require_positive"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +20,15 @@ logger = logging.getLogger(__name__)
 def require_choice(key: str, value: object, allowed: Sequence[object]) -> None:
     """``value`` must be one of ``allowed``; the error lists them and shows the first as an example."""
     if value not in allowed:
-        raise ConfigError(
-            f"{key}={value!r} is not allowed; choose one of: {', '.join(str(a) for a in allowed)} "
-            f"(e.g. `{key}={allowed[0]}` on the command line)."
-        )
+        raise choice_error(key, value, allowed)
+
+
+def choice_error(key: str, value: object, allowed: Sequence[object]) -> ConfigError:
+    """The error for ``key=value`` when ``value`` is not one of ``allowed``."""
+    return ConfigError(
+        f"{key}={value!r} is not allowed; choose one of: {', '.join(str(a) for a in allowed)} "
+        f"(e.g. `{key}={allowed[0]}` on the command line)."
+    )
 
 
 def require_positive(key: str, value: float, *, allow_zero: bool = False) -> None:

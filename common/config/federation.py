@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from medfed.common.config.checks import require_choice, require_fraction, require_positive
-from medfed.common.config.choices import ATTACKS, PARTITIONS
+from medfed.common.config.choices import ATTACKS, PARTITIONS, Attack, Partition
 from medfed.common.errors import ConfigError
 
 __all__ = [
@@ -22,7 +22,7 @@ class FederationConfig:
     """How the simulated federation is made: how many hospitals and how the data is split between them."""
 
     hospitals: int = 3
-    partition: str = "iid"  # iid | dirichlet (label skew) | quantity
+    partition: Partition = Partition.iid  # iid | dirichlet (label skew) | quantity
     alpha: float = 0.5  # concentration of the dirichlet and quantity partitions
     seed: int = 0
     val_fraction: float = 0.2  # each hospital's held-out local validation split (stratified)
@@ -39,7 +39,7 @@ class FederationConfig:
     # A robustness experiment (simulation only; a deployed hospital never reads it): the first `attackers`
     # simulated hospitals send a poisoned update, scaled (`scale`: global + attack_scale x their update) or
     # replaced by Gaussian noise (`noise`: global + N(0, attack_scale^2) per weight).
-    attack: str = "none"
+    attack: Attack = Attack.none
     attackers: int = 1
     attack_scale: float = 100.0
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Sequence
+from enum import Enum
 
+from medfed.common.config.checks import choice_error
 from medfed.common.config.registry import GROUPS, group_options
 from medfed.common.errors import ConfigError
 
@@ -24,6 +27,9 @@ def explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigError
                 f"{group}={value!r} is not a known {group} option; choose one of: "
                 f"{', '.join(group_options(group))}."
             )
+    refused = _refused_choice(exc.__cause__)
+    if refused is not None:
+        return refused
     if "Could not override" in text or "not in struct" in text:
         key = text.split("'")[1] if text.count("'") >= 2 else text
         return ConfigError(
@@ -39,3 +45,21 @@ def explain_hydra_error(overrides: Sequence[str], exc: Exception) -> ConfigError
         )
     detail = f" ({str(cause).splitlines()[0]})" if cause is not None else ""
     return ConfigError(f"Invalid configuration: {text.splitlines()[0]}{detail}")
+
+
+def _refused_choice(cause: BaseException | None) -> ConfigError | None:
+    """OmegaConf refused a value of an enum-typed field (``train.optimizer=lbfgs``): the same message as
+    :func:`~medfed.common.config.checks.require_choice` gives, with the enum's values; None for other errors."""
+    from omegaconf.errors import ValidationError
+
+    if not isinstance(cause, ValidationError) or not cause.full_key or cause.object_type is None:
+        return None
+    if cause.value is None:  # `key=null`: not a choice, Hydra's own message says the field is not optional
+        return None
+    try:
+        hint = typing.get_type_hints(cause.object_type).get(str(cause.full_key).rsplit(".", 1)[-1])
+    except (NameError, TypeError):  # pragma: no cover - every schema's annotations resolve
+        return None
+    if not (isinstance(hint, type) and issubclass(hint, Enum)):
+        return None
+    return choice_error(str(cause.full_key), str(cause.value), [member.value for member in hint])

@@ -6,7 +6,14 @@ import logging
 from dataclasses import dataclass
 
 from medfed.common.config.checks import require_choice, require_fraction, require_positive
-from medfed.common.config.choices import FINETUNE_MODES, LOCAL_LAYERS, MODEL_NORMS
+from medfed.common.config.choices import (
+    FINETUNE_MODES,
+    LOCAL_LAYERS,
+    MODEL_NORMS,
+    FinetuneMode,
+    LocalLayers,
+    ModelNorm,
+)
 from medfed.common.errors import ConfigError
 
 __all__ = [
@@ -27,9 +34,9 @@ class ModelConfig:
     # transfer learning: a local weights file the coordinator starts the run from ('' = random initialisation), and
     # which layers train: full (all), partial (the encoder's last stage and the head), linear_probe (the head only)
     pretrained: str = ""
-    finetune: str = "full"
+    finetune: FinetuneMode = FinetuneMode.full
     # normalisation after each convolution: group (GroupNorm; works with DP-SGD) | batch (BatchNorm; runs without DP)
-    norm: str = "group"
+    norm: ModelNorm = ModelNorm.group
 
     def __post_init__(self) -> None:
         require_positive("model.width", self.width)
@@ -45,7 +52,7 @@ class PersonalizeConfig:
     """Personalisation: layers each hospital keeps to itself (FedBN-style norm layers, FedPer-style head) and local
     fine-tuning of the final model; hospitals then report global and personalised metrics."""
 
-    local_layers: str = "none"
+    local_layers: LocalLayers = LocalLayers.none
     finetune_epochs: int = 0
 
     def __post_init__(self) -> None:

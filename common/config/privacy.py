@@ -6,7 +6,14 @@ import logging
 from dataclasses import dataclass
 
 from medfed.common.config.checks import require_choice, require_fraction, require_positive
-from medfed.common.config.choices import ACCOUNTANTS, GRAD_SAMPLE_MODES, PRIVACY_MECHANISMS
+from medfed.common.config.choices import (
+    ACCOUNTANTS,
+    GRAD_SAMPLE_MODES,
+    PRIVACY_MECHANISMS,
+    Accountant,
+    GradSampleMode,
+    PrivacyMechanism,
+)
 from medfed.common.errors import ConfigError
 
 __all__ = [
@@ -22,7 +29,7 @@ logger = logging.getLogger(__name__)
 class PrivacyConfig:
     """Privacy mechanism the coordinator requests (``none``: images stay at the sites, nothing more)."""
 
-    name: str = "none"
+    name: PrivacyMechanism = PrivacyMechanism.none
     # Flower's SecAgg+ (legacy workflow): the coordinator only ever sees the sum of the hospitals' updates
     secure_aggregation: bool = False
     secagg_shares: int = 0  # secret shares per hospital's key; 0 = every other hospital
@@ -46,14 +53,15 @@ class DPConfig(PrivacyConfig):
     node config in deployment) can only make this stricter.
     """
 
-    name: str = "dp"
+    name: PrivacyMechanism = PrivacyMechanism.dp
     target_epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample gradient clipping bound
     max_noise_multiplier: float = 10.0  # a site refuses when fitting its cap would need more noise (useless updates)
-    accountant: str = "rdp"  # Opacus' RDP accountant (the only one offered)
+    accountant: Accountant = Accountant.rdp  # Opacus' RDP accountant (the only one offered)
     max_physical_batch_size: int = 64  # Opacus BatchMemoryManager: the logical batch is train.batch_size
-    grad_sample_mode: str = "hooks"  # hooks | ghost (ghost clipping: no per-sample gradients in memory)
+    # hooks | ghost (ghost clipping: no per-sample gradients in memory)
+    grad_sample_mode: GradSampleMode = GradSampleMode.hooks
     secure_mode: bool = False  # cryptographically secure noise (torchcsprng); deployed sites: site secure_rng
 
     def __post_init__(self) -> None:
@@ -89,7 +97,7 @@ class CentralDPConfig(PrivacyConfig):
     Flower's RDP accountant reporting the run-level epsilon. Protects whole hospitals, trusts the coordinator with
     the noise."""
 
-    name: str = "central_dp"
+    name: PrivacyMechanism = PrivacyMechanism.central_dp
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0  # L2 bound on each hospital's model update
     delta: float = 1e-5

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from medfed.common.config.checks import require_choice, require_fraction
-from medfed.common.config.choices import TASKS
+from medfed.common.config.choices import TASKS, Task
 from medfed.common.config.dataset import DatasetConfig
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
 from medfed.common.config.federation import FederationConfig
@@ -39,7 +39,9 @@ class Config:
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    task: str = "classify"  # classify: supervised; ssl: self-supervised pretraining of the encoder (no labels)
+    # classify: supervised; ssl: self-supervised pretraining of the encoder (no labels; its best_model.pt starts a
+    # supervised run through model.pretrained=...)
+    task: Task = Task.classify
     ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict
+from enum import Enum
 from typing import Any
 
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
@@ -27,8 +28,12 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain-dict form of a composed config (JSON-serialisable)."""
-    return asdict(cfg)
+    """Plain-dict form of a composed config (JSON-serialisable): the choices are plain strings, not enum members."""
+    return asdict(cfg, dict_factory=_plain_dict)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

@@ -7,7 +7,14 @@ import math
 from dataclasses import dataclass, field
 
 from medfed.common.config.checks import require_choice, require_fraction, require_positive
-from medfed.common.config.choices import CLASS_WEIGHTINGS, LR_SCHEDULES, OPTIMIZERS
+from medfed.common.config.choices import (
+    CLASS_WEIGHTINGS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    ClassWeighting,
+    LRSchedule,
+    Optimizer,
+)
 from medfed.common.errors import ConfigError
 
 __all__ = [
@@ -45,13 +52,14 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 256
-    optimizer: str = "adamw"  # adamw | adam | sgd
+    optimizer: Optimizer = Optimizer.adamw  # adamw | adam | sgd
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # cosine: decay from lr to lr * lr_min_factor over the rounds
+    lr_schedule: LRSchedule = LRSchedule.constant  # cosine: decay from lr to lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    class_weighting: str = "none"  # balanced: inverse class frequency of the training split; not with DP
+    # none | balanced (inverse class frequency of the hospital's training split; not with privacy=dp)
+    class_weighting: ClassWeighting = ClassWeighting.none
     seed: int = 0
     encoder_lr_scale: float = 1.0  # discriminative learning rates: the encoder trains at lr x this, the head at lr
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -192,3 +192,28 @@ def test_dict_with_an_unknown_strategy_name_lists_the_choices():
     data["strategy"]["name"] = "fedsgd"
     with pytest.raises(ConfigError, match=r"strategy.name='fedsgd' is not a known strategy; choose one of: fedadagrad, "):
         config_from_dict(data)
+
+
+def test_choices_are_typed_and_serialise_as_plain_strings():
+    from medfed.common.config import config_to_dict
+    from medfed.common.config.choices import OPTIMIZERS, Optimizer, Partition
+
+    # Execute
+    cfg = compose_config(["train.optimizer=sgd"])
+    data = config_to_dict(cfg)
+
+    # Assert: a member in the config, equal to its string; a plain string in the dict
+    assert cfg.train.optimizer is Optimizer.sgd and cfg.train.optimizer == "sgd"
+    assert cfg.federation.partition == Partition.iid == "iid"
+    assert type(data["train"]["optimizer"]) is str and type(data["federation"]["partition"]) is str
+    assert OPTIMIZERS == ("adamw", "adam", "sgd")
+
+
+def test_every_rule_is_registered():
+    import inspect
+
+    from medfed.common.config import rules
+
+    defined = {f for name, f in inspect.getmembers(rules, inspect.isfunction)
+               if f.__module__ == rules.__name__ and not name.startswith("_") and name != "check_rules"}
+    assert defined == set(rules.RULES)
