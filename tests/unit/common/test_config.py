@@ -162,3 +162,58 @@ def test_round_learning_rate_schedules():
 def test_folder_dataset_options_are_checked(overrides, match):
     with pytest.raises(ConfigError, match=match):
         compose_config(overrides)
+
+
+def test_every_group_option_has_a_registered_schema_and_back():
+    from medfed.common.config.registry import GROUPS, group_options
+
+    for name, group in GROUPS.items():
+        assert sorted(group.options) == group_options(name), name
+
+
+def test_dict_round_trip_finds_the_schema_by_name():
+    from medfed.common.config import KrumConfig, config_from_dict, config_to_dict
+
+    # Prepare: multikrum shares KrumConfig with krum; fedmedian has the base schema
+    data = config_to_dict(compose_config(["strategy=multikrum"]))
+
+    # Execute
+    cfg = config_from_dict(data)
+
+    # Assert
+    assert isinstance(cfg.strategy, KrumConfig)
+    assert cfg.strategy.num_nodes_to_select == 2
+
+
+def test_dict_with_an_unknown_strategy_name_lists_the_choices():
+    from medfed.common.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(compose_config([]))
+    data["strategy"]["name"] = "fedsgd"
+    with pytest.raises(ConfigError, match=r"strategy.name='fedsgd' is not a known strategy; choose one of: fedadagrad, "):
+        config_from_dict(data)
+
+
+def test_choices_are_typed_and_serialise_as_plain_strings():
+    from medfed.common.config import config_to_dict
+    from medfed.common.config.choices import OPTIMIZERS, Optimizer, Partition
+
+    # Execute
+    cfg = compose_config(["train.optimizer=sgd"])
+    data = config_to_dict(cfg)
+
+    # Assert: a member in the config, equal to its string; a plain string in the dict
+    assert cfg.train.optimizer is Optimizer.sgd and cfg.train.optimizer == "sgd"
+    assert cfg.federation.partition == Partition.iid == "iid"
+    assert type(data["train"]["optimizer"]) is str and type(data["federation"]["partition"]) is str
+    assert OPTIMIZERS == ("adamw", "adam", "sgd")
+
+
+def test_every_rule_is_registered():
+    import inspect
+
+    from medfed.common.config import rules
+
+    defined = {f for name, f in inspect.getmembers(rules, inspect.isfunction)
+               if f.__module__ == rules.__name__ and not name.startswith("_") and name != "check_rules"}
+    assert defined == set(rules.RULES)

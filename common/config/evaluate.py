@@ -1,0 +1,57 @@
+"""Schemas of what a run produces besides the model: ``evaluate`` (after the last round) and ``tracking``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from medfed.common.config.checks import require_count
+from medfed.common.errors import ConfigError
+
+__all__ = [
+    "EvaluateConfig",
+    "TrackingConfig",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """What happens after the last round: federated temperature scaling on the hospitals' validation splits, the
+    coordinator's uncertainty analysis on the test set (MC dropout, snapshot ensemble, referral), and Grad-CAM maps
+    each hospital computes and keeps."""
+
+    calibrate: bool = True
+    mc_samples: int = 0
+    snapshots: int = 0
+    gradcam_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError(f"evaluate.calibrate={self.calibrate!r} is not allowed; it must be true or false.")
+        require_count("evaluate.mc_samples", self.mc_samples, minimum=2, meaning="stochastic passes with dropout on")
+        require_count("evaluate.snapshots", self.snapshots, minimum=2, meaning="global models of the last rounds")
+        require_count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
+
+
+@dataclass
+class TrackingConfig:
+    """Optional extra outputs of every run: TensorBoard event files of the per-round metrics."""
+
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tracking.tensorboard={self.tensorboard!r} is not allowed; it must be true or false.")
+
+    def require_runtime(self) -> None:
+        """Fail before the first round when TensorBoard logging is asked for and its package is missing."""
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "tracking.tensorboard=true needs the tensorboard package: pip install 'medfed[tensorboard]' "
+                    "(or set tracking.tensorboard=false)."
+                ) from None

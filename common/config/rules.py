@@ -1,0 +1,205 @@
+"""Rules that involve several sections of the config, each a named function, checked in the order of :data:`RULES`.
+
+A section checks its own values in its ``__post_init__``; what one section's value means for another's (secure
+aggregation and the strategy, DP and the loss, self-supervised pretraining and everything it excludes) is a rule
+here. :class:`~medfed.common.config.schema.Config` runs every rule after its sections are built; the first rule
+broken raises :class:`~medfed.common.errors.ConfigError` saying which keys clash and how to resolve it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from medfed.common.config.dataset import FolderConfig
+from medfed.common.config.strategy import ProxConfig
+from medfed.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medfed.common.config.schema import Config
+
+__all__ = [
+    "RULES",
+    "Rule",
+    "check_rules",
+    "folder_roots_match_hospitals",
+    "min_train_nodes_within_hospitals",
+    "mc_dropout_needs_dropout",
+    "no_batch_norm_with_privacy",
+    "no_batch_norm_with_secure_aggregation",
+    "no_class_weighting_with_dp",
+    "no_fedprox_with_dp",
+    "no_personalization_with_privacy",
+    "secure_aggregation_needs_fedavg",
+    "ssl_dp_needs_hooks",
+    "ssl_has_no_predictions",
+    "ssl_no_personalization",
+    "ssl_no_simclr_with_dp",
+    "ssl_trains_from_scratch",
+]
+
+logger = logging.getLogger(__name__)
+
+Rule = Callable[["Config"], None]
+"""A check of a whole :class:`Config`: returns when it holds, raises :class:`ConfigError` when it does not."""
+
+
+# --- self-supervised pretraining (task=ssl): what it cannot be combined with, said before anything starts --------
+
+
+def ssl_no_simclr_with_dp(cfg: Config) -> None:
+    """SimCLR's contrastive loss couples the images of a batch; DP-SGD's per-sample clipping cannot bound that."""
+    if cfg.task == "ssl" and cfg.ssl.method == "simclr" and cfg.privacy.name == "dp":
+        raise ConfigError(
+            "task=ssl ssl.method=simclr cannot run with privacy=dp: the contrastive loss couples every image of a "
+            "batch, so per-sample clipping does not bound one image's influence and the epsilon would not hold. Use "
+            "ssl.method=mim (masked image modelling: one loss per image) with privacy=dp."
+        )
+
+
+def ssl_dp_needs_hooks(cfg: Config) -> None:
+    """Private self-supervised pretraining computes per-sample gradients with Opacus' hooks."""
+    if cfg.task == "ssl" and cfg.privacy.name == "dp" and getattr(cfg.privacy, "grad_sample_mode", "hooks") != "hooks":
+        raise ConfigError("task=ssl with privacy=dp needs privacy.grad_sample_mode=hooks.")
+
+
+def ssl_no_personalization(cfg: Config) -> None:
+    """Self-supervised pretraining trains one shared encoder: no local layers, no local fine-tuning."""
+    if cfg.task == "ssl" and cfg.personalize.enabled:
+        raise ConfigError("task=ssl trains one shared encoder: leave personalize.* off.")
+
+
+def ssl_has_no_predictions(cfg: Config) -> None:
+    """The classifier's evaluation (MC dropout, snapshot ensemble, Grad-CAM) has nothing to evaluate in an SSL run."""
+    if cfg.task == "ssl" and (cfg.evaluate.mc_samples or cfg.evaluate.snapshots or cfg.evaluate.gradcam_samples):
+        raise ConfigError("evaluate.mc_samples/snapshots/gradcam_samples are for classifiers; task=ssl has no "
+                          "predictions. Leave them 0 (the SSL run reports its representation quality instead).")
+
+
+def ssl_trains_from_scratch(cfg: Config) -> None:
+    """Transfer learning (model.pretrained, model.finetune) belongs to the supervised run after pretraining."""
+    if cfg.task == "ssl" and (cfg.model.pretrained or cfg.model.finetune != "full"):
+        raise ConfigError("task=ssl pretrains an encoder from scratch; model.pretrained and model.finetune apply to "
+                          "the supervised run that follows it.")
+
+
+# --- every task ---------------------------------------------------------------------------------------------------
+
+
+def mc_dropout_needs_dropout(cfg: Config) -> None:
+    """MC-dropout passes are all the same without dropout in the model."""
+    if cfg.evaluate.mc_samples > 0 and cfg.model.dropout <= 0.0:
+        raise ConfigError(
+            f"evaluate.mc_samples={cfg.evaluate.mc_samples} needs a model trained with dropout, but "
+            "model.dropout=0; set model.dropout=0.2 (for example) or evaluate.mc_samples=0."
+        )
+
+
+def no_personalization_with_privacy(cfg: Config) -> None:
+    """Local layers and fine-tuning train on a hospital's data outside the privacy accounting."""
+    if cfg.personalize.enabled and (cfg.privacy.name != "none" or cfg.privacy.secure_aggregation):
+        raise ConfigError(
+            "personalize.* cannot run with privacy=dp, privacy=central_dp or secure aggregation yet: local layers "
+            "and fine-tuning steps are training on the hospital's data that the privacy accounting does not "
+            "cover. Leave personalize.local_layers=none and personalize.finetune_epochs=0 for private runs."
+        )
+
+
+def no_batch_norm_with_privacy(cfg: Config) -> None:
+    """BatchNorm's batch statistics defeat DP-SGD's per-sample bound and would be noised like weights."""
+    if cfg.model.norm == "batch" and cfg.privacy.name != "none":
+        raise ConfigError(
+            f"model.norm=batch cannot run with privacy={cfg.privacy.name}: BatchNorm normalises each image by "
+            "its batch's statistics, so one image's influence is not bounded (DP-SGD), and its running "
+            "statistics would be noised like weights (central DP). Use model.norm=group with privacy, or "
+            "privacy=none."
+        )
+
+
+def no_batch_norm_with_secure_aggregation(cfg: Config) -> None:
+    """SecAgg+ quantises into a fixed range that BatchNorm's running variances can leave."""
+    if cfg.model.norm == "batch" and cfg.privacy.secure_aggregation:
+        raise ConfigError(
+            "model.norm=batch cannot run with privacy.secure_aggregation=true: SecAgg+ quantises every value into "
+            "a fixed range ([-8, 8]), and BatchNorm's running variances can lie outside it. Use model.norm=group "
+            "with secure aggregation."
+        )
+
+
+def secure_aggregation_needs_fedavg(cfg: Config) -> None:
+    """SecAgg+ reveals only the sum of the updates; every strategy but FedAvg needs each update."""
+    if cfg.privacy.secure_aggregation and cfg.strategy.name != "fedavg":
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} cannot run with privacy.secure_aggregation=true: SecAgg+ gives the "
+            "coordinator only the sum of the updates, and this strategy needs each one. Use strategy=fedavg, or "
+            "turn secure aggregation off."
+        )
+
+
+def no_fedprox_with_dp(cfg: Config) -> None:
+    """Opacus' per-sample gradients leave FedProx's proximal term out."""
+    if isinstance(cfg.strategy, ProxConfig) and cfg.strategy.mu > 0 and cfg.privacy.name == "dp":
+        raise ConfigError(
+            "strategy=fedprox cannot run with privacy=dp yet: Opacus builds each update from per-sample "
+            "gradients, which leave the proximal term out. Use strategy=fedavg (or another aggregator) with "
+            "privacy=dp, or strategy.mu=0."
+        )
+
+
+def no_class_weighting_with_dp(cfg: Config) -> None:
+    """Class weights computed from a hospital's labels couple every image's loss to the others' labels."""
+    if cfg.privacy.name == "dp" and cfg.train.class_weighting != "none":
+        raise ConfigError(
+            f"train.class_weighting={cfg.train.class_weighting} cannot run with privacy=dp: the weights are "
+            "computed from the hospital's training labels, so every image's loss would depend on the others' "
+            "labels, which DP-SGD's epsilon does not account for. Use train.class_weighting=none with "
+            "privacy=dp."
+        )
+
+
+def folder_roots_match_hospitals(cfg: Config) -> None:
+    """dataset=folder: one image folder per simulated hospital."""
+    if isinstance(cfg.dataset, FolderConfig) and len(cfg.dataset.roots) != cfg.federation.hospitals:
+        raise ConfigError(
+            f"dataset.roots has {len(cfg.dataset.roots)} folders but federation.hospitals="
+            f"{cfg.federation.hospitals}; each simulated hospital needs its own folder."
+        )
+
+
+def min_train_nodes_within_hospitals(cfg: Config) -> None:
+    """A round cannot wait for more hospitals than the federation has."""
+    if cfg.strategy.min_train_nodes > cfg.federation.hospitals:
+        raise ConfigError(
+            f"strategy.min_train_nodes={cfg.strategy.min_train_nodes} exceeds federation.hospitals="
+            f"{cfg.federation.hospitals}; lower strategy.min_train_nodes or add hospitals."
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    ssl_no_simclr_with_dp,
+    ssl_dp_needs_hooks,
+    ssl_no_personalization,
+    ssl_has_no_predictions,
+    ssl_trains_from_scratch,
+    mc_dropout_needs_dropout,
+    no_personalization_with_privacy,
+    no_batch_norm_with_privacy,
+    no_batch_norm_with_secure_aggregation,
+    secure_aggregation_needs_fedavg,
+    no_fedprox_with_dp,
+    no_class_weighting_with_dp,
+    folder_roots_match_hospitals,
+    min_train_nodes_within_hospitals,
+)
+"""Every cross-section rule, in the order they are checked (the first broken one is reported)."""
+
+
+def check_rules(cfg: Config, rules: tuple[Rule, ...] = RULES) -> None:
+    """Check ``cfg`` against ``rules`` in order.
+
+    Raises:
+        ConfigError: from the first rule that does not hold.
+    """
+    for rule in rules:
+        rule(cfg)

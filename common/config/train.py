@@ -1,0 +1,87 @@
+"""Schema of the ``train`` group: the learning recipe and its augmentation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from medfed.common.config.checks import require_choice, require_fraction, require_positive
+from medfed.common.config.choices import (
+    CLASS_WEIGHTINGS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    ClassWeighting,
+    LRSchedule,
+    Optimizer,
+)
+from medfed.common.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "TrainConfig",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentation applied to training images (2D and 3D): flip, rotate, scale, intensity."""
+
+    enabled: bool = False
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.1
+    prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        require_fraction("train.augment.flip_prob", self.flip_prob, low_open=False)
+        require_fraction("train.augment.prob", self.prob, low_open=False)
+        require_positive("train.augment.rotate_deg", self.rotate_deg, allow_zero=True)
+        require_fraction("train.augment.scale", self.scale, low_open=False, high_open=True)
+        require_fraction("train.augment.intensity", self.intensity, low_open=False, high_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """The learning recipe: rounds, local epochs, optimizer and loss; identical for federated runs and baselines."""
+
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: Optimizer = Optimizer.adamw  # adamw | adam | sgd
+    lr: float = 1e-3
+    lr_schedule: LRSchedule = LRSchedule.constant  # cosine: decay from lr to lr * lr_min_factor over the rounds
+    lr_min_factor: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    # none | balanced (inverse class frequency of the hospital's training split; not with privacy=dp)
+    class_weighting: ClassWeighting = ClassWeighting.none
+    seed: int = 0
+    encoder_lr_scale: float = 1.0  # discriminative learning rates: the encoder trains at lr x this, the head at lr
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of a round (1-based): constant, or cosine-decayed to ``lr * lr_min_factor``."""
+        if self.lr_schedule == "constant" or self.rounds <= 1:
+            return self.lr
+        progress = min(max(server_round - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        low = self.lr * self.lr_min_factor
+        return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"train.{key}={value!r} is out of range; it must be >= 1.")
+        require_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("train.class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        require_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        require_fraction("train.lr_min_factor", self.lr_min_factor, low_open=False)
+        require_positive("train.lr", self.lr)
+        require_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        require_fraction("train.momentum", self.momentum, low_open=False, high_open=True)
+        require_positive("train.encoder_lr_scale", self.encoder_lr_scale)
