@@ -60,7 +60,7 @@ def run_medfed(args: list[str], *, cwd: Path, timeout: float) -> tuple[int, floa
 
 def bench_dataset(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
-    common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}", *FEDERATION, *recipe]
+    common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION, *recipe]
     results: dict[str, Any] = {"overrides": common}
     for method, command in (
         ("centralized", ["baseline", "centralized"]),

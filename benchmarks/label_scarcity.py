@@ -89,7 +89,7 @@ class Runner:
                 "model": str(run_dir / "best_model.pt"), "stopped": summary.get("stopped")}
 
     def base(self, dataset: str) -> list[str]:
-        return ["dataset=medmnist", f"dataset.name={dataset}", f"dataset.root={self.data_dir}", *FEDERATION]
+        return ["dataset=medmnist", f"dataset.name={dataset}", f"dataset.data_path={self.data_dir}", *FEDERATION]
 
 
 def main() -> None:

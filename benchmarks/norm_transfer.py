@@ -70,7 +70,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     require_medmnist(args.data_dir, args.datasets)
     name = args.datasets[0]
-    splits = load_medmnist(MedMNISTConfig(name=name, root=str(args.data_dir)))  # train + val pool, test
+    splits = load_medmnist(MedMNISTConfig(name=name, data_path=str(args.data_dir)))  # train + val pool, test
     data, test_x, test_y = splits.train, splits.test.images, splits.test.labels
     if args.quick:
         data, args.epochs = data.subset(np.arange(256)), 1

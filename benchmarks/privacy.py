@@ -48,7 +48,7 @@ DP_FIXED = ["privacy.delta=1e-5", "privacy.max_grad_norm=1.0", "federation.site_
 
 def bench_utility(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
-    common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}", *FEDERATION, *recipe]
+    common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION, *recipe]
     results: dict[str, Any] = {"overrides": common, "runs": {}}
     for eps in EPSILONS:
         label = "inf" if eps is None else f"{eps:g}"

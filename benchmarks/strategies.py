@@ -109,7 +109,7 @@ def _run(label: str, command: list[str], overrides: list[str], work: Path, reuse
 
 def bench_noniid(name: str, data_dir: Path, work: Path, quick: bool, reuse: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
-    data = ["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}"]
+    data = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}"]
     results: dict[str, Any] = {"recipe": recipe, "alphas": {}}
     shared: dict[str, Any] = {}  # the centralized run: the pooled training set is the same for every alpha
     for alpha in ALPHAS:
@@ -139,7 +139,7 @@ def bench_noniid(name: str, data_dir: Path, work: Path, quick: bool, reuse: bool
 
 def bench_poisoning(data_dir: Path, work: Path, quick: bool, reuse: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[POISON_DATASET]
-    common = ["dataset=medmnist", f"dataset.name={POISON_DATASET}", f"dataset.root={data_dir}",
+    common = ["dataset=medmnist", f"dataset.name={POISON_DATASET}", f"dataset.data_path={data_dir}",
               "federation.hospitals=5", "federation.partition=dirichlet", f"federation.alpha={POISON_ALPHA:g}",
               "federation.seed=0", *recipe]
     results: dict[str, Any] = {}

@@ -41,7 +41,7 @@ AL_SEEDS = (0, 1, 2)
 
 def federated_run(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
-    args = ["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}", *FEDERATION, *recipe,
+    args = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION, *recipe,
             "model.dropout=0.2", "evaluate.mc_samples=20", "evaluate.snapshots=3", "evaluate.gradcam_samples=4"]
     run_dir = work / f"{name}-trust"
     subprocess_args = ["simulate", "--run-dir", str(run_dir), "--cache-dir", str(work / "cache"),
@@ -67,7 +67,7 @@ def active_learning(name: str, data_dir: Path, work: Path, quick: bool) -> dict[
     from medfed.common.data import load_test_set
 
     initial, per_step, steps, epochs = (20, 10, 1, 2) if quick else AL_SETTINGS[name]
-    cfg = compose_config(["dataset=medmnist", f"dataset.name={name}", f"dataset.root={data_dir}", *FEDERATION])
+    cfg = compose_config(["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION])
     info, test = load_test_set(cfg, cache_dir=work / "cache")
     curves: dict[str, list[list[float]]] = {"entropy": [], "random": []}
     started = time.time()

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from medfed.common.config.hydra_errors import explain_hydra_error
 from medfed.common.config.registry import CONF_DIR, GROUPS, schema_node_name
+from medfed.common.config.renamed import renamed_overrides
 from medfed.common.config.schema import Config
 from medfed.common.errors import ConfigError
 
@@ -39,7 +40,7 @@ def compose_config(overrides: Iterable[str] = ()) -> Config:
     Raises:
         ConfigError: naming the key, the bad value and the allowed values, before anything starts.
     """
-    key = tuple(overrides)
+    key = tuple(renamed_overrides(overrides))
     if key not in _COMPOSED:
         _COMPOSED[key] = _compose(list(key))
     return copy.deepcopy(_COMPOSED[key])

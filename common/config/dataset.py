@@ -31,11 +31,11 @@ class DatasetConfig:
 
 @dataclass
 class MedMNISTConfig(DatasetConfig):
-    """An official MedMNIST v2/v3 npz file, ``ROOT/NAME.npz`` (28 px) or ``ROOT/NAME_SIZE.npz``."""
+    """An official MedMNIST v2/v3 npz file, ``DATA_PATH/NAME.npz`` (28 px) or ``DATA_PATH/NAME_SIZE.npz``."""
 
     source: str = "medmnist"
     name: str = "pneumoniamnist"
-    root: str = "~/.medmnist"
+    data_path: str = "~/.medmnist"  # the folder holding the npz files
     size: int = 28
     download: bool = False
 
@@ -80,9 +80,9 @@ class FolderConfig(DatasetConfig):
 
     source: str = "folder"
     name: str = "folder"
-    roots: list[str] = field(default_factory=list)  # one folder per simulated hospital
+    data_paths: list[str] = field(default_factory=list)  # one folder per simulated hospital
     labels: list[str] = field(default_factory=list)  # a manifest per hospital ('' or none: class subfolders)
-    test_root: str = ""  # the global test set's folder ('': the hospitals' images marked split=test)
+    test_data_path: str = ""  # the global test set's folder ('': the hospitals' images marked split=test)
     test_labels: str = ""
     classes: list[str] = field(default_factory=list)  # label names in class-index order
     image_size: int = 28  # every image is resized to this (per spatial axis)
@@ -95,11 +95,12 @@ class FolderConfig(DatasetConfig):
                 f"dataset.classes={list(self.classes)!r} must name at least 2 labels, in class-index order, e.g. "
                 "dataset.classes=[benign,malignant]."
             )
-        if not self.roots:
-            raise ConfigError("dataset.roots is empty; give one image folder per hospital, e.g. dataset.roots=[a,b].")
-        if self.labels and len(self.labels) != len(self.roots):
+        if not self.data_paths:
+            raise ConfigError("dataset.data_paths is empty; give one image folder per hospital, e.g. "
+                              "dataset.data_paths=[a,b].")
+        if self.labels and len(self.labels) != len(self.data_paths):
             raise ConfigError(
-                f"dataset.labels has {len(self.labels)} entries for {len(self.roots)} dataset.roots; give one manifest "
+                f"dataset.labels has {len(self.labels)} entries for {len(self.data_paths)} dataset.data_paths; give one manifest "
                 "per hospital ('' for class subfolders) or none."
             )
         require_choice("dataset.channels", self.channels, (1, 3))

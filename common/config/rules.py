@@ -160,9 +160,9 @@ def no_class_weighting_with_dp(cfg: Config) -> None:
 
 def folder_roots_match_hospitals(cfg: Config) -> None:
     """dataset=folder: one image folder per simulated hospital."""
-    if isinstance(cfg.dataset, FolderConfig) and len(cfg.dataset.roots) != cfg.federation.hospitals:
+    if isinstance(cfg.dataset, FolderConfig) and len(cfg.dataset.data_paths) != cfg.federation.hospitals:
         raise ConfigError(
-            f"dataset.roots has {len(cfg.dataset.roots)} folders but federation.hospitals="
+            f"dataset.data_paths has {len(cfg.dataset.data_paths)} folders but federation.hospitals="
             f"{cfg.federation.hospitals}; each simulated hospital needs its own folder."
         )
 

@@ -270,7 +270,7 @@ def folder_site_spec(cfg: Config, dataset: FolderConfig, index: int, cache_dir: 
     """Simulated hospital ``index`` of ``dataset=folder``, described as a deployed hospital's site config is."""
     labels = dataset.labels[index] if dataset.labels else ""
     return SiteSpec(
-        site_id=site_id_for(index), data=Path(dataset.roots[index]), labels=Path(labels) if labels else None,
+        site_id=site_id_for(index), data=Path(dataset.data_paths[index]), labels=Path(labels) if labels else None,
         n_classes=len(dataset.classes), classes=tuple(dataset.classes), image_size=dataset.image_size,
         channels=dataset.channels, spatial_dims=dataset.spatial_dims, val_fraction=cfg.federation.val_fraction,
         split_seed=cfg.federation.seed, cache_dir=Path(cache_dir) / "folders" if cache_dir is not None else None,
@@ -290,10 +290,10 @@ def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None)
     from medfed.common.data.site_folder_arrays import load_folder, read_labelled
 
     options = _folder_options(dataset, cache_dir)
-    if dataset.test_root:
-        return read_labelled(dataset.test_root, dataset.test_labels or None, list(dataset.classes), **options).data
+    if dataset.test_data_path:
+        return read_labelled(dataset.test_data_path, dataset.test_labels or None, list(dataset.classes), **options).data
     parts = []
-    for index, root in enumerate(dataset.roots):
+    for index, root in enumerate(dataset.data_paths):
         labels = dataset.labels[index] if dataset.labels else ""
         test = load_folder(root, labels or None, list(dataset.classes), val_fraction=cfg.federation.val_fraction,
                            seed=cfg.federation.seed, **options).test
@@ -301,7 +301,7 @@ def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None)
             parts.append(test)
     if not parts:
         raise DatasetUnavailableError(
-            "dataset=folder has no test set: set dataset.test_root to a folder of labelled test images, or mark "
+            "dataset=folder has no test set: set dataset.test_data_path to a folder of labelled test images, or mark "
             "test images with split=test in the hospitals' manifests."
         )
     return ArrayDataset(images=np.concatenate([p.images for p in parts]),

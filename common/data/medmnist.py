@@ -1,6 +1,6 @@
 """Loader of official MedMNIST v2/v3 npz files (2D grey, 2D colour and 3D; binary or multi-class).
 
-The file ``ROOT/NAME.npz`` (28 px) or ``ROOT/NAME_SIZE.npz`` holds the keys ``train_images``, ``train_labels``,
+The file ``DATA_PATH/NAME.npz`` (28 px) or ``DATA_PATH/NAME_SIZE.npz`` holds the keys ``train_images``, ``train_labels``,
 ``val_images``, ``val_labels``, ``test_images`` and ``test_labels`` (uint8). The official train and val splits
 together become the development pool that simulated hospitals share out; the official test split is the global
 test set. The optional ``medmnist`` package (``pip install "medfed[download]"``) is used only to download a
@@ -39,8 +39,8 @@ KNOWN_CLASS_NAMES: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
 
 
 def medmnist_path(cfg: MedMNISTConfig) -> Path:
-    """Where the npz of ``cfg`` lives: ``ROOT/NAME.npz`` for 28 px, else ``ROOT/NAME_SIZE.npz`` (``~`` expanded)."""
-    root = Path(cfg.root).expanduser()
+    """Where the npz of ``cfg`` lives: ``DATA_PATH/NAME.npz`` for 28 px, else ``DATA_PATH/NAME_SIZE.npz`` (``~`` expanded)."""
+    root = Path(cfg.data_path).expanduser()
     return root / (f"{cfg.name}.npz" if cfg.size == 28 else f"{cfg.name}_{cfg.size}.npz")
 
 
@@ -56,7 +56,7 @@ def _medmnist_info(name: str) -> dict[str, Any] | None:
 
 def _download(cfg: MedMNISTConfig, path: Path) -> None:
     """Download the npz with the optional ``medmnist`` package, or raise a DatasetUnavailableError saying how else."""
-    place = f"place {path.name} in the directory given by dataset.root (from the Zenodo record {ZENODO_RECORD})"
+    place = f"place {path.name} in the directory given by dataset.data_path (from the Zenodo record {ZENODO_RECORD})"
     try:
         import medmnist
     except ImportError:
@@ -151,8 +151,8 @@ def load_medmnist(cfg: MedMNISTConfig) -> DatasetSplits:
     if not path.is_file():
         if not cfg.download:
             raise DatasetUnavailableError(
-                f"MedMNIST file {path.name} not found: the folder given by dataset.root must contain {path.name} "
-                f"(from {ZENODO_RECORD}). Set dataset.root=DIR to the folder that holds it, or set "
+                f"MedMNIST file {path.name} not found: the folder given by dataset.data_path must contain {path.name} "
+                f"(from {ZENODO_RECORD}). Set dataset.data_path=DIR to the folder that holds it, or set "
                 "dataset.download=true when online."
             )
         _download(cfg, path)

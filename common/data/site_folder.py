@@ -114,7 +114,7 @@ def scan_site(root: str | Path, labels: str | Path | None = None, classes: list[
     """
     root = Path(root)
     if not root.is_dir():
-        raise SiteDataError("the site data folder does not exist or is not a folder; check --data / data.root.")
+        raise SiteDataError("the site data folder does not exist or is not a folder; check data_path in the site config (--data-path of `medfed hospital check`).")
     if labels is not None:
         return _scan_manifest(root, Path(labels), classes)
     entries = []
@@ -141,7 +141,7 @@ def _with_classes(scan: SiteScan, classes: list[str] | None) -> SiteScan:
 
 def _scan_manifest(root: Path, manifest: Path, classes: list[str] | None) -> SiteScan:
     if not manifest.is_file():
-        raise SiteDataError("the label manifest does not exist; check --labels / data.labels.")
+        raise SiteDataError("the label manifest does not exist; check labels in the site config (--labels of `medfed hospital check`).")
     with manifest.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
         columns = [c.strip().lower() for c in (rows[0].keys() if rows else [])]

@@ -112,7 +112,7 @@ def test_breastmnist_simulation_learns(tmp_path, data_dir):
     result = _medfed(
         [
             "simulate", "--run-dir", "run", "--cache-dir", "cache",
-            "dataset=medmnist", "dataset.name=breastmnist", f"dataset.root={data_dir}",
+            "dataset=medmnist", "dataset.name=breastmnist", f"dataset.data_path={data_dir}",
             "federation.hospitals=3", "federation.partition=dirichlet", "federation.alpha=1.0",
             "train.rounds=2", "train.local_epochs=3",
         ],
@@ -293,8 +293,8 @@ def test_two_dicom_folder_hospitals_train(tmp_path):
         for i in span:
             write_dicom(tmp_path / folder / names[labels[i]] / f"img{i}.dcm", images[i])
     (tmp_path / "hospital-b" / "benign" / "broken.dcm").write_text("not an image")  # skipped, never fatal
-    overrides = ["dataset=folder", f"dataset.roots=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
-                 f"dataset.test_root={tmp_path / 'test'}", "dataset.classes=[malignant,benign]",
+    overrides = ["dataset=folder", f"dataset.data_paths=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
+                 f"dataset.test_data_path={tmp_path / 'test'}", "dataset.classes=[malignant,benign]",
                  "federation.hospitals=2", "train.rounds=2", "train.local_epochs=2"]
 
     # Execute

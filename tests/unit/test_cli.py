@@ -34,13 +34,13 @@ def test_missing_dataset_file_says_where_to_put_it(tmp_path):
     result = runner.invoke(
         app,
         ["baseline", "local", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"),
-         "dataset=medmnist", "dataset.name=breastmnist", f"dataset.root={tmp_path / 'nowhere'}"],
+         "dataset=medmnist", "dataset.name=breastmnist", f"dataset.data_path={tmp_path / 'nowhere'}"],
     )
 
     # Assert
     text = " ".join(result.output.split())
     assert result.exit_code == 3, result.output
-    assert "breastmnist.npz" in text and "dataset.root" in text and "dataset.download" in text
+    assert "breastmnist.npz" in text and "dataset.data_path" in text and "dataset.download" in text
 
 
 def test_resume_refuses_overrides(tmp_path):

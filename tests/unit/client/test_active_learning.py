@@ -68,7 +68,7 @@ def test_the_cnn_learner_trains_on_real_images(data_dir):
     from medfed.common.config import compose_config
     from medfed.common.data import load_test_set
 
-    cfg = compose_config(["dataset=medmnist", "dataset.name=pneumoniamnist", f"dataset.root={data_dir}",
+    cfg = compose_config(["dataset=medmnist", "dataset.name=pneumoniamnist", f"dataset.data_path={data_dir}",
                           "federation.hospitals=5", "model.width=8"])
     site = load_site(cfg, 0, cache_dir=None)
     info, test = load_test_set(cfg)

@@ -72,7 +72,7 @@ def test_group_option_switches_schema_and_overrides_apply():
         (["federation.alpha=0"], r"federation.alpha=0.0 is out of range"),
         (["strategy.round_timeout_s=0"], r"strategy.round_timeout_s=0.0 is out of range; it must be > 0 seconds"),
         (["train.foo=1"], r"train.foo"),
-        (["dataset.root=/x"], r"dataset.root"),  # synthetic has no root: a typo-proof schema
+        (["dataset.data_path=/x"], r"dataset.data_path"),  # synthetic has no data path: a typo-proof schema
         (["dataset=medmnist", "dataset.size=30"], r"dataset.size=30 is not allowed; choose one of: 28, 64, 128, 224"),
         (["federation.hospitals=1"], r"strategy.min_train_nodes=2 exceeds federation.hospitals=1"),
         (["train.rounds"], r"not of the form key=value"),
@@ -151,12 +151,12 @@ def test_round_learning_rate_schedules():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["dataset=folder", "dataset.roots=[a,b]"], r"dataset.classes=\[\] must name at least 2 labels"),
-        (["dataset=folder", "dataset.classes=[x,y]"], r"dataset.roots is empty"),
-        (["dataset=folder", "dataset.classes=[x,y]", "dataset.roots=[a,b]", "federation.hospitals=3"],
-         r"dataset.roots has 2 folders but federation.hospitals=3"),
-        (["dataset=folder", "dataset.classes=[x,y]", "dataset.roots=[a,b]", "dataset.labels=[m.csv]",
-          "federation.hospitals=2"], r"dataset.labels has 1 entries for 2 dataset.roots"),
+        (["dataset=folder", "dataset.data_paths=[a,b]"], r"dataset.classes=\[\] must name at least 2 labels"),
+        (["dataset=folder", "dataset.classes=[x,y]"], r"dataset.data_paths is empty"),
+        (["dataset=folder", "dataset.classes=[x,y]", "dataset.data_paths=[a,b]", "federation.hospitals=3"],
+         r"dataset.data_paths has 2 folders but federation.hospitals=3"),
+        (["dataset=folder", "dataset.classes=[x,y]", "dataset.data_paths=[a,b]", "dataset.labels=[m.csv]",
+          "federation.hospitals=2"], r"dataset.labels has 1 entries for 2 dataset.data_paths"),
     ],
 )
 def test_folder_dataset_options_are_checked(overrides, match):
@@ -217,3 +217,22 @@ def test_every_rule_is_registered():
     defined = {f for name, f in inspect.getmembers(rules, inspect.isfunction)
                if f.__module__ == rules.__name__ and not name.startswith("_") and name != "check_rules"}
     assert defined == set(rules.RULES)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "value"),
+    [
+        ("dataset.root=/data/medmnist", "dataset.data_path", "data_path", "/data/medmnist"),
+        ("dataset.roots=[a,b]", "dataset.data_paths", "data_paths", ["a", "b"]),
+        ("dataset.test_root=t", "dataset.test_data_path", "test_data_path", "t"),
+    ],
+)
+def test_renamed_data_path_keys_still_compose_with_a_deprecation_warning(old, new, field, value):
+    from medfed.common.config import compose_config
+
+    group = "dataset=medmnist" if field == "data_path" else "dataset=folder"
+    extra = [] if field == "data_path" else ["dataset.classes=[x,y]", "federation.hospitals=2",
+                                              *([] if field == "data_paths" else ["dataset.data_paths=[a,b]"])]
+    with pytest.warns(DeprecationWarning, match=f"{old.split('=')[0]} is deprecated.*it is now {new}"):
+        cfg = compose_config([group, old, *extra])
+    assert getattr(cfg.dataset, field) == value

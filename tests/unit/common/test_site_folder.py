@@ -276,7 +276,7 @@ def test_a_site_config_and_a_simulated_folder_describe_the_same_site_alike(site,
     classes = ["benign", "malignant"]
     deployed = SiteConfig(site_id="hospital-0", data_path=str(site), n_classes=2, classes=classes, image_size=16,
                           val_fraction=0.3, split_seed=0, cache_dir=str(tmp_path / "cache-a")).spec()
-    cfg = Config(dataset=FolderConfig(roots=[str(site)], classes=classes, image_size=16),
+    cfg = Config(dataset=FolderConfig(data_paths=[str(site)], classes=classes, image_size=16),
                  federation=FederationConfig(hospitals=1, val_fraction=0.3, seed=0),
                  strategy=StrategyConfig(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1))
     simulated = folder_site_spec(cfg, cfg.dataset, 0, tmp_path / "cache-b")

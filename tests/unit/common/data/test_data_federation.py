@@ -81,7 +81,7 @@ def test_medmnist_sites_keep_their_pixels() -> None:
     # Prepare
     if not (DATA_DIR / "breastmnist.npz").is_file():
         pytest.skip(f"breastmnist.npz not found in MEDFED_DATA_DIR ({DATA_DIR}); set MEDFED_DATA_DIR")
-    splits = load_splits(MedMNISTConfig(name="breastmnist", root=str(DATA_DIR)))
+    splits = load_splits(MedMNISTConfig(name="breastmnist", data_path=str(DATA_DIR)))
     fed = FederationConfig(hospitals=3, partition="dirichlet", alpha=0.5)
 
     # Execute
@@ -204,7 +204,7 @@ def test_a_medmnist_file_replaced_at_the_same_path_is_read_again(tmp_path: Path)
 
     write(0)
     cfg = Config(
-        dataset=MedMNISTConfig(name="breastmnist", root=str(tmp_path)),
+        dataset=MedMNISTConfig(name="breastmnist", data_path=str(tmp_path)),
         federation=FederationConfig(hospitals=2, partition="iid", min_samples=10),
         strategy=StrategyConfig(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
     )

@@ -20,7 +20,7 @@ DATA_DIR = Path(
 def _require(name: str) -> MedMNISTConfig:
     if not (DATA_DIR / f"{name}.npz").is_file():
         pytest.skip(f"{name}.npz not found in MEDFED_DATA_DIR ({DATA_DIR}); set MEDFED_DATA_DIR to the MedMNIST folder")
-    return MedMNISTConfig(name=name, root=str(DATA_DIR))
+    return MedMNISTConfig(name=name, data_path=str(DATA_DIR))
 
 
 def _write_npz(root: Path, name: str, image_shape: tuple[int, ...], n_classes: int, label_cols: int = 1) -> None:
@@ -39,7 +39,7 @@ def _write_npz(root: Path, name: str, image_shape: tuple[int, ...], n_classes: i
 )
 def test_medmnist_path_follows_the_official_names(size: int, expected: str) -> None:
     # Execute
-    path = medmnist_path(MedMNISTConfig(root="~/somewhere", size=size))
+    path = medmnist_path(MedMNISTConfig(data_path="~/somewhere", size=size))
 
     # Assert
     assert path.name == expected
@@ -82,7 +82,7 @@ def test_colour_images_become_channel_first(tmp_path: Path) -> None:
     raw = np.load(tmp_path / "dermamnist.npz")["train_images"]
 
     # Execute
-    splits = load_medmnist(MedMNISTConfig(name="dermamnist", root=str(tmp_path)))
+    splits = load_medmnist(MedMNISTConfig(name="dermamnist", data_path=str(tmp_path)))
 
     # Assert
     assert splits.train.images.shape == (26, 3, 28, 28)
@@ -95,7 +95,7 @@ def test_multiclass_labels_give_the_class_count(tmp_path: Path) -> None:
     _write_npz(tmp_path, "organamnist", (28, 28), n_classes=5)
 
     # Execute
-    splits = load_medmnist(MedMNISTConfig(name="organamnist", root=str(tmp_path)))
+    splits = load_medmnist(MedMNISTConfig(name="organamnist", data_path=str(tmp_path)))
 
     # Assert
     assert splits.info.n_classes == 5
@@ -109,12 +109,12 @@ def test_multilabel_files_are_rejected(tmp_path: Path) -> None:
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="multi-label MedMNIST datasets are not supported"):
-        load_medmnist(MedMNISTConfig(name="chestmnist", root=str(tmp_path)))
+        load_medmnist(MedMNISTConfig(name="chestmnist", data_path=str(tmp_path)))
 
 
 def test_missing_file_says_where_to_put_it(tmp_path: Path) -> None:
     # Prepare
-    cfg = MedMNISTConfig(name="pneumoniamnist", root=str(tmp_path))
+    cfg = MedMNISTConfig(name="pneumoniamnist", data_path=str(tmp_path))
 
     # Execute
     with pytest.raises(DatasetUnavailableError) as info:
@@ -122,7 +122,7 @@ def test_missing_file_says_where_to_put_it(tmp_path: Path) -> None:
 
     # Assert
     message = str(info.value)
-    for needed in ("dataset.root", "pneumoniamnist.npz", "dataset.download"):
+    for needed in ("dataset.data_path", "pneumoniamnist.npz", "dataset.download"):
         assert needed in message
     assert str(tmp_path) not in message
 
@@ -135,7 +135,7 @@ def test_missing_file_with_download_but_no_package_says_how_to_install(tmp_path:
         pass
     else:
         pytest.skip("the medmnist package is installed here; this test covers its absence")
-    cfg = MedMNISTConfig(name="pneumoniamnist", root=str(tmp_path), download=True)
+    cfg = MedMNISTConfig(name="pneumoniamnist", data_path=str(tmp_path), download=True)
 
     # Execute / Assert
     with pytest.raises(DatasetUnavailableError, match=r'pip install "medfed\[download\]"'):
@@ -159,5 +159,5 @@ def test_bad_files_give_a_clear_error(tmp_path: Path, content: str, match: str) 
 
     # Execute / Assert
     with pytest.raises(DatasetUnavailableError, match=match) as info:
-        load_medmnist(MedMNISTConfig(name="breastmnist", root=str(tmp_path)))
+        load_medmnist(MedMNISTConfig(name="breastmnist", data_path=str(tmp_path)))
     assert str(tmp_path) not in str(info.value)
