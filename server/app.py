@@ -77,7 +77,7 @@ def _final_evaluation(
     """Calibrate the selected model (best validation round) with the hospitals, then analyse its uncertainty on
     the test set; the summary's ``calibration`` and ``uncertainty`` sections."""
     started = time.perf_counter()
-    best_round = (tracker.best or {}).get("round")
+    best_round = tracker.best_round
     state = final_arrays
     if best_round is not None and run_dir.best_model_path.is_file():
         state = dict(load_checkpoint(run_dir.best_model_path)[0])
@@ -101,7 +101,7 @@ def _final_evaluation(
             out["gradcam_saved"] = calibration.get("gradcam_saved", {})
     if test_set is not None:
         out["uncertainty"] = uncertainty_on_test_set(cfg, model, state, test_set, run_dir, temperature=temperature,
-                                              up_to_round=(tracker.last or {}).get("round"))
+                                              up_to_round=tracker.last_round)
         out["uncertainty"]["round"] = best_round
     tracker.add_compute(time.perf_counter() - started)
     return out
@@ -165,8 +165,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
                 f"strategy.fraction_train={cfg.strategy.fraction_train}; set strategy.fraction_train=1.0."
             )
         inner = with_central_dp(inner, cfg.privacy, cfg.federation.hospitals)
-        if tracker.accountant_state is not None:  # resumed: keep counting where the stopped run was
-            inner.accountant.load_state_dict(tracker.accountant_state)
+        if tracker.state.accountant_state is not None:  # resumed: keep counting where the stopped run was
+            inner.accountant.load_state_dict(tracker.state.accountant_state)
     if start_round > 0:  # resumed: the server optimizer continues with the moments it had after start_round
         if restore_strategy_state(inner, run_dir.load_strategy_state(), list(model.state_dict())):
             logger.info("restored %s's server optimizer state from round %d", cfg.strategy.name, start_round)
@@ -208,8 +208,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
             return None  # the run has ended (no hospital can train): nothing more to record
         spent = inner.privacy_spent() if isinstance(cfg.privacy, CentralDPConfig) else None
         if spent is not None:  # central DP: Flower's accountant, one release per round
-            tracker.run_privacy = {"run_epsilon": spent.epsilon, "delta": spent.delta}
-            tracker.accountant_state = inner.accountant.state_dict()
+            tracker.note_central_privacy(epsilon=spent.epsilon, delta=spent.delta,
+                                         accountant_state=inner.accountant.state_dict())
         observed = strategy.take_observations()
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
         tracker.record_round(
