@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -166,23 +166,30 @@ def _initial_model(cfg: Config, info: DatasetInfo, simulation: bool, *, resume: 
     return model
 
 
+class _ResumePoint(NamedTuple):
+    """Where this session of a run starts: after ``start_round``, with the tracker state checkpointed there."""
+
+    start_round: int
+    tracker_state: dict[str, Any] | None
+
+
 def _resume_point(
     context: Context, cfg: Config, overrides: list[str], run_dir: RunDirectory, model: torch.nn.Module
-) -> tuple[int, dict[str, Any] | None]:
+) -> _ResumePoint:
     """The round this session starts after and the tracker state to continue from: a resumed run loads its last
     checkpoint into ``model`` and drops metrics lines written after it; a fresh run writes its config."""
     if not context.run_config.get(keys.RUN_RESUME):
         run_dir.write_config(config_to_yaml(cfg), overrides)
-        return 0, None
+        return _ResumePoint(0, None)
     checkpoint = run_dir.load_last_checkpoint()
     if checkpoint is None:
-        return 0, None
+        return _ResumePoint(0, None)
     arrays_np, meta = checkpoint
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays_np.items()})
     start_round = int(meta["round"])
     run_dir.truncate_metrics(start_round)
     logger.info("resuming %s after round %d", run_dir.path.name, start_round)
-    return start_round, meta.get("tracker")
+    return _ResumePoint(start_round, meta.get("tracker"))
 
 
 def _inner_strategy(
