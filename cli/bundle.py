@@ -23,23 +23,14 @@ from pathlib import Path
 
 from medfed.common import keys
 from medfed.common.config import RUN_CONFIG_OVERRIDES
+from medfed.simulation.launcher import APP_SECTION
 
-__all__ = ["APP_PACKAGES", "APP_SECTION", "bundle_hash", "staged_app"]
+__all__ = ["APP_PACKAGES", "bundle_hash", "staged_app"]
 
 logger = logging.getLogger(__name__)
 
 APP_PACKAGES = ("client", "common", "server", "strategies")
 _SUFFIXES = (".py", ".yaml")
-
-# the Flower app section of every medfed app directory (the bundle here, the simulation's in cli/runtime.py)
-APP_SECTION = """[tool.flwr.app]
-publisher = "medfed"
-
-[tool.flwr.app.components]
-serverapp = "medfed.server.app:app"
-clientapp = "medfed.client.app:app"
-
-[tool.flwr.app.config]"""
 
 _PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]

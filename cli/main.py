@@ -147,7 +147,7 @@ def simulate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
-    from medfed.cli.runtime import run_simulation
+    from medfed.simulation.launcher import run_simulation
     from medfed.server.runs import RunDirectory
 
     _setup_logging(verbose)
@@ -198,7 +198,7 @@ def simulate(
 
 
 def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):
-    from medfed.cli.baselines import run_centralized, run_local
+    from medfed.simulation.baselines import run_centralized, run_local
     from medfed.server.runs import RunDirectory
 
     _setup_logging(verbose)

@@ -7,6 +7,7 @@ Everything installs under this one import package while the repository keeps its
 - ``medfed.client``: the hospital side (Flower ClientApp, training, privacy, the daemon and gate);
 - ``medfed.strategies``: aggregation strategies on top of Flower's;
 - ``medfed.server``: the coordinator side (ServerApp, run tracking, the daemon);
+- ``medfed.simulation``: local federations in Flower's simulation runtime and the baselines;
 - ``medfed.cli``: the ``medfed`` command.
 
 Importing this package does no work: no I/O, no torch, no Flower.

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def _final_evaluation(
     """Calibrate the selected model (best validation round) with the hospitals, then analyse its uncertainty on
     the test set; the summary's ``calibration`` and ``uncertainty`` sections."""
     started = time.perf_counter()
-    best_round = (tracker.best or {}).get("round")
+    best_round = tracker.best_round
     state = final_arrays
     if best_round is not None and run_dir.best_model_path.is_file():
         state = dict(load_checkpoint(run_dir.best_model_path)[0])
@@ -101,7 +101,7 @@ def _final_evaluation(
             out["gradcam_saved"] = calibration.get("gradcam_saved", {})
     if test_set is not None:
         out["uncertainty"] = uncertainty_on_test_set(cfg, model, state, test_set, run_dir, temperature=temperature,
-                                              up_to_round=(tracker.last or {}).get("round"))
+                                              up_to_round=tracker.last_round)
         out["uncertainty"]["round"] = best_round
     tracker.add_compute(time.perf_counter() - started)
     return out
@@ -120,44 +120,84 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_dir: RunDirectory) -> None:
+    """One session of a run: prepare, train the remaining rounds, evaluate the selected model, summarise."""
     t0 = float(context.run_config.get(keys.RUN_T0, time.time()))
     simulation = context.run_config.get(keys.RUN_MODE, "simulation") == "simulation"
+    grid = _faster_grid(grid, simulation)
+    run_dir.write_environment(software_versions())
+    cfg.tracking.require_runtime()
+    info, test_set = _test_set(cfg, simulation)
+    model = _initial_model(cfg, info, simulation, resume=bool(context.run_config.get(keys.RUN_RESUME)))
+    start_round, tracker_state = _resume_point(context, cfg, overrides, run_dir, model)
+    tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,
+                         snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard)
+    inner = _inner_strategy(cfg, tracker, run_dir, model, start_round)
+    strategy = ObservedStrategy(inner, round_offset=start_round,
+                                max_update_norm_ratio=cfg.strategy.max_update_norm_ratio)
+    rounds = _RoundRecorder(cfg, model, test_set, tracker, strategy, inner, start_round)
+    final_arrays = _train(grid, context, cfg, model, strategy, rounds, tracker, cfg.train.rounds - start_round)
+    extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}
+    extra.update(_final_evaluation(grid, cfg, run_dir, model, test_set, tracker, final_arrays))
+    summary = tracker.finish(final_arrays, extra=extra or None)
+    logger.info("run finished: best round %s", (summary.get("best") or {}).get("round"))
+
+
+def _faster_grid(grid: Grid, simulation: bool) -> Grid:
+    """The Grid, polling for replies sooner than Flower's defaults."""
     if simulation and hasattr(grid, "pull_interval"):
         # Flower's in-memory Grid polls for replies every 0.1 s; in-process polling is cheap, so poll faster
         # (measured: ~0.1 s less wall time per round with 5 hospitals).
         grid.pull_interval = 0.01
     elif not simulation:  # Flower's deployment Grid pulls replies every 3 s; the SuperLink is local, pull sooner
         grid = PromptGrid(grid)
+    return grid
 
-    run_dir.write_environment(software_versions())
-    cfg.tracking.require_runtime()
-    info, test_set = _test_set(cfg, simulation)
+
+def _initial_model(cfg: Config, info: DatasetInfo, simulation: bool, *, resume: bool) -> torch.nn.Module:
+    """The seeded initial global model (with its pretrained weights unless resuming), checked for DP."""
     torch.manual_seed(cfg.train.seed)  # the same initial global model on every run, and as in the baselines
     model = build_task_model(cfg, spatial_dims=info.spatial_dims, in_channels=info.channels, n_classes=info.n_classes)
-    if cfg.model.pretrained and not context.run_config.get(keys.RUN_RESUME):  # a resumed run has its checkpoint
+    if cfg.model.pretrained and not resume:  # a resumed run has its checkpoint
         load_pretrained(model, cfg.model.pretrained)
     if isinstance(cfg.privacy, DPConfig):  # refused here, not on a hospital's first batch
         require_dp_compatible(model, cfg.model.name)
         if simulation:  # the simulated hospitals run here; deployed hospitals check their own machines
             cfg.privacy.require_runtime()
+    return model
 
-    start_round, tracker_state = 0, None
-    if context.run_config.get(keys.RUN_RESUME):
-        checkpoint = run_dir.load_last_checkpoint()
-        if checkpoint is not None:
-            arrays_np, meta = checkpoint
-            model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays_np.items()})
-            start_round = int(meta["round"])
-            tracker_state = meta.get("tracker")
-            run_dir.truncate_metrics(start_round)
-            logger.info("resuming %s after round %d", run_dir.path.name, start_round)
-    else:
+
+class _ResumePoint(NamedTuple):
+    """Where this session of a run starts: after ``start_round``, with the tracker state checkpointed there."""
+
+    start_round: int
+    tracker_state: dict[str, Any] | None
+
+
+def _resume_point(
+    context: Context, cfg: Config, overrides: list[str], run_dir: RunDirectory, model: torch.nn.Module
+) -> _ResumePoint:
+    """The round this session starts after and the tracker state to continue from: a resumed run loads its last
+    checkpoint into ``model`` and drops metrics lines written after it; a fresh run writes its config."""
+    if not context.run_config.get(keys.RUN_RESUME):
         run_dir.write_config(config_to_yaml(cfg), overrides)
-    remaining = cfg.train.rounds - start_round
+        return _ResumePoint(0, None)
+    checkpoint = run_dir.load_last_checkpoint()
+    if checkpoint is None:
+        return _ResumePoint(0, None)
+    arrays_np, meta = checkpoint
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays_np.items()})
+    start_round = int(meta["round"])
+    run_dir.truncate_metrics(start_round)
+    logger.info("resuming %s after round %d", run_dir.path.name, start_round)
+    return _ResumePoint(start_round, meta.get("tracker"))
 
-    tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,
-                         snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard)
-    inner = build_strategy(cfg.strategy)
+
+def _inner_strategy(
+    cfg: Config, tracker: RunTracker, run_dir: RunDirectory, model: torch.nn.Module, start_round: int
+) -> Any:
+    """The configured strategy (under central DP, wrapped in Flower's), with a resumed run's accountant and
+    server optimizer state restored."""
+    inner: Any = build_strategy(cfg.strategy)
     if isinstance(cfg.privacy, CentralDPConfig):
         if cfg.strategy.fraction_train < 1.0:
             raise ConfigError(
@@ -165,66 +205,108 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
                 f"strategy.fraction_train={cfg.strategy.fraction_train}; set strategy.fraction_train=1.0."
             )
         inner = with_central_dp(inner, cfg.privacy, cfg.federation.hospitals)
-        if tracker.accountant_state is not None:  # resumed: keep counting where the stopped run was
-            inner.accountant.load_state_dict(tracker.accountant_state)
+        if tracker.state.accountant_state is not None:  # resumed: keep counting where the stopped run was
+            inner.accountant.load_state_dict(tracker.state.accountant_state)
     if start_round > 0:  # resumed: the server optimizer continues with the moments it had after start_round
         if restore_strategy_state(inner, run_dir.load_strategy_state(), list(model.state_dict())):
             logger.info("restored %s's server optimizer state from round %d", cfg.strategy.name, start_round)
-    strategy = ObservedStrategy(inner, round_offset=start_round,
-                                max_update_norm_ratio=cfg.strategy.max_update_norm_ratio)
-    device = torch.device("cpu")
+    return inner
 
-    # the global weights as evaluate_round last saw them: Flower calls it after every round with the current
-    # model (and before round 1 with the initial one), so this is the final model even if no round aggregated
-    latest: dict[str, dict[str, np.ndarray]] = {}
 
-    def evaluate_test(state: dict[str, np.ndarray]) -> tuple[dict[str, float] | None, float]:
+class _RoundRecorder:
+    """Flower's ``evaluate_fn``: evaluates each new global model on the test set (simulation) and records the
+    finished round with the tracker.
+
+    Flower calls it after every round with the current model (and before round 1 with the initial one), so
+    :attr:`latest` is the final model even if no round aggregated.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: torch.nn.Module,
+        test_set: ArrayDataset | None,
+        tracker: RunTracker,
+        strategy: ObservedStrategy,
+        inner: Any,
+        start_round: int,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.test_set = test_set
+        self.tracker = tracker
+        self.strategy = strategy
+        self.inner = inner
+        self.start_round = start_round
+        self.device = torch.device("cpu")
+        self.latest: dict[str, np.ndarray] | None = None
+
+    def evaluate_test(self, state: dict[str, np.ndarray]) -> tuple[dict[str, float] | None, float]:
         """The global model's metrics on the test set (simulation) and the seconds it took."""
         started = time.perf_counter()
         test_metrics = None
-        if test_set is not None:
+        if self.test_set is not None:
+            cfg, model, test_set = self.cfg, self.model, self.test_set
             model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
             if cfg.task == "ssl":  # the pretext loss (labels unused)
                 test_metrics = {"loss": ssl_loss(model, test_set.images, batch_size=cfg.train.eval_batch_size,
                                                  seed=cfg.train.seed)}
             else:
                 test_metrics = evaluate(
-                    model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=device
+                    model, test_set.images, test_set.labels, batch_size=cfg.train.eval_batch_size, device=self.device
                 )
         return test_metrics, time.perf_counter() - started
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         started = time.perf_counter()
         state = _state_dict(arrays)
-        latest["arrays"] = state
-        test_metrics, _ = evaluate_test(state)
+        self.latest = state
+        test_metrics, _ = self.evaluate_test(state)
         server_s = time.perf_counter() - started
         if server_round == 0:
-            if start_round == 0:  # initial model, before any training: reported, never selected
+            if self.start_round == 0:  # initial model, before any training: reported, never selected
                 logger.info("initial test metrics: %s", test_metrics)
-            tracker.add_compute(server_s)
+            self.tracker.add_compute(server_s)
             return None
-        if strategy.stopped_after is not None and server_round + start_round > strategy.stopped_after:
+        stopped_after = self.strategy.stopped_after
+        if stopped_after is not None and server_round + self.start_round > stopped_after:
             return None  # the run has ended (no hospital can train): nothing more to record
-        spent = inner.privacy_spent() if isinstance(cfg.privacy, CentralDPConfig) else None
-        if spent is not None:  # central DP: Flower's accountant, one release per round
-            tracker.run_privacy = {"run_epsilon": spent.epsilon, "delta": spent.delta}
-            tracker.accountant_state = inner.accountant.state_dict()
-        observed = strategy.take_observations()
+        self._note_central_privacy()
+        observed = self.strategy.take_observations()
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
-        tracker.record_round(
-            server_round + start_round,
+        self.tracker.record_round(
+            server_round + self.start_round,
             sites=site_rounds(observed.train, observed.evaluate),
             test=test_metrics,
             arrays=state,
             server_s=server_s,
             dropped=dropped,
-            strategy_state=strategy_state(inner),
+            strategy_state=strategy_state(self.inner),
         )
         return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
 
+    def _note_central_privacy(self) -> None:
+        """Central DP: Flower's accountant, one release per round."""
+        spent = self.inner.privacy_spent() if isinstance(self.cfg.privacy, CentralDPConfig) else None
+        if spent is not None:
+            self.tracker.note_central_privacy(epsilon=spent.epsilon, delta=spent.delta,
+                                              accountant_state=self.inner.accountant.state_dict())
+
+
+def _train(
+    grid: Grid,
+    context: Context,
+    cfg: Config,
+    model: torch.nn.Module,
+    strategy: ObservedStrategy,
+    rounds: _RoundRecorder,
+    tracker: RunTracker,
+    remaining: int,
+) -> dict[str, np.ndarray]:
+    """Run the ``remaining`` rounds (under SecAgg+ when configured); returns the final global weights."""
+    start_round = rounds.start_round
     if remaining > 0 and cfg.privacy.secure_aggregation:
-        final_arrays = run_secure_aggregation(
+        return run_secure_aggregation(
             grid,
             context,
             cfg,
@@ -232,22 +314,19 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
             tracker=tracker,
             num_rounds=remaining,
             start_round=start_round,
-            evaluate_test=evaluate_test,
+            evaluate_test=rounds.evaluate_test,
         )
-    elif remaining > 0:
+    if remaining > 0:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate_round,
+            evaluate_fn=rounds,
             timeout=cfg.strategy.round_timeout_s,
         )
-        final_arrays = latest["arrays"]
-    else:
-        final_arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}
-    extra.update(_final_evaluation(grid, cfg, run_dir, model, test_set, tracker, final_arrays))
-    summary = tracker.finish(final_arrays, extra=extra or None)
-    logger.info("run finished: best round %s", (summary.get("best") or {}).get("round"))
+        if rounds.latest is None:
+            raise RuntimeError("Flower's strategy never evaluated a global model; the run has no final model.")
+        return rounds.latest
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}

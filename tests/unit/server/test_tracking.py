@@ -84,8 +84,8 @@ def test_tracker_state_survives_a_restart(tmp_path):
     assert meta["round"] == 2
     np.testing.assert_array_equal(weights["w"], arrays["w"])
     assert [r["round"] for r in run.read_metrics()] == [1, 2, 3]
-    assert resumed.best["round"] == 3
-    assert resumed.compute_s == pytest.approx(3 * 3.3)
+    assert resumed.best_round == 3
+    assert resumed.state.compute_s == pytest.approx(3 * 3.3)
 
 
 def test_local_mode_summarises_each_hospital_at_its_own_best_round(tmp_path):
@@ -224,3 +224,77 @@ def test_tensorboard_without_its_package_is_refused_before_training(monkeypatch)
     with pytest.raises(ConfigError, match=r"medfed\[tensorboard\]"):
         TrackingConfig(tensorboard=True).require_runtime()
     TrackingConfig(tensorboard=False).require_runtime()  # off: nothing needed
+
+
+def test_tracker_state_round_trips_through_the_checkpoint_format(tmp_path):
+    # Prepare: a run with personalised parts, per-site privacy and central DP, checkpointed after round 2
+    from medfed.server.tracking import TrackerState, site_rounds
+
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=3, t0=time.time())
+    train = {"hospital-0": {"n-train": 40, "train-loss": 0.5, "epsilon": 1.5, "delta": 1e-5}}
+    for server_round, auc in ((1, 0.6), (2, math.nan)):
+        tracker.note_central_privacy(epsilon=0.5 * server_round, delta=1e-6, accountant_state={"steps": server_round})
+        evaluate = {"hospital-0": {"n-val": 10, "val-auc": auc, "val-loss": 0.4, "pval-auc": 0.7, "ftval-auc": 0.8}}
+        tracker.record_round(server_round, sites=site_rounds(train, evaluate), test=None, arrays={"w": np.ones(2)})
+
+    # Execute
+    _, meta = run.load_last_checkpoint()
+    restored = TrackerState.from_checkpoint(meta["tracker"])
+
+    # Assert: the same mapping comes back (nan as None: checkpoint metadata is strict JSON), with its types
+    assert list(meta["tracker"]) == ["compute_s", "wall_s", "best", "site_best", "site_sizes", "last", "dropped_total",
+                                     "site_privacy", "accountant_state", "run_privacy", "personal_best",
+                                     "ensemble_best", "finetuned", "mode"]
+    assert restored.to_checkpoint(wall_s=meta["tracker"]["wall_s"], mode="fedavg") == meta["tracker"]
+    assert restored.best.server_round == 1 and restored.last.val["auc"] is None
+    assert restored.run_privacy.run_epsilon == pytest.approx(1.0) and restored.accountant_state == {"steps": 2}
+    assert restored.site_privacy["hospital-0"].epsilon == pytest.approx(1.5)
+    assert restored.personal_best.sites["hospital-0"]["val"]["auc"] == pytest.approx(0.7)
+
+
+def test_a_checkpoint_state_missing_newer_keys_resumes_with_their_defaults(tmp_path):
+    # Prepare: tracker state as an older checkpoint holds it (no personalisation or central DP keys)
+    old = {"compute_s": 3.0, "wall_s": 10.0, "best": {"round": 1, "val": {"auc": 0.7}, "test": None},
+           "last": {"round": 1, "val": {"auc": 0.7}, "test": None}, "site_best": {}, "dropped_total": 1,
+           "site_sizes": {"hospital-0": {"n_train": 40, "n_val": 10}}, "mode": "fedavg"}
+    run = RunDirectory(tmp_path / "run")
+
+    # Execute
+    tracker = RunTracker(run, mode="fedavg", total_rounds=2, t0=time.time(), state=old)
+    tracker.record_round(2, sites=_sites(0.6, 0.6), test=None, arrays=None)
+    summary = tracker.finish(None)
+
+    # Assert: round 1 stays the best; counts continue
+    assert summary["best"]["round"] == 1
+    assert summary["dropped"] == 1 and summary["compute_s"] == pytest.approx(3.0 + 3.3)
+    assert "personalized" not in summary and "privacy" not in summary
+
+
+def test_extra_sinks_see_every_round_and_the_summary(tmp_path):
+    # Prepare: a sink as a console display would be
+    class Display:
+        def __init__(self) -> None:
+            self.rounds, self.summary, self.closed = [], None, False
+
+        def on_round(self, record):
+            self.rounds.append(record["round"])
+
+        def on_summary(self, summary):
+            self.summary = summary
+
+        def close(self):
+            self.closed = True
+
+    display = Display()
+    tracker = RunTracker(RunDirectory(tmp_path / "run"), mode="fedavg", total_rounds=2, t0=time.time(), sinks=[display])
+
+    # Execute
+    tracker.record_round(1, sites=_sites(0.6, 0.6), test=None, arrays=None)
+    tracker.record_round(2, sites=_sites(0.8, 0.8), test=None, arrays=None)
+    summary = tracker.finish(None)
+
+    # Assert
+    assert display.rounds == [1, 2]
+    assert display.summary is summary and display.summary["best"]["round"] == 2
+    assert display.closed

@@ -1,0 +1,187 @@
+"""``medfed coordinator`` (certificates and the Flower SuperLink) and ``medfed hospitals`` (the hospitals the
+coordinator knows: their SuperNode keys)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medfed.cli.coordination import CoordDir, launch_run, open_coordinator, save_settings
+from medfed.cli.display import fail
+from medfed.common.errors import MedfedError
+
+__all__ = ["coordinator_app", "hospitals_app", "resume_interrupted"]
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+err_console = Console(stderr=True)
+
+coordinator_app = typer.Typer(help="The coordinator's daemon: certificates and the Flower SuperLink.")
+hospitals_app = typer.Typer(help="Hospitals known to the coordinator (their SuperNode keys).")
+
+
+# --- coordinator ------------------------------------------------------------------------------------------------
+@coordinator_app.command("init")
+def coordinator_init(
+    directory: CoordDir,
+    host: Annotated[list[str], typer.Option("--host", help="Name or IP hospitals use to reach the coordinator.")],
+    address: Annotated[str, typer.Option(help="Where the SuperLink listens (host:port).")] = "0.0.0.0:9093",
+    force: Annotated[bool, typer.Option(help="Replace existing keys and certificates.")] = False,
+) -> None:
+    """Create the deployment's certificate authority and the SuperLink's TLS certificate."""
+    from medfed.common.pki import create_ca, create_server_certificate, load_ca
+
+    try:
+        create_ca(directory, force=force)
+        create_server_certificate(directory, load_ca(directory), host, force=force)
+        save_settings(directory, address, insecure=False)
+    except MedfedError as exc:
+        fail(exc)
+    console.print(f"coordinator directory {directory}: give every hospital [bold]{directory / 'ca.crt'}[/] "
+                  "(never ca.key or server.key)")
+
+
+@coordinator_app.command("renew-cert")
+def coordinator_renew_cert(
+    directory: CoordDir,
+    host: Annotated[list[str], typer.Option("--host", help="Name or IP hospitals use to reach the coordinator.")],
+) -> None:
+    """Issue a new SuperLink certificate from the same CA (hospitals keep their ca.crt); restart to use it."""
+    from medfed.common.pki import create_server_certificate, load_ca
+
+    try:
+        coordinator = open_coordinator(directory)
+        cert, _ = create_server_certificate(coordinator.tls_dir, load_ca(directory), host, force=True)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"renewed {cert}; restart the coordinator (`medfed coordinator start`) to serve it")
+
+
+def resume_interrupted(directory: Path) -> None:
+    """Relaunch every run a coordinator stop or crash cut off, from its last checkpoint. A run that cannot be
+    relaunched is reported and left for the next start, and one that made no progress since it was last resumed
+    this way is left alone (it fails by itself); the coordinator keeps serving the others."""
+    from medfed.server.coordinator import AUTO_RESUMED_AT
+
+    for run in open_coordinator(directory).interrupted_runs():
+        if run.stalled:
+            err_console.print(
+                f"[yellow]warning:[/] run {run.run_id} ({run.run_dir}) did not finish a round since it was last "
+                f"resumed (after round {run.rounds_done}); see `medfed runs logs {run.run_id}`, then resume it with "
+                f"`medfed train --dir {directory} --run-dir {run.run_dir} --resume`."
+            )
+            continue
+        try:
+            new_id, _, _ = launch_run(directory, run.overrides, run.run_dir, resume=True,
+                                      note={AUTO_RESUMED_AT: run.rounds_done})
+        except MedfedError as exc:
+            err_console.print(f"[red]error:[/] run {run.run_id} ({run.run_dir}) could not be resumed: {exc}")
+            continue
+        console.print(f"run {run.run_id} was cut off after round {run.rounds_done}: resumed as run {new_id} -> "
+                      f"{run.run_dir}")
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    directory: CoordDir,
+    address: Annotated[str | None, typer.Option(help="host:port to listen on (default: the one from init).")] = None,
+    tls_dir: Annotated[Path | None, typer.Option(
+        help="Folder with ca.crt, server.pem and server.key (default: the coordinator directory).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Resume the runs an earlier stop or crash of the coordinator cut off, from their last checkpoint.")] = True,
+) -> None:
+    """Run the SuperLink in the foreground until Ctrl-C / SIGTERM (TLS and SuperNode authentication on)."""
+    from medfed.common.processes import stop_tree
+
+    try:
+        if not (Path(directory) / "coordinator.json").is_file() and (tls_dir is not None or insecure):
+            # certificates made elsewhere (e.g. container secrets): this directory holds state and runs only
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            save_settings(directory, address or "0.0.0.0:9093", insecure, tls_dir)
+        elif address is not None or insecure or tls_dir is not None:
+            current = open_coordinator(directory)
+            save_settings(directory, address or current.address, insecure, tls_dir or current.tls_dir)
+        coordinator = open_coordinator(directory)
+        process = coordinator.start()
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"SuperLink pid {process.pid} listening on {coordinator.address} "
+                  f"({'INSECURE' if coordinator.insecure else 'TLS'}, SuperNode authentication on)")
+    stopping = {"now": False}
+
+    def stop(*_: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        if resume:
+            resume_interrupted(directory)
+        while not stopping["now"] and process.poll() is None:
+            time.sleep(0.5)
+    finally:  # the SuperLink, its SuperExec and every ServerApp it started: none may outlive the coordinator
+        crashed = process.poll() is not None  # then its pid may be reused: nothing to signal (its SuperExec
+        if not crashed:  # watches the SuperLink's pid and stops by itself)
+            stop_tree(process.pid)
+        process.wait()
+    if crashed and not stopping["now"]:
+        err_console.print(f"[red]error:[/] the SuperLink exited with {process.returncode}; see "
+                          f"{coordinator.dir / 'superlink.log'}")
+        raise typer.Exit(1)
+    raise typer.Exit(0)
+
+
+# --- hospitals (coordinator side) ------------------------------------------------------------------------------
+@hospitals_app.command("register")
+def hospitals_register(
+    public_key: Annotated[Path, typer.Argument(help="The hospital's node.pub (OpenSSH public key).")],
+    directory: CoordDir,
+    name: Annotated[str | None, typer.Option(help="A name for the hospital.")] = None,
+) -> None:
+    """Allow a hospital's SuperNode to connect (no one else's credentials change)."""
+    from medfed.common.pki import public_key_fingerprint
+
+    try:
+        node_id = open_coordinator(directory).register(public_key, name=name)
+        fingerprint = public_key_fingerprint(Path(public_key).read_bytes())
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"registered {name or public_key.name} ({fingerprint}) as node {node_id}", soft_wrap=True)
+
+
+@hospitals_app.command("unregister")
+def hospitals_unregister(node_id: int, directory: CoordDir) -> None:
+    """Revoke a hospital's key (it is refused from now on; nobody else's credentials change)."""
+    try:
+        open_coordinator(directory).unregister(node_id)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"unregistered node {node_id}")
+
+
+@hospitals_app.command("list")
+def hospitals_list(directory: CoordDir) -> None:
+    """Registered hospitals and whether they are online."""
+    try:
+        nodes = open_coordinator(directory).nodes()
+    except MedfedError as exc:
+        fail(exc)
+        return
+    table = Table("node id", "status", "online since", "registered")
+    for node in nodes:
+        table.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at")),
+                      str(node.get("created-at")))
+    console.print(table)

@@ -1,0 +1,219 @@
+"""``medfed hospital`` (a site's own side): its site config and keys, the app bundles it approves, the client
+daemon, its audit log and the check of its data. The local tools (explain, rank, export-demo) are in
+``hospital_tools``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medfed.cli.display import fail
+from medfed.cli.hospital_tools import add_local_tools
+from medfed.common.errors import ConfigError, MedfedError
+
+__all__ = ["hospital_app"]
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+err_console = Console(stderr=True)
+
+hospital_app = typer.Typer(help="A hospital's own side: site config, keys, approved code, the client daemon.")
+
+SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site config (site.yaml).")]
+
+
+@hospital_app.command("init")
+def hospital_init(
+    directory: Annotated[Path, typer.Option("--dir", help="The site's folder (config, keys, state).")],
+    site_id: Annotated[str, typer.Option(help="The name the coordinator sees (no patient or staff names).")],
+    data: Annotated[Path, typer.Option(
+        help="The site's data: an array file (images + labels, .npz) or an image folder (DICOM, NIfTI, PNG/JPEG; "
+             "check it first with `medfed hospital check`).")],
+    n_classes: Annotated[int, typer.Option(help="Classes of the task (labels 0..n_classes-1).")],
+    superlink: Annotated[str, typer.Option(help="The coordinator's address, host:port.")],
+    ca: Annotated[Path, typer.Option(help="The coordinator's ca.crt.")],
+    labels: Annotated[Path | None, typer.Option(
+        help="Optional labels: index,label rows for an array file; a path,label[,split][,patient_id] manifest for a "
+             "folder (default there: one subfolder per class).")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="A folder's label names in the task's class order, comma-separated (e.g. malignant,benign).")] = None,
+    image_size: Annotated[int, typer.Option(help="A folder's images are resized to the task's input size.")] = 28,
+    max_epsilon: Annotated[float, typer.Option(help="The site's privacy cap over every run on its data.")] = 10.0,
+    max_delta: Annotated[float, typer.Option(help="The largest delta the site accepts.")] = 1e-5,
+    min_noise: Annotated[float, typer.Option(help="The least DP noise multiplier the site accepts.")] = 0.0,
+    secure_rng: Annotated[bool, typer.Option(
+        help="DP rounds only with a cryptographically secure RNG (Opacus' secure_mode; needs torchcsprng, see "
+             "docs/operations.md). --no-secure-rng: torch's RNG, for experiments.")] = True,
+    runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's Runtime API.")] = 9094,
+    threads: Annotated[int, typer.Option(
+        help="CPU threads for training (0 = every core); on a machine shared with other sites, its share.")] = 0,
+    state_dir: Annotated[str, typer.Option(
+        help="Privacy ledger and audit log; relative paths are under --dir. Back it up: it holds the budget spent.")
+    ] = "state",
+    approve_installed: Annotated[bool, typer.Option(help="Approve this installation's app bundle.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
+) -> None:
+    """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
+    from medfed.client.site import SiteConfig, write_site_config
+    from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
+
+    try:
+        config_path = Path(directory) / "site.yaml"
+        if config_path.exists() and not force:
+            raise KeyExists(config_path)
+        _, pub = create_node_keys(directory, force=force)
+        approved = []
+        if approve_installed:
+            from medfed.cli.bundle import bundle_hash
+
+            approved.append(bundle_hash())
+        site = SiteConfig(
+            site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
+            n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
+            secure_rng=secure_rng,
+            superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
+            runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
+            classes=classes.split(",") if classes else [], image_size=image_size,
+        )
+        write_site_config(site, config_path)
+        fingerprint = public_key_fingerprint(pub.read_bytes())
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"site {site_id}: wrote {config_path}; send [bold]{pub}[/] ({fingerprint}) to the coordinator")
+
+
+@hospital_app.command("approve")
+def hospital_approve(
+    config: SiteOpt,
+    sha256: Annotated[str | None, typer.Option(help="A bundle hash to approve (default: this installation's).")] = None,
+) -> None:
+    """Approve an app bundle: the site runs only bundles listed in its site config."""
+    from medfed.cli.bundle import bundle_hash
+    from medfed.client.site import load_site_config, write_site_config
+
+    try:
+        site = load_site_config(config)
+        digest = (sha256 or bundle_hash()).lower()
+        if digest not in site.approved_apps:
+            write_site_config(dataclasses.replace(site, approved_apps=[*site.approved_apps, digest]), config)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"approved app bundle {digest}")
+
+
+@hospital_app.command("start")
+def hospital_start(
+    config: SiteOpt,
+    insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+) -> None:
+    """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
+    from medfed.client.daemon import HospitalDaemon
+    from medfed.client.site import load_site_config
+
+    try:
+        site = load_site_config(config)
+        if not site.approved_apps:
+            err_console.print("warning: approved_apps is empty, so every run will be refused; see "
+                              "`medfed hospital approve`.")
+        if site.secure_rng and importlib.util.find_spec("torchcsprng") is None:
+            err_console.print("warning: secure_rng is true but torchcsprng is not installed, so every DP round will "
+                              "be refused; see docs/operations.md, 'A secure RNG for DP' (or set secure_rng: false "
+                              "in the site config for experiments).")
+        daemon = HospitalDaemon(site, insecure=insecure)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"hospital {site.site_id} -> {site.superlink} ({'INSECURE' if insecure else 'TLS'})")
+    raise typer.Exit(daemon.run())
+
+
+@hospital_app.command("audit")
+def hospital_audit(config: SiteOpt) -> None:
+    """Every message this site sent (and every bundle it refused)."""
+    from medfed.client.gate import read_audit
+    from medfed.client.site import load_site_config
+
+    try:
+        entries = read_audit(load_site_config(config).state_path)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    table = Table("time", "event", "run", "round", "type", "bytes", "sha256", "epsilon")
+    for e in entries:
+        table.add_row(datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"), e["event"], str(e.get("run")),
+                      str(e.get("round", "")), str(e.get("type", "")), str(e.get("bytes", "")),
+                      str(e.get("sha256") or e.get("fab_sha256", ""))[:16],
+                      "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}")
+    console.print(table)
+
+
+@hospital_app.command("check")
+def hospital_check(
+    data: Annotated[Path | None, typer.Option(
+        help="The site's image folder (DICOM files/series, NIfTI, PNG/JPEG).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Check the folder of this site config.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="Label manifest CSV (path,label[,split][,patient_id]); default: one subfolder per class.")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="The task's classes, comma-separated; other labels are reported as unknown.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Check a site's data before training: readable images per class, unreadable files and why, duplicates,
+    sizes, label problems. Files are named by index; their paths go to the local log only. Exits non-zero only
+    when no labelled image is usable."""
+    import json
+
+    from medfed.common.data.site_folder import check_site
+
+    try:
+        wanted = classes.split(",") if classes else None
+        if config is not None:
+            from medfed.client.site import load_site_config
+
+            site = load_site_config(config)
+            data = site.path(site.data_path)
+            labels = site.path(site.labels) if site.labels else labels
+            wanted = wanted or (list(site.classes) or None)
+        if data is None:
+            raise ConfigError("give the site's folder with --data DIR, or its site config with --config site.yaml.")
+        report = check_site(data, labels, wanted)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    table = Table("", "images", title=f"site data check: {len(report.classes)} classes")
+    for label, count in report.readable.items():
+        table.add_row(f"readable: {label}", str(count))
+    table.add_row("unreadable (skipped)", str(len(report.unreadable)))
+    table.add_row("duplicate groups", str(len(report.duplicates)))
+    for label, count in report.unknown_labels.items():
+        table.add_row(f"unknown label {label!r}", str(count))
+    table.add_row("manifest rows for missing files", str(report.missing_files))
+    table.add_row("manifest rows with no path or a bad split", str(report.bad_rows))
+    table.add_row("images without a manifest row (unlabelled)", str(report.unlisted))
+    for shape, count in list(report.shapes.items())[:5]:
+        table.add_row(f"size {shape}", str(count))
+    for modality, count in report.modalities.items():
+        table.add_row(f"DICOM modality {modality}", str(count))
+    console.print(table)
+    for problem in report.unreadable[:20]:
+        console.print(f"  file {problem['index']}: {problem['reason']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
+        console.print(f"report written to {json_out}")
+    if report.usable == 0:
+        err_console.print("no labelled image is usable: fix the problems above before training")
+        raise typer.Exit(1)
+
+
+add_local_tools(hospital_app)  # explain, rank, export-demo: listed after the site's own commands

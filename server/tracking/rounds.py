@@ -1,0 +1,173 @@
+"""One round's numbers: each hospital's scalars, their validation-weighted means, and the round's metrics line.
+
+Nothing here keeps state across rounds or touches the run directory: the tracker feeds what this computes to
+selection, checkpointing and the output sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medfed.common import keys
+
+__all__ = ["SiteRound", "mean_min_max", "round_record", "round_train_loss", "site_rounds", "weighted_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRound:
+    """One hospital's scalars in one round (any of them may be missing when the site dropped out)."""
+
+    n_train: int | None = None
+    n_val: int | None = None
+    train_loss: float | None = None
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] | None = None  # only for the local-only baseline (each site's own model)
+    epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
+    delta: float | None = None
+    # personalisation: the site's personalised model (global + its own layers) and, after the last round, its
+    # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
+    personal: dict[str, dict[str, float]] | None = None
+    finetuned: dict[str, Any] | None = None
+    # the ensemble of the global model with the personalised (and, after the last round, fine-tuned) ones
+    ensemble: dict[str, dict[str, float]] | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The site's entry in the round's metrics line."""
+        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
+                                  "train_s": self.train_s, "eval_s": self.eval_s}
+        record["val"] = dict(self.val)
+        if self.test is not None:
+            record["test"] = dict(self.test)
+        if self.epsilon is not None:
+            record["epsilon"], record["delta"] = self.epsilon, self.delta
+        if self.personal is not None:
+            record["personal"] = self.personal
+        if self.finetuned is not None:
+            record["finetuned"] = self.finetuned
+        if self.ensemble is not None:
+            record["ensemble"] = self.ensemble
+        return record
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _personal_parts(metrics: Mapping[str, float], val_prefix: str, test_prefix: str) -> dict[str, Any] | None:
+    val = _prefixed(metrics, val_prefix)
+    if not val:
+        return None
+    test = _prefixed(metrics, test_prefix)
+    return {"val": val, "test": test} if test else {"val": val}
+
+
+def site_rounds(
+    train: Mapping[str, Mapping[str, float]], evaluate: Mapping[str, Mapping[str, float]]
+) -> dict[str, SiteRound]:
+    """Per-site records of a round from the scalar metrics each hospital replied with, by site id."""
+    sites: dict[str, SiteRound] = {}
+    for site_id, metrics in train.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
+        site.train_loss = metrics.get(keys.TRAIN_LOSS)
+        site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
+        site.epsilon = metrics.get(keys.EPSILON)
+        site.delta = metrics.get(keys.DELTA)
+    for site_id, metrics in evaluate.items():
+        site = sites.setdefault(site_id, SiteRound())
+        site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
+        if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
+            site.n_train = int(metrics[keys.N_TRAIN])
+        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
+        site.val = _prefixed(metrics, keys.EVAL_PREFIX)
+        site.personal = _personal_parts(metrics, keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX)
+        site.finetuned = _personal_parts(metrics, keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX)
+        site.ensemble = _personal_parts(metrics, keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX)
+        if site.finetuned is not None and keys.FINETUNED_EPOCH in metrics:
+            site.finetuned["epoch"] = int(metrics[keys.FINETUNED_EPOCH])
+    return sites
+
+
+def _global_val(site: SiteRound) -> Mapping[str, float]:
+    return site.val
+
+
+def weighted_metrics(
+    sites: Mapping[str, SiteRound], of: Callable[[SiteRound], Mapping[str, float]] = _global_val
+) -> dict[str, float]:
+    """Validation metrics (``of`` each site: by default the global model's) averaged over sites weighted by
+    validation size, each skipping sites where undefined."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for site in sites.values():
+        w = float(site.n_val or 0)
+        for key, value in of(site).items():
+            sums.setdefault(key, 0.0)
+            weights.setdefault(key, 0.0)
+            if w > 0 and value is not None and math.isfinite(value):
+                sums[key] += w * value
+                weights[key] += w
+    return {k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in sums}
+
+
+def round_train_loss(sites: Mapping[str, SiteRound]) -> float:
+    """The round's training loss: the sites' losses weighted by their training-set sizes (nan when none)."""
+    train_losses = [(s.train_loss, s.n_train or 0) for s in sites.values() if s.train_loss is not None]
+    total = sum(n for _, n in train_losses)
+    return sum(v * n for v, n in train_losses) / total if total > 0 else math.nan
+
+
+def mean_min_max(values: Sequence[float]) -> dict[str, float]:
+    """Mean, min and max of the finite values (all nan when there is none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(np.mean(finite)), "min": float(np.min(finite)), "max": float(np.max(finite))}
+
+
+def round_record(
+    server_round: int,
+    *,
+    mode: str,
+    sites: Mapping[str, SiteRound],
+    val: Mapping[str, float],
+    test: Mapping[str, float] | None,
+    dropped: list[dict[str, str]],
+    round_compute_s: float,
+    compute_s: float,
+    elapsed_s: float,
+    run_privacy: Mapping[str, float] | None,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The round's line of ``metrics.jsonl``: global train loss, weighted validation, test, per-site records,
+    dropped sites, timings, privacy spent."""
+    record: dict[str, Any] = {
+        "round": server_round,
+        "mode": mode,
+        "train": {"loss": round_train_loss(sites)},
+        "val": val,
+        "test": dict(test) if test is not None else None,
+        "sites": {site_id: s.as_record() for site_id, s in sorted(sites.items())},
+        "dropped": dropped,
+        "round_compute_s": round_compute_s,
+        "compute_s": compute_s,
+        "elapsed_s": elapsed_s,
+    }
+    epsilons = [s.epsilon for s in sites.values() if s.epsilon is not None]
+    if epsilons:
+        record["privacy"] = {"max_epsilon": max(epsilons)}
+    if run_privacy is not None:
+        record["privacy"] = {**record.get("privacy", {}), **run_privacy}
+    if extra:
+        record.update(extra)
+    return record

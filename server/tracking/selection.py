@@ -1,0 +1,75 @@
+"""Model selection on validation data only: the federation's best round, each site's best round, and the best
+round of each personalised part (personalised, ensemble); the test set is reported at the chosen round, never used
+to choose.
+
+A round beats another by :func:`medfed.common.metrics.selection_key` of their weighted validation metrics: any
+defined AUC beats none, then the higher AUC, else the lower validation loss (a validation split holding one class
+has no AUC).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from medfed.common.metrics import selection_key
+from medfed.server.tracking.rounds import SiteRound, weighted_metrics
+from medfed.server.tracking.state import PartSelection, RoundResult, TrackerState
+
+__all__ = ["beats", "select_global", "select_parts", "select_sites"]
+
+logger = logging.getLogger(__name__)
+
+
+def beats(val: Mapping[str, Any], best: RoundResult | PartSelection | None) -> bool:
+    """Whether validation metrics ``val`` beat the best so far (anything beats nothing)."""
+    return best is None or selection_key(val) > selection_key(best.val)
+
+
+def select_global(
+    state: TrackerState, server_round: int, val: dict[str, float], test: Mapping[str, float] | None
+) -> bool:
+    """Make this round the federation's best when its weighted validation beats the best so far (a round with
+    neither validation nor test metrics is never chosen); True when it did."""
+    if beats(val, state.best) and (val or test is not None):
+        state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
+        return True
+    return False
+
+
+def select_sites(state: TrackerState, server_round: int, sites: Mapping[str, SiteRound]) -> None:
+    """Each site's best round on its own validation split (the local-only baseline reports it)."""
+    for site_id, s in sites.items():
+        if s.val and beats(s.val, state.site_best.get(site_id)):
+            state.site_best[site_id] = RoundResult(server_round, dict(s.val), s.test)
+
+
+def _select_part(
+    server_round: int,
+    sites: Mapping[str, SiteRound],
+    part: Callable[[SiteRound], dict[str, Any] | None],
+    best: PartSelection | None,
+) -> PartSelection | None:
+    """The round whose weighted validation metrics of the sites' ``part`` model are best so far."""
+    chosen = {k: s for k, s in sites.items() if part(s) is not None}
+    if not chosen:
+        return best
+    val = weighted_metrics(chosen, lambda s: (part(s) or {}).get("val", {}))
+    if beats(val, best):
+        return PartSelection(server_round, val, {k: p for k, s in sorted(chosen.items()) if (p := part(s)) is not None})
+    return best
+
+
+def select_parts(state: TrackerState, server_round: int, sites: Mapping[str, SiteRound]) -> None:
+    """Select the personalised and ensemble models' best rounds on their validation metrics; keep the latest
+    fine-tuned ones (they come after the last round only)."""
+    state.personal_best = _select_part(server_round, sites, lambda s: s.personal, state.personal_best)
+    state.ensemble_best = _select_part(server_round, sites, lambda s: s.ensemble, state.ensemble_best)
+    tuned = {k: s for k, s in sites.items() if s.finetuned is not None}
+    if tuned:
+        state.finetuned = PartSelection(
+            server_round,
+            weighted_metrics(tuned, lambda s: (s.finetuned or {}).get("val", {})),
+            {k: s.finetuned for k, s in sorted(tuned.items()) if s.finetuned is not None},
+        )
