@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test unit e2e benchmark clean
+.PHONY: demo test typecheck unit e2e benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/medfed simulate
 
 test: $(VENV)/.installed
+	$(PY) tests/typecheck.py
 	$(PY) -m pytest -q tests
+
+typecheck: $(VENV)/.installed
+	$(PY) tests/typecheck.py
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit
@@ -29,4 +33,4 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/baselines.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache

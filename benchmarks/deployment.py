@@ -87,7 +87,7 @@ def run_deployment(work: Path, recipe: list[str]) -> tuple[Path, float]:
         for index in range(2):
             site, data = work / f"site-{index}", work / f"data-{index}.npz"
             _medfed(["hospital", "export-demo", "--index", str(index), "--out", str(data), *recipe], env)
-            _medfed(["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{index}", "--data", str(data),
+            _medfed(["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{index}", "--data-path", str(data),
                      "--n-classes", "2", "--superlink", address, "--ca", str(coord / "ca.crt"), "--runtime-port",
                      str(_free_port()), "--threads", str(SITE_THREADS), "--approve-installed"], env)
             _medfed(["hospitals", "register", str(site / "node.pub"), "--dir", str(coord)], env)

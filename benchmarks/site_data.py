@@ -7,7 +7,7 @@ Then, in this process:
 - decode throughput on first read: every file decoded (pydicom, modality LUT, window/min-max), resized to the
   model's 28 px and written to the site cache (what round 1 of a run does), images/s;
 - from the cache: the same call again (what every later round does), images/s;
-- `medfed hospital check --data DIR` on the folder, as a hospital runs it (a fresh process: decodes every file,
+- `medfed hospital check --data-path DIR` on the folder, as a hospital runs it (a fresh process: decodes every file,
   hashes for duplicates, reads each header's modality), wall seconds.
 
     python benchmarks/site_data.py                  # ~3 min on 2 cores
@@ -85,7 +85,7 @@ def main() -> None:
         cached_s = time.perf_counter() - started
         assert np.array_equal(first.data.images, again.data.images)
         logger.info("first read %.1f s, from the cache %.1f s", first_s, cached_s)
-        code, check_s, out = run_medfed(["hospital", "check", "--data", str(site), "--json", str(work / "r.json")],
+        code, check_s, out = run_medfed(["hospital", "check", "--data-path", str(site), "--json", str(work / "r.json")],
                                         cwd=REPO, timeout=3600)
         if code != 0:
             raise SystemExit(f"hospital check failed (exit {code}):\n{out[-3000:]}")

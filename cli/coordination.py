@@ -75,10 +75,9 @@ def launch_run(
     run_path = (run_dir or coordinator.runs_dir / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
     if not resume and RunDirectory(run_path).metrics_path.exists():
         raise ConfigError(f"--run-dir {run_path} already holds a run; choose another or pass --resume.")
-    run_config = run_config_from_overrides(
-        overrides, **{keys.RUN_DIR: str(run_path), keys.RUN_MODE: "deployment", keys.RUN_RESUME: resume,
-                      keys.RUN_T0: time.time()},
-    )
+    extras: dict[str, str | int | float | bool] = {keys.RUN_DIR: str(run_path), keys.RUN_MODE: "deployment",
+                                                   keys.RUN_RESUME: resume, keys.RUN_T0: time.time()}
+    run_config = run_config_from_overrides(overrides, **extras)
     with staged_app() as app_dir:
         run_id = coordinator.launch(app_dir, run_config, note=note)
     return LaunchedRun(run_id, run_path, cfg)

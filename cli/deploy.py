@@ -12,7 +12,7 @@ Coordinator::
 
 Hospital::
 
-    medfed hospital init --dir site --site-id hospital-a --data images.npz --n-classes 2 \\
+    medfed hospital init --dir site --site-id hospital-a --data-path images.npz --n-classes 2 \\
         --superlink coordinator.example.org:9093 --ca ca.crt --max-epsilon 8
     medfed hospital approve --config site/site.yaml        # this installation's app bundle
     medfed hospital start --config site/site.yaml

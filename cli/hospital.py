@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
 
+# `--data` was the data path's name before `--data-path` (site.yaml's data_path, dataset.data_path): still taken
+DeprecatedDataOpt = Annotated[Path | None, typer.Option("--data", hidden=True, help="Deprecated: --data-path.")]
+
+
+def _data_path(data_path: Path | None, deprecated: Path | None) -> Path | None:
+    """``--data-path``, or the deprecated ``--data`` with a message saying so."""
+    if deprecated is None:
+        return data_path
+    if data_path is not None:
+        raise ConfigError("give the data path once, with --data-path (--data is its deprecated old name).")
+    err_console.print("[yellow]warning:[/] --data is deprecated and will be removed; use --data-path.", highlight=False)
+    return deprecated
+
 hospital_app = typer.Typer(help="A hospital's own side: site config, keys, approved code, the client daemon.")
 
 SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site config (site.yaml).")]
@@ -35,12 +48,12 @@ SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site con
 def hospital_init(
     directory: Annotated[Path, typer.Option("--dir", help="The site's folder (config, keys, state).")],
     site_id: Annotated[str, typer.Option(help="The name the coordinator sees (no patient or staff names).")],
-    data: Annotated[Path, typer.Option(
-        help="The site's data: an array file (images + labels, .npz) or an image folder (DICOM, NIfTI, PNG/JPEG; "
-             "check it first with `medfed hospital check`).")],
     n_classes: Annotated[int, typer.Option(help="Classes of the task (labels 0..n_classes-1).")],
     superlink: Annotated[str, typer.Option(help="The coordinator's address, host:port.")],
     ca: Annotated[Path, typer.Option(help="The coordinator's ca.crt.")],
+    data_path: Annotated[Path | None, typer.Option(
+        help="The site's data: an array file (images + labels, .npz) or an image folder (DICOM, NIfTI, PNG/JPEG; "
+             "check it first with `medfed hospital check`). Required.")] = None,
     labels: Annotated[Path | None, typer.Option(
         help="Optional labels: index,label rows for an array file; a path,label[,split][,patient_id] manifest for a "
              "folder (default there: one subfolder per class).")] = None,
@@ -61,12 +74,16 @@ def hospital_init(
     ] = "state",
     approve_installed: Annotated[bool, typer.Option(help="Approve this installation's app bundle.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
+    data: DeprecatedDataOpt = None,
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
     from medfed.client.site import SiteConfig, write_site_config
     from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
 
     try:
+        data_path = _data_path(data_path, data)
+        if data_path is None:
+            raise ConfigError("give the site's data with --data-path (an array file or an image folder).")
         config_path = Path(directory) / "site.yaml"
         if config_path.exists() and not force:
             raise KeyExists(config_path)
@@ -77,7 +94,7 @@ def hospital_init(
 
             approved.append(bundle_hash())
         site = SiteConfig(
-            site_id=site_id, data_path=str(Path(data).resolve()), labels=str(Path(labels).resolve()) if labels else None,
+            site_id=site_id, data_path=str(Path(data_path).resolve()), labels=str(Path(labels).resolve()) if labels else None,
             n_classes=n_classes, max_epsilon=max_epsilon, max_delta=max_delta, min_noise=min_noise,
             secure_rng=secure_rng,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
@@ -160,7 +177,7 @@ def hospital_audit(config: SiteOpt) -> None:
 
 @hospital_app.command("check")
 def hospital_check(
-    data: Annotated[Path | None, typer.Option(
+    data_path: Annotated[Path | None, typer.Option(
         help="The site's image folder (DICOM files/series, NIfTI, PNG/JPEG).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Check the folder of this site config.")] = None,
     labels: Annotated[Path | None, typer.Option(
@@ -168,6 +185,7 @@ def hospital_check(
     classes: Annotated[str | None, typer.Option(
         help="The task's classes, comma-separated; other labels are reported as unknown.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    data: DeprecatedDataOpt = None,
 ) -> None:
     """Check a site's data before training: readable images per class, unreadable files and why, duplicates,
     sizes, label problems. Files are named by index; their paths go to the local log only. Exits non-zero only
@@ -178,16 +196,18 @@ def hospital_check(
 
     try:
         wanted = classes.split(",") if classes else None
+        data_path = _data_path(data_path, data)
         if config is not None:
             from medfed.client.site import load_site_config
 
             site = load_site_config(config)
-            data = site.path(site.data_path)
+            data_path = site.path(site.data_path)
             labels = site.path(site.labels) if site.labels else labels
             wanted = wanted or (list(site.classes) or None)
-        if data is None:
-            raise ConfigError("give the site's folder with --data DIR, or its site config with --config site.yaml.")
-        report = check_site(data, labels, wanted)
+        if data_path is None:
+            raise ConfigError("give the site's folder with --data-path DIR, or its site config with --config "
+                              "site.yaml.")
+        report = check_site(data_path, labels, wanted)
     except MedfedError as exc:
         fail(exc)
         return

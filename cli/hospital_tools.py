@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from medfed.cli.display import fail
 from medfed.common.errors import ConfigError, MedfedError
+
+if TYPE_CHECKING:  # the CLI imports numpy and the data package only when a command runs
+    from medfed.common.data import ArrayDataset
 
 __all__ = ["add_local_tools"]
 
@@ -109,13 +112,13 @@ def hospital_export_demo(
     console.print(f"wrote {len(site.train) + len(site.val)} images of {site.site_id} to {out}")
 
 
-def _write_dicom_site(out: Path, data: object, class_names: tuple[str, ...]) -> None:
+def _write_dicom_site(out: Path, data: ArrayDataset, class_names: tuple[str, ...]) -> None:
     """A class-subfolder DICOM site (8-bit greyscale secondary captures) from channel-first arrays in [0, 1]."""
     import numpy as np
 
     from medfed.common.data.dicom import write_dicom
 
-    images, labels = data.images, data.labels  # type: ignore[attr-defined]
+    images, labels = data.images, data.labels
     if images.ndim != 4 or images.shape[1] != 1:
         raise ConfigError("--format dicom writes 2D greyscale images; this dataset is colour or 3D (use npz).")
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):

@@ -155,7 +155,7 @@ def _plots(run_dir: Path, summary: Mapping[str, Any], records: list[dict[str, An
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
         for name, probs in variants.items():
-            if name in ("model", "calibrated"):
+            if name in ("model", "calibrated") and labels is not None:
                 _reliability(ax, reliability_bins(labels, probs), f"test, {name}", "o-")
         for key, label in (("val_before", "validation (hospitals), model"), ("val_after", "validation, calibrated")):
             if key in (calibration.get("reliability") or {}):

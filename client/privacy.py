@@ -76,7 +76,9 @@ def _node_float(node_config: Mapping[str, object], key: str, default: float, low
         return default
     raw = node_config[key]
     try:
-        value = float(raw)  # type: ignore[arg-type]
+        if not isinstance(raw, (int, float, str)):
+            raise TypeError(type(raw).__name__)
+        value = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"Node config {key}={raw!r} is not a number; set it in the site config.") from None
     if not low <= value <= high or math.isnan(value):

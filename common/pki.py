@@ -181,7 +181,7 @@ def create_server_certificate(
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()),  # type: ignore[arg-type]  # an EC key: the stub's union is wider
             critical=False,
         )
         .sign(ca.key, hashes.SHA384())

@@ -52,7 +52,7 @@ def _test_set(cfg: Config, simulation: bool) -> tuple[DatasetInfo, ArrayDataset]
     """The dataset's description and global test split: the model is built from it and evaluated on it.
 
     In deployment the coordinator holds no hospital's images; it needs the task's public test split (a MedMNIST
-    test split under ``dataset.root``, or the generated synthetic one).
+    test split under ``dataset.data_path``, or the generated synthetic one).
     """
     try:
         return load_test_set(cfg)
@@ -61,7 +61,7 @@ def _test_set(cfg: Config, simulation: bool) -> tuple[DatasetInfo, ArrayDataset]
             raise
         raise ConfigError(
             f"The coordinator needs the dataset's public test split to build and evaluate the global model, and "
-            f"it is not available here ({exc}). Place it under dataset.root on the coordinator."
+            f"it is not available here ({exc}). Place it under dataset.data_path on the coordinator."
         ) from None
 
 
@@ -86,7 +86,7 @@ def _final_evaluation(
     if test_set is not None:  # how well the selected encoder separates the classes (any task)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
         out["representation"] = representation_quality(
-            model.encoder, test_set.images, test_set.labels, plot=run_dir.path / "embedding.png",
+            model.get_submodule("encoder"), test_set.images, test_set.labels, plot=run_dir.path / "embedding.png",
             title=f"Test-set embeddings, round {best_round} (PCA)")
     if cfg.task == "ssl":  # no classifier: nothing to calibrate or to be uncertain about
         tracker.add_compute(time.perf_counter() - started)

@@ -74,23 +74,22 @@ def run_simulation(
     flower_environment()
     cores = os.cpu_count() or 1
     parallel = max(1, min(cfg.federation.parallel, cfg.federation.hospitals))
+    init_args: dict[str, Any] = {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False}
     backend_config = {
         "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False},
+        "init_args": init_args,
     }
-    run_config = run_config_from_overrides(
-        overrides,
-        **{
+    extras: dict[str, str | int | float | bool] = {
             keys.RUN_DIR: str(run_dir.resolve()),
             keys.RUN_MODE: "simulation",
             keys.RUN_RESUME: resume,
             keys.RUN_T0: float(t0 if t0 is not None else time.time()),
             keys.RUN_CACHE_DIR: str(cache_dir.resolve()),
             keys.RUN_STATE_DIR: str(state_dir.expanduser().resolve()),
-        },
-    )
+    }
+    run_config = run_config_from_overrides(overrides, **extras)
     # Ray's ~2 s start overlaps the imports of Flower, torch and the apps
-    with _ray_started_early(backend_config["init_args"]) as ray_ready:
+    with _ray_started_early(init_args) as ray_ready:
         from flwr.app import Context, RecordDict
         from flwr.simulation.run_simulation import _run_simulation
 
@@ -113,7 +112,7 @@ def run_simulation(
                 client_app=client_app,
                 server_app=server_app,
                 backend_name="ray",
-                backend_config=backend_config,  # type: ignore[arg-type]
+                backend_config=backend_config,
                 server_app_context=context,
                 app_dir=app_dir,
                 is_app=True,  # nodes read their run config from app_dir only when it is an app directory

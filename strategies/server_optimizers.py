@@ -40,12 +40,12 @@ class _KeepsDtypes(flwr_strategy.Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._dtypes = {name: array.numpy().dtype for name, array in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]  # a mixin before a Flower strategy
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[safe-super]  # a mixin before a Flower strategy
         dtypes = getattr(self, "_dtypes", {})
         if arrays is None or not dtypes:
             return arrays, metrics

@@ -98,7 +98,7 @@ def _deploy(root: Path, approved: list[bool]) -> Iterator[Deployment]:
             site = root / f"site-{index}"
             data = root / f"data-{index}.npz"
             _medfed(["hospital", "export-demo", "--index", str(index), "--out", str(data), *RECIPE], env)
-            init = ["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{'abc'[index]}", "--data", str(data),
+            init = ["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{'abc'[index]}", "--data-path", str(data),
                     "--n-classes", "2", "--superlink", address, "--ca", str(dep.coord / "ca.crt"),
                     "--runtime-port", str(_free_port())]
             if approve:
@@ -212,7 +212,7 @@ def test_connections_without_trust_or_tls_are_refused(deployment: Deployment) ->
         plaintext.flwr(["ls", "medfed"], timeout=60)
     # an unregistered hospital key is rejected: its SuperNode never comes online
     stranger = deployment.root / "stranger"
-    _medfed(["hospital", "init", "--dir", str(stranger), "--site-id", "stranger", "--data",
+    _medfed(["hospital", "init", "--dir", str(stranger), "--site-id", "stranger", "--data-path",
              str(deployment.root / "data-0.npz"), "--n-classes", "2", "--superlink", deployment.address, "--ca",
              str(deployment.coord / "ca.crt"), "--runtime-port", str(_free_port())], deployment.env)
     log = deployment.root / "stranger.log"

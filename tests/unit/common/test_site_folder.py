@@ -129,7 +129,7 @@ def test_a_manifest_without_path_and_label_columns_is_refused(site):
 
 def test_hospital_check_prints_writes_json_and_fails_only_when_nothing_is_usable(site, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["hospital", "check", "--data", str(site), "--json", str(tmp_path / "r.json")])
+    result = runner.invoke(app, ["hospital", "check", "--data-path", str(site), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert "readable: benign" in result.output and "unreadable (skipped)" in result.output
     assert json.loads((tmp_path / "r.json").read_text())["usable_labelled"] == 10
@@ -140,12 +140,12 @@ def test_hospital_check_prints_writes_json_and_fails_only_when_nothing_is_usable
                                  classes=["benign", "malignant"]), tmp_path / "site.yaml")
     by_config = runner.invoke(app, ["hospital", "check", "--config", str(tmp_path / "site.yaml")])
     assert by_config.exit_code == 0 and "DICOM modality US" in by_config.output
-    assert runner.invoke(app, ["hospital", "check"]).exit_code != 0  # neither --data nor --config
+    assert runner.invoke(app, ["hospital", "check"]).exit_code != 0  # neither --data-path nor --config
 
     broken = tmp_path / "broken"
     (broken / "benign").mkdir(parents=True)
     (broken / "benign" / "x.dcm").write_text("junk")
-    result = runner.invoke(app, ["hospital", "check", "--data", str(broken)])
+    result = runner.invoke(app, ["hospital", "check", "--data-path", str(broken)])
     assert result.exit_code == 1
     assert "not a DICOM file" in result.output
 
@@ -295,3 +295,16 @@ def test_a_missing_data_path_names_the_key_to_fix(tmp_path):
 
     with pytest.raises(SiteDataError, match="data path does not exist; set data_path"):
         load_site_data(SiteSpec(site_id="a", data=tmp_path / "nowhere", n_classes=2))
+
+
+def test_the_old_data_option_still_works_with_a_deprecation_message(site, tmp_path):
+    from typer.testing import CliRunner
+
+    from medfed.cli.main import app
+
+    runner = CliRunner()
+    old = runner.invoke(app, ["hospital", "check", "--data", str(site)])
+    assert old.exit_code == 0
+    assert "--data is deprecated" in old.output and "--data-path" in old.output
+    both = runner.invoke(app, ["hospital", "check", "--data", str(site), "--data-path", str(site)])
+    assert both.exit_code != 0 and "give the data path once" in both.output
