@@ -34,8 +34,8 @@ def renamed_overrides(overrides: Iterable[str]) -> list[str]:
         if new is not None and sep:
             message = (f"{key[len(prefix):]} is deprecated and will be removed; it is now {new} "
                        f"(write {prefix}{new}={value}).")
-            warnings.warn(message, DeprecationWarning, stacklevel=3)
-            logger.warning("%s", message)
+            # FutureWarning: the deprecation a user (not only a developer) should see, once per process and place
+            warnings.warn(message, FutureWarning, stacklevel=3)
             override = f"{prefix}{new}{sep}{value}"
         out.append(override)
     return out

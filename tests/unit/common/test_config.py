@@ -233,6 +233,6 @@ def test_renamed_data_path_keys_still_compose_with_a_deprecation_warning(old, ne
     group = "dataset=medmnist" if field == "data_path" else "dataset=folder"
     extra = [] if field == "data_path" else ["dataset.classes=[x,y]", "federation.hospitals=2",
                                               *([] if field == "data_paths" else ["dataset.data_paths=[a,b]"])]
-    with pytest.warns(DeprecationWarning, match=f"{old.split('=')[0]} is deprecated.*it is now {new}"):
+    with pytest.warns(FutureWarning, match=f"{old.split('=')[0]} is deprecated.*it is now {new}"):
         cfg = compose_config([group, old, *extra])
     assert getattr(cfg.dataset, field) == value
