@@ -22,8 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from medfed.common import keys
+from medfed.common.environment import APP_SECTION
 from medfed.common.config import RUN_CONFIG_OVERRIDES
-from medfed.simulation.launcher import APP_SECTION
 
 __all__ = ["APP_PACKAGES", "bundle_hash", "staged_app"]
 

@@ -7,7 +7,18 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["flower_environment", "script", "software_versions"]
+__all__ = ["APP_SECTION", "flower_environment", "script", "software_versions"]
+
+# the Flower app section of every medfed app directory: the simulation's (medfed.simulation.launcher) and the
+# deployment bundle's (medfed.cli.bundle)
+APP_SECTION = """[tool.flwr.app]
+publisher = "medfed"
+
+[tool.flwr.app.components]
+serverapp = "medfed.server.app:app"
+clientapp = "medfed.client.app:app"
+
+[tool.flwr.app.config]"""
 
 
 def flower_environment() -> None:

@@ -20,22 +20,11 @@ from typing import Any
 
 from medfed.common import keys
 from medfed.common.config import Config, run_config_from_overrides
-from medfed.common.environment import flower_environment
+from medfed.common.environment import APP_SECTION, flower_environment
 
-__all__ = ["APP_SECTION", "run_simulation"]
+__all__ = ["run_simulation"]
 
 logger = logging.getLogger(__name__)
-
-# the Flower app section of every medfed app directory (the simulation's here, the deployment bundle's in
-# medfed.cli.bundle, which takes it from here: cli may import simulation, never the other way round)
-APP_SECTION = """[tool.flwr.app]
-publisher = "medfed"
-
-[tool.flwr.app.components]
-serverapp = "medfed.server.app:app"
-clientapp = "medfed.client.app:app"
-
-[tool.flwr.app.config]"""
 
 _APP_TOML = """[project]
 name = "medfed-simulation"
