@@ -14,10 +14,10 @@ import json
 import logging
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,10 +32,12 @@ from medfed.common.errors import ConfigError, DatasetUnavailableError, SiteDataE
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "DataSource",
     "LOADERS",
     "SiteData",
     "build_sites",
     "cache_key",
+    "folder_site_spec",
     "forget_loaded_sites",
     "load_site",
     "load_splits",
@@ -48,10 +50,54 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 _FEDERATION_KEYS = ("hospitals", "partition", "alpha", "seed", "val_fraction", "min_samples")
 
-# source -> (config schema, loader). Extend by adding an entry; unknown sources fail listing these choices.
-LOADERS: MappingProxyType[str, tuple[type[DatasetConfig], Callable[[Any], DatasetSplits]]] = MappingProxyType(
-    {"medmnist": (MedMNISTConfig, load_medmnist), "synthetic": (SyntheticConfig, load_synthetic)}
-)
+@dataclass(frozen=True)
+class DataSource:
+    """How one ``dataset.source`` is read. A pooled source (``splits``: MedMNIST, synthetic) is loaded whole and
+    shared out to the simulated hospitals; a per-site source (``site`` and ``test_set``: folders) reads each
+    hospital's own data, as a deployed hospital does."""
+
+    schema: type[DatasetConfig]
+    splits: Callable[[Any], DatasetSplits] | None = None
+    site: Callable[[Config, int, Path | None], SiteData] | None = None
+    test_set: Callable[[Config, Path | None], tuple[DatasetInfo, ArrayDataset]] | None = None
+
+
+def _folder_site_of(cfg: Config, index: int, cache_dir: Path | None) -> SiteData:
+    from medfed.common.data.site_spec import load_site_data
+
+    return load_site_data(folder_site_spec(cfg, _as(cfg.dataset, FolderConfig), index, cache_dir))
+
+
+def _folder_test_of(cfg: Config, cache_dir: Path | None) -> tuple[DatasetInfo, ArrayDataset]:
+    dataset = _as(cfg.dataset, FolderConfig)
+    return _folder_info(dataset), _folder_test_set(cfg, dataset, cache_dir)
+
+
+# source -> how it is read. Extend by adding an entry; unknown sources fail listing these choices.
+LOADERS: MappingProxyType[str, DataSource] = MappingProxyType({
+    "medmnist": DataSource(MedMNISTConfig, splits=load_medmnist),
+    "synthetic": DataSource(SyntheticConfig, splits=load_synthetic),
+    "folder": DataSource(FolderConfig, site=_folder_site_of, test_set=_folder_test_of),
+})
+
+_Schema = TypeVar("_Schema", bound=DatasetConfig)
+
+
+def _as(dataset_cfg: DatasetConfig, schema: type[_Schema]) -> _Schema:
+    """The dataset section as its source's schema (a bare DatasetConfig gets the schema's defaults)."""
+    if isinstance(dataset_cfg, schema):
+        return dataset_cfg
+    return schema(**{f.name: getattr(dataset_cfg, f.name) for f in fields(dataset_cfg)})
+
+
+def _source(dataset_cfg: DatasetConfig) -> DataSource:
+    source = LOADERS.get(dataset_cfg.source)
+    if source is None:
+        raise ConfigError(
+            f"dataset.source={dataset_cfg.source!r} is not a known dataset source; choose one of: "
+            f"{', '.join(LOADERS)} (e.g. `dataset=medmnist` on the command line)."
+        )
+    return source
 
 
 def site_id_for(index: int) -> str:
@@ -60,17 +106,18 @@ def site_id_for(index: int) -> str:
 
 
 def load_splits(dataset_cfg: DatasetConfig) -> DatasetSplits:
-    """Load the dataset ``dataset_cfg.source`` names (``medmnist`` or ``synthetic``)."""
-    entry = LOADERS.get(dataset_cfg.source)
-    if entry is None:
+    """Load the pooled dataset ``dataset_cfg.source`` names (``medmnist`` or ``synthetic``).
+
+    Raises:
+        ConfigError: an unknown source, or a per-site source (``folder``: each hospital reads its own data).
+    """
+    source = _source(dataset_cfg)
+    if source.splits is None:
         raise ConfigError(
-            f"dataset.source={dataset_cfg.source!r} is not a known dataset source; choose one of: "
-            f"{', '.join(LOADERS)} (e.g. `dataset=medmnist` on the command line)."
+            f"dataset={dataset_cfg.source} has no pooled data to share out: each simulated hospital reads its own "
+            "(load_site); the centralized baseline needs a pooled source such as dataset=medmnist."
         )
-    schema, loader = entry
-    if not isinstance(dataset_cfg, schema):  # a bare DatasetConfig: fill in the schema's defaults
-        dataset_cfg = schema(**{f.name: getattr(dataset_cfg, f.name) for f in fields(dataset_cfg)})
-    return loader(dataset_cfg)
+    return source.splits(_as(dataset_cfg, source.schema))
 
 
 def _dataset_seed(dataset_cfg: DatasetConfig) -> int:
@@ -233,8 +280,9 @@ def _load_full_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -
             f"Site index {index} is out of range: federation.hospitals={cfg.federation.hospitals} allows "
             f"0..{cfg.federation.hospitals - 1}. Raise federation.hospitals or pick a smaller index."
         )
-    if isinstance(cfg.dataset, FolderConfig):
-        return _folder_site(cfg, cfg.dataset, index, cache_dir)
+    source = _source(cfg.dataset)
+    if source.site is not None:
+        return source.site(cfg, index, cache_dir)
     folder = Path(cache_dir) / cache_key(cfg) if cache_dir is not None else None
     if folder is not None:
         memory_key = (str(folder.resolve()), index)
@@ -278,13 +326,6 @@ def folder_site_spec(cfg: Config, dataset: FolderConfig, index: int, cache_dir: 
     )
 
 
-def _folder_site(cfg: Config, dataset: FolderConfig, index: int, cache_dir: Path | None) -> SiteData:
-    """Simulated hospital ``index`` reads its own folder, as a deployed hospital does (decoded once, cached)."""
-    from medfed.common.data.site_spec import load_site_data
-
-    return load_site_data(folder_site_spec(cfg, dataset, index, cache_dir))
-
-
 def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None) -> ArrayDataset:
     """The test folder's labelled images, or else every hospital's images marked ``split=test``."""
     from medfed.common.data.site_folder_arrays import load_folder, read_labelled
@@ -311,8 +352,9 @@ def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None)
 def load_test_set(cfg: Config, *, cache_dir: Path | None = None) -> tuple[DatasetInfo, ArrayDataset]:
     """The global test set (the official test split; for synthetic data a mix of scanner styles; for folders the
     test folder or the hospitals' ``split=test`` images)."""
-    if isinstance(cfg.dataset, FolderConfig):
-        return _folder_info(cfg.dataset), _folder_test_set(cfg, cfg.dataset, cache_dir)
+    source = _source(cfg.dataset)
+    if source.test_set is not None:
+        return source.test_set(cfg, cache_dir)
     path = Path(cache_dir) / cache_key(cfg) / "test.npz" if cache_dir is not None else None
     if path is not None:
         cached = _read_cache(path)

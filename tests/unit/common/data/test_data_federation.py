@@ -219,3 +219,12 @@ def test_a_medmnist_file_replaced_at_the_same_path_is_read_again(tmp_path: Path)
     # Assert: a new cache entry, built from the new file
     assert federation.cache_key(cfg) != key
     assert not np.array_equal(first.train.images, again.train.images)
+
+
+def test_every_source_is_registered_and_a_folder_has_no_pooled_splits() -> None:
+    from medfed.common.config import FolderConfig
+
+    assert set(federation.LOADERS) == {"medmnist", "synthetic", "folder"}
+    assert all((s.splits is None) != (s.site is None) for s in federation.LOADERS.values())
+    with pytest.raises(ConfigError, match="dataset=folder has no pooled data to share out"):
+        load_splits(FolderConfig(data_paths=["a"], classes=["x", "y"]))
