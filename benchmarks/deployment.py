@@ -89,7 +89,7 @@ def run_deployment(work: Path, recipe: list[str]) -> tuple[Path, float]:
             _medfed(["hospital", "export-demo", "--index", str(index), "--out", str(data), *recipe], env)
             _medfed(["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{index}", "--data-path", str(data),
                      "--n-classes", "2", "--superlink", address, "--ca", str(coord / "ca.crt"), "--runtime-port",
-                     str(_free_port()), "--threads", str(SITE_THREADS), "--approve-installed"], env)
+                     str(_free_port()), "--threads", str(SITE_THREADS), "--approve-installed", "--no-require-dp"], env)
             _medfed(["hospitals", "register", str(site / "node.pub"), "--dir", str(coord)], env)
             processes.append(_spawn(["hospital", "start", "--config", str(site / "site.yaml")], env,
                                     work / f"site-{index}.log"))

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from medfed.cli.display import fail
 from medfed.cli.hospital_tools import add_local_tools
+from medfed.client.policy import DEFAULT_STAGES, parse_stages
 from medfed.common.errors import ConfigError, MedfedError
 
 __all__ = ["hospital_app"]
@@ -74,6 +75,13 @@ def hospital_init(
     ] = "state",
     approve_installed: Annotated[bool, typer.Option(help="Approve this installation's app bundle.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing key pair and site config.")] = False,
+    require_dp: Annotated[bool, typer.Option(
+        help="Train only with this site's own DP (privacy=dp). --no-require-dp: research sites that opt out.")] = True,
+    require_secure_aggregation: Annotated[bool, typer.Option(
+        help="Send updates only under SecAgg+ (privacy.secure_aggregation=true).")] = False,
+    stages: Annotated[str, typer.Option(
+        help="The requests the site answers, comma-separated (add gradcam to let it write explanation maps).")]
+        = ",".join(DEFAULT_STAGES),
     data: DeprecatedDataOpt = None,
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
@@ -99,7 +107,8 @@ def hospital_init(
             secure_rng=secure_rng,
             superlink=superlink, ca_certificate=str(Path(ca).resolve()), auth_key="node.key",
             runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
-            classes=classes.split(",") if classes else [], image_size=image_size,
+            classes=classes.split(",") if classes else [], image_size=image_size, require_dp=require_dp,
+            require_secure_aggregation=require_secure_aggregation, stages=list(parse_stages(stages, key="--stages")),
         )
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())
@@ -136,7 +145,7 @@ def hospital_start(
 ) -> None:
     """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
     from medfed.client.daemon import HospitalDaemon
-    from medfed.client.site import load_site_config
+    from medfed.client.site import load_site_config, site_policy
 
     try:
         site = load_site_config(config)
@@ -152,6 +161,10 @@ def hospital_start(
         fail(exc)
         return
     console.print(f"hospital {site.site_id} -> {site.superlink} ({'INSECURE' if insecure else 'TLS'})")
+    console.print(f"policy: {site_policy(site).describe()}", highlight=False)
+    if site.defaults_applied:
+        console.print(f"  (defaults applied for {', '.join(site.defaults_applied)}: the site config does not set "
+                      "them; write them in site.yaml to make the choice explicit)", highlight=False)
     raise typer.Exit(daemon.run())
 
 

@@ -14,6 +14,7 @@ handlers is logged in full at the site only; what Flower forwards to the server 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -134,11 +135,26 @@ class _ContextState:
     def set_kept_layers(self, kept: Mapping[str, torch.Tensor]) -> None:
         self._state[keys.STATE_LOCAL_LAYERS] = ArrayRecord(dict(kept))
 
+    def answered(self) -> list[str]:
+        kept = self._state.config_records.get(keys.STATE_ANSWERED)
+        return [str(k) for k in json.loads(str(kept["keys"]))] if kept is not None else []
 
-def _setup(msg: Message, context: Context) -> tuple[Config, NodeEnv, SiteData, torch.nn.Module, int]:
-    """The run's config, the node's environment and data, the received model and the server round."""
+    def set_answered(self, answered: list[str]) -> None:
+        self._state[keys.STATE_ANSWERED] = ConfigRecord({"keys": json.dumps(answered)})
+
+
+def _request(msg: Message, context: Context) -> tuple[Config, NodeEnv, int]:
+    """The run's config, the node's environment and the server round a message names (nothing read yet)."""
     cfg = node_config(context)
     env = NodeEnv.resolve(context.node_config, context.run_config)
+    legacy = _legacy_instruction(msg)
+    if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow keeps the round in its own config
+        return cfg, env, int(legacy.config.get(keys.SERVER_ROUND, 0))
+    return cfg, env, int(_number(msg.content.config_records.get(keys.CONFIG), keys.SERVER_ROUND, 0))
+
+
+def _load(msg: Message, cfg: Config, env: NodeEnv) -> tuple[SiteData, torch.nn.Module]:
+    """The node's data and the received model (after the site's policy admitted the request)."""
     if env.threads is not None:  # a deployed hospital decides its own CPU use
         configure_threads(env.threads, 1)
     else:
@@ -150,7 +166,7 @@ def _setup(msg: Message, context: Context) -> tuple[Config, NodeEnv, SiteData, t
     legacy = _legacy_instruction(msg)
     if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
         set_weights(model, parameters_to_ndarrays(legacy.parameters))
-        return cfg, env, site, model, int(legacy.config.get(keys.SERVER_ROUND, 0))
+        return site, model
     arrays = msg.content.array_records.get(keys.ARRAYS)
     if arrays is None:
         raise IncompatibleUpdateError(
@@ -158,7 +174,7 @@ def _setup(msg: Message, context: Context) -> tuple[Config, NodeEnv, SiteData, t
             "must send the global model (is it running another medfed version?)."
         )
     load_state_dict_numpy(model, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
-    return cfg, env, site, model, int(_number(msg.content.config_records.get(keys.CONFIG), keys.SERVER_ROUND, 0))
+    return site, model
 
 
 def _number(config: ConfigRecord | None, key: str, default: float) -> float:
@@ -217,7 +233,9 @@ def _reply(
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """A train message: the global model trained on this hospital's training split (:func:`train_round`)."""
-    cfg, env, site, model, server_round = _setup(msg, context)
+    cfg, env, server_round = _request(msg, context)
+    env.policy.admit_train(cfg)  # the site's policy first: a refused round reads and spends nothing
+    site, model = _load(msg, cfg, env)
     config = msg.content.config_records.get(keys.CONFIG)
     mu = _number(config, keys.PROXIMAL_MU, 0.0)  # FedProx's, from the strategy
     result = train_round(cfg, site, model, env, _ContextState(context), run_id=msg.metadata.run_id,
@@ -230,12 +248,19 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """An evaluate message: the global model on this hospital's validation split (:func:`evaluate_round`), or,
     after the last round, a final stage (:func:`final_stage`)."""
-    cfg, env, site, model, server_round = _setup(msg, context)
+    cfg, env, server_round = _request(msg, context)
+    state, run_id = _ContextState(context), msg.metadata.run_id
     config = msg.content.config_records.get(keys.CONFIG)
     if config is not None and keys.FINAL_STAGE in config:
-        return _reply(msg, site, final_stage(cfg, site, model, _final_request(config), env, msg.metadata.run_id),
-                      None)
-    return _reply(msg, site, evaluate_round(cfg, site, model, env, _ContextState(context), server_round), None)
+        request = _final_request(config)
+        grid = env.policy.admit_final_stage(state, run_id=run_id, stage=request.stage,
+                                            temperatures=request.temperatures)
+        request = dataclasses.replace(request, temperatures=grid, gradcam=env.policy.gradcam)
+        site, model = _load(msg, cfg, env)
+        return _reply(msg, site, final_stage(cfg, site, model, request, env, run_id), None)
+    env.policy.admit_evaluate(cfg, state, run_id=run_id, server_round=server_round)
+    site, model = _load(msg, cfg, env)
+    return _reply(msg, site, evaluate_round(cfg, site, model, env, state, server_round), None)
 
 
 def _final_request(config: ConfigRecord) -> FinalStage:

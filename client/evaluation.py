@@ -34,11 +34,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinalStage:
-    """A final-stage request of the coordinator: ``stage`` (calibrate or reliability) and its parameters."""
+    """A final-stage request of the coordinator: ``stage`` (calibrate or reliability) and its parameters, with the
+    site's grid and Grad-CAM permission applied (:class:`~medfed.client.policy.SitePolicy`)."""
 
     stage: str
     temperatures: Sequence[float] = ()
     temperature: float = 1.0
+    gradcam: bool = False  # whether the site's policy lets it write Grad-CAM maps (``evaluate.gradcam_samples``)
 
 
 def evaluate_round(
@@ -86,8 +88,9 @@ def final_stage(
     elif request.stage == keys.STAGE_RELIABILITY:
         for key, t in ((keys.RELIABILITY_BEFORE, 1.0), (keys.RELIABILITY_AFTER, request.temperature)):
             metrics[key] = [float(v) for v in reliability_sums(labels, softmax(logits, t)).reshape(-1)]
-        if cfg.evaluate.gradcam_samples > 0:
-            metrics[keys.GRADCAM_SAVED] = _save_gradcam(cfg, site, model, env, run_id, request.temperature)
+        if cfg.evaluate.gradcam_samples > 0:  # 0 saved where the site's policy does not answer gradcam
+            saved = _save_gradcam(cfg, site, model, env, run_id, request.temperature) if request.gradcam else 0
+            metrics[keys.GRADCAM_SAVED] = saved
     else:
         raise IncompatibleUpdateError(
             f"Unknown final stage {request.stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "

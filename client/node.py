@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from medfed.client.policy import RequestLog, SitePolicy
 from medfed.client.privacy import SiteCap, default_state_dir, site_cap
 from medfed.common import keys
 from medfed.common.config import FederationConfig
@@ -28,8 +29,9 @@ __all__ = ["NodeEnv", "NodeState"]
 logger = logging.getLogger(__name__)
 
 
-class NodeState(Protocol):
-    """What a node keeps between the messages of one run (Flower's ``context.state`` at a real node)."""
+class NodeState(RequestLog, Protocol):
+    """What a node keeps between the messages of one run (Flower's ``context.state`` at a real node): its ledger
+    mirror, its personal layers, and the requests it answered (:class:`~medfed.client.policy.RequestLog`)."""
 
     def ledger_entries(self) -> str | None:
         """The serialised privacy-ledger entries mirrored from the last round, if any."""
@@ -54,7 +56,8 @@ class NodeEnv:
 
     ``partition_id`` is the simulated hospital's index (None for a deployed hospital); ``site_config`` the path
     of a deployed hospital's site config; ``state_dir`` holds its privacy ledger, kept layers and explanations;
-    ``run_dir`` and ``cache_dir`` (None: the default cache) come from the researcher's run config in simulation; ``threads`` is the CPU
+    ``run_dir`` and ``cache_dir`` (None: the default cache) come from the researcher's run config in simulation;
+    ``policy`` is what the hospital answers (a deployed hospital's site config; permissive in simulation); ``threads`` is the CPU
     threads a deployed hospital allows itself (None: the recipe's ``federation.threads`` decides).
     """
 
@@ -64,6 +67,7 @@ class NodeEnv:
     run_dir: Path | None
     cache_dir: Path | None
     threads: int | None
+    policy: SitePolicy
     node_config: Mapping[str, object] = field(repr=False)
 
     @classmethod
@@ -93,6 +97,7 @@ class NodeEnv:
             run_dir=_path(run_dir) if run_dir else None,
             cache_dir=_path(cache) if cache else None,
             threads=None if threads is None else int(float(str(threads))),
+            policy=SitePolicy.from_node_config(node_config),
             node_config=node_config,
         )
 

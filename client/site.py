@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from medfed.client.node import NodeEnv
+from medfed.client.policy import DEFAULT_STAGES, SitePolicy, parse_grid, parse_stages
 from medfed.common import keys
 from medfed.common.atomic import atomic_write
 from medfed.common.config import Config
@@ -30,6 +31,7 @@ __all__ = [
     "load_site_config",
     "node_config_for",
     "resolve_site",
+    "site_policy",
     "write_site_config",
 ]
 
@@ -86,7 +88,14 @@ class SiteConfig:
     channels: int = 1
     spatial_dims: int = 2
     cache_dir: str | None = None
+    # the site's policy, checked at every message (client.policy): DP required unless it opts out for research,
+    # SecAgg+ required if it says so, the stages it answers (Grad-CAM off unless listed), its own calibration grid
+    require_dp: bool = True
+    require_secure_aggregation: bool = False
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    calibration_grid: list[float] = field(default_factory=list)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was read from
+    defaults_applied: tuple[str, ...] = field(default=(), repr=False, compare=False)  # policy keys the file lacks
 
     def __post_init__(self) -> None:
         if not _SITE_ID.match(str(self.site_id)):
@@ -121,6 +130,11 @@ class SiteConfig:
                 f"image_size={self.image_size!r}, channels={self.channels!r}, spatial_dims={self.spatial_dims!r}: "
                 "channels must be 1 or 3, spatial_dims 2 or 3, image_size >= 8 (the task's model input)."
             )
+        for key in ("require_dp", "require_secure_aggregation"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be true or false.")
+        parse_stages(self.stages)
+        parse_grid(self.calibration_grid)
         bad = [h for h in self.approved_apps if not _SHA256.match(str(h))]
         if bad:
             raise ConfigError(
@@ -158,7 +172,15 @@ class SiteConfig:
         )
 
 
-_FIELDS = {f for f in SiteConfig.__dataclass_fields__ if f != "source"}
+_FIELDS = {f for f in SiteConfig.__dataclass_fields__ if f not in ("source", "defaults_applied")}
+_POLICY_KEYS = ("require_dp", "require_secure_aggregation", "stages", "calibration_grid")
+
+
+def site_policy(site: SiteConfig) -> SitePolicy:
+    """The policy a site config declares (what its ClientApps enforce at every message)."""
+    return SitePolicy(require_dp=site.require_dp, require_secure_aggregation=site.require_secure_aggregation,
+                      stages=parse_stages(site.stages), calibration_grid=parse_grid(site.calibration_grid),
+                      enforced=True)
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -180,15 +202,16 @@ def load_site_config(path: Path) -> SiteConfig:
     missing = [k for k in ("site_id", "data_path", "n_classes") if k not in raw]
     if missing:
         raise ConfigError(f"Site config {path.name} lacks {missing}; see `medfed hospital init --help`.")
+    defaults = tuple(k for k in _POLICY_KEYS if k not in raw)
     try:
-        return SiteConfig(**raw, source=path)
+        return SiteConfig(**raw, source=path, defaults_applied=defaults)
     except TypeError as exc:
         raise ConfigError(f"Site config {path.name}: {exc}") from None
 
 
 def write_site_config(site: SiteConfig, path: Path) -> None:
     """Write ``site`` to ``path`` atomically (the daemon re-reads it on every message)."""
-    data: dict[str, Any] = {k: v for k, v in asdict(site).items() if k != "source"}
+    data: dict[str, Any] = {k: v for k, v in asdict(site).items() if k not in ("source", "defaults_applied")}
     with atomic_write(Path(path), binary=False) as handle:
         handle.write("# medfed site config: only this hospital edits it (see `medfed hospital --help`).\n")
         yaml.safe_dump(data, handle, sort_keys=False)
@@ -205,6 +228,10 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float | bool]:
         keys.NODE_MIN_NOISE: float(site.min_noise),
         keys.NODE_SECURE_RNG: bool(site.secure_rng),
         keys.NODE_THREADS: float(site.threads),
+        keys.NODE_REQUIRE_DP: bool(site.require_dp),
+        keys.NODE_REQUIRE_SECURE_AGGREGATION: bool(site.require_secure_aggregation),
+        keys.NODE_STAGES: ",".join(parse_stages(site.stages)),
+        keys.NODE_CALIBRATION_GRID: ",".join(f"{t!r}" for t in parse_grid(site.calibration_grid)),
     }
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "DatasetUnavailableError",
     "IncompatibleUpdateError",
     "MedfedError",
+    "PolicyRefusal",
     "PrivacyBudgetExceeded",
     "SiteDataError",
 ]
@@ -53,6 +54,13 @@ class PrivacyBudgetExceeded(MedfedError):
     exit_code = 6
 
 
+class PolicyRefusal(MedfedError):
+    """A hospital's own policy (its site config) refuses what the coordinator asked: DP switched off, a stage it
+    does not answer, a request over its limits."""
+
+    exit_code = 7
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Unexpected error; see the log above.",
@@ -67,4 +75,7 @@ EXIT_CODES: dict[int, str] = {
         "A model update does not match the global model: all sites must run the same model config."
     ),
     PrivacyBudgetExceeded.exit_code: "A site reached its privacy cap: it stopped training to stay within its budget.",
+    PolicyRefusal.exit_code: (
+        "A hospital's policy refused the request: change the recipe to one its site config allows (see the reason)."
+    ),
 }

@@ -41,7 +41,11 @@ __all__ = [
     "NODE_MIN_NOISE",
     "NODE_PARTITION_ID",
     "NODE_SECURE_RNG",
+    "NODE_CALIBRATION_GRID",
+    "NODE_REQUIRE_DP",
+    "NODE_REQUIRE_SECURE_AGGREGATION",
     "NODE_SITE_CONFIG",
+    "NODE_STAGES",
     "NODE_STATE_DIR",
     "NODE_THREADS",
     "NOISE_MULTIPLIER",
@@ -58,6 +62,7 @@ __all__ = [
     "SITE",
     "SITE_ID",
     "STATE_CONFIG",
+    "STATE_ANSWERED",
     "STATE_LEDGER",
     "STATE_LOCAL_LAYERS",
     "TRAIN_LOSS",
@@ -116,6 +121,7 @@ RUN_STATE_DIR = "state-dir"  # simulation: where simulated sites keep their priv
 STATE_CONFIG = "medfed-config"  # the composed config, so Hydra runs once per node and run
 STATE_LOCAL_LAYERS = "medfed-local-layers"  # personalisation: the layers this hospital keeps to itself
 STATE_LEDGER = "medfed-privacy-ledger"  # this node's privacy ledger entries (mirrors the on-disk ledger)
+STATE_ANSWERED = "medfed-answered"  # the requests this node answered in this run (evaluation limits)
 
 # Node config keys
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
@@ -126,6 +132,10 @@ NODE_MIN_NOISE = "min-noise"  # the least noise multiplier it accepts
 NODE_SECURE_RNG = "secure-rng"  # true: DP noise and sampling from a cryptographically secure RNG, or no DP
 RUN_CACHE_DIR = "cache-dir"  # simulation: where simulated sites cache their decoded data
 NODE_THREADS = "threads"  # deployment: the site's torch threads (0 = every core); overrides federation.threads
+NODE_REQUIRE_DP = "require-dp"  # deployment: train only with privacy=dp (the site's policy)
+NODE_REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"  # deployment: train only under SecAgg+
+NODE_STAGES = "stages"  # deployment: the stages the site answers, comma-separated (see client.policy.STAGES)
+NODE_CALIBRATION_GRID = "calibration-grid"  # deployment: the site's own temperature grid, comma-separated
 NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)
 
 
@@ -137,6 +147,7 @@ class SiteRefusal(StrEnum):
     """
 
     PRIVACY_BUDGET = "PrivacyBudgetExceeded"  # the hospital is at its privacy cap (medfed.common.errors)
+    POLICY = "PolicyRefusal"  # the hospital's site policy refuses the request (medfed.common.errors)
 
 
 _REFUSAL = re.compile(r"(?:^|[\s<'\"])(" + "|".join(m.value for m in SiteRefusal) + r"): ")

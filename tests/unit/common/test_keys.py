@@ -5,11 +5,22 @@ from __future__ import annotations
 import pytest
 
 from medfed.common import keys
-from medfed.common.errors import PrivacyBudgetExceeded
+from medfed.common import errors
+from medfed.common.errors import PolicyRefusal, PrivacyBudgetExceeded
 
 
 def test_each_refusal_is_named_after_its_error_type():
     assert keys.SiteRefusal.PRIVACY_BUDGET.value == PrivacyBudgetExceeded.__name__
+    assert keys.SiteRefusal.POLICY.value == PolicyRefusal.__name__
+    assert all(issubclass(getattr(errors, member.value), errors.MedfedError) for member in keys.SiteRefusal)
+
+
+def test_every_exit_code_has_a_help_text():
+    codes = {cls.exit_code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.MedfedError)}
+    assert codes <= set(errors.EXIT_CODES)
+    assert len(codes) == len([c for c in vars(errors).values()
+                              if isinstance(c, type) and issubclass(c, errors.MedfedError)])
 
 
 @pytest.mark.parametrize(
