@@ -89,17 +89,18 @@ def start_private_round(
         raise ConfigError(f"{asked} asks for DP noise from a cryptographically secure RNG, but {problem}; so this "
                           f"hospital does not train with privacy=dp. To train: {fix}.")
     ledger = PrivacyLedger(env.state_dir, dataset_fingerprint(site))
-    entries = ledger.record(entries_from_state(state.ledger_entries()))
-    plan = plan_round(
-        dp,
-        cap,
-        n_train=len(site.train),
-        batch_size=cfg.train.batch_size,
-        local_epochs=cfg.train.local_epochs,
-        rounds_left=cfg.train.rounds - server_round + 1,
-        entries=entries,
-        run_id=run_id,
-    )
-    entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
-    _record(ledger, state, [entry])
+    with ledger.locked():  # what was spent, the plan and its record: one step for every process on this ledger
+        entries = ledger.record(entries_from_state(state.ledger_entries()))
+        plan = plan_round(
+            dp,
+            cap,
+            n_train=len(site.train),
+            batch_size=cfg.train.batch_size,
+            local_epochs=cfg.train.local_epochs,
+            rounds_left=cfg.train.rounds - server_round + 1,
+            entries=entries,
+            run_id=run_id,
+        )
+        entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
+        _record(ledger, state, [entry])
     return PrivateRound(plan, ledger, state, dp, secure, run_id, server_round)

@@ -12,6 +12,8 @@ raises :class:`~common.errors.PrivacyBudgetExceeded` with a PHI-free reason and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -21,7 +23,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,6 +217,25 @@ class PrivacyLedger:
     def __init__(self, state_dir: Path, fingerprint: str) -> None:
         self.path = Path(state_dir).expanduser() / "privacy" / f"{fingerprint}.json"
         self.fingerprint = fingerprint
+        self._held = False
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive lock on this ledger across processes (``fcntl.flock`` on ``<ledger>.lock``), held from
+        reading what was spent through planning to recording the new round, so two runs or two processes never
+        both pass a cap that only one of them fits under. Re-entrant within one ledger object."""
+        if self._held:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def entries(self) -> list[LedgerEntry]:
         if not self.path.is_file():
@@ -232,7 +253,11 @@ class PrivacyLedger:
             ) from None
 
     def record(self, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
-        """Add entries (kept once by id) and write the ledger; returns every entry now on disk."""
+        """Add entries (kept once by id) and write the ledger, under its lock; returns every entry now on disk."""
+        with self.locked():
+            return self._record(entries)
+
+    def _record(self, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
         merged = {e.id: e for e in self.entries()}
         known = len(merged)
         for entry in entries:
