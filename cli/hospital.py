@@ -9,7 +9,7 @@ import importlib.util
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -169,8 +169,13 @@ def hospital_start(
 
 
 @hospital_app.command("audit")
-def hospital_audit(config: SiteOpt) -> None:
-    """Every message this site sent (and every bundle it refused)."""
+def hospital_audit(
+    config: SiteOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every entry as JSON (all fields).")] = False,
+) -> None:
+    """Every message this site sent (and every bundle it refused, every ledger reset)."""
+    import json
+
     from medfed.client.gate import read_audit
     from medfed.client.site import load_site_config
 
@@ -179,6 +184,9 @@ def hospital_audit(config: SiteOpt) -> None:
     except MedfedError as exc:
         fail(exc)
         return
+    if as_json:
+        typer.echo(json.dumps(entries, indent=1))
+        return
     table = Table("time", "event", "run", "round", "type", "bytes", "sha256", "epsilon")
     for e in entries:
         table.add_row(datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"), e["event"], str(e.get("run")),
@@ -186,6 +194,84 @@ def hospital_audit(config: SiteOpt) -> None:
                       str(e.get("sha256") or e.get("fab_sha256", ""))[:16],
                       "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}")
     console.print(table)
+
+
+budget_app = typer.Typer(help="This site's privacy budget: spent, cap and remaining, per ledger.",
+                         invoke_without_command=True)
+hospital_app.add_typer(budget_app, name="budget")
+
+
+def _budget_rows(site: Any) -> list[dict[str, Any]]:
+    from medfed.client.ledger import site_ledgers
+    from medfed.client.privacy import epsilon_spent
+
+    rows = []
+    for ledger in site_ledgers(site.state_path):
+        entries = ledger.entries()
+        spent = epsilon_spent(entries, float(site.max_delta))
+        rows.append({"ledger": ledger.fingerprint, "rounds": len(entries), "steps": sum(e.steps for e in entries),
+                     "spent": spent, "cap": float(site.max_epsilon), "delta": float(site.max_delta),
+                     "remaining": max(0.0, float(site.max_epsilon) - spent)})
+    return rows
+
+
+@budget_app.callback()
+def hospital_budget(
+    ctx: typer.Context,
+    config: SiteOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Spent, cap and remaining epsilon of every ledger of this site (at the site's max_delta)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    import json
+
+    from medfed.client.site import load_site_config
+
+    try:
+        rows = _budget_rows(load_site_config(config))
+    except MedfedError as exc:
+        fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table("ledger", "rounds", "steps", "spent", "cap", "remaining", title="privacy budget (epsilon)")
+    for row in rows:
+        table.add_row(row["ledger"][:12], str(row["rounds"]), str(row["steps"]), f"{row['spent']:.3f}",
+                      f"{row['cap']:g}", f"{row['remaining']:.3f}")
+    console.print(table if rows else "no privacy ledger yet: this site has not trained with DP")
+
+
+@budget_app.command("reset")
+def hospital_budget_reset(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option(help="Why (written to the audit log), e.g. 'new dataset, old one deleted'.")],
+    ledger: Annotated[str | None, typer.Option(help="The ledger to reset (default: the only one).")] = None,
+) -> None:
+    """Start a fresh ledger: the old one is archived under privacy/archive/ and the reset is audited. Only for data
+    that is truly new: every training on the same images must compose in one ledger."""
+    import time
+
+    from medfed.client.gate import AUDIT_FILE, append_audit
+    from medfed.client.ledger import archive_ledger
+    from medfed.client.site import load_site_config
+
+    try:
+        site = load_site_config(ctx.obj)
+        rows = {row["ledger"]: row for row in _budget_rows(site)}
+        if ledger is None and len(rows) != 1:
+            raise ConfigError(f"this site has {len(rows)} ledgers; name one with --ledger ({', '.join(rows) or '-'}).")
+        key = ledger or next(iter(rows))
+        archived = archive_ledger(site.state_path, key, reason)
+        append_audit(site.state_path / AUDIT_FILE, {
+            "time": time.time(), "event": "ledger-reset", "site": site.site_id, "ledger": key, "reason": reason,
+            "spent": rows[key]["spent"] if key in rows else None, "archive": archived.name})
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"ledger {key} archived as {archived.name}; the reset is in the audit log")
 
 
 @hospital_app.command("check")

@@ -10,17 +10,15 @@ import logging
 from dataclasses import dataclass
 
 from medfed.client.node import NodeEnv, NodeState
-from medfed.client.privacy import (
+from medfed.client.ledger import (
     LedgerEntry,
     PrivacyLedger,
-    RoundPlan,
     dataset_fingerprint,
     entries_from_state,
     entries_to_state,
-    epsilon_spent,
-    plan_round,
-    secure_rng_problem,
+    ledger_key,
 )
+from medfed.client.privacy import RoundPlan, epsilon_spent, plan_round, secure_rng_problem
 from medfed.client.training import DPTraining, select_device
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
@@ -88,9 +86,11 @@ def start_private_round(
                else "install torchcsprng at every hospital, or run with privacy.secure_mode=false for experiments")
         raise ConfigError(f"{asked} asks for DP noise from a cryptographically secure RNG, but {problem}; so this "
                           f"hospital does not train with privacy=dp. To train: {fix}.")
-    ledger = PrivacyLedger(env.state_dir, dataset_fingerprint(site))
+    ledger = PrivacyLedger(env.state_dir, ledger_key(site))
     with ledger.locked():  # what was spent, the plan and its record: one step for every process on this ledger
-        entries = ledger.record(entries_from_state(state.ledger_entries()))
+        older = PrivacyLedger(env.state_dir, dataset_fingerprint(site))  # a ledger keyed by the data's bytes
+        absorbed = older.entries() if older.path.is_file() else []
+        entries = ledger.record([*absorbed, *entries_from_state(state.ledger_entries())])
         plan = plan_round(
             dp,
             cap,

@@ -27,7 +27,7 @@ from medfed.common import keys
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError
 
-__all__ = ["AUDIT_FILE", "UnapprovedApp", "audit_entry", "main", "read_audit"]
+__all__ = ["AUDIT_FILE", "UnapprovedApp", "append_audit", "audit_entry", "main", "read_audit"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class UnapprovedApp(ConfigError):
         )
 
 
-def _append(path: Path, entry: dict[str, Any]) -> None:
+def append_audit(path: Path, entry: dict[str, Any]) -> None:
+    """Append one line to an audit log (one write with O_APPEND, fsynced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -143,7 +144,7 @@ class _Gate:
             site, audit = self.site
             content_hash = hashlib.sha256(fab.content).hexdigest()
             if content_hash != fab.hash_str or not site.approves(content_hash):
-                _append(audit, {"time": time.time(), "event": "refused-app", "site": site.site_id,
+                append_audit(audit, {"time": time.time(), "event": "refused-app", "site": site.site_id,
                                 "run": int(run.run_id), "fab_sha256": content_hash, "claimed_sha256": fab.hash_str})
                 logger.error("refused app bundle %s for run %s: not approved", content_hash, run.run_id)
                 self.refusal = UnapprovedApp(site.site_id, content_hash)
@@ -163,7 +164,7 @@ class _Gate:
     def push(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def push_message(client: Any, message: Any, context: Any) -> Any:
             site, audit = self.site if self.site is not None else _site_of(context)
-            _append(audit, audit_entry(message, site_id=site.site_id, server_round=self.round, stage=self.stage))
+            append_audit(audit, audit_entry(message, site_id=site.site_id, server_round=self.round, stage=self.stage))
             return original(client, message, context)
 
         return push_message

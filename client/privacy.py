@@ -1,9 +1,9 @@
-"""A hospital's differential-privacy budget: its cap, its persistent ledger, and the noise each round gets.
+"""A hospital's differential-privacy budget: its cap, what it has spent, and the noise each round gets.
 
 The hospital decides. Its cap (cumulative epsilon over every run on its data, the largest delta, the least noise)
 comes from its own node config, or in simulation from ``federation.site_*``; the coordinator's ``privacy=dp``
-request can only be made stricter by it. What the site has spent lives in a ledger on its own disk, keyed by a
-fingerprint of its training data (so it spans runs and restarts), mirrored in Flower's ``context.state``.
+request can only be made stricter by it. What the site has spent lives in its ledger (:mod:`medfed.client.ledger`:
+one per site and task, on its own disk, locked across processes, spanning runs and restarts).
 Epsilon is always computed by Opacus' accountant from the ledger's full history (sequential composition).
 
 Before a round trains, :func:`plan_round` checks that the round's steps keep the site within its cap; if not it
@@ -12,40 +12,27 @@ raises :class:`~common.errors.PrivacyBudgetExceeded` with a PHI-free reason and 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
-import time
-import uuid
-import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medfed.client.ledger import LedgerEntry
 from medfed.common import keys
-from medfed.common.atomic import atomic_write
 from medfed.common.config import DPConfig, FederationConfig
-from medfed.common.data import SiteData
 from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "LedgerEntry",
-    "PrivacyLedger",
     "RoundPlan",
     "SiteCap",
-    "dataset_fingerprint",
     "default_state_dir",
-    "entries_from_state",
-    "entries_to_state",
     "epsilon_spent",
     "plan_round",
     "secure_rng_problem",
@@ -54,7 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LEDGER_VERSION = 1
 _MAX_NOISE = 1e4
 
 
@@ -135,43 +121,6 @@ def secure_rng_problem(device: torch.device) -> str | None:
     return None
 
 
-# fingerprints of the SiteData objects alive in this process (an entry goes when its object is collected, so this
-# never keeps site data in memory that the site cache has let go)
-_FINGERPRINTS: dict[int, str] = {}
-
-
-def dataset_fingerprint(site: SiteData) -> str:
-    """A digest of the site's training images and labels: the ledger's key (it never leaves the site)."""
-    cached = _FINGERPRINTS.get(id(site))
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for array in (site.train.images, site.train.labels):
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
-    value = digest.hexdigest()[:32]
-    _FINGERPRINTS[id(site)] = value
-    weakref.finalize(site, _FINGERPRINTS.pop, id(site), None)
-    return value
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One round of DP training at this site: what the accountant needs, and where it came from."""
-
-    id: str
-    run_id: int
-    server_round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    recorded_at: float
-
-    @staticmethod
-    def new(run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
-        return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time())
-
-
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
     """Opacus' RDP of one subsampled Gaussian step at its default orders (~0.1 s each, so kept per process)."""
@@ -205,80 +154,6 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str 
     total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
     eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
     return math.inf if math.isnan(eps) else float(eps)  # NaN (numerical overflow) never counts as "fits"
-
-
-class PrivacyLedger:
-    """The on-disk ledger of one site's data: ``STATE_DIR/privacy/<fingerprint>.json``, written atomically.
-
-    A ledger that exists but cannot be read is never treated as empty: the site refuses to train until it is
-    restored (an empty ledger would silently reset the budget).
-    """
-
-    def __init__(self, state_dir: Path, fingerprint: str) -> None:
-        self.path = Path(state_dir).expanduser() / "privacy" / f"{fingerprint}.json"
-        self.fingerprint = fingerprint
-        self._held = False
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """An exclusive lock on this ledger across processes (``fcntl.flock`` on ``<ledger>.lock``), held from
-        reading what was spent through planning to recording the new round, so two runs or two processes never
-        both pass a cap that only one of them fits under. Re-entrant within one ledger object."""
-        if self._held:
-            yield
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            self._held = True
-            try:
-                yield
-            finally:
-                self._held = False
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def entries(self) -> list[LedgerEntry]:
-        if not self.path.is_file():
-            return []
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("version") != LEDGER_VERSION or data.get("dataset") != self.fingerprint:
-                raise ValueError("version or dataset fingerprint differs")
-            return [LedgerEntry(**entry) for entry in data["entries"]]
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise PrivacyBudgetExceeded(
-                f"This hospital's privacy ledger {self.path.name} is unreadable ({type(exc).__name__}); it refuses "
-                "to train rather than forget what it spent. Restore the file from backup (it is in the site's "
-                "state directory, privacy/)."
-            ) from None
-
-    def record(self, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
-        """Add entries (kept once by id) and write the ledger, under its lock; returns every entry now on disk."""
-        with self.locked():
-            return self._record(entries)
-
-    def _record(self, entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
-        merged = {e.id: e for e in self.entries()}
-        known = len(merged)
-        for entry in entries:
-            merged.setdefault(entry.id, entry)
-        ordered = sorted(merged.values(), key=lambda e: (e.recorded_at, e.id))
-        if len(merged) == known and self.path.is_file():
-            return ordered
-        payload = {"version": LEDGER_VERSION, "dataset": self.fingerprint, "entries": [asdict(e) for e in ordered]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(self.path, binary=False) as handle:
-            json.dump(payload, handle, indent=1)
-        return ordered
-
-
-def entries_from_state(raw: str | None) -> list[LedgerEntry]:
-    """Ledger entries kept in ``context.state`` (a JSON list)."""
-    return [LedgerEntry(**entry) for entry in json.loads(raw)] if raw else []
-
-
-def entries_to_state(entries: Iterable[LedgerEntry]) -> str:
-    return json.dumps([asdict(e) for e in entries])
 
 
 @dataclass(frozen=True)

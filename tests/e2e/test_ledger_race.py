@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from medfed.client.privacy import LedgerEntry, epsilon_spent
+from medfed.client.ledger import LedgerEntry
+from medfed.client.privacy import epsilon_spent
 
 # a worker: plan and record one DP round of `run` against the ledger in STATE, as the ClientApp does; planning is
 # slowed so that, without the ledger's lock, both processes would read the empty ledger before either records.
@@ -60,7 +61,7 @@ _PLAN_ONE_ROUND = textwrap.dedent("""
 
 _RECORD_MANY = textwrap.dedent("""
     import sys
-    from medfed.client.privacy import LedgerEntry, PrivacyLedger
+    from medfed.client.ledger import LedgerEntry, PrivacyLedger
     ledger = PrivacyLedger(sys.argv[1], "site")
     for i in range(int(sys.argv[3])):
         ledger.record([LedgerEntry.new(int(sys.argv[2]), i + 1, 1.0, 0.1, 1)])

@@ -14,9 +14,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
 from medfed.client.app import SiteFailure, app
+from medfed.client.ledger import LedgerEntry, PrivacyLedger
 from medfed.client.privacy import (
-    LedgerEntry,
-    PrivacyLedger,
     SiteCap,
     epsilon_spent,
     plan_round,
@@ -132,8 +131,8 @@ def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
 def test_fingerprint_follows_the_data_and_is_forgotten_with_its_site() -> None:
     import gc
 
-    from medfed.client import privacy
-    from medfed.client.privacy import dataset_fingerprint
+    from medfed.client import ledger as privacy
+    from medfed.client.ledger import dataset_fingerprint
     from medfed.common.data import SiteData
     from medfed.common.data.arrays import DatasetInfo
 
