@@ -194,3 +194,35 @@ def test_hospital_init_requires_dp_unless_the_site_opts_out(tmp_path):
     assert load_site_config(tmp_path / "strict" / "site.yaml").require_dp is True
     assert load_site_config(tmp_path / "research" / "site.yaml").require_dp is False
     assert parse_stages(load_site_config(tmp_path / "strict" / "site.yaml").stages) == DEFAULT_STAGES
+
+
+def test_no_path_of_the_hospital_leaves_in_an_error(tmp_path):
+    # Prepare: a node config whose site config path names a doctor (the finding: it was sent as it was)
+    folder = tmp_path / "radiology_dr_smith"
+    node_config = {**_site(tmp_path), keys.NODE_SITE_CONFIG: str(folder / "site.yaml")}
+
+    # Execute
+    with pytest.raises(SiteFailure) as info:
+        _train(node_config, [*RECIPE, "privacy=dp"])
+
+    # Assert: the reason says what is wrong, without the path
+    text = str(info.value)
+    assert "Site config <path> does not exist" in text
+    assert "radiology_dr_smith" not in text and str(tmp_path) not in text
+
+
+@pytest.mark.parametrize(
+    ("text", "public"),
+    [
+        ("file 3 (john_doe_ct.dcm) unreadable", "file 3 (<file>) unreadable"),
+        ("C:\\Users\\smith\\data.npz missing", "<path> missing"),
+        ("labels in demo/site-0/labels.csv", "labels in <path>"),
+        ("set secure_rng: false in site.yaml (see https://example.org/a/b)",
+         "set secure_rng: false in site.yaml (see https://example.org/a/b)"),
+        ("epsilon 2.998 of its cap 3 (delta 1e-05)", "epsilon 2.998 of its cap 3 (delta 1e-05)"),
+    ],
+)
+def test_public_text_drops_paths_and_file_names_and_keeps_the_rest(text, public):
+    from medfed.client.redact import public_text
+
+    assert public_text(text) == public
