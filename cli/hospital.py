@@ -187,12 +187,12 @@ def hospital_audit(
     if as_json:
         typer.echo(json.dumps(entries, indent=1))
         return
-    table = Table("time", "event", "run", "round", "type", "bytes", "sha256", "epsilon")
+    table = Table("time", "event", "run", "round", "stage", "bytes", "sha256", "epsilon", "refusal")
     for e in entries:
         table.add_row(datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"), e["event"], str(e.get("run")),
-                      str(e.get("round", "")), str(e.get("type", "")), str(e.get("bytes", "")),
+                      str(e.get("round", "")), str(e.get("stage") or e.get("type") or ""), str(e.get("bytes", "")),
                       str(e.get("sha256") or e.get("fab_sha256", ""))[:16],
-                      "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}")
+                      "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}", str(e.get("refusal") or ""))
     console.print(table)
 
 

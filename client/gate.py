@@ -4,9 +4,10 @@
 launches it for every message). Before Flower installs or imports anything from the app bundle (FAB) it checks
 that the bundle's sha256 (recomputed from its bytes, not taken from the SuperLink's word) is in the site config's
 ``approved_apps``; anything else is refused with a PHI-free reason the coordinator sees, and the refusal is
-written to the audit log. Every reply the site sends is recorded first in ``STATE/audit.jsonl``: time, run,
-round, message type, size in bytes, sha256 (Flower's content address of the message), the epsilon it reports,
-and the layout of its records (names, kinds and sizes; never values).
+written to the audit log. Every reply the site sends is recorded first in ``STATE/audit.jsonl``: time, direction,
+run, round, message type and final stage, the digest of the model it answers, size in bytes, sha256 (Flower's
+content address of the message), every scalar value it sends (never images or weights), the epsilon it reports,
+a refusal's kind and reason, and the layout of its records (names, kinds and sizes).
 
 This module wraps two functions of Flower's ClientApp runner (``pull_task_input`` and ``push_message``) and
 otherwise runs Flower's own process unchanged. It lives outside the app bundle, so a bundle cannot switch it off.
@@ -27,7 +28,7 @@ from medfed.common import keys
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError
 
-__all__ = ["AUDIT_FILE", "UnapprovedApp", "append_audit", "audit_entry", "main", "read_audit"]
+__all__ = ["AUDIT_FILE", "UnapprovedApp", "append_audit", "audit_entry", "main", "model_sha256", "read_audit"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,39 @@ def _layout(message: Any) -> dict[str, Any]:
     return out
 
 
+def model_sha256(message: Any) -> str | None:
+    """A digest of the model a request carries (every array's name, dtype, shape and bytes, in order), so probing
+    with crafted models can be seen afterwards; None for a request without arrays."""
+    if message.has_error() or not message.content.array_records:
+        return None
+    digest = hashlib.sha256()
+    for name, record in sorted(message.content.array_records.items()):
+        for key, array in record.items():
+            values = array.numpy()
+            digest.update(f"{name}/{key}/{values.dtype.str}/{values.shape}".encode())
+            digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _values(message: Any) -> dict[str, Any]:
+    """Every scalar a reply sends (metric values and the site id; never arrays)."""
+    if message.has_error():
+        return {}
+    out: dict[str, Any] = {}
+    for record in message.content.metric_records.values():
+        out.update({key: value for key, value in record.items()})
+    for record in message.content.config_records.values():
+        out.update({key: value for key, value in record.items() if isinstance(value, (str, int, float, bool))})
+    return out
+
+
 def audit_entry(
-    message: Any, *, site_id: str, server_round: int | None = None, stage: str | None = None
+    message: Any, *, site_id: str, server_round: int | None = None, stage: str | None = None,
+    received_model: str | None = None,
 ) -> dict[str, Any]:
-    """The audit line of one outgoing message: size and sha256 of what goes on the wire, and what it reports."""
+    """The audit line of one outgoing message: size and sha256 of what goes on the wire, the model it answers
+    (``received_model``: :func:`model_sha256` of the request), every scalar it sends, the epsilon it reports, and
+    a refusal's kind and reason."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     objects = get_all_nested_objects(message)
@@ -95,18 +125,24 @@ def audit_entry(
         for record in message.content.metric_records.values():
             if keys.EPSILON in record:
                 epsilon = float(record[keys.EPSILON])
+    reason = message.error.reason if message.has_error() else None
+    refusal = keys.site_refusal(reason) if reason else None
     return {
         "time": time.time(),
         "event": "sent",
+        "direction": "out",
         "site": site_id,
         "run": int(message.metadata.run_id),
         "round": server_round,
-        "stage": stage,  # after the last round: the final stage (calibrate | reliability) the reply answers
+        "stage": stage or message.metadata.message_type,  # train | evaluate, or the final stage it answers
         "type": message.metadata.message_type,
         "bytes": int(size),
         "sha256": message.object_id,
         "epsilon": epsilon,
-        "error": message.error.reason if message.has_error() else None,
+        "received_model": received_model,
+        "values": _values(message),
+        "error": reason,
+        "refusal": refusal.value if refusal is not None else None,
         "records": _layout(message),
     }
 
@@ -135,11 +171,13 @@ class _Gate:
         self.round: int | None = None  # the server round of the message being answered
         self.stage: str | None = None  # or the final stage it asks for
         self.site: tuple[Any, Path] | None = None  # the site config and audit file, read once per message
+        self.received_model: str | None = None  # the digest of the model the request carries
 
     def pull(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def pull_task_input(client: Any) -> Any:
             message, context, run, fab = original(client)
             self.round, self.stage = _server_round(message), _final_stage(message)
+            self.received_model = model_sha256(message)
             self.site = _site_of(context)
             site, audit = self.site
             content_hash = hashlib.sha256(fab.content).hexdigest()
@@ -164,7 +202,8 @@ class _Gate:
     def push(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def push_message(client: Any, message: Any, context: Any) -> Any:
             site, audit = self.site if self.site is not None else _site_of(context)
-            append_audit(audit, audit_entry(message, site_id=site.site_id, server_round=self.round, stage=self.stage))
+            append_audit(audit, audit_entry(message, site_id=site.site_id, server_round=self.round, stage=self.stage,
+                                            received_model=self.received_model))
             return original(client, message, context)
 
         return push_message

@@ -24,8 +24,11 @@ def test_audit_entry_of_a_train_reply() -> None:
         "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
         "site": ConfigRecord({"site-id": "hospital-a"}),
     })
-    entry = audit_entry(_reply(content), site_id="hospital-a", server_round=3)
+    entry = audit_entry(_reply(content), site_id="hospital-a", server_round=3, received_model="cd" * 32)
     assert entry["round"] == 3 and entry["type"] == "train" and entry["epsilon"] == 1.5
+    assert entry["direction"] == "out" and entry["stage"] == "train" and entry["received_model"] == "cd" * 32
+    # every scalar sent, never the arrays
+    assert entry["values"] == {"num-examples": 10, "epsilon": 1.5, "site-id": "hospital-a"}
     assert entry["bytes"] > 48 and len(entry["sha256"]) == 64
     assert entry["records"]["arrays"] == {"kind": "ArrayRecord", "arrays": 1, "elements": 12}
     assert entry["records"]["site"] == {"kind": "ConfigRecord", "keys": ["site-id"], "types": ["str"]}
@@ -38,6 +41,24 @@ def test_audit_entry_of_a_train_reply() -> None:
 def test_audit_entry_of_an_error_reply() -> None:
     entry = audit_entry(_reply(error=Error(code=0, reason="refused")), site_id="hospital-a")
     assert entry["error"] == "refused" and entry["records"] == {} and entry["epsilon"] is None
+    assert entry["refusal"] is None and entry["values"] == {}
+
+
+def test_a_policy_refusal_is_audited_with_its_kind_and_reason() -> None:
+    reason = "<class 'medfed.client.app.SiteFailure'>:<'PolicyRefusal: This hospital trains only with its own DP'>"
+    entry = audit_entry(_reply(error=Error(code=0, reason=reason)), site_id="hospital-a")
+    assert entry["refusal"] == "PolicyRefusal" and entry["error"] == reason
+
+
+def test_the_model_received_is_identified_by_its_digest() -> None:
+    from medfed.client.gate import model_sha256
+    from tests.conftest import instruction
+
+    def request(value: float):
+        return instruction(RecordDict({"arrays": ArrayRecord({"w": torch.full((2, 2), value)})}), "evaluate")
+
+    assert model_sha256(request(1.0)) == model_sha256(request(1.0)) != model_sha256(request(0.0))
+    assert model_sha256(instruction(RecordDict({"config": ConfigRecord({"x": 1})}), "evaluate")) is None
 
 
 def test_a_final_stage_request_is_named_in_the_audit() -> None:
