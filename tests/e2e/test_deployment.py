@@ -183,7 +183,7 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
         sent = [e for e in read_audit(site / "state") if e["event"] == "sent"]
         assert sorted((e["round"] or 0, e["stage"] or "", e["type"]) for e in sent) == [
             (0, "calibrate", "evaluate"), (0, "reliability", "evaluate"),  # temperature scaling after the rounds
-            (1, "", "evaluate"), (1, "", "train"), (2, "", "evaluate"), (2, "", "train")]
+            (1, "evaluate", "evaluate"), (1, "train", "train"), (2, "evaluate", "evaluate"), (2, "train", "train")]
         for entry in sent:
             assert entry["error"] is None and entry["bytes"] > 0 and len(entry["sha256"]) == 64
             kinds = {name: rec["kind"] for name, rec in entry["records"].items()}
