@@ -52,8 +52,8 @@ SITE_THREADS = 1
 POLL_S = 3.0  # Flower's SuperNode asks the SuperLink for a message every 3 s when idle
 # what every `medfed-clientapp` process imports before it can pull its message: medfed's gate and app, Flower's
 # ClientApp runtime
-CLIENTAPP_IMPORTS = ("import medfed.client.gate, medfed.client.app, medfed.client.site, flwr.supernode.cli.flwr_clientapp, "
-                     "flwr.supernode.runtime.run_clientapp")
+CLIENTAPP_IMPORTS = ("import medfed.client.gate, medfed.client.app, medfed.client.site, "
+                     "flwr.supernode.cli.flwr_clientapp, flwr.supernode.runtime.run_clientapp")
 
 
 def _free_port() -> int:

@@ -57,8 +57,9 @@ class NodeEnv:
     ``partition_id`` is the simulated hospital's index (None for a deployed hospital); ``site_config`` the path
     of a deployed hospital's site config; ``state_dir`` holds its privacy ledger, kept layers and explanations;
     ``run_dir`` and ``cache_dir`` (None: the default cache) come from the researcher's run config in simulation;
-    ``policy`` is what the hospital answers (a deployed hospital's site config; permissive in simulation); ``threads`` is the CPU
-    threads a deployed hospital allows itself (None: the recipe's ``federation.threads`` decides).
+    ``policy`` is what the hospital answers (a deployed hospital's site config; permissive in simulation);
+    ``threads`` is the CPU threads a deployed hospital allows itself (None: the recipe's ``federation.threads``
+    decides).
     """
 
     partition_id: int | None
