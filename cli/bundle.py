@@ -4,9 +4,9 @@ The bundle holds the ``medfed`` package's app parts (``medfed.client``, ``medfed
 ``medfed.strategies``: Python sources and the Hydra config tree, laid out as ``medfed/client/...``) and a fixed
 ``pyproject.toml``. The components are ``medfed.server.app:app`` and ``medfed.client.app:app``; a process that has
 already imported ``medfed`` (a hospital's gate does) runs its own installation's code, never the bundle's copy.
-Flower writes FABs with fixed timestamps, so two machines with the same medfed release build byte-identical bundles: a hospital approves the sha256 that
-``medfed hospital approve`` computes from its own installation, and the coordinator's ``medfed train`` submits
-exactly that bundle.
+Flower writes FABs with fixed timestamps, so two machines with the same medfed release build byte-identical
+bundles: a hospital approves the sha256 that ``medfed hospital approve`` computes from its own installation, and the
+coordinator's ``medfed train`` submits exactly that bundle.
 """
 
 from __future__ import annotations
