@@ -187,6 +187,9 @@ def simulate(
         fail(exc)
         return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
+    failed = RunDirectory(run_path).unanswered()
+    if failed is not None:  # every hospital failed (not refused): no result to stand behind
+        fail(failed)
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
     if cfg.task == "ssl":
         quality = summary.get("representation") or {}

@@ -65,6 +65,9 @@ def train(
                         raise typer.Exit(1)
                 time.sleep(0.5)
         console.print(summary_table(target.read_summary(), f"medfed train: run {run_id}"))
+        failed = target.unanswered()
+        if failed is not None:  # every hospital failed (not refused): no result to stand behind
+            fail(failed)
 
 
 @runs_app.command("list")

@@ -14,6 +14,7 @@ __all__ = [
     "MedfedError",
     "PolicyRefusal",
     "PrivacyBudgetExceeded",
+    "RunFailed",
     "SiteDataError",
 ]
 
@@ -61,6 +62,12 @@ class PolicyRefusal(MedfedError):
     exit_code = 7
 
 
+class RunFailed(MedfedError):
+    """A run ended without a single usable answer from any hospital, and not because they all refused."""
+
+    exit_code = 8
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Unexpected error; see the log above.",
@@ -75,6 +82,7 @@ EXIT_CODES: dict[int, str] = {
         "A model update does not match the global model: all sites must run the same model config."
     ),
     PrivacyBudgetExceeded.exit_code: "A site reached its privacy cap: it stopped training to stay within its budget.",
+    RunFailed.exit_code: "No hospital answered: read the reasons above and the hospitals' logs.",
     PolicyRefusal.exit_code: (
         "A hospital's policy refused the request: change the recipe to one its site config allows (see the reason)."
     ),

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from medfed.common.atomic import atomic_write
-from medfed.common.errors import ConfigError
+from medfed.common import keys
+from medfed.common.errors import ConfigError, RunFailed
 from medfed.common.models.weights import load_checkpoint, load_checkpoint_section, save_checkpoint
 
 __all__ = ["STRATEGY_SECTION", "RunDirectory", "json_safe"]
@@ -198,6 +199,22 @@ class RunDirectory:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def unanswered(self) -> RunFailed | None:
+        """The failure of a finished run in which no hospital ever sent a usable answer, unless every hospital
+        refused on purpose (its privacy cap, its policy): then the run ended cleanly and says why."""
+        if self.read_summary().get("sites"):
+            return None
+        reasons = [str(d.get("reason", "")) for line in self.read_metrics() for d in line.get("dropped", [])]
+        failures = [r for r in reasons if keys.site_refusal(r) is None]
+        if not failures:
+            return None
+        refused = len(reasons) - len(failures)
+        return RunFailed(
+            f"No hospital sent a usable answer in this run: {len(failures)} request(s) failed and {refused} were "
+            f"refused. The first failure: {failures[0][:500]} (each hospital's own log has the details). The "
+            "summary and metrics.jsonl of the run were written nonetheless."
+        )
 
     def save_weights(
         self,
