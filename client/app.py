@@ -1,15 +1,17 @@
 """The Flower ClientApp of a hospital: translates Messages to plain Python and back, nothing else.
 
 Each handler resolves the node's environment once (:class:`~medfed.client.node.NodeEnv`: simulated partition or
-deployed site, state directory, caps, output directories), reads the model and the request out of the Message,
-and calls the job: :func:`~medfed.client.local_round.train_round`, :func:`~medfed.client.evaluation.evaluate_round`
+deployed site, state directory, caps, policy, output directories), has the site's policy admit the request
+(:class:`~medfed.client.policy.SitePolicy`, before any data is read), reads the model and the request out of the
+Message, and calls the job: :func:`~medfed.client.local_round.train_round`, :func:`~medfed.client.evaluation.evaluate_round`
 or :func:`~medfed.client.evaluation.final_stage`. No helper below this module sees a Message or a Context; what a
 node keeps between messages reaches them through :class:`_ContextState`.
 
 What a reply may carry is fixed here: the model's weights (``ArrayRecord``), scalar metrics (``MetricRecord``:
 sample counts, losses, validation metrics, timings) and the site id (``ConfigRecord``). Any exception inside the
 handlers is logged in full at the site only; what Flower forwards to the server is a PHI-free one-liner
-(exception type and a fixed explanation, or the text of medfed's own errors, which carry no patient data).
+(exception type and a fixed explanation, or the text of medfed's own errors with every path and file name
+replaced, :func:`~medfed.client.redact.public_text`).
 """
 
 from __future__ import annotations
