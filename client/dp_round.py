@@ -91,6 +91,10 @@ def start_private_round(
         older = PrivacyLedger(env.state_dir, dataset_fingerprint(site))  # a ledger keyed by the data's bytes
         absorbed = older.entries() if older.path.is_file() else []
         entries = ledger.record([*absorbed, *entries_from_state(state.ledger_entries())])
+        if absorbed:  # now in the site's ledger: the older file is kept, out of the way, under privacy/archive/
+            archive = older.path.parent / "archive" / f"{older.fingerprint}-absorbed.json"
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            older.path.rename(archive)
         plan = plan_round(
             dp,
             cap,

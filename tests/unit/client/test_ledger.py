@@ -96,7 +96,9 @@ def test_a_ledger_kept_under_the_older_key_is_absorbed(tmp_path):
     after = _plan(site, tmp_path, run_id=8)
 
     # Assert: the site's ledger holds the older entries, and its epsilon counts them
-    (ledger,) = [le for le in site_ledgers(tmp_path) if le.fingerprint != older.fingerprint]
+    (ledger,) = site_ledgers(tmp_path)  # the older file is archived, not listed twice
+    assert ledger.fingerprint != older.fingerprint and not older.path.exists()
+    assert (tmp_path / "privacy" / "archive" / f"{older.fingerprint}-absorbed.json").is_file()
     entries = ledger.entries()
     assert spent[0] in entries and len(entries) == 2
     assert after == pytest.approx(epsilon_spent(entries, 1e-5), rel=1e-6)
