@@ -187,7 +187,7 @@ def simulate(
         fail(exc)
         return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
-    failed = RunDirectory(run_path).unanswered()
+    failed = RunDirectory(run_path).unanswered(summary)
     if failed is not None:  # every hospital failed (not refused): no result to stand behind
         fail(failed)
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")

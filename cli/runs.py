@@ -64,8 +64,9 @@ def train(
                         err_console.print(f"run {run_id} ended: {status[0].get('status')}")
                         raise typer.Exit(1)
                 time.sleep(0.5)
-        console.print(summary_table(target.read_summary(), f"medfed train: run {run_id}"))
-        failed = target.unanswered()
+        summary = target.read_summary()
+        console.print(summary_table(summary, f"medfed train: run {run_id}"))
+        failed = target.unanswered(summary)
         if failed is not None:  # every hospital failed (not refused): no result to stand behind
             fail(failed)
 

@@ -146,18 +146,31 @@ class _ContextState:
         self._state[keys.STATE_ANSWERED] = ConfigRecord({"keys": json.dumps(answered)})
 
 
-def _request(msg: Message, context: Context) -> tuple[Config, NodeEnv, int]:
-    """The run's config, the node's environment and the server round a message names (nothing read yet)."""
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What a message asks, read before any site data: the run's config, the node's environment, the server
+    round, and, for SecAgg+ runs, Flower's legacy instruction (converted once)."""
+
+    cfg: Config
+    env: NodeEnv
+    server_round: int
+    legacy: FitIns | EvaluateIns | None
+
+
+def _request(msg: Message, context: Context) -> _Request:
+    """The request a message makes (nothing of the site read yet)."""
     cfg = node_config(context)
     env = NodeEnv.resolve(context.node_config, context.run_config)
     legacy = _legacy_instruction(msg)
     if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow keeps the round in its own config
-        return cfg, env, int(legacy.config.get(keys.SERVER_ROUND, 0))
-    return cfg, env, int(_number(msg.content.config_records.get(keys.CONFIG), keys.SERVER_ROUND, 0))
+        return _Request(cfg, env, int(legacy.config.get(keys.SERVER_ROUND, 0)), legacy)
+    server_round = int(_number(msg.content.config_records.get(keys.CONFIG), keys.SERVER_ROUND, 0))
+    return _Request(cfg, env, server_round, None)
 
 
-def _load(msg: Message, cfg: Config, env: NodeEnv) -> tuple[SiteData, torch.nn.Module]:
+def _load(msg: Message, request: _Request) -> tuple[SiteData, torch.nn.Module]:
     """The node's data and the received model (after the site's policy admitted the request)."""
+    cfg, env = request.cfg, request.env
     if env.threads is not None:  # a deployed hospital decides its own CPU use
         configure_threads(env.threads, 1)
     else:
@@ -166,9 +179,8 @@ def _load(msg: Message, cfg: Config, env: NodeEnv) -> tuple[SiteData, torch.nn.M
     model = build_task_model(
         cfg, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
     )
-    legacy = _legacy_instruction(msg)
-    if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
-        set_weights(model, parameters_to_ndarrays(legacy.parameters))
+    if request.legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
+        set_weights(model, parameters_to_ndarrays(request.legacy.parameters))
         return site, model
     arrays = msg.content.array_records.get(keys.ARRAYS)
     if arrays is None:
@@ -236,9 +248,10 @@ def _reply(
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """A train message: the global model trained on this hospital's training split (:func:`train_round`)."""
-    cfg, env, server_round = _request(msg, context)
+    request = _request(msg, context)
+    cfg, env, server_round = request.cfg, request.env, request.server_round
     env.policy.admit_train(cfg)  # the site's policy first: a refused round reads and spends nothing
-    site, model = _load(msg, cfg, env)
+    site, model = _load(msg, request)
     config = msg.content.config_records.get(keys.CONFIG)
     mu = _number(config, keys.PROXIMAL_MU, 0.0)  # FedProx's, from the strategy
     result = train_round(cfg, site, model, env, _ContextState(context), run_id=msg.metadata.run_id,
@@ -251,18 +264,19 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """An evaluate message: the global model on this hospital's validation split (:func:`evaluate_round`), or,
     after the last round, a final stage (:func:`final_stage`)."""
-    cfg, env, server_round = _request(msg, context)
+    request = _request(msg, context)
+    cfg, env, server_round = request.cfg, request.env, request.server_round
     state, run_id = _ContextState(context), msg.metadata.run_id
     config = msg.content.config_records.get(keys.CONFIG)
     if config is not None and keys.FINAL_STAGE in config:
-        request = _final_request(config)
-        grid = env.policy.admit_final_stage(state, run_id=run_id, stage=request.stage,
-                                            temperatures=request.temperatures)
-        request = dataclasses.replace(request, temperatures=grid, gradcam=env.policy.gradcam)
-        site, model = _load(msg, cfg, env)
-        return _reply(msg, site, final_stage(cfg, site, model, request, env, run_id), None)
+        stage = _final_request(config)
+        grid = env.policy.admit_final_stage(state, run_id=run_id, stage=stage.stage,
+                                            temperatures=stage.temperatures)
+        stage = dataclasses.replace(stage, temperatures=grid, gradcam=env.policy.gradcam)
+        site, model = _load(msg, request)
+        return _reply(msg, site, final_stage(cfg, site, model, stage, env, run_id), None)
     env.policy.admit_evaluate(cfg, state, run_id=run_id, server_round=server_round)
-    site, model = _load(msg, cfg, env)
+    site, model = _load(msg, request)
     return _reply(msg, site, evaluate_round(cfg, site, model, env, state, server_round), None)
 
 

@@ -13,6 +13,7 @@ from medfed.client.node import NodeEnv, NodeState
 from medfed.client.ledger import (
     LedgerEntry,
     PrivacyLedger,
+    absorb_older,
     dataset_fingerprint,
     entries_from_state,
     entries_to_state,
@@ -88,13 +89,8 @@ def start_private_round(
                           f"hospital does not train with privacy=dp. To train: {fix}.")
     ledger = PrivacyLedger(env.state_dir, ledger_key(site))
     with ledger.locked():  # what was spent, the plan and its record: one step for every process on this ledger
-        older = PrivacyLedger(env.state_dir, dataset_fingerprint(site))  # a ledger keyed by the data's bytes
-        absorbed = older.entries() if older.path.is_file() else []
-        entries = ledger.record([*absorbed, *entries_from_state(state.ledger_entries())])
-        if absorbed:  # now in the site's ledger: the older file is kept, out of the way, under privacy/archive/
-            archive = older.path.parent / "archive" / f"{older.fingerprint}-absorbed.json"
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            older.path.rename(archive)
+        absorb_older(ledger, PrivacyLedger(env.state_dir, dataset_fingerprint(site)))  # keyed by the data's bytes
+        entries = ledger.record(entries_from_state(state.ledger_entries()))
         plan = plan_round(
             dp,
             cap,

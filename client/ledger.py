@@ -30,6 +30,7 @@ __all__ = [
     "LEDGER_VERSION",
     "LedgerEntry",
     "PrivacyLedger",
+    "absorb_older",
     "archive_ledger",
     "dataset_fingerprint",
     "entries_from_state",
@@ -162,6 +163,25 @@ def entries_to_state(entries: Iterable[LedgerEntry]) -> str:
     return json.dumps([asdict(e) for e in entries])
 
 
+def _archive(ledger: PrivacyLedger, label: str) -> Path:
+    """Move a ledger's file to ``privacy/archive/<key>-<label>.json`` (never deleted); returns where."""
+    target = ledger.path.parent / "archive" / f"{ledger.fingerprint}-{label}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ledger.path.rename(target)
+    return target
+
+
+def absorb_older(ledger: PrivacyLedger, older: PrivacyLedger) -> list[LedgerEntry]:
+    """Absorb a ledger kept under another key (the older byte key) into ``ledger``: its entries are recorded there
+    and its file moves to the archive. Returns the entries absorbed (none when there is no such file)."""
+    if not older.path.is_file():
+        return []
+    absorbed = older.entries()
+    ledger.record(absorbed)
+    _archive(older, "absorbed")
+    return absorbed
+
+
 def site_ledgers(state_dir: Path) -> list[PrivacyLedger]:
     """Every ledger in a site's state directory (archived ones aside)."""
     folder = Path(state_dir).expanduser() / "privacy"
@@ -180,8 +200,6 @@ def archive_ledger(state_dir: Path, key: str, reason: str) -> Path:
     with ledger.locked():
         if not ledger.path.is_file():
             raise ConfigError(f"no privacy ledger {key} in this site's state directory; see `medfed hospital budget`.")
-        target = ledger.path.parent / "archive" / f"{key}-{int(time.time())}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ledger.path.rename(target)
+        target = _archive(ledger, str(int(time.time())))
     logger.warning("privacy ledger %s archived to %s: %s", key, target, reason)
     return target

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from medfed.common import keys
@@ -91,7 +91,6 @@ class SitePolicy:
     require_secure_aggregation: bool = False
     stages: tuple[str, ...] = STAGES
     calibration_grid: tuple[float, ...] = ()
-    enforced: bool = field(default=False, compare=False)  # a deployed hospital's policy (else: simulation)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SitePolicy:
@@ -106,7 +105,6 @@ class SitePolicy:
             require_secure_aggregation=_true(node_config.get(keys.NODE_REQUIRE_SECURE_AGGREGATION, False)),
             stages=parse_stages(str(stages), key="node config stages") if stages is not None else DEFAULT_STAGES,
             calibration_grid=parse_grid(str(grid), key="node config calibration-grid") if grid else (),
-            enforced=True,
         )
 
     def _stage(self, stage: str) -> None:

@@ -179,8 +179,7 @@ _POLICY_KEYS = ("require_dp", "require_secure_aggregation", "stages", "calibrati
 def site_policy(site: SiteConfig) -> SitePolicy:
     """The policy a site config declares (what its ClientApps enforce at every message)."""
     return SitePolicy(require_dp=site.require_dp, require_secure_aggregation=site.require_secure_aggregation,
-                      stages=parse_stages(site.stages), calibration_grid=parse_grid(site.calibration_grid),
-                      enforced=True)
+                      stages=parse_stages(site.stages), calibration_grid=parse_grid(site.calibration_grid))
 
 
 def load_site_config(path: Path) -> SiteConfig:

@@ -200,10 +200,10 @@ class RunDirectory:
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
-    def unanswered(self) -> RunFailed | None:
-        """The failure of a finished run in which no hospital ever sent a usable answer, unless every hospital
-        refused on purpose (its privacy cap, its policy): then the run ended cleanly and says why."""
-        if self.read_summary().get("sites"):
+    def unanswered(self, summary: Mapping[str, Any]) -> RunFailed | None:
+        """The failure of a finished run (``summary``: its summary.json) in which no hospital ever sent a usable
+        answer, unless every hospital refused on purpose (its privacy cap, its policy): then it ended cleanly."""
+        if summary.get("sites"):
             return None
         reasons = [str(d.get("reason", "")) for line in self.read_metrics() for d in line.get("dropped", [])]
         failures = [r for r in reasons if keys.site_refusal(r) is None]

@@ -21,8 +21,12 @@ def _run(tmp_path, reasons: list[str], sites: dict) -> RunDirectory:
     return run
 
 
+def _unanswered(run: RunDirectory) -> RunFailed | None:
+    return run.unanswered(run.read_summary())
+
+
 def test_a_run_where_every_hospital_failed_is_a_failure_naming_the_first_reason(tmp_path):
-    failed = _run(tmp_path, [CRASH, CRASH, AT_CAP], {}).unanswered()
+    failed = _unanswered(_run(tmp_path, [CRASH, CRASH, AT_CAP], {}))
     assert isinstance(failed, RunFailed)
     assert "2 request(s) failed and 1 were refused" in str(failed) and "ModuleNotFoundError" in str(failed)
 
@@ -36,4 +40,4 @@ def test_a_run_where_every_hospital_failed_is_a_failure_naming_the_first_reason(
     ],
 )
 def test_refusals_or_any_answer_are_no_failure(tmp_path, reasons, sites):
-    assert _run(tmp_path, reasons, sites).unanswered() is None
+    assert _unanswered(_run(tmp_path, reasons, sites)) is None
