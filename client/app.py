@@ -274,10 +274,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
                                             temperatures=stage.temperatures)
         stage = dataclasses.replace(stage, temperatures=grid, gradcam=env.policy.gradcam)
         site, model = _load(msg, request)
-        return _reply(msg, site, final_stage(cfg, site, model, stage, env, run_id), None)
+        return _reply(msg, site, final_stage(cfg, site, model, stage, env, run_id, state), None)
     env.policy.admit_evaluate(cfg, state, run_id=run_id, server_round=server_round)
     site, model = _load(msg, request)
-    return _reply(msg, site, evaluate_round(cfg, site, model, env, state, server_round), None)
+    return _reply(msg, site, evaluate_round(cfg, site, model, env, state, server_round, run_id), None)
 
 
 def _final_request(config: ConfigRecord) -> FinalStage:

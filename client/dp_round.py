@@ -1,7 +1,10 @@
-"""Privacy planning of one training round at a hospital: check the site's RNG and cap, plan, record, then train.
+"""Privacy planning at a hospital: one training round (check the site's RNG and cap, plan, record, then train),
+and one noised release of evaluation statistics (check the cap, record, then release).
 
-The round is recorded in the site's ledger *before* it trains (a crash mid-round has still spent its privacy), and
-a round the site refuses (no secure RNG where one is asked for, a cap it would pass) spends nothing.
+A round or a release is recorded in the site's ledger *before* it happens (a crash midway has still spent its
+privacy), and one the site refuses (no secure RNG where one is asked for, a cap it would pass) spends nothing.
+Training planned under ``privacy=dp`` reserves room for the run's evaluations still to come
+(:func:`planned_evaluations`), so the run's target epsilon and the site's cap cover everything the run releases.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from medfed.client.ledger import (
     entries_to_state,
     ledger_key,
 )
-from medfed.client.privacy import RoundPlan, epsilon_spent, plan_round, secure_rng_problem
+from medfed.client.privacy import RoundPlan, epsilon_spent, plan_release, plan_round, secure_rng_problem
 from medfed.client.training import DPTraining, select_device
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
 from medfed.common.errors import ConfigError
 
-__all__ = ["PrivateRound", "start_private_round"]
+__all__ = ["PrivateRound", "Release", "charge_release", "metered", "planned_evaluations", "start_private_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +90,9 @@ def start_private_round(
                else "install torchcsprng at every hospital, or run with privacy.secure_mode=false for experiments")
         raise ConfigError(f"{asked} asks for DP noise from a cryptographically secure RNG, but {problem}; so this "
                           f"hospital does not train with privacy=dp. To train: {fix}.")
-    ledger = PrivacyLedger(env.state_dir, ledger_key(site))
+    ledger = _site_ledger(env, site)
     with ledger.locked():  # what was spent, the plan and its record: one step for every process on this ledger
-        absorb_older(ledger, PrivacyLedger(env.state_dir, dataset_fingerprint(site)))  # keyed by the data's bytes
-        entries = ledger.record(entries_from_state(state.ledger_entries()))
+        entries = _spent(ledger, env, site, state)
         plan = plan_round(
             dp,
             cap,
@@ -100,7 +102,81 @@ def start_private_round(
             rounds_left=cfg.train.rounds - server_round + 1,
             entries=entries,
             run_id=run_id,
+            reserved=planned_evaluations(cfg, dp, env, run_id=run_id, server_round=server_round),
         )
         entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
         _record(ledger, state, [entry])
     return PrivateRound(plan, ledger, state, dp, secure, run_id, server_round)
+
+
+def _site_ledger(env: NodeEnv, site: SiteData) -> PrivacyLedger:
+    return PrivacyLedger(env.state_dir, ledger_key(site))
+
+
+def _spent(ledger: PrivacyLedger, env: NodeEnv, site: SiteData, state: NodeState) -> list[LedgerEntry]:
+    """Every entry of the site's ledger (with an older byte-keyed ledger absorbed and the node's mirror merged);
+    call under the ledger's lock."""
+    absorb_older(ledger, PrivacyLedger(env.state_dir, dataset_fingerprint(site)))  # keyed by the data's bytes
+    return ledger.record(entries_from_state(state.ledger_entries()))
+
+
+def metered(cfg: Config, env: NodeEnv) -> DPConfig | None:
+    """The DP settings under which this hospital releases evaluation statistics, or None when it releases exact
+    ones. A site whose policy requires DP always meters (with the run's DP settings, or the defaults when the run
+    asks for none); under ``privacy=dp`` every site meters unless the run asks for ``privacy.exact_metrics``
+    (research only: a site with ``require_dp`` ignores it)."""
+    dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
+    if env.policy.require_dp:
+        if dp is not None and dp.exact_metrics:
+            logger.warning("the run asks for exact metrics; this hospital's policy (require_dp) releases noised ones")
+        return dp or DPConfig()
+    if dp is None or dp.exact_metrics:
+        return None
+    return dp
+
+
+def planned_evaluations(
+    cfg: Config, dp: DPConfig, env: NodeEnv, *, run_id: int, server_round: int
+) -> list[LedgerEntry]:
+    """The noised evaluations the run will still ask after training round ``server_round``: one per round from
+    this one to the last, and the two final calibration stages when the run has them (none without metering)."""
+    if metered(cfg, env) is None:
+        return []
+    finals = 2 if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0 else 0
+    count = max(0, cfg.train.rounds - server_round + 1) + finals
+    noise = release_noise(dp, env, cfg)
+    return [LedgerEntry("reserved", run_id, server_round, noise, 1.0, 1, 0.0, "evaluate") for _ in range(count)]
+
+
+def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:
+    """The noise multiplier of a noised release: the run's ``privacy.eval_noise_multiplier``, never below the
+    site's ``min_noise``."""
+    return max(dp.eval_noise_multiplier, env.cap(cfg.federation).min_noise)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A noised release the site has admitted and recorded: its noise multiplier and the site's epsilon after."""
+
+    noise_multiplier: float
+    epsilon_after: float
+    delta: float
+
+
+def charge_release(
+    cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv, state: NodeState, *, run_id: int, server_round: int,
+    kind: str,
+) -> Release:
+    """Admit one noised release of ``kind`` (evaluate, calibrate, reliability) under the site's cap and record it
+    in the ledger before anything is computed; raises :class:`~medfed.common.errors.PrivacyBudgetExceeded` (and
+    records nothing) when it would pass the cap."""
+    cap = env.cap(cfg.federation)
+    delta = min(dp.delta, cap.max_delta)
+    noise = release_noise(dp, env, cfg)
+    ledger = _site_ledger(env, site)
+    with ledger.locked():
+        entries = _spent(ledger, env, site, state)
+        after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap, accountant=dp.accountant,
+                             what=f"{kind} request")
+        _record(ledger, state, [LedgerEntry.new(run_id, server_round, noise, 1.0, 1, kind)])
+    return Release(noise, after, delta)

@@ -74,7 +74,8 @@ def dataset_fingerprint(site: SiteData) -> str:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of DP training at this site: what the accountant needs, and where it came from."""
+    """One DP release at this site (a round of DP-SGD, or a noised evaluation: ``kind``): what the accountant
+    needs, and where it came from. A noised evaluation is one Gaussian step at sampling rate 1."""
 
     id: str
     run_id: int
@@ -83,10 +84,14 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: float
+    kind: str = "train"  # train | evaluate | calibrate | reliability (older ledgers: every entry is training)
 
     @staticmethod
-    def new(run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
-        return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time())
+    def new(
+        run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = "train"
+    ) -> LedgerEntry:
+        return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time(),
+                           kind)
 
 
 class PrivacyLedger:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from medfed.client.attacks import poison
-from medfed.client.dp_round import start_private_round
+from medfed.client.dp_round import metered, start_private_round
 from medfed.client.node import NodeEnv, NodeState
 from medfed.client.personalization import (
     keep_local_layers,
@@ -57,7 +57,9 @@ def train_round(
     """Train the received global model on this hospital's training split for ``train.local_epochs``.
 
     With ``privacy=dp`` the site first plans the round under its own cap (refusing with a PHI-free reason when
-    the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD.
+    the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD. A metered DP round
+    (:func:`~medfed.client.dp_round.metered`) sends no training loss, count or timing: ``num-examples`` is 1 at
+    every site (FedAvg weighs sites equally), beside the site's epsilon, delta and noise multiplier.
     """
     dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
     private = (start_private_round(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
@@ -96,4 +98,11 @@ def train_round(
     if private is not None:
         metrics.update({keys.EPSILON: private.epsilon_after(result.steps), keys.DELTA: private.plan.delta,
                         keys.NOISE_MULTIPLIER: private.plan.noise_multiplier})
+        if metered(cfg, env) is not None:  # only what the accounting itself states leaves the site
+            metrics = {keys.NUM_EXAMPLES: 1, **{k: metrics[k] for k in _ACCOUNTING}}
     return RoundResult(weights, metrics)
+
+
+# what a metered DP round sends besides its weights: data-independent FedAvg weight (every site 1) and the
+# accounting the site states anyway (its epsilon, delta and noise multiplier)
+_ACCOUNTING = (keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER)

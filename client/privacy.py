@@ -34,6 +34,7 @@ __all__ = [
     "SiteCap",
     "default_state_dir",
     "epsilon_spent",
+    "plan_release",
     "plan_round",
     "secure_rng_problem",
     "site_cap",
@@ -203,6 +204,7 @@ def plan_round(
     rounds_left: int,
     entries: list[LedgerEntry],
     run_id: int,
+    reserved: list[LedgerEntry] | None = None,
 ) -> RoundPlan:
     """Decide this round's noise and check the site's cap; raises :class:`PrivacyBudgetExceeded` if it would pass.
 
@@ -211,21 +213,26 @@ def plan_round(
     spent on this data so far plus the planned rounds stays within the hospital's cap, and never below its
     ``min_noise``. A site whose remaining budget would need more than ``privacy.max_noise_multiplier`` refuses
     (its updates would be mostly noise).
+
+    ``reserved``: the noised evaluations this run will still ask of the site (not yet in the ledger). They count
+    against the run's target and the site's cap alongside this run's evaluations already recorded, so that the
+    target and the cap cover everything the run releases, and a round trains only while they still fit.
     """
     delta = min(dp.delta, cap.max_delta)
     sample_rate, steps = sampling(n_train, batch_size, local_epochs)
     spent = epsilon_spent(entries, delta, dp.accountant)
-    this_run = [e for e in entries if e.run_id == run_id and e.steps > 0]
+    reserved = list(reserved or [])
+    this_run = [e for e in entries if e.run_id == run_id and e.steps > 0 and e.kind == "train"]
     if this_run:
         sigma = this_run[-1].noise_multiplier
     else:
         planned = steps * max(1, rounds_left)
         ceiling = max(dp.max_noise_multiplier, cap.min_noise)
-        sigma = _noise_for(dp.target_epsilon, delta, sample_rate, planned, [], dp.accountant, ceiling)
+        run_releases = [e for e in entries if e.run_id == run_id and e.kind != "train"] + reserved
+        sigma = _noise_for(dp.target_epsilon, delta, sample_rate, planned, run_releases, dp.accountant, ceiling)
         if math.isfinite(cap.max_epsilon) and math.isfinite(sigma):
-            sigma = max(
-                sigma, _noise_for(cap.max_epsilon, delta, sample_rate, planned, entries, dp.accountant, ceiling)
-            )
+            sigma = max(sigma, _noise_for(cap.max_epsilon, delta, sample_rate, planned, [*entries, *reserved],
+                                          dp.accountant, ceiling))
         sigma = max(sigma, cap.min_noise)
     if sigma > max(dp.max_noise_multiplier, cap.min_noise) and not math.isfinite(cap.max_epsilon):
         raise PrivacyBudgetExceeded(
@@ -243,15 +250,34 @@ def plan_round(
             "does not train. The run goes on without it. To train more, the hospital must raise its own cap "
             "(max-epsilon), or the coordinator may plan fewer rounds or a larger target_epsilon."
         )
-    after = (
-        epsilon_spent([*entries, LedgerEntry("plan", run_id, 0, sigma, sample_rate, steps, 0.0)], delta, dp.accountant)
-        if math.isfinite(sigma)
-        else math.inf
-    )
-    if not after <= cap.max_epsilon:
+    this_round = LedgerEntry("plan", run_id, 0, sigma, sample_rate, steps, 0.0)
+    after = epsilon_spent([*entries, this_round], delta, dp.accountant) if math.isfinite(sigma) else math.inf
+    with_evaluations = (epsilon_spent([*entries, this_round, *reserved], delta, dp.accountant) if reserved
+                        else after)
+    if not with_evaluations <= cap.max_epsilon:
+        evaluations = f" and the run's {len(reserved)} noised evaluations still to come" if reserved else ""
         raise PrivacyBudgetExceeded(
-            f"Privacy cap reached: this round would raise the hospital's epsilon from {spent:.3g} to "
-            f"{after:.3g} (delta {delta:g}), above its cap {cap.max_epsilon:g}; it does not train. The run goes "
-            "on without it. To train more, the hospital must raise its own cap (max-epsilon)."
+            f"Privacy cap reached: this round{evaluations} would raise the hospital's epsilon from {spent:.3g} to "
+            f"{with_evaluations:.3g} (delta {delta:g}), above its cap {cap.max_epsilon:g}; it does not train. The "
+            "run goes on without it. To train more, the hospital must raise its own cap (max-epsilon)."
         )
     return RoundPlan(sigma, sample_rate, steps, delta, spent, after, cap)
+
+
+def plan_release(
+    entries: list[LedgerEntry], *, noise_multiplier: float, delta: float, cap: SiteCap, accountant: str, what: str
+) -> float:
+    """The site's epsilon after one more noised release (a Gaussian step at sampling rate 1) of ``what``; raises
+    :class:`PrivacyBudgetExceeded` when it would pass the site's cap (the release is then not made)."""
+    if not noise_multiplier > 0:
+        raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
+                                    "needs one > 0, so this hospital does not answer.")
+    spent = epsilon_spent(entries, delta, accountant)
+    after = epsilon_spent([*entries, LedgerEntry("plan", 0, 0, noise_multiplier, 1.0, 1, 0.0)], delta, accountant)
+    if not after <= cap.max_epsilon:
+        raise PrivacyBudgetExceeded(
+            f"Privacy cap reached: answering the {what} (noise multiplier {noise_multiplier:g}) would raise the "
+            f"hospital's epsilon from {spent:.3g} to {after:.3g} (delta {delta:g}), above its cap "
+            f"{cap.max_epsilon:g}; it does not answer. To answer more, the hospital must raise its own cap."
+        )
+    return after

@@ -26,7 +26,10 @@ __all__ = [
     "ARRAYS",
     "CONFIG",
     "DELTA",
+    "DP_CLASSES",
+    "DP_STAT_PREFIX",
     "EPSILON",
+    "EVAL_NOISE",
     "EVAL_PREFIX",
     "EVAL_TIME_S",
     "FINETUNED_EPOCH",
@@ -49,6 +52,7 @@ __all__ = [
     "NODE_STATE_DIR",
     "NODE_THREADS",
     "NOISE_MULTIPLIER",
+    "NOISED_COUNT",
     "NUM_EXAMPLES",
     "N_TRAIN",
     "N_VAL",
@@ -108,6 +112,11 @@ NLL_SUMS = "nll-sums"  # final stage: summed validation NLL per temperature (lis
 RELIABILITY_BEFORE = "reliability-before"  # final stage: reliability sums (count, confidence, correct per bin), T=1
 RELIABILITY_AFTER = "reliability-after"  # ... at the fitted temperature
 GRADCAM_SAVED = "gradcam-saved"  # final stage: Grad-CAM maps the hospital wrote to its own disk (a count)
+# metered (DP) evaluation: the noised sufficient statistics (medfed.common.noised_stats) as scalars dp-stat-0, ...
+DP_STAT_PREFIX = "dp-stat-"
+DP_CLASSES = "dp-classes"  # the class count that fixes their layout (data-independent)
+EVAL_NOISE = "eval-noise-multiplier"  # the noise multiplier of a metered release
+NOISED_COUNT = "noised-count"  # final stages under DP: the noised number of validation images
 
 # Run config keys (set by `medfed simulate` / `medfed train`)
 RUN_DIR = "run-dir"

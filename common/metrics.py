@@ -140,8 +140,9 @@ def reliability_from_sums(sums: np.ndarray) -> list[dict[str, float]]:
         count = float(table[0, b])
         out.append({
             "low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-            "confidence": float(table[1, b] / count) if count else NAN,
-            "accuracy": float(table[2, b] / count) if count else NAN,
+            # means of values in [0, 1]: within it (noised sums, metered DP, can stray outside)
+            "confidence": float(np.clip(table[1, b] / count, 0.0, 1.0)) if count > 0 else NAN,
+            "accuracy": float(np.clip(table[2, b] / count, 0.0, 1.0)) if count > 0 else NAN,
         })
     return out
 

@@ -73,7 +73,35 @@ def _send(
 
 
 def _sums(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64).reshape(3, ECE_BINS)
+    """Reliability sums as sent (noised ones clipped at 0: a count or sum below 0 is noise)."""
+    return np.clip(np.asarray(values, dtype=np.float64).reshape(3, ECE_BINS), 0.0, None)
+
+
+def _count(metrics: Mapping[str, Any]) -> float:
+    """The validation images behind a final-stage reply: the exact count, or a metered hospital's noised one."""
+    if keys.NOISED_COUNT in metrics:
+        return max(float(metrics[keys.NOISED_COUNT]), 0.0)
+    return float(metrics.get(keys.NUM_EXAMPLES, 0))
+
+
+def _grid_of(metrics: Mapping[str, Any], default: list[float]) -> list[float]:
+    return [float(t) for t in metrics.get(keys.TEMPERATURES, default)]
+
+
+def _on_one_grid(
+    replies: dict[str, Mapping[str, Any]], asked: list[float]
+) -> tuple[dict[str, Mapping[str, Any]], list[dict[str, str]]]:
+    """The replies whose sums are on the grid most of them used (a site may answer on its own grid, or on fewer
+    points under DP); the others are dropped with the reason: sums on different grids do not add up."""
+    grids = [tuple(_grid_of(m, asked)) for m in replies.values()]
+    if not grids:
+        return replies, []
+    common = max(set(grids), key=lambda g: (grids.count(g), g == tuple(asked)))
+    kept = {site: m for (site, m), g in zip(replies.items(), grids, strict=True) if g == common}
+    dropped = [{"node": site, "reason": f"calibration sums on a grid of {len(g)} temperatures, not the "
+                f"{len(common)} most hospitals used"} for (site, _), g in zip(replies.items(), grids, strict=True)
+               if g != common]
+    return kept, dropped
 
 
 def calibrate_federated(
@@ -85,7 +113,10 @@ def calibrate_federated(
     replies, failed = _send(
         grid, state, {keys.FINAL_STAGE: keys.STAGE_CALIBRATE, keys.TEMPERATURES: grid_t}, timeout
     )
-    usable = {site: m for site, m in replies.items() if keys.NLL_SUMS in m and int(m.get(keys.NUM_EXAMPLES, 0)) > 0}
+    usable = {site: m for site, m in replies.items() if keys.NLL_SUMS in m and _count(m) > 0}
+    usable, other_grids = _on_one_grid(usable, grid_t)
+    failed += other_grids
+    grid_t = _grid_of(next(iter(usable.values())), grid_t) if usable else grid_t
     result: dict[str, Any] = {"temperature": None, "grid": {"min": grid_t[0], "max": grid_t[-1], "steps": len(grid_t)},
                               "dropped": failed}
     if not usable:
@@ -93,10 +124,12 @@ def calibrate_federated(
         logger.warning("calibration skipped: %s", result["skipped"])
         return result
     totals = np.sum([np.asarray(m[keys.NLL_SUMS], dtype=np.float64) for m in usable.values()], axis=0)
-    n_val = sum(int(m[keys.NUM_EXAMPLES]) for m in usable.values())
+    n_val = sum(_count(m) for m in usable.values())
     temperature = fit_temperature(totals, grid_t)
-    one = grid_t.index(1.0)
+    one = grid_t.index(1.0) if 1.0 in grid_t else int(np.argmin(np.abs(np.log(grid_t))))
     result.update({"temperature": temperature, "sites_fitted": sorted(usable)})
+    if any(keys.NOISED_COUNT in m for m in usable.values()):
+        result["noised"] = True  # metered hospitals: sums and counts carry their DP noise
     if temperature in (grid_t[0], grid_t[-1]):  # the least NLL may lie beyond the grid: say so
         result["at_grid_edge"] = True
         logger.warning("the fitted temperature %.4g is at the edge of the grid", temperature)
@@ -115,7 +148,7 @@ def calibrate_federated(
         before, after = _sums(m[keys.RELIABILITY_BEFORE]), _sums(m[keys.RELIABILITY_AFTER])
         pooled_before += before
         pooled_after += after
-        sites[site] = {"n_val": int(m[keys.NUM_EXAMPLES]), "ece_before": ece_from_sums(before),
+        sites[site] = {"n_val": _count(m), "ece_before": ece_from_sums(before),
                        "ece_after": ece_from_sums(after)}
         if keys.GRADCAM_SAVED in m:
             gradcam[site] = int(m[keys.GRADCAM_SAVED])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medfed.common import keys
+from medfed.common.noised_stats import EvalStatistics, pooled, statistics_from_metrics
 
 __all__ = ["SiteRound", "mean_min_max", "round_record", "round_train_loss", "site_rounds", "weighted_metrics"]
 
@@ -40,12 +41,16 @@ class SiteRound:
     finetuned: dict[str, Any] | None = None
     # the ensemble of the global model with the personalised (and, after the last round, fine-tuned) ones
     ensemble: dict[str, dict[str, float]] | None = None
+    # metered (DP) evaluation: the site's noised statistics; val and n_val are computed from them
+    noised: EvalStatistics | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The site's entry in the round's metrics line."""
         record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
                                   "train_s": self.train_s, "eval_s": self.eval_s}
         record["val"] = dict(self.val)
+        if self.noised is not None:
+            record["val_noised"] = True
         if self.test is not None:
             record["test"] = dict(self.test)
         if self.epsilon is not None:
@@ -78,17 +83,25 @@ def site_rounds(
     sites: dict[str, SiteRound] = {}
     for site_id, metrics in train.items():
         site = sites.setdefault(site_id, SiteRound())
-        site.n_train = int(metrics.get(keys.N_TRAIN, metrics.get(keys.NUM_EXAMPLES, 0)))
+        site.n_train = int(metrics[keys.N_TRAIN]) if keys.N_TRAIN in metrics else None  # metered DP: not sent
         site.train_loss = metrics.get(keys.TRAIN_LOSS)
         site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
         site.epsilon = metrics.get(keys.EPSILON)
         site.delta = metrics.get(keys.DELTA)
     for site_id, metrics in evaluate.items():
         site = sites.setdefault(site_id, SiteRound())
+        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
+        if keys.EPSILON in metrics:  # a metered evaluation: the site's epsilon after it
+            site.epsilon = max(site.epsilon or 0.0, float(metrics[keys.EPSILON]))
+            site.delta = metrics.get(keys.DELTA, site.delta)
+        site.noised = statistics_from_metrics(metrics, keys.DP_STAT_PREFIX, keys.DP_CLASSES)
+        if site.noised is not None:  # metered: the metrics are the coordinator's, from the noised statistics
+            site.val = site.noised.metrics()
+            site.n_val = int(round(site.noised.n))
+            continue
         site.n_val = int(metrics.get(keys.N_VAL, metrics.get(keys.NUM_EXAMPLES, 0)))
         if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
             site.n_train = int(metrics[keys.N_TRAIN])
-        site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
         site.val = _prefixed(metrics, keys.EVAL_PREFIX)
         site.personal = _personal_parts(metrics, keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX)
         site.finetuned = _personal_parts(metrics, keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX)
@@ -106,7 +119,13 @@ def weighted_metrics(
     sites: Mapping[str, SiteRound], of: Callable[[SiteRound], Mapping[str, float]] = _global_val
 ) -> dict[str, float]:
     """Validation metrics (``of`` each site: by default the global model's) averaged over sites weighted by
-    validation size, each skipping sites where undefined."""
+    validation size, each skipping sites where undefined. When every site's global validation came as noised
+    statistics (metered DP), the metrics of their sum instead: the pooled validation split's, from noised counts."""
+    noised = [s.noised for s in sites.values() if s.noised is not None]
+    if of is _global_val and noised and len(noised) == sum(1 for s in sites.values() if s.val):
+        total = pooled(noised)
+        if total is not None:
+            return total.metrics()
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for site in sites.values():

@@ -313,21 +313,25 @@ def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path) -> None:
     assert set(out.content.keys()) == {keys.ARRAYS, keys.METRICS, keys.SITE}
     assert set(out.content[keys.ARRAYS].keys()) == model_keys
     assert all(isinstance(v, (int, float)) for v in out.content[keys.METRICS].values())
-    assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.TRAIN_TIME_S, keys.N_TRAIN,
-                                              keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER}
+    # metered: no training loss, count or timing; every site weighs 1 in FedAvg (finding 4 of issue 21)
+    assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER}
+    assert out.content[keys.METRICS][keys.NUM_EXAMPLES] == 1
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
     assert len(json.loads(ledger.read_text())["entries"]) == 3
 
 
 def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
     # Prepare: the hospital allows epsilon 1 in all; the run asks for 4. Its noise is raised so the run fits 1.
+    # (the run's 5 noised evaluations, reserved by the plan, are made cheap: at the default noise they alone
+    # would not fit a cap of 1, test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training)
     cap = {keys.NODE_MAX_EPSILON: 1.0}
-    context = _context(tmp_path, cap)
+    recipe = [*DP, "privacy.eval_noise_multiplier=25"]
+    context = _context(tmp_path, cap, recipe)
     rounds = [app(_train_message(r), context) for r in (1, 2, 3)]
 
     # Execute: a second run on the same data finds the budget spent
     with pytest.raises(SiteFailure) as refused:  # what Flower forwards to the server as the error reason
-        app(_train_message(1, run_id=2), _context(tmp_path, cap))
+        app(_train_message(1, run_id=2), _context(tmp_path, cap, recipe))
 
     # Assert
     assert not any(m.has_error() for m in rounds)
@@ -420,3 +424,13 @@ def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
     entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
     assert [e.steps for e in entries][-1] == 1  # the excess, after the planned entry
     assert out.content[keys.METRICS][keys.EPSILON] == pytest.approx(epsilon_spent(entries, 1e-5))
+
+
+def test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training(tmp_path) -> None:
+    # cap 1; the run's 3 evaluations and 2 calibration stages at noise 5 would spend more than that on their own
+    with pytest.raises(SiteFailure, match="PrivacyBudgetExceeded: Privacy cap reached") as refused:
+        app(_train_message(1), _context(tmp_path, {keys.NODE_MAX_EPSILON: 1.0}))
+
+    assert "noise multiplier above" in str(refused.value)
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    assert json.loads(ledger.read_text())["entries"] == []  # nothing spent
