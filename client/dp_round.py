@@ -22,7 +22,14 @@ from medfed.client.ledger import (
     entries_to_state,
     ledger_key,
 )
-from medfed.client.privacy import RoundPlan, epsilon_spent, plan_release, plan_round, secure_rng_problem
+from medfed.client.privacy import (
+    RoundPlan,
+    epsilon_spent,
+    plan_release,
+    plan_round,
+    release_noise_for,
+    secure_rng_problem,
+)
 from medfed.client.training import DPTraining, select_device
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
@@ -142,16 +149,24 @@ def planned_evaluations(
     this one to the last, and the two final calibration stages when the run has them (none without metering)."""
     if metered(cfg, env) is None:
         return []
-    finals = 2 if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0 else 0
-    count = max(0, cfg.train.rounds - server_round + 1) + finals
+    count = max(0, cfg.train.rounds - server_round + 1) + _final_stages(cfg)
     noise = release_noise(dp, env, cfg)
     return [LedgerEntry("reserved", run_id, server_round, noise, 1.0, 1, 0.0, "evaluate") for _ in range(count)]
 
 
+def _final_stages(cfg: Config) -> int:
+    return 2 if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0 else 0
+
+
 def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:
-    """The noise multiplier of a noised release: the run's ``privacy.eval_noise_multiplier``, never below the
-    site's ``min_noise``."""
-    return max(dp.eval_noise_multiplier, env.cap(cfg.federation).min_noise)
+    """The noise multiplier of every noised release of a run: the least with which the run's evaluations (one per
+    round 0..``train.rounds`` and the final stages), composed on their own, spend ``privacy.eval_share`` of
+    ``privacy.target_epsilon``; never below the site's ``min_noise``. It depends on the run config only."""
+    cap = env.cap(cfg.federation)
+    releases = cfg.train.rounds + 1 + _final_stages(cfg)
+    noise = release_noise_for(dp.target_epsilon * dp.eval_share, min(dp.delta, cap.max_delta), releases,
+                              dp.accountant)
+    return max(noise, cap.min_noise)
 
 
 @dataclass(frozen=True)

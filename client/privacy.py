@@ -36,6 +36,7 @@ __all__ = [
     "epsilon_spent",
     "plan_release",
     "plan_round",
+    "release_noise_for",
     "secure_rng_problem",
     "site_cap",
 ]
@@ -155,6 +156,24 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str 
     total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
     eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
     return math.inf if math.isnan(eps) else float(eps)  # NaN (numerical overflow) never counts as "fits"
+
+
+@functools.lru_cache(maxsize=256)
+def release_noise_for(epsilon: float, delta: float, releases: int, accountant: str = "rdp") -> float:
+    """The least noise multiplier (to 0.1 %) with which ``releases`` Gaussian releases (sampling rate 1), composed
+    on their own, spend at most ``epsilon`` at ``delta``; data-independent, so every site of a run finds the same."""
+    def eps(sigma: float) -> float:
+        return epsilon_spent([LedgerEntry("plan", 0, 0, sigma, 1.0, max(1, releases), 0.0)], delta, accountant)
+
+    low, high = 0.0, 1.0
+    while eps(high) > epsilon:
+        low, high = high, high * 2
+        if high > _MAX_NOISE:
+            return _MAX_NOISE
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > epsilon else (low, mid)
+    return high
 
 
 @dataclass(frozen=True)

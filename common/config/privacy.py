@@ -63,9 +63,10 @@ class DPConfig(PrivacyConfig):
     # hooks | ghost (ghost clipping: no per-sample gradients in memory)
     grad_sample_mode: GradSampleMode = GradSampleMode.hooks
     secure_mode: bool = False  # cryptographically secure noise (torchcsprng); deployed sites: site secure_rng
-    # every evaluation a hospital answers is a Gaussian release of noised sufficient statistics with this noise
-    # multiplier, charged to its ledger (5: about 7 % of an epsilon-8 run; a site's min_noise may raise it)
-    eval_noise_multiplier: float = 5.0
+    # every evaluation a hospital answers is a Gaussian release of noised sufficient statistics, charged to its
+    # ledger; its noise is set so that the run's evaluations (rounds 0..train.rounds and the two calibration
+    # stages), composed on their own, would spend eval_share x target_epsilon (a site's min_noise may raise it)
+    eval_share: float = 0.25
     # research only: exact validation metrics, training loss and example counts, as before metering (no site with
     # require_dp ever releases them; a simulated hospital has no policy)
     exact_metrics: bool = False
@@ -76,7 +77,7 @@ class DPConfig(PrivacyConfig):
         require_fraction("privacy.delta", self.delta, high_open=True)
         require_positive("privacy.max_grad_norm", self.max_grad_norm)
         require_positive("privacy.max_noise_multiplier", self.max_noise_multiplier)
-        require_positive("privacy.eval_noise_multiplier", self.eval_noise_multiplier)
+        require_fraction("privacy.eval_share", self.eval_share, high_open=True)
         require_choice("privacy.accountant", self.accountant, ACCOUNTANTS)
         if self.max_physical_batch_size < 1:
             raise ConfigError(

@@ -325,7 +325,7 @@ def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
     # (the run's 5 noised evaluations, reserved by the plan, are made cheap: at the default noise they alone
     # would not fit a cap of 1, test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training)
     cap = {keys.NODE_MAX_EPSILON: 1.0}
-    recipe = [*DP, "privacy.eval_noise_multiplier=25"]
+    recipe = [*DP, "privacy.eval_share=0.01"]
     context = _context(tmp_path, cap, recipe)
     rounds = [app(_train_message(r), context) for r in (1, 2, 3)]
 
@@ -427,7 +427,8 @@ def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
 
 
 def test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training(tmp_path) -> None:
-    # cap 1; the run's 3 evaluations and 2 calibration stages at noise 5 would spend more than that on their own
+    # cap 1; the run's 4 evaluations and 2 calibration stages, at the noise of a quarter of the run's target 4,
+    # would spend about 1 on their own
     with pytest.raises(SiteFailure, match="PrivacyBudgetExceeded: Privacy cap reached") as refused:
         app(_train_message(1), _context(tmp_path, {keys.NODE_MAX_EPSILON: 1.0}))
 
