@@ -208,9 +208,15 @@ def _budget_rows(site: Any) -> list[dict[str, Any]]:
     rows = []
     for ledger in site_ledgers(site.state_path):
         entries = ledger.entries()
-        spent = epsilon_spent(entries, float(site.max_delta))
-        rows.append({"ledger": ledger.fingerprint, "rounds": len(entries), "steps": sum(e.steps for e in entries),
-                     "spent": spent, "cap": float(site.max_epsilon), "delta": float(site.max_delta),
+        delta = float(site.max_delta)
+        spent = epsilon_spent(entries, delta)
+        training = [e for e in entries if e.kind == "train"]
+        releases = [e for e in entries if e.kind != "train"]
+        rows.append({"ledger": ledger.fingerprint, "rounds": len(training), "steps": sum(e.steps for e in training),
+                     "evaluations": len(releases), "spent": spent,
+                     # what the noised evaluations add: the total less the training rounds composed alone
+                     "evaluation_share": (1 - epsilon_spent(training, delta) / spent) if spent > 0 else 0.0,
+                     "cap": float(site.max_epsilon), "delta": delta,
                      "remaining": max(0.0, float(site.max_epsilon) - spent)})
     return rows
 
@@ -237,10 +243,12 @@ def hospital_budget(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    table = Table("ledger", "rounds", "steps", "spent", "cap", "remaining", title="privacy budget (epsilon)")
+    table = Table("ledger", "rounds", "steps", "evaluations", "spent", "of it evaluations", "cap", "remaining",
+                  title="privacy budget (epsilon)")
     for row in rows:
-        table.add_row(row["ledger"][:12], str(row["rounds"]), str(row["steps"]), f"{row['spent']:.3f}",
-                      f"{row['cap']:g}", f"{row['remaining']:.3f}")
+        table.add_row(row["ledger"][:12], str(row["rounds"]), str(row["steps"]), str(row["evaluations"]),
+                      f"{row['spent']:.3f}", f"{100 * row['evaluation_share']:.0f} %", f"{row['cap']:g}",
+                      f"{row['remaining']:.3f}")
     console.print(table if rows else "no privacy ledger yet: this site has not trained with DP")
 
 

@@ -128,3 +128,20 @@ def test_budget_shows_what_was_spent_and_a_reset_is_explicit_and_audited(tmp_pat
     assert len(list((tmp_path / "state" / "privacy" / "archive").glob("*.json"))) == 1
     (entry,) = [e for e in read_audit(tmp_path / "state") if e["event"] == "ledger-reset"]
     assert entry["reason"] == "new scanner data set" and entry["spent"] == pytest.approx(spent, rel=1e-6)
+
+
+def test_budget_shows_how_much_of_the_spend_the_noised_evaluations_add(tmp_path):
+    write_site_config(SiteConfig(site_id="st-marys", data_path="x.npz", n_classes=2, max_epsilon=10.0),
+                      tmp_path / "site.yaml")
+    ledger = PrivacyLedger(tmp_path / "state", "k" * 32)
+    ledger.record([LedgerEntry.new(1, 1, 1.0, 0.1, 30), LedgerEntry.new(1, 1, 6.0, 1.0, 1, "evaluate"),
+                   LedgerEntry.new(1, 2, 6.0, 1.0, 1, "evaluate")])
+
+    shown = CliRunner().invoke(cli, ["hospital", "budget", "--config", str(tmp_path / "site.yaml"), "--json"])
+
+    assert shown.exit_code == 0, shown.output
+    (row,) = json.loads(shown.output)
+    training_alone = epsilon_spent([e for e in ledger.entries() if e.kind == "train"], 1e-5)
+    assert row["rounds"] == 1 and row["evaluations"] == 2
+    assert row["spent"] > training_alone
+    assert row["evaluation_share"] == pytest.approx(1 - training_alone / row["spent"])
