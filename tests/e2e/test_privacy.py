@@ -23,8 +23,12 @@ def test_dp_simulation_reports_cumulative_epsilon_and_a_capped_site_sits_out(tmp
 
     # Assert
     assert result.returncode == 0, result.stdout[-3000:]
-    summary = _assert_run_outputs(tmp_path / "run", 3)
+    summary = _assert_run_outputs(tmp_path / "run", 3, metered=True)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:  # metered: validation metrics from noised statistics, no exact loss or count
+        for site in ("hospital-1", "hospital-2"):
+            record = line["sites"][site]
+            assert record["val_noised"] is True and record["train_loss"] is None and record["n_train"] is None
     for site in ("hospital-1", "hospital-2"):
         eps = [line["sites"][site]["epsilon"] for line in lines]
         assert 0 < eps[0] < eps[1] < eps[2] <= 3.0  # cumulative, within the run's target
@@ -34,9 +38,12 @@ def test_dp_simulation_reports_cumulative_epsilon_and_a_capped_site_sits_out(tmp
     )
     for line in lines:  # hospital-0 refused every round with a PHI-free reason, and the run went on
         (drop,) = [d for d in line["dropped"] if d["phase"] == "train"]
-        # before its first evaluate reply the server knows hospital-0 only by its Flower node id
-        assert drop["site"] == "hospital-0" or (line["round"] == 1 and drop["site"].startswith("node-"))
+        # it never answers (its metered evaluations do not fit its cap either), so the server knows it only by
+        # its Flower node id
+        assert drop["site"].startswith("node-")
         assert "Privacy cap reached" in drop["reason"]
+        (evaluation,) = [d for d in line["dropped"] if d["phase"] == "evaluate"]
+        assert evaluation["site"] == drop["site"] and "Privacy cap reached" in evaluation["reason"]
         assert str(tmp_path) not in drop["reason"]
         assert "epsilon" not in line["sites"].get("hospital-0", {})
     assert "Privacy cap reached" in result.stdout  # shown in the progress display
