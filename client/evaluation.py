@@ -33,13 +33,16 @@ from medfed.common.errors import IncompatibleUpdateError, PolicyRefusal
 from medfed.common.explain import gradcam_maps, save_explanations
 from medfed.common.inference import evaluate, predict_logits, predict_proba, softmax
 from medfed.common.metrics import EPS, ECE_BINS, reliability_sums
-from medfed.common.models.ssl import ssl_loss
+from medfed.common.models.ssl import ssl_image_losses, ssl_loss
 from medfed.common.noised_stats import NLL_CLIP, EvalStatistics, gaussian_release, noise_rng
 
 __all__ = ["DP_CALIBRATION_POINTS", "FinalStage", "dp_grid", "evaluate_round", "final_stage"]
 
 # temperatures a metered calibration answers at most: each adds a per-image NLL to the release's sensitivity
 DP_CALIBRATION_POINTS = 9
+# a per-image masked-modelling loss counts at most this much in a metered SSL evaluation (mean squared error of
+# standardised pixels: a model that predicts the mean scores about 1)
+SSL_LOSS_CLIP = 4.0
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +69,19 @@ def _noised_evaluation(
     run_id: int, server_round: int,
 ) -> dict[str, float | int]:
     """The validation statistics of the received model, noised and charged to the site's ledger."""
-    if cfg.task == "ssl":
-        raise PolicyRefusal("Under DP this hospital releases validation results only as noised statistics of a "
-                            "classifier's predictions; an SSL pretext loss has none, so it does not answer. Select "
-                            "SSL rounds by the coordinator's own data, or run SSL without DP at a research site.")
+    if cfg.task == "ssl" and cfg.ssl.method != "mim":
+        raise PolicyRefusal(f"Under DP this hospital releases an SSL validation loss only as a noised sum of "
+                            f"per-image losses; ssl.method={cfg.ssl.method} couples the images of a batch, so it "
+                            "does not answer. Use ssl.method=mim, or run SSL without DP at a research site.")
     if cfg.personalize.enabled:
         logger.warning("personalised and fine-tuned validation metrics are not released under DP")
     release = charge_release(cfg, dp, site, env, state, run_id=run_id, server_round=server_round, kind="evaluate")
+    if cfg.task == "ssl":  # the image count and the clipped sum of per-image pretext losses (sensitivity sqrt 2)
+        losses = ssl_image_losses(model, site.val.images, seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id))
+        noised = gaussian_release(np.array([len(losses), np.minimum(losses, SSL_LOSS_CLIP).sum() / SSL_LOSS_CLIP]),
+                                  float(np.sqrt(2.0)), release.noise_multiplier, noise_rng())
+        return {keys.NOISED_COUNT: float(noised[0]), keys.NOISED_SSL_LOSS: float(noised[1]) * SSL_LOSS_CLIP,
+                **_released(release)}
     probs = (predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
              if len(site.val)
              else np.zeros((0, site.info.n_classes)))  # an empty split releases noise like any other

@@ -53,6 +53,7 @@ __all__ = [
     "NODE_THREADS",
     "NOISE_MULTIPLIER",
     "NOISED_COUNT",
+    "NOISED_SSL_LOSS",
     "NUM_EXAMPLES",
     "N_TRAIN",
     "N_VAL",
@@ -116,7 +117,8 @@ GRADCAM_SAVED = "gradcam-saved"  # final stage: Grad-CAM maps the hospital wrote
 DP_STAT_PREFIX = "dp-stat-"
 DP_CLASSES = "dp-classes"  # the class count that fixes their layout (data-independent)
 EVAL_NOISE = "eval-noise-multiplier"  # the noise multiplier of a metered release
-NOISED_COUNT = "noised-count"  # final stages under DP: the noised number of validation images
+NOISED_COUNT = "noised-count"  # final stages and SSL under DP: the noised number of validation images
+NOISED_SSL_LOSS = "noised-ssl-loss-sum"  # SSL under DP: the noised sum of per-image pretext losses (clipped)
 
 # Run config keys (set by `medfed simulate` / `medfed train`)
 RUN_DIR = "run-dir"

@@ -231,3 +231,25 @@ def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int 
     finally:
         torch.random.set_rng_state(state)
     return total / max(count, 1)
+
+
+def ssl_image_losses(model: nn.Module, images: Any, *, seed: int = 0) -> Any:
+    """Each image's pretext loss on its own (masked image modelling: one loss per image), its mask drawn from a
+    generator seeded by ``seed`` and the image's own bytes: no image's loss depends on which other images are in
+    the split (what a noised sum of per-image losses needs). Returns a float64 numpy array; the global torch RNG
+    state is restored."""
+    import zlib
+
+    import numpy as np
+
+    array = np.asarray(images, dtype=np.float32)
+    out = np.zeros(array.shape[0], dtype=np.float64)
+    state = torch.random.get_rng_state()
+    try:
+        with eval_mode(model), torch.no_grad():
+            for i in range(array.shape[0]):
+                torch.manual_seed((seed * 1_000_003 + zlib.crc32(array[i].tobytes())) % (2**63))
+                out[i] = float(model(torch.from_numpy(array[i:i + 1])).mean())
+    finally:
+        torch.random.set_rng_state(state)
+    return out

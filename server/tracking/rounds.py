@@ -94,6 +94,12 @@ def site_rounds(
         if keys.EPSILON in metrics:  # a metered evaluation: the site's epsilon after it
             site.epsilon = max(site.epsilon or 0.0, float(metrics[keys.EPSILON]))
             site.delta = metrics.get(keys.DELTA, site.delta)
+        if keys.NOISED_SSL_LOSS in metrics:  # metered SSL: the pretext loss from a noised sum and count
+            count = max(float(metrics.get(keys.NOISED_COUNT, 0.0)), 0.0)
+            site.n_val = int(round(count))
+            loss = max(float(metrics[keys.NOISED_SSL_LOSS]), 0.0) / count if count >= 1 else math.nan
+            site.val = {"loss": loss, "n": count}
+            continue
         site.noised = statistics_from_metrics(metrics, keys.DP_STAT_PREFIX, keys.DP_CLASSES)
         if site.noised is not None:  # metered: the metrics are the coordinator's, from the noised statistics
             site.val = site.noised.metrics()

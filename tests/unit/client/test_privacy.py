@@ -435,3 +435,28 @@ def test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training(tmp_pa
     assert "noise multiplier above" in str(refused.value)
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
     assert json.loads(ledger.read_text())["entries"] == []  # nothing spent
+
+
+@pytest.mark.parametrize("task", ["classify", "ssl"])
+def test_a_metered_evaluation_sends_only_noised_sums_and_is_charged(tmp_path, task) -> None:
+    from medfed.common.models.ssl import build_task_model
+
+    overrides = [*DP, "task=ssl", "ssl.method=mim", "model.width=8"] if task == "ssl" else DP
+    cfg = compose_config(overrides)
+    arrays = ArrayRecord(build_task_model(cfg, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
+    message = instruction(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}),
+                          MessageType.EVALUATE)
+
+    out = app(message, _context(tmp_path, overrides=overrides))
+
+    assert not out.has_error(), out.error
+    metrics = dict(out.content[keys.METRICS])
+    assert metrics[keys.NUM_EXAMPLES] == 1
+    assert not {keys.N_VAL, keys.N_TRAIN, keys.EVAL_TIME_S} & set(metrics)
+    assert not any(k.startswith(keys.EVAL_PREFIX) for k in metrics)  # no metric computed on exact data
+    noised = {keys.NOISED_COUNT, keys.NOISED_SSL_LOSS} if task == "ssl" else {keys.DP_CLASSES}
+    assert noised <= set(metrics)
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    (entry,) = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
+    assert entry.kind == "evaluate" and entry.sample_rate == 1.0 and entry.steps == 1
+    assert metrics[keys.EPSILON] == pytest.approx(epsilon_spent([entry], 1e-5))

@@ -118,3 +118,19 @@ def test_views_without_randomness_are_the_image_and_flips_are_exact():
 
     assert torch.allclose(ContrastiveViews(2, flip_prob=0.0, **plain)(x), x, atol=1e-5)
     assert torch.allclose(ContrastiveViews(2, flip_prob=1.0, **plain)(x), x.flip(2).flip(3), atol=1e-5)
+
+
+def test_an_images_masked_modelling_loss_does_not_depend_on_the_other_images():
+    # what a noised sum of per-image losses (metered SSL evaluation under DP) needs: removing one image changes
+    # the sum by that image's loss only
+    from medfed.common.models.ssl import ssl_image_losses
+
+    cfg = compose_config(["model.width=8", "task=ssl", "ssl.method=mim"])
+    model = build_ssl_model(cfg.model, cfg.ssl, spatial_dims=2, in_channels=1)
+    images = np.random.default_rng(0).random((6, 1, 28, 28)).astype(np.float32)
+
+    every = ssl_image_losses(model, images, seed=3)
+    without_first = ssl_image_losses(model, images[1:], seed=3)
+
+    np.testing.assert_allclose(every[1:], without_first)
+    assert np.all(every > 0) and len(set(np.round(every, 6))) == 6
