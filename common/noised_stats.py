@@ -38,6 +38,7 @@ from medfed.common.metrics import ECE_BINS, EPS, ece_from_sums
 
 __all__ = [
     "NLL_CLIP",
+    "auc_noise_se",
     "SCORE_BINS",
     "EvalStatistics",
     "gaussian_release",
@@ -217,6 +218,20 @@ class EvalStatistics:
         reliability = np.clip(self.reliability if self.reliability is not None else 0.0, 0.0, None)
         out["ece"] = ece_from_sums(reliability)
         return out
+
+
+def auc_noise_se(statistics: EvalStatistics, noise_std: float, *, draws: int = 200) -> float:
+    """The standard error that noise of ``noise_std`` per entry puts on the AUC of noised ``statistics``, by a
+    parametric bootstrap (more noise of the same scale, ``draws`` times, from a fixed seed: post-processing of
+    the released vector and of the data-independent noise scale, so it costs no privacy); nan when undefined."""
+    if not noise_std > 0:
+        return 0.0
+    rng = np.random.default_rng(0)
+    vector = statistics.vector()
+    aucs = [EvalStatistics.from_vector(statistics.n_classes, vector + rng.normal(0.0, noise_std, vector.shape))
+            .metrics()["auc"] for _ in range(draws)]
+    finite = [a for a in aucs if math.isfinite(a)]
+    return float(np.std(finite)) if len(finite) >= 2 else NAN
 
 
 def pooled(statistics: Sequence[EvalStatistics]) -> EvalStatistics | None:

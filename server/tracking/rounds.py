@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medfed.common import keys
-from medfed.common.noised_stats import EvalStatistics, pooled, statistics_from_metrics
+from medfed.common.noised_stats import EvalStatistics, auc_noise_se, pooled, statistics_from_metrics
 
 __all__ = ["SiteRound", "mean_min_max", "round_record", "round_train_loss", "site_rounds", "weighted_metrics"]
 
@@ -41,8 +41,10 @@ class SiteRound:
     finetuned: dict[str, Any] | None = None
     # the ensemble of the global model with the personalised (and, after the last round, fine-tuned) ones
     ensemble: dict[str, dict[str, float]] | None = None
-    # metered (DP) evaluation: the site's noised statistics; val and n_val are computed from them
+    # metered (DP) evaluation: the site's noised statistics (val and n_val are computed from them) and the
+    # standard deviation of the noise in each of their entries (data-independent: noise multiplier x sensitivity)
     noised: EvalStatistics | None = None
+    noise_std: float | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The site's entry in the round's metrics line."""
@@ -102,6 +104,9 @@ def site_rounds(
             continue
         site.noised = statistics_from_metrics(metrics, keys.DP_STAT_PREFIX, keys.DP_CLASSES)
         if site.noised is not None:  # metered: the metrics are the coordinator's, from the noised statistics
+            noise = metrics.get(keys.EVAL_NOISE)
+            if noise is not None:
+                site.noise_std = float(noise) * EvalStatistics.sensitivity(site.noised.n_classes)
             site.val = site.noised.metrics()
             site.n_val = int(round(site.noised.n))
             continue
@@ -126,12 +131,18 @@ def weighted_metrics(
 ) -> dict[str, float]:
     """Validation metrics (``of`` each site: by default the global model's) averaged over sites weighted by
     validation size, each skipping sites where undefined. When every site's global validation came as noised
-    statistics (metered DP), the metrics of their sum instead: the pooled validation split's, from noised counts."""
+    statistics (metered DP), the metrics of their sum instead: the pooled validation split's, from noised counts,
+    with ``auc_noise_se``, the standard error the noise puts on that AUC (for selection,
+    :func:`medfed.server.tracking.selection.select_global`)."""
     noised = [s.noised for s in sites.values() if s.noised is not None]
     if of is _global_val and noised and len(noised) == sum(1 for s in sites.values() if s.val):
         total = pooled(noised)
         if total is not None:
-            return total.metrics()
+            pooled_metrics = total.metrics()
+            stds = [s.noise_std for s in sites.values() if s.noised is not None and s.noise_std is not None]
+            if len(stds) == len(noised):
+                pooled_metrics["auc_noise_se"] = auc_noise_se(total, math.sqrt(sum(v * v for v in stds)))
+            return pooled_metrics
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for site in sites.values():

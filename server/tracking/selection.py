@@ -5,11 +5,17 @@ to choose.
 A round beats another by :func:`medfed.common.metrics.selection_key` of their weighted validation metrics: any
 defined AUC beats none, then the higher AUC, else the lower validation loss (a validation split holding one class
 has no AUC).
+
+Under metered DP evaluation the federation's validation AUC carries the hospitals' noise, whose standard error
+(``auc_noise_se``) the coordinator knows. There the one-standard-error rule chooses: the latest round whose noised
+AUC is within one standard error of the best seen so far, since a round the noise cannot tell from the best has had
+more training. When the noise is small this is the best round; when it swamps the differences, the latest round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,7 +37,15 @@ def select_global(
     state: TrackerState, server_round: int, val: dict[str, float], test: Mapping[str, float] | None
 ) -> bool:
     """Make this round the federation's best when its weighted validation beats the best so far (a round with
-    neither validation nor test metrics is never chosen); True when it did."""
+    neither validation nor test metrics is never chosen; noised validation: the one-standard-error rule of the
+    module's docstring); True when it did."""
+    auc, se = val.get("auc", math.nan), val.get("auc_noise_se", math.nan)
+    if auc is not None and se is not None and math.isfinite(auc) and math.isfinite(se):
+        state.noised_auc_max = max(auc, state.noised_auc_max if state.noised_auc_max is not None else -math.inf)
+        if auc >= state.noised_auc_max - se:
+            state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
+            return True
+        return False
     if beats(val, state.best) and (val or test is not None):
         state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
         return True

@@ -128,6 +128,8 @@ class TrackerState:
     personal_best: PartSelection | None = None
     ensemble_best: PartSelection | None = None
     finetuned: PartSelection | None = None
+    # metered DP evaluation: the highest noised validation AUC seen so far (the one-standard-error rule)
+    noised_auc_max: float | None = None
 
     def note_sites(self, sites: Mapping[str, SiteRound]) -> None:
         """Keep each site's latest sizes (a missing value keeps the earlier one) and privacy spent."""
@@ -155,6 +157,7 @@ class TrackerState:
             "ensemble_best": _optional(self.ensemble_best, PartSelection.as_dict),
             "finetuned": _optional(self.finetuned, PartSelection.as_dict),
             "mode": mode,
+            "noised_auc_max": self.noised_auc_max,
         }
 
     @classmethod
@@ -175,4 +178,5 @@ class TrackerState:
             personal_best=_optional(data.get("personal_best"), PartSelection.from_dict),
             ensemble_best=_optional(data.get("ensemble_best"), PartSelection.from_dict),
             finetuned=_optional(data.get("finetuned"), PartSelection.from_dict),
+            noised_auc_max=_optional(data.get("noised_auc_max"), float),
         )

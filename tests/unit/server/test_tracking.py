@@ -245,7 +245,7 @@ def test_tracker_state_round_trips_through_the_checkpoint_format(tmp_path):
     # Assert: the same mapping comes back (nan as None: checkpoint metadata is strict JSON), with its types
     assert list(meta["tracker"]) == ["compute_s", "wall_s", "best", "site_best", "site_sizes", "last", "dropped_total",
                                      "site_privacy", "accountant_state", "run_privacy", "personal_best",
-                                     "ensemble_best", "finetuned", "mode"]
+                                     "ensemble_best", "finetuned", "mode", "noised_auc_max"]
     assert restored.to_checkpoint(wall_s=meta["tracker"]["wall_s"], mode="fedavg") == meta["tracker"]
     assert restored.best.server_round == 1 and restored.last.val["auc"] is None
     assert restored.run_privacy.run_epsilon == pytest.approx(1.0) and restored.accountant_state == {"steps": 2}
@@ -298,3 +298,45 @@ def test_extra_sinks_see_every_round_and_the_summary(tmp_path):
     assert display.rounds == [1, 2]
     assert display.summary is summary and display.summary["best"]["round"] == 2
     assert display.closed
+
+
+def _noised_site(labels, probs, noise_std):
+    from medfed.common.noised_stats import EvalStatistics, noise_rng
+
+    stats = EvalStatistics.of(labels, probs)
+    noisy = EvalStatistics.from_vector(2, stats.vector() + noise_rng().normal(0, noise_std, stats.vector().shape))
+    return SiteRound(val=noisy.metrics(), n_val=len(labels), noised=noisy, noise_std=noise_std)
+
+
+def test_noised_validation_is_pooled_with_the_standard_error_its_noise_puts_on_the_auc():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    p1 = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.2, 400), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], axis=1)
+
+    quiet = weighted_metrics({"a": _noised_site(labels[:200], probs[:200], 0.01),
+                              "b": _noised_site(labels[200:], probs[200:], 0.01)})
+    loud = weighted_metrics({"a": _noised_site(labels[:200], probs[:200], 20.0),
+                             "b": _noised_site(labels[200:], probs[200:], 20.0)})
+
+    from medfed.common.metrics import classification_metrics
+
+    assert quiet["auc"] == pytest.approx(classification_metrics(labels, probs)["auc"], abs=0.02)  # pooled, not mean
+    assert quiet["auc_noise_se"] < 0.005 < 0.05 < loud["auc_noise_se"]
+
+
+def test_noised_validation_selects_the_latest_round_within_one_standard_error_of_the_best():
+    from medfed.server.tracking.selection import select_global
+    from medfed.server.tracking.state import TrackerState
+
+    state = TrackerState()
+    rounds = {1: 0.70, 2: 0.80, 3: 0.76, 4: 0.60, 5: 0.83, 6: 0.79}
+
+    chosen = [r for r, auc in rounds.items() if select_global(state, r, {"auc": auc, "auc_noise_se": 0.05}, None)]
+
+    assert chosen == [1, 2, 3, 5, 6]  # 3 and 6 are within 0.05 of the best so far; 4 is not
+    assert state.best is not None and state.best.server_round == 6 and state.noised_auc_max == 0.83
+    exact = TrackerState()
+    assert [r for r, auc in rounds.items() if select_global(exact, r, {"auc": auc}, None)] == [1, 2, 5]
+    restored = TrackerState.from_checkpoint(state.to_checkpoint(wall_s=1.0, mode="fedavg"))
+    assert restored.noised_auc_max == 0.83
