@@ -460,3 +460,23 @@ def test_a_metered_evaluation_sends_only_noised_sums_and_is_charged(tmp_path, ta
     (entry,) = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
     assert entry.kind == "evaluate" and entry.sample_rate == 1.0 and entry.steps == 1
     assert metrics[keys.EPSILON] == pytest.approx(epsilon_spent([entry], 1e-5))
+
+
+def test_a_metered_round_in_secaggs_legacy_layout_sends_only_the_accounting_in_clear(tmp_path) -> None:
+    # Flower's secaggplus_mod masks the arrays only; the FitRes metrics travel in clear, so they must hold nothing
+    # computed on the data (finding 4 of issue 21)
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    cfg = compose_config(DP)
+    model = build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2)
+    fitins = FitIns(ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
+                    {keys.SERVER_ROUND: 1})
+    message = instruction(compat.fitins_to_recorddict(fitins, keep_input=True), MessageType.TRAIN)
+
+    out = app(message, _context(tmp_path))
+
+    assert not out.has_error(), out.error
+    fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+    assert fitres.num_examples == 1
+    assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SITE_ID}
