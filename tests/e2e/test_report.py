@@ -42,7 +42,10 @@ def test_report_of_a_private_run_renders_every_plot_in_chromium(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["uncertainty"]["test"]) == {"model", "calibrated", "mc_dropout", "snapshot_ensemble"}
     assert summary["uncertainty"]["mc_dropout"]["mean_variance"] > 0.0
-    assert sum(summary["calibration"]["gradcam_saved"].values()) == 6
+    # metered DP: not even the count of Grad-CAM maps leaves a hospital; in simulation they are on the
+    # researcher's disk, 2 per hospital
+    assert "gradcam_saved" not in summary["calibration"]
+    assert len(list((run_dir / "sites").glob("*/gradcam/*.png"))) == 6
 
     # Execute
     report = _medfed(["report", "run"], tmp_path)
