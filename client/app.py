@@ -270,8 +270,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(keys.CONFIG)
     if config is not None and keys.FINAL_STAGE in config:
         stage = _final_request(config)
-        grid = env.policy.admit_final_stage(state, run_id=run_id, stage=stage.stage,
-                                            temperatures=stage.temperatures)
+        grid = env.policy.admit_final_stage(cfg, state, run_id=run_id, stage=stage.stage,
+                                            temperatures=stage.temperatures, temperature=stage.temperature)
         stage = dataclasses.replace(stage, temperatures=grid, gradcam=env.policy.gradcam)
         site, model = _load(msg, request)
         return _reply(msg, site, final_stage(cfg, site, model, stage, env, run_id, state), None)

@@ -34,7 +34,14 @@ from medfed.common.explain import gradcam_maps, save_explanations
 from medfed.common.inference import evaluate, predict_logits, predict_proba, softmax
 from medfed.common.metrics import EPS, ECE_BINS, reliability_sums
 from medfed.common.models.ssl import ssl_image_losses, ssl_loss
-from medfed.common.noised_stats import NLL_CLIP, EvalStatistics, gaussian_release, noise_rng
+from medfed.common.noised_stats import (
+    NLL_CLIP,
+    EvalStatistics,
+    finite_rows,
+    finite_values,
+    gaussian_release,
+    noise_rng,
+)
 
 __all__ = ["DP_CALIBRATION_POINTS", "FinalStage", "dp_grid", "evaluate_round", "final_stage"]
 
@@ -77,8 +84,10 @@ def _noised_evaluation(
         logger.warning("personalised and fine-tuned validation metrics are not released under DP")
     release = charge_release(cfg, dp, site, env, state, run_id=run_id, server_round=server_round, kind="evaluate")
     if cfg.task == "ssl":  # the image count and the clipped sum of per-image pretext losses (sensitivity sqrt 2)
-        losses = ssl_image_losses(model, site.val.images, seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id))
-        noised = gaussian_release(np.array([len(losses), np.minimum(losses, SSL_LOSS_CLIP).sum() / SSL_LOSS_CLIP]),
+        losses = finite_values(
+            ssl_image_losses(model, site.val.images, seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id)),
+            SSL_LOSS_CLIP)  # an overflowing loss counts as the clip, never as NaN
+        noised = gaussian_release(np.array([len(losses), np.clip(losses, 0.0, SSL_LOSS_CLIP).sum() / SSL_LOSS_CLIP]),
                                   float(np.sqrt(2.0)), release.noise_multiplier, noise_rng())
         return {keys.NOISED_COUNT: float(noised[0]), keys.NOISED_SSL_LOSS: float(noised[1]) * SSL_LOSS_CLIP,
                 **_released(release)}
@@ -157,15 +166,15 @@ def _noised_final_stage(
     if request.stage == keys.STAGE_CALIBRATE:
         grid = dp_grid(request.temperatures)
         rows = np.arange(len(labels))
-        per_t = [np.minimum(-np.log(np.clip(softmax(logits, t)[rows, labels], EPS, 1.0)), NLL_CLIP).sum() / NLL_CLIP
-                 for t in grid]
+        per_t = [np.minimum(-np.log(np.clip(finite_rows(softmax(logits, t))[rows, labels], EPS, 1.0)),
+                            NLL_CLIP).sum() / NLL_CLIP for t in grid]
         noised = gaussian_release(np.array([len(labels), *per_t]), float(np.sqrt(1 + len(grid))),
                                   release.noise_multiplier, rng)
         metrics[keys.NOISED_COUNT] = float(noised[0])
         metrics[keys.NLL_SUMS] = [float(v) * NLL_CLIP for v in noised[1:]]
         metrics[keys.TEMPERATURES] = [float(t) for t in grid]
         return metrics
-    sums = [reliability_sums(labels, softmax(logits, t)) if len(labels) else np.zeros((3, ECE_BINS))
+    sums = [reliability_sums(labels, finite_rows(softmax(logits, t))) if len(labels) else np.zeros((3, ECE_BINS))
             for t in (1.0, request.temperature)]
     noised = gaussian_release(np.stack(sums), float(np.sqrt(6.0)), release.noise_multiplier, rng)
     metrics[keys.NOISED_COUNT] = float(noised[0, 0].sum())

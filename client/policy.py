@@ -31,6 +31,8 @@ from medfed.common.errors import ConfigError, PolicyRefusal
 __all__ = [
     "DEFAULT_STAGES",
     "MAX_CALIBRATION_POINTS",
+    "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE",
     "STAGES",
     "RequestLog",
     "SitePolicy",
@@ -44,6 +46,8 @@ STAGES = ("train", "ssl", "evaluate", "calibrate", "reliability", "gradcam", "au
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "gradcam")  # Grad-CAM copies validation images: asked for
 # temperatures per calibration request (medfed's default grid has 86): each is a statistic of the validation data
 MAX_CALIBRATION_POINTS = 100
+# temperatures a final stage may ask (medfed's grid spans 1/16 to about 22.6): extreme ones only serve to overflow
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 def parse_stages(value: str | Iterable[str], *, key: str = "stages") -> tuple[str, ...]:
@@ -141,15 +145,29 @@ class SitePolicy:
               "answers one per round.")
 
     def admit_final_stage(
-        self, log: RequestLog, *, run_id: int, stage: str, temperatures: Sequence[float]
+        self, cfg: Config, log: RequestLog, *, run_id: int, stage: str, temperatures: Sequence[float],
+        temperature: float = 1.0,
     ) -> tuple[float, ...]:
-        """Each final stage once per run; returns the temperature grid to use (the site's own, if it has one)."""
+        """Each final stage once per run, only when the run config plans the final stages, with temperatures in
+        [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] (checked before anything is read or charged); returns
+        the temperature grid to use (the site's own, if it has one)."""
         self._stage(stage)
+        if not (cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0):
+            raise PolicyRefusal(
+                f"The run's config plans no final stage (evaluate.calibrate=false, evaluate.gradcam_samples=0), so "
+                f"this hospital does not answer a {stage!r} request."
+            )
         grid = self.calibration_grid or tuple(temperatures)
         if len(grid) > MAX_CALIBRATION_POINTS:
             raise PolicyRefusal(
                 f"The calibration grid has {len(grid)} temperatures; this hospital answers at most "
                 f"{MAX_CALIBRATION_POINTS} (each is a statistic of its validation data)."
+            )
+        outside = [t for t in (*grid, temperature) if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE]
+        if outside:
+            raise PolicyRefusal(
+                f"Temperature {outside[0]!r} is out of range; this hospital answers temperatures in "
+                f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] only."
             )
         _once(log, f"final:{stage}:{run_id}",
               f"This hospital already answered the {stage!r} stage of this run; it answers each final stage once.")

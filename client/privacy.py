@@ -254,10 +254,13 @@ def plan_round(
                                           dp.accountant, ceiling))
         sigma = max(sigma, cap.min_noise)
     if sigma > max(dp.max_noise_multiplier, cap.min_noise) and not math.isfinite(cap.max_epsilon):
+        # (the sampling rate, steps and image count stay in the site's log: they follow the training split's size)
+        logger.warning("target out of reach: %d DP steps per round at sampling rate %.3g (%d training images)",
+                       steps, sample_rate, n_train)
         raise PrivacyBudgetExceeded(
             f"Privacy target out of reach for this hospital: spending at most target_epsilon "
-            f"{dp.target_epsilon:g} (delta {delta:g}) over {max(1, rounds_left)} more rounds of {steps} DP steps "
-            f"at sampling rate {sample_rate:.3g} ({n_train} training images) would need a noise multiplier above "
+            f"{dp.target_epsilon:g} (delta {delta:g}) over {max(1, rounds_left)} more rounds would need a noise "
+            f"multiplier above "
             f"privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it does not train this round (it tries "
             "again next round, with fewer rounds left). Raise privacy.target_epsilon or plan fewer rounds."
         )

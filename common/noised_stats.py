@@ -18,6 +18,8 @@ rounds as one step at sampling rate 1 (:mod:`medfed.client.privacy`). Every metr
 noised vector, so it costs nothing more: AUC from the histograms (ties within a bin count one half), accuracy,
 sensitivity, specificity, precision, F1 and balanced accuracy from the counts at the 0.5 threshold (binary) or the
 confusion matrix, ECE from the histograms (binary, at bin centres) or the reliability sums, loss from the NLL sum.
+A row of non-finite probabilities (a crafted model can overflow) counts as the uniform distribution
+(:func:`finite_rows`), so it moves the sums no more than any image and no NaN passes the noise.
 Noised counts are used as they are (a negative count is noise; clipping each at zero would bias every sum upward);
 only totals are read as at least zero and rates as within [0, 1].
 
@@ -39,6 +41,8 @@ from medfed.common.metrics import ECE_BINS, EPS, ece_from_sums
 __all__ = [
     "NLL_CLIP",
     "auc_noise_se",
+    "finite_rows",
+    "finite_values",
     "SCORE_BINS",
     "EvalStatistics",
     "gaussian_release",
@@ -56,6 +60,23 @@ def noise_rng() -> np.random.Generator:
     """A generator seeded from the operating system's entropy: the noise never follows the run's seed, which the
     coordinator chooses (a coordinator that could predict the noise could subtract it)."""
     return np.random.default_rng(secrets.randbits(128))
+
+
+def finite_rows(probs: np.ndarray) -> np.ndarray:
+    """Class probabilities with every row that holds a non-finite value (a model whose outputs overflow, as a
+    coordinator can craft) replaced by the uniform distribution: what such an image adds to a noised sum is then
+    as bounded as any other's, and no NaN passes the noise as an exact signal."""
+    p = np.array(probs, dtype=np.float64, copy=True)
+    if p.ndim == 2 and p.shape[1] > 0:
+        bad = ~np.isfinite(p).all(axis=1)
+        p[bad] = 1.0 / p.shape[1]
+    return p
+
+
+def finite_values(values: np.ndarray, bad: float) -> np.ndarray:
+    """``values`` with every non-finite entry replaced by ``bad`` (a data-independent constant)."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(v), v, bad)
 
 
 def gaussian_release(
@@ -118,7 +139,7 @@ class EvalStatistics:
     @classmethod
     def of(cls, labels: np.ndarray, probs: np.ndarray) -> EvalStatistics:
         """The exact statistics of class probabilities ``probs`` ``(N, C)`` against integer ``labels``."""
-        p = np.asarray(probs, dtype=np.float64)
+        p = finite_rows(probs)
         y = np.asarray(labels).reshape(-1).astype(np.int64)
         n, n_classes = p.shape
         scored = [1] if n_classes == 2 else list(range(n_classes))

@@ -184,3 +184,30 @@ def test_two_runs_at_once_share_one_ledger_and_never_pass_the_cap(tmp_path, hosp
     assert epsilon_spent(entries, 1e-5) <= 10.0
     assert len(entries) == len(_answered(answers))  # every answer of either run charged, nothing else
     assert {e.run_id for e in entries} == {1, 2}
+
+
+def test_an_overflowing_model_or_extreme_temperatures_get_no_exact_bit_out(tmp_path, hospitals):
+    # a model whose logits overflow to inf/NaN: without care a NaN would pass the noise as an exact signal
+    import torch
+    from flwr.app import ArrayRecord
+
+    from tests import hostile_coordinator as attack
+
+    state = attack.constant_model(DP)
+    last = [k for k in state if k.endswith("weight") and state[k].ndim == 2][-1]
+    state[last] = np.full_like(state[last], 3e38)  # every feature times 3e38: inf logits, NaN probabilities
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
+    grid = SiteGrid(hospitals[:1], run_id=1, overrides=DP)
+    requests = [evaluate(1), final(keys.STAGE_CALIBRATE, **{keys.TEMPERATURES: [1e-280, 1.0]}),
+                final(keys.STAGE_RELIABILITY, **{keys.TEMPERATURE: 1.0})]
+    messages = [grid.create_message(attack.RecordDict({keys.ARRAYS: arrays, keys.CONFIG: attack.ConfigRecord(
+        r["config"])}), r["type"], STRICT, "1") for r in requests]
+
+    answers = attack._answers(grid.send_and_receive(messages), grid)
+
+    evaluated, extreme, reliability = answers
+    assert all(np.isfinite(v) for k, v in evaluated["metrics"].items() if k.startswith(keys.DP_STAT_PREFIX))
+    assert "PolicyRefusal" in extreme["error"] and "out of range" in extreme["error"]  # refused before any charge
+    assert all(np.isfinite(v) for k in (keys.RELIABILITY_BEFORE, keys.RELIABILITY_AFTER)
+               for v in reliability["metrics"][k])
+    assert [e.kind for e in _ledger(tmp_path)] == ["evaluate", "reliability"]
