@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from medfed.client.node import NodeEnv, NodeState
 from medfed.client.ledger import (
     LedgerEntry,
@@ -34,8 +36,18 @@ from medfed.client.training import DPTraining, select_device
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
 from medfed.common.errors import ConfigError
+from medfed.common.noised_stats import gaussian_release, noise_rng
 
-__all__ = ["PrivateRound", "Release", "charge_release", "metered", "planned_evaluations", "start_private_round"]
+__all__ = [
+    "COUNT",
+    "PrivateRound",
+    "Release",
+    "charge_release",
+    "metered",
+    "planned_evaluations",
+    "release_train_count",
+    "start_private_round",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +121,7 @@ def start_private_round(
             rounds_left=cfg.train.rounds - server_round + 1,
             entries=entries,
             run_id=run_id,
-            reserved=planned_evaluations(cfg, dp, env, run_id=run_id, server_round=server_round),
+            reserved=planned_evaluations(cfg, dp, env, run_id=run_id, server_round=server_round, entries=entries),
         )
         entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
         _record(ledger, state, [entry])
@@ -143,13 +155,15 @@ def metered(cfg: Config, env: NodeEnv) -> DPConfig | None:
 
 
 def planned_evaluations(
-    cfg: Config, dp: DPConfig, env: NodeEnv, *, run_id: int, server_round: int
+    cfg: Config, dp: DPConfig, env: NodeEnv, *, run_id: int, server_round: int, entries: list[LedgerEntry]
 ) -> list[LedgerEntry]:
-    """The noised evaluations the run will still ask after training round ``server_round``: one per round from
-    this one to the last, and the two final calibration stages when the run has them (none without metering)."""
+    """The noised releases the run will still ask after training round ``server_round`` began: one evaluation per
+    round from this one to the last, the two final calibration stages when the run has them, and the training
+    split's noised size once per run (none without metering)."""
     if metered(cfg, env) is None:
         return []
-    count = max(0, cfg.train.rounds - server_round + 1) + _final_stages(cfg)
+    sized = any(e.kind == COUNT and e.run_id == run_id for e in entries)
+    count = max(0, cfg.train.rounds - server_round + 1) + _final_stages(cfg) + (0 if sized else 1)
     noise = release_noise(dp, env, cfg)
     return [LedgerEntry("reserved", run_id, server_round, noise, 1.0, 1, 0.0, "evaluate") for _ in range(count)]
 
@@ -159,11 +173,12 @@ def _final_stages(cfg: Config) -> int:
 
 
 def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:
-    """The noise multiplier of every noised release of a run: the least with which the run's evaluations (one per
-    round 0..``train.rounds`` and the final stages), composed on their own, spend ``privacy.eval_share`` of
+    """The noise multiplier of every noised release of a run: the least with which the run's releases (one
+    evaluation per round 0..``train.rounds``, the final stages, the training split's size), composed on their
+    own, spend ``privacy.eval_share`` of
     ``privacy.target_epsilon``; never below the site's ``min_noise``. It depends on the run config only."""
     cap = env.cap(cfg.federation)
-    releases = cfg.train.rounds + 1 + _final_stages(cfg)
+    releases = cfg.train.rounds + 1 + _final_stages(cfg) + 1  # evaluations, final stages, the training split's size
     noise = release_noise_for(dp.target_epsilon * dp.eval_share, min(dp.delta, cap.max_delta), releases,
                               dp.accountant)
     return max(noise, cap.min_noise)
@@ -178,20 +193,46 @@ class Release:
     delta: float
 
 
+COUNT = "count"  # the ledger kind of the once-per-run release of the training split's noised size
+
+
 def charge_release(
     cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv, state: NodeState, *, run_id: int, server_round: int,
     kind: str,
 ) -> Release:
-    """Admit one noised release of ``kind`` (evaluate, calibrate, reliability) under the site's cap and record it
-    in the ledger before anything is computed; raises :class:`~medfed.common.errors.PrivacyBudgetExceeded` (and
-    records nothing) when it would pass the cap."""
+    """Admit one noised release of ``kind`` (evaluate, calibrate, reliability, count) under the site's cap and
+    record it in the ledger before anything is computed; raises
+    :class:`~medfed.common.errors.PrivacyBudgetExceeded` (and records nothing) when it would pass the cap."""
+    release = _charge(cfg, dp, site, env, state, run_id=run_id, server_round=server_round, kind=kind, once=False)
+    assert release is not None
+    return release
+
+
+def _charge(
+    cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv, state: NodeState, *, run_id: int, server_round: int,
+    kind: str, once: bool,
+) -> Release | None:
     cap = env.cap(cfg.federation)
     delta = min(dp.delta, cap.max_delta)
     noise = release_noise(dp, env, cfg)
     ledger = _site_ledger(env, site)
     with ledger.locked():
         entries = _spent(ledger, env, site, state)
+        if once and any(e.kind == kind and e.run_id == run_id for e in entries):
+            return None
         after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap, accountant=dp.accountant,
                              what=f"{kind} request")
         _record(ledger, state, [LedgerEntry.new(run_id, server_round, noise, 1.0, 1, kind)])
     return Release(noise, after, delta)
+
+
+def release_train_count(
+    cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv, state: NodeState, *, run_id: int, server_round: int
+) -> tuple[float, Release] | None:
+    """Once per run, the training split's size plus Gaussian noise (sensitivity 1), charged first: the
+    coordinator's FedAvg weight for this site in place of the exact count. None when this run already has it."""
+    release = _charge(cfg, dp, site, env, state, run_id=run_id, server_round=server_round, kind=COUNT, once=True)
+    if release is None:
+        return None
+    noised = gaussian_release(np.array([float(len(site.train))]), 1.0, release.noise_multiplier, noise_rng())
+    return float(noised[0]), release

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from medfed.client.attacks import poison
-from medfed.client.dp_round import metered, start_private_round
+from medfed.client.dp_round import metered, release_train_count, start_private_round
 from medfed.client.node import NodeEnv, NodeState
 from medfed.client.personalization import (
     keep_local_layers,
@@ -58,8 +58,9 @@ def train_round(
 
     With ``privacy=dp`` the site first plans the round under its own cap (refusing with a PHI-free reason when
     the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD. A metered DP round
-    (:func:`~medfed.client.dp_round.metered`) sends no training loss, count or timing: ``num-examples`` is 1 at
-    every site (FedAvg weighs sites equally), beside the site's epsilon, delta and noise multiplier.
+    (:func:`~medfed.client.dp_round.metered`) sends no training loss, exact count or timing: ``num-examples`` is
+    1, beside the site's epsilon, delta and noise multiplier, and once per run the training split's noised size
+    (charged like an evaluation), which the coordinator uses as the site's FedAvg weight.
     """
     dp = cfg.privacy if isinstance(cfg.privacy, DPConfig) else None
     private = (start_private_round(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
@@ -98,11 +99,15 @@ def train_round(
     if private is not None:
         metrics.update({keys.EPSILON: private.epsilon_after(result.steps), keys.DELTA: private.plan.delta,
                         keys.NOISE_MULTIPLIER: private.plan.noise_multiplier})
-        if metered(cfg, env) is not None:  # only what the accounting itself states leaves the site
+        if dp is not None and metered(cfg, env) is not None:  # only the accounting and noised numbers leave
             metrics = {keys.NUM_EXAMPLES: 1, **{k: metrics[k] for k in _ACCOUNTING}}
+            sized = release_train_count(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
+            if sized is not None:  # once per run: the coordinator's FedAvg weight for this site
+                metrics[keys.NOISED_TRAIN_COUNT] = sized[0]
+                metrics[keys.EPSILON] = sized[1].epsilon_after
     return RoundResult(weights, metrics)
 
 
-# what a metered DP round sends besides its weights: data-independent FedAvg weight (every site 1) and the
-# accounting the site states anyway (its epsilon, delta and noise multiplier)
+# what a metered DP round sends besides its weights: num-examples 1 (the coordinator weighs the site by its noised
+# training-set size, sent once per run) and the accounting the site states anyway (epsilon, delta, noise)
 _ACCOUNTING = (keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER)

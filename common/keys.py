@@ -54,6 +54,7 @@ __all__ = [
     "NOISE_MULTIPLIER",
     "NOISED_COUNT",
     "NOISED_SSL_LOSS",
+    "NOISED_TRAIN_COUNT",
     "NUM_EXAMPLES",
     "N_TRAIN",
     "N_VAL",
@@ -118,6 +119,7 @@ DP_STAT_PREFIX = "dp-stat-"
 DP_CLASSES = "dp-classes"  # the class count that fixes their layout (data-independent)
 EVAL_NOISE = "eval-noise-multiplier"  # the noise multiplier of a metered release
 NOISED_COUNT = "noised-count"  # final stages and SSL under DP: the noised number of validation images
+NOISED_TRAIN_COUNT = "noised-n-train"  # metered train reply, once per run: the training split's noised size
 NOISED_SSL_LOSS = "noised-ssl-loss-sum"  # SSL under DP: the noised sum of per-image pretext losses (clipped)
 
 # Run config keys (set by `medfed simulate` / `medfed train`)

@@ -95,14 +95,22 @@ def _bins(scores: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(np.asarray(scores, dtype=np.float64) * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
 
 
-def _auc(neg: np.ndarray, pos: np.ndarray) -> float:
+def _auc(neg: np.ndarray, pos: np.ndarray, *, clip: bool = True) -> float:
     """AUC of binned scores: a positive beats every negative in a lower bin and half of those in its own. On noised
-    counts (left unclipped: independent zero-mean noise keeps every product's expectation) it is clipped to [0, 1]."""
+    counts (left unclipped: independent zero-mean noise keeps every product's expectation) it is clipped to [0, 1]
+    unless ``clip`` is false."""
     n_neg, n_pos = float(neg.sum()), float(pos.sum())
     if n_neg <= 0 or n_pos <= 0:
         return NAN
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-    return float(np.clip((pos * (below + 0.5 * neg)).sum() / (n_neg * n_pos), 0.0, 1.0))
+    raw = float((pos * (below + 0.5 * neg)).sum() / (n_neg * n_pos))
+    return float(np.clip(raw, 0.0, 1.0)) if clip else raw
+
+
+def _raw_auc(statistics: EvalStatistics) -> float:
+    """The AUC estimate before clipping (binary: class 1; multi-class: the mean over classes one-vs-rest)."""
+    aucs = [_auc(h[0], h[1], clip=False) for h in statistics.histograms]
+    return float(np.mean(aucs)) if all(math.isfinite(a) for a in aucs) else NAN
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -244,15 +252,21 @@ class EvalStatistics:
 def auc_noise_se(statistics: EvalStatistics, noise_std: float, *, draws: int = 200) -> float:
     """The standard error that noise of ``noise_std`` per entry puts on the AUC of noised ``statistics``, by a
     parametric bootstrap (more noise of the same scale, ``draws`` times, from a fixed seed: post-processing of
-    the released vector and of the data-independent noise scale, so it costs no privacy); nan when undefined."""
+    the released vector and of the data-independent noise scale, so it costs no privacy). Robust: half the spread
+    between the 16th and 84th percentiles of the unclipped estimates (clipping at 0 and 1 would hide the noise);
+    ``inf`` when the noise leaves a class with no images in more than one draw in six (no AUC to speak of)."""
     if not noise_std > 0:
         return 0.0
     rng = np.random.default_rng(0)
     vector = statistics.vector()
-    aucs = [EvalStatistics.from_vector(statistics.n_classes, vector + rng.normal(0.0, noise_std, vector.shape))
-            .metrics()["auc"] for _ in range(draws)]
-    finite = [a for a in aucs if math.isfinite(a)]
-    return float(np.std(finite)) if len(finite) >= 2 else NAN
+    aucs = np.array([_raw_auc(EvalStatistics.from_vector(statistics.n_classes,
+                                                         vector + rng.normal(0.0, noise_std, vector.shape)))
+                     for _ in range(draws)])
+    finite = aucs[np.isfinite(aucs)]
+    if finite.size < draws * 5 / 6:
+        return math.inf
+    low, high = np.percentile(finite, [16, 84])
+    return float((high - low) / 2)
 
 
 def pooled(statistics: Sequence[EvalStatistics]) -> EvalStatistics | None:

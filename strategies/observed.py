@@ -60,6 +60,8 @@ class ObservedStrategy(Strategy):
         # the round in which no hospital could train any more (every one refused at its privacy cap): later rounds
         # send nothing
         self.stopped_after: int | None = None
+        # metered DP: each site's noised training-set size (sent once per run), its FedAvg weight
+        self._noised_sizes: dict[str, float] = {}
 
     @property
     def stop_reason(self) -> str | None:
@@ -178,7 +180,26 @@ class ObservedStrategy(Strategy):
         if received and not self.current.train and all(keys.site_refusal(d.reason) is keys.SiteRefusal.PRIVACY_BUDGET for d in drops):
             self.stopped_after = server_round + self.round_offset
             logger.warning("stopping after round %d: %s", self.stopped_after, self.stop_reason)
+        self._weigh_metered(replies)
         return self.inner.aggregate_train(server_round + self.round_offset, replies)
+
+    def _weigh_metered(self, replies: list[Message]) -> None:
+        """Metered DP replies say ``num-examples`` 1 (no exact count leaves a hospital): weigh each by its site's
+        noised training-set size instead (sent once per run; the mean of the known ones for a site whose size is
+        not known, 1 when none is). Other replies keep their counts."""
+        metered = []
+        for msg in replies:
+            record = None if msg.has_error() else msg.content.metric_records.get(keys.METRICS)
+            if record is None or keys.N_TRAIN in record or keys.EPSILON not in record:
+                continue
+            site = self._site_id(msg)
+            if keys.NOISED_TRAIN_COUNT in record:
+                self._noised_sizes[site] = max(1.0, float(record[keys.NOISED_TRAIN_COUNT]))
+            metered.append((site, record))
+        known = list(self._noised_sizes.values())
+        fallback = sum(known) / len(known) if known else 1.0
+        for site, record in metered:
+            record[keys.NUM_EXAMPLES] = self._noised_sizes.get(site, fallback)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -115,12 +115,16 @@ def constant_model(overrides: list[str], probability: float = 0.7) -> dict[str, 
     return {k: v.numpy() for k, v in state.items()}
 
 
+_COMPOSE = threading.Lock()  # Hydra's composition is process-global: two attacks at once take turns
+
+
 def _model(params: Mapping[str, Any], overrides: list[str]) -> ArrayRecord:
-    if params.get("constant") is not None:
-        state = constant_model(overrides, float(params["constant"]))
-        return ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
-    cfg = compose_config(overrides)
-    return ArrayRecord(build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
+    with _COMPOSE:
+        if params.get("constant") is not None:
+            state = constant_model(overrides, float(params["constant"]))
+            return ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
+        cfg = compose_config(overrides)
+        return ArrayRecord(build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2).state_dict())
 
 
 def _answers(replies: Iterable[Message], grid: SiteGrid) -> list[dict[str, Any]]:

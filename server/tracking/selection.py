@@ -39,10 +39,12 @@ def select_global(
     """Make this round the federation's best when its weighted validation beats the best so far (a round with
     neither validation nor test metrics is never chosen; noised validation: the one-standard-error rule of the
     module's docstring); True when it did."""
-    auc, se = val.get("auc", math.nan), val.get("auc_noise_se", math.nan)
-    if auc is not None and se is not None and math.isfinite(auc) and math.isfinite(se):
-        state.noised_auc_max = max(auc, state.noised_auc_max if state.noised_auc_max is not None else -math.inf)
-        if auc >= state.noised_auc_max - se:
+    if "auc_noise_se" in val:  # noised validation: an AUC the noise leaves undefined tells nothing either
+        auc, se = val.get("auc"), val["auc_noise_se"]
+        known = auc is not None and math.isfinite(auc) and se is not None and math.isfinite(se)
+        if known:
+            state.noised_auc_max = max(auc, state.noised_auc_max if state.noised_auc_max is not None else -math.inf)
+        if not known or auc >= state.noised_auc_max - se:
             state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
             return True
         return False

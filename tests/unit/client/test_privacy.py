@@ -299,11 +299,13 @@ def _train_message(server_round: int, run_id: int = 1):
 
 def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path) -> None:
     context = _context(tmp_path)
-    eps = []
+    eps, sized = [], []
     for server_round in (1, 2):
         out = app(_train_message(server_round), context)
         assert not out.has_error(), out.error
         eps.append(out.content[keys.METRICS][keys.EPSILON])
+        sized.append(keys.NOISED_TRAIN_COUNT in out.content[keys.METRICS])
+    assert sized == [True, False]
 
     restarted = _context(tmp_path)  # a new daemon: empty context.state, the ledger on disk remains
     out = app(_train_message(3), restarted)
@@ -317,11 +319,12 @@ def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path) -> None:
     assert set(out.content.keys()) == {keys.ARRAYS, keys.METRICS, keys.SITE}
     assert set(out.content[keys.ARRAYS].keys()) == model_keys
     assert all(isinstance(v, (int, float)) for v in out.content[keys.METRICS].values())
-    # metered: no training loss, count or timing; every site weighs 1 in FedAvg (finding 4 of issue 21)
+    # metered: no training loss, exact count or timing (finding 4 of issue 21); the training split's noised size
+    # went once, with the run's first round (and the restart did not send it again)
     assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER}
     assert out.content[keys.METRICS][keys.NUM_EXAMPLES] == 1
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
-    assert len(json.loads(ledger.read_text())["entries"]) == 3
+    assert [e["kind"] for e in json.loads(ledger.read_text())["entries"]] == ["train", "count", "train", "train"]
 
 
 def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
@@ -345,7 +348,7 @@ def test_a_site_at_its_cap_refuses_to_train_and_says_why(tmp_path) -> None:
     assert str(tmp_path) not in reason
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
     entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
-    assert len(entries) == 3  # the refused round spent nothing
+    assert [e.kind for e in entries] == ["train", "count", "train", "train"]  # the refused round spent nothing
     assert epsilon_spent(entries, 1e-5) <= 1.0
 
 
@@ -483,4 +486,6 @@ def test_a_metered_round_in_secaggs_legacy_layout_sends_only_the_accounting_in_c
     assert not out.has_error(), out.error
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     assert fitres.num_examples == 1
-    assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SITE_ID}
+    assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SITE_ID,
+                                   keys.NOISED_TRAIN_COUNT}  # (the run's first round: its noised size, once)
+    assert fitres.metrics[keys.NOISED_TRAIN_COUNT] != round(fitres.metrics[keys.NOISED_TRAIN_COUNT])

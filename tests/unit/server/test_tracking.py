@@ -336,6 +336,10 @@ def test_noised_validation_selects_the_latest_round_within_one_standard_error_of
 
     assert chosen == [1, 2, 3, 5, 6]  # 3 and 6 are within 0.05 of the best so far; 4 is not
     assert state.best is not None and state.best.server_round == 6 and state.noised_auc_max == 0.83
+    # a round whose AUC the noise leaves undefined, or unbounded, is indistinguishable from the best: the later wins
+    assert select_global(state, 7, {"auc": math.nan, "auc_noise_se": math.inf}, None)
+    assert select_global(state, 8, {"auc": 0.1, "auc_noise_se": math.inf}, None)
+    assert not select_global(state, 9, {"auc": 0.1, "auc_noise_se": 0.05}, None)
     exact = TrackerState()
     assert [r for r, auc in rounds.items() if select_global(exact, r, {"auc": auc}, None)] == [1, 2, 5]
     restored = TrackerState.from_checkpoint(state.to_checkpoint(wall_s=1.0, mode="fedavg"))

@@ -47,6 +47,33 @@ def test_fedavg_weights_by_number_of_samples():
     assert observed.train["hospital-1"][keys.NUM_EXAMPLES] == 30
 
 
+def _metered_reply(node: int, site: str, weights: list[np.ndarray], noised_size: float | None):
+    metrics = {keys.NUM_EXAMPLES: 1, keys.EPSILON: 1.0, keys.DELTA: 1e-5, keys.NOISE_MULTIPLIER: 1.2}
+    if noised_size is not None:
+        metrics[keys.NOISED_TRAIN_COUNT] = noised_size
+    content = RecordDict({keys.ARRAYS: ArrayRecord(weights), keys.METRICS: MetricRecord(metrics),
+                          keys.SITE: ConfigRecord({keys.SITE_ID: site})})
+    return reply(content, src_node_id=node)
+
+
+def test_metered_replies_are_weighed_by_the_noised_size_each_site_sent_once():
+    strategy = ObservedStrategy(build_strategy(StrategyConfig()))
+    first = [_metered_reply(1, "hospital-0", [np.array([1.0])], 100.0),
+             _metered_reply(2, "hospital-1", [np.array([5.0])], 300.0),
+             _metered_reply(3, "hospital-2", [np.array([9.0])], -4.0)]  # noise pushed a tiny site below 0
+
+    arrays, _ = strategy.aggregate_train(1, first)
+
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [(100 * 1 + 300 * 5 + 1 * 9) / 401])
+    # later rounds carry no size: each site keeps its weight; a site never sized weighs the mean of the known
+    later = [_metered_reply(1, "hospital-0", [np.array([1.0])], None),
+             _metered_reply(2, "hospital-1", [np.array([5.0])], None),
+             _metered_reply(4, "hospital-3", [np.array([2.0])], None)]
+    arrays, _ = strategy.aggregate_train(2, later)
+    mean = (100 + 300 + 1) / 3
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [(100 * 1 + 300 * 5 + mean * 2) / (400 + mean)])
+
+
 def test_failed_hospital_is_recorded_and_the_others_are_averaged():
     # Prepare
     strategy = ObservedStrategy(build_strategy(StrategyConfig()))
