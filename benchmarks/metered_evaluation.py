@@ -110,7 +110,9 @@ def render(results: dict[str, Any], total: float, command: str) -> str:
              f"{total / 60:.0f} min, by `{command}`. Epsilon {EPSILON:g} per hospital (delta 1e-5), 5 hospitals, "
              "Dirichlet(0.5), seed 0, the recipes of the privacy table above. *exact*: `privacy.exact_metrics=true` "
              "(metrics, loss and counts released exactly, as before metering); *noised*: the default, each a fresh "
-             "draw of the noise. Test AUC at the round selected on validation data.", "",
+             "draw of the noise. Test AUC at the round selected on validation data (noised: the one-standard-error "
+             "rule). The privacy table above was measured before metering: its epsilon-8 rows are the *exact* "
+             "rows here.", "",
              "| dataset | evaluation | selected round | val AUC | test AUC | last round's test AUC | max epsilon "
              "| evaluations' share of epsilon | training noise | evaluation noise |",
              "|---|---|---|---|---|---|---|---|---|---|"]
