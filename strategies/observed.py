@@ -193,8 +193,9 @@ class ObservedStrategy(Strategy):
             if record is None or keys.N_TRAIN in record or keys.EPSILON not in record:
                 continue
             site = self._site_id(msg)
-            if keys.NOISED_TRAIN_COUNT in record:
-                self._noised_sizes[site] = max(1.0, float(record[keys.NOISED_TRAIN_COUNT]))
+            size = record.get(keys.NOISED_TRAIN_COUNT)
+            if isinstance(size, (int, float)):
+                self._noised_sizes[site] = max(1.0, float(size))
             metered.append((site, record))
         known = list(self._noised_sizes.values())
         fallback = sum(known) / len(known) if known else 1.0

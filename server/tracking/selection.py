@@ -33,6 +33,11 @@ def beats(val: Mapping[str, Any], best: RoundResult | PartSelection | None) -> b
     return best is None or selection_key(val) > selection_key(best.val)
 
 
+def _number(value: Any) -> float:
+    """A metric as a float (None, as JSON has it, is nan)."""
+    return float(value) if value is not None else math.nan
+
+
 def select_global(
     state: TrackerState, server_round: int, val: dict[str, float], test: Mapping[str, float] | None
 ) -> bool:
@@ -40,14 +45,14 @@ def select_global(
     neither validation nor test metrics is never chosen; noised validation: the one-standard-error rule of the
     module's docstring); True when it did."""
     if "auc_noise_se" in val:  # noised validation: an AUC the noise leaves undefined tells nothing either
-        auc, se = val.get("auc"), val["auc_noise_se"]
-        known = auc is not None and math.isfinite(auc) and se is not None and math.isfinite(se)
-        if known:
-            state.noised_auc_max = max(auc, state.noised_auc_max if state.noised_auc_max is not None else -math.inf)
-        if not known or auc >= state.noised_auc_max - se:
-            state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
-            return True
-        return False
+        auc, se = _number(val.get("auc")), _number(val["auc_noise_se"])
+        if math.isfinite(auc) and math.isfinite(se):
+            top = max(auc, state.noised_auc_max if state.noised_auc_max is not None else -math.inf)
+            state.noised_auc_max = top
+            if auc < top - se:
+                return False
+        state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
+        return True
     if beats(val, state.best) and (val or test is not None):
         state.best = RoundResult(server_round, val, dict(test) if test is not None else None)
         return True
