@@ -28,6 +28,7 @@ from medfed.client.training import derive_seed, select_device, train_epochs
 from medfed.common import keys
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
+from medfed.common.errors import PrivacyBudgetExceeded
 from medfed.common.models.ssl import MeanLoss
 
 __all__ = ["RoundResult", "train_round"]
@@ -101,7 +102,11 @@ def train_round(
                         keys.NOISE_MULTIPLIER: private.plan.noise_multiplier})
         if dp is not None and metered(cfg, env) is not None:  # only the accounting and noised numbers leave
             metrics = {keys.NUM_EXAMPLES: 1, **{k: metrics[k] for k in _ACCOUNTING}}
-            sized = release_train_count(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
+            try:  # (the plan reserved it; only another run spending meanwhile can leave no room)
+                sized = release_train_count(cfg, dp, site, env, state, run_id=run_id, server_round=server_round)
+            except PrivacyBudgetExceeded:  # the trained update still goes; the coordinator weighs it by the mean
+                logger.warning("no room under the cap for the training split's noised size; sent without it")
+                sized = None
             if sized is not None:  # once per run: the coordinator's FedAvg weight for this site
                 metrics[keys.NOISED_TRAIN_COUNT] = sized[0]
                 metrics[keys.EPSILON] = sized[1].epsilon_after

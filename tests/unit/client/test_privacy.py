@@ -489,3 +489,19 @@ def test_a_metered_round_in_secaggs_legacy_layout_sends_only_the_accounting_in_c
     assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SITE_ID,
                                    keys.NOISED_TRAIN_COUNT}  # (the run's first round: its noised size, once)
     assert fitres.metrics[keys.NOISED_TRAIN_COUNT] != round(fitres.metrics[keys.NOISED_TRAIN_COUNT])
+
+
+def test_a_round_whose_noised_size_no_longer_fits_still_sends_its_update(tmp_path, monkeypatch) -> None:
+    # the plan reserves the size release; should another run take that room meanwhile, the trained (and charged)
+    # update still goes, without the size
+    import medfed.client.local_round as local_round
+
+    def no_room(*args, **kwargs):
+        raise PrivacyBudgetExceeded("Privacy cap reached: no room")
+
+    monkeypatch.setattr(local_round, "release_train_count", no_room)
+
+    out = app(_train_message(1), _context(tmp_path))
+
+    assert not out.has_error(), out.error
+    assert keys.ARRAYS in out.content and keys.NOISED_TRAIN_COUNT not in out.content[keys.METRICS]
