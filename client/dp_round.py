@@ -191,6 +191,12 @@ class Release:
     noise_multiplier: float
     epsilon_after: float
     delta: float
+    epsilon_before: float = 0.0
+
+    @property
+    def charged(self) -> float:
+        """What this release adds to the site's epsilon."""
+        return self.epsilon_after - self.epsilon_before
 
 
 COUNT = "count"  # the ledger kind of the once-per-run release of the training split's noised size
@@ -220,10 +226,10 @@ def _charge(
         entries = _spent(ledger, env, site, state)
         if once and any(e.kind == kind and e.run_id == run_id for e in entries):
             return None
-        after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap, accountant=dp.accountant,
-                             what=f"{kind} request")
+        before, after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap,
+                                     accountant=dp.accountant, what=f"{kind} request")
         _record(ledger, state, [LedgerEntry.new(run_id, server_round, noise, 1.0, 1, kind)])
-    return Release(noise, after, delta)
+    return Release(noise, after, delta, before)
 
 
 def release_train_count(

@@ -68,7 +68,7 @@ class FinalStage:
 def _released(release: Release) -> dict[str, float | int]:
     """The data-independent numbers of a metered reply."""
     return {keys.NUM_EXAMPLES: 1, keys.EVAL_NOISE: release.noise_multiplier, keys.EPSILON: release.epsilon_after,
-            keys.DELTA: release.delta}
+            keys.EPSILON_CHARGED: release.charged, keys.DELTA: release.delta}
 
 
 def _noised_evaluation(

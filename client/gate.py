@@ -114,17 +114,19 @@ def audit_entry(
     received_model: str | None = None,
 ) -> dict[str, Any]:
     """The audit line of one outgoing message: size and sha256 of what goes on the wire, the model it answers
-    (``received_model``: :func:`model_sha256` of the request), every scalar it sends, the epsilon it reports, and
-    a refusal's kind and reason."""
+    (``received_model``: :func:`model_sha256` of the request), every scalar it sends, the epsilon it reports and
+    what its releases charged, and a refusal's kind and reason."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     objects = get_all_nested_objects(message)
     size = sum(len(obj.deflate()) for obj in objects.values())
-    epsilon = None
+    epsilon = charged = None
     if not message.has_error():
         for record in message.content.metric_records.values():
             if keys.EPSILON in record:
                 epsilon = float(record[keys.EPSILON])
+            if keys.EPSILON_CHARGED in record:
+                charged = float(record[keys.EPSILON_CHARGED])
     reason = message.error.reason if message.has_error() else None
     refusal = keys.site_refusal(reason) if reason else None
     return {
@@ -139,6 +141,7 @@ def audit_entry(
         "bytes": int(size),
         "sha256": message.object_id,
         "epsilon": epsilon,
+        "epsilon_charged": charged,
         "received_model": received_model,
         "values": _values(message),
         "error": reason,

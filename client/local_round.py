@@ -100,6 +100,7 @@ def train_round(
     if private is not None:
         metrics.update({keys.EPSILON: private.epsilon_after(result.steps), keys.DELTA: private.plan.delta,
                         keys.NOISE_MULTIPLIER: private.plan.noise_multiplier})
+        metrics[keys.EPSILON_CHARGED] = float(metrics[keys.EPSILON]) - private.plan.epsilon_before
         if dp is not None and metered(cfg, env) is not None:  # only the accounting and noised numbers leave
             metrics = {keys.NUM_EXAMPLES: 1, **{k: metrics[k] for k in _ACCOUNTING}}
             try:  # (the plan reserved it; only another run spending meanwhile can leave no room)
@@ -110,9 +111,10 @@ def train_round(
             if sized is not None:  # once per run: the coordinator's FedAvg weight for this site
                 metrics[keys.NOISED_TRAIN_COUNT] = sized[0]
                 metrics[keys.EPSILON] = sized[1].epsilon_after
+                metrics[keys.EPSILON_CHARGED] = sized[1].epsilon_after - private.plan.epsilon_before
     return RoundResult(weights, metrics)
 
 
 # what a metered DP round sends besides its weights: num-examples 1 (the coordinator weighs the site by its noised
 # training-set size, sent once per run) and the accounting the site states anyway (epsilon, delta, noise)
-_ACCOUNTING = (keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER)
+_ACCOUNTING = (keys.EPSILON, keys.EPSILON_CHARGED, keys.DELTA, keys.NOISE_MULTIPLIER)

@@ -288,9 +288,10 @@ def plan_round(
 
 def plan_release(
     entries: list[LedgerEntry], *, noise_multiplier: float, delta: float, cap: SiteCap, accountant: str, what: str
-) -> float:
-    """The site's epsilon after one more noised release (a Gaussian step at sampling rate 1) of ``what``; raises
-    :class:`PrivacyBudgetExceeded` when it would pass the site's cap (the release is then not made)."""
+) -> tuple[float, float]:
+    """The site's epsilon before and after one more noised release (a Gaussian step at sampling rate 1) of
+    ``what``; raises :class:`PrivacyBudgetExceeded` when it would pass the site's cap (the release is then not
+    made)."""
     if not noise_multiplier > 0:
         raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
                                     "needs one > 0, so this hospital does not answer.")
@@ -302,4 +303,4 @@ def plan_release(
             f"hospital's epsilon from {spent:.3g} to {after:.3g} (delta {delta:g}), above its cap "
             f"{cap.max_epsilon:g}; it does not answer. To answer more, the hospital must raise its own cap."
         )
-    return after
+    return spent, after

@@ -29,6 +29,7 @@ __all__ = [
     "DP_CLASSES",
     "DP_STAT_PREFIX",
     "EPSILON",
+    "EPSILON_CHARGED",
     "EVAL_NOISE",
     "EVAL_PREFIX",
     "EVAL_TIME_S",
@@ -108,6 +109,7 @@ ENSEMBLE_PREFIX = "ensval-"  # personalisation: the mean of the global, personal
 ENSEMBLE_TEST_PREFIX = "enstest-"  # ... on the global test set (simulation only)
 FINETUNED_EPOCH = "ft-epoch"  # the fine-tuning epoch a hospital kept (0: fine-tuning did not help on validation)
 EPSILON = "epsilon"  # the site's cumulative epsilon (all runs on its data) after this round
+EPSILON_CHARGED = "epsilon-charged"  # what this reply's releases added to it (the audit log keeps it per message)
 DELTA = "delta"  # the delta that epsilon is stated at
 NOISE_MULTIPLIER = "noise-multiplier"
 NLL_SUMS = "nll-sums"  # final stage: summed validation NLL per temperature (list, one float per temperature)

@@ -25,7 +25,7 @@ STRICT, PERMISSIVE = 1, 2
 RECIPE = ["train.rounds=3", "train.local_epochs=1", "train.batch_size=16"]
 DP = [*RECIPE, "privacy=dp", "privacy.target_epsilon=8"]
 # what a strict hospital's metered evaluation may carry: noised statistics and data-independent numbers
-NOISED_KEYS = {keys.NUM_EXAMPLES, keys.DP_CLASSES, keys.EVAL_NOISE, keys.EPSILON, keys.DELTA}
+NOISED_KEYS = {keys.NUM_EXAMPLES, keys.DP_CLASSES, keys.EVAL_NOISE, keys.EPSILON, keys.EPSILON_CHARGED, keys.DELTA}
 N_IMAGES, N_RARE = 60, 9
 
 

@@ -21,14 +21,15 @@ def _reply(content: RecordDict | None = None, error: Error | None = None) -> Mes
 def test_audit_entry_of_a_train_reply() -> None:
     content = RecordDict({
         "arrays": ArrayRecord({"w": torch.ones(3, 4)}),
-        "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
+        "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5, "epsilon-charged": 0.25}),
         "site": ConfigRecord({"site-id": "hospital-a"}),
     })
     entry = audit_entry(_reply(content), site_id="hospital-a", server_round=3, received_model="cd" * 32)
     assert entry["round"] == 3 and entry["type"] == "train" and entry["epsilon"] == 1.5
+    assert entry["epsilon_charged"] == 0.25
     assert entry["direction"] == "out" and entry["stage"] == "train" and entry["received_model"] == "cd" * 32
     # every scalar sent, never the arrays
-    assert entry["values"] == {"num-examples": 10, "epsilon": 1.5, "site-id": "hospital-a"}
+    assert entry["values"] == {"num-examples": 10, "epsilon": 1.5, "epsilon-charged": 0.25, "site-id": "hospital-a"}
     assert entry["bytes"] > 48 and len(entry["sha256"]) == 64
     assert entry["records"]["arrays"] == {"kind": "ArrayRecord", "arrays": 1, "elements": 12}
     assert entry["records"]["site"] == {"kind": "ConfigRecord", "keys": ["site-id"], "types": ["str"]}

@@ -321,8 +321,10 @@ def test_epsilon_grows_every_round_and_survives_a_restart(tmp_path) -> None:
     assert all(isinstance(v, (int, float)) for v in out.content[keys.METRICS].values())
     # metered: no training loss, exact count or timing (finding 4 of issue 21); the training split's noised size
     # went once, with the run's first round (and the restart did not send it again)
-    assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER}
+    assert set(out.content[keys.METRICS]) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.EPSILON_CHARGED, keys.DELTA,
+                                              keys.NOISE_MULTIPLIER}
     assert out.content[keys.METRICS][keys.NUM_EXAMPLES] == 1
+    assert out.content[keys.METRICS][keys.EPSILON_CHARGED] == pytest.approx(eps[2] - eps[1])
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
     assert [e["kind"] for e in json.loads(ledger.read_text())["entries"]] == ["train", "count", "train", "train"]
 
@@ -467,6 +469,7 @@ def test_a_metered_evaluation_sends_only_noised_sums_and_is_charged(tmp_path, ta
     (entry,) = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
     assert entry.kind == "evaluate" and entry.sample_rate == 1.0 and entry.steps == 1
     assert metrics[keys.EPSILON] == pytest.approx(epsilon_spent([entry], 1e-5))
+    assert metrics[keys.EPSILON_CHARGED] == pytest.approx(metrics[keys.EPSILON])  # the ledger's first entry
 
 
 def test_a_metered_round_in_secaggs_legacy_layout_sends_only_the_accounting_in_clear(tmp_path) -> None:
@@ -486,8 +489,8 @@ def test_a_metered_round_in_secaggs_legacy_layout_sends_only_the_accounting_in_c
     assert not out.has_error(), out.error
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     assert fitres.num_examples == 1
-    assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SITE_ID,
-                                   keys.NOISED_TRAIN_COUNT}  # (the run's first round: its noised size, once)
+    assert set(fitres.metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.EPSILON_CHARGED, keys.DELTA,
+                                   keys.NOISE_MULTIPLIER, keys.SITE_ID, keys.NOISED_TRAIN_COUNT}  # (the run's first round: its noised size, once)
     assert fitres.metrics[keys.NOISED_TRAIN_COUNT] != round(fitres.metrics[keys.NOISED_TRAIN_COUNT])
 
 
