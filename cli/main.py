@@ -18,6 +18,7 @@ from rich.console import Console
 
 from medfed.cli.deploy import register_commands
 from medfed.cli.display import RoundFollower, fail, summary_table
+from medfed.cli.privacy_plan import privacy_app
 from medfed.common.config import Config, compose_config, config_to_yaml
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError, MedfedError
@@ -39,6 +40,7 @@ weights_app = typer.Typer(help="Pretrained weights: fetch them once into a local
 app.add_typer(baseline_app, name="baseline")
 app.add_typer(config_app, name="config")
 app.add_typer(weights_app, name="weights")
+app.add_typer(privacy_app, name="privacy")
 register_commands(app)
 
 console = Console()

@@ -9,6 +9,7 @@ Training planned under ``privacy=dp`` reserves room for the run's evaluations st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -35,16 +36,18 @@ from medfed.client.privacy import (
 from medfed.client.training import DPTraining, select_device
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
-from medfed.common.errors import ConfigError
+from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 from medfed.common.noised_stats import gaussian_release, noise_rng
 
 __all__ = [
     "COUNT",
     "PrivateRound",
     "Release",
+    "RunPreview",
     "charge_release",
     "metered",
     "planned_evaluations",
+    "preview_run",
     "release_train_count",
     "start_private_round",
 ]
@@ -242,3 +245,45 @@ def release_train_count(
         return None
     noised = gaussian_release(np.array([float(len(site.train))]), 1.0, release.noise_multiplier, noise_rng())
     return float(noised[0]), release
+
+
+@dataclass(frozen=True)
+class RunPreview:
+    """What a site would do over a whole run, planned before its first round (nothing recorded): the noise and
+    steps of its DP-SGD rounds, the noise of its metered releases, and its epsilon once the run is done; or why
+    it would refuse."""
+
+    site_id: str
+    n_train: int
+    cap: float
+    spent: float
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps_per_round: int | None = None
+    release_noise: float | None = None
+    releases: int = 0
+    epsilon_after_run: float | None = None
+    refusal: str | None = None
+
+
+def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunPreview:
+    """The site's plan for a whole run from its first round, as :func:`start_private_round` would make it, with
+    what its ledger already holds (read only: nothing is absorbed, planned into the ledger or recorded)."""
+    cap = env.cap(cfg.federation)
+    delta = min(dp.delta, cap.max_delta)
+    ledger = _site_ledger(env, site)
+    entries = ledger.entries()
+    base = RunPreview(site.site_id, len(site.train), cap.max_epsilon, epsilon_spent(entries, delta, dp.accountant))
+    reserved = planned_evaluations(cfg, dp, env, run_id=-1, server_round=1, entries=[])
+    try:
+        plan = plan_round(dp, cap, n_train=len(site.train), batch_size=cfg.train.batch_size,
+                          local_epochs=cfg.train.local_epochs, rounds_left=cfg.train.rounds, entries=entries,
+                          run_id=-1, reserved=reserved)
+    except PrivacyBudgetExceeded as exc:
+        return dataclasses.replace(base, refusal=str(exc))
+    rounds = LedgerEntry("plan", -1, 0, plan.noise_multiplier, plan.sample_rate, plan.steps * cfg.train.rounds, 0.0)
+    return dataclasses.replace(
+        base, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
+        release_noise=reserved[0].noise_multiplier if reserved else None, releases=len(reserved),
+        epsilon_after_run=epsilon_spent([*entries, rounds, *reserved], delta, dp.accountant),
+    )
