@@ -172,7 +172,7 @@ def planned_evaluations(
 
 
 def _final_stages(cfg: Config) -> int:
-    return 2 if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0 else 0
+    return 2 if cfg.evaluate.final_stages else 0
 
 
 def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:

@@ -142,6 +142,13 @@ def dp_grid(temperatures: Sequence[float]) -> list[float]:
     return sorted(picked)
 
 
+def _unknown_stage(stage: str) -> IncompatibleUpdateError:
+    return IncompatibleUpdateError(
+        f"Unknown final stage {stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "
+        f"{keys.STAGE_RELIABILITY!r} (is the coordinator running another medfed version?)."
+    )
+
+
 def _noised_final_stage(
     cfg: Config, dp: DPConfig, site: SiteData, model: torch.nn.Module, request: FinalStage, env: NodeEnv,
     state: NodeState, run_id: int,
@@ -150,11 +157,8 @@ def _noised_final_stage(
     temperature of a grid of at most :data:`DP_CALIBRATION_POINTS` (sensitivity sqrt(1 + points), the NLL
     scaled by :data:`NLL_CLIP`); ``reliability`` the sums before and after (sensitivity sqrt(6): per image a
     count, a confidence and a correct prediction, twice). No Grad-CAM count is sent."""
-    if request.stage not in (keys.STAGE_CALIBRATE, keys.STAGE_RELIABILITY):
-        raise IncompatibleUpdateError(
-            f"Unknown final stage {request.stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "
-            f"{keys.STAGE_RELIABILITY!r} (is the coordinator running another medfed version?)."
-        )
+    if request.stage not in (keys.STAGE_CALIBRATE, keys.STAGE_RELIABILITY):  # before anything is charged
+        raise _unknown_stage(request.stage)
     release = charge_release(cfg, dp, site, env, state, run_id=run_id, server_round=cfg.train.rounds + 1,
                              kind=request.stage)
     n_classes = site.info.n_classes
@@ -217,10 +221,7 @@ def final_stage(
             saved = _save_gradcam(cfg, site, model, env, run_id, request.temperature) if request.gradcam else 0
             metrics[keys.GRADCAM_SAVED] = saved
     else:
-        raise IncompatibleUpdateError(
-            f"Unknown final stage {request.stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "
-            f"{keys.STAGE_RELIABILITY!r} (is the coordinator running another medfed version?)."
-        )
+        raise _unknown_stage(request.stage)
     metrics[keys.EVAL_TIME_S] = time.perf_counter() - started
     return metrics
 

@@ -152,7 +152,7 @@ class SitePolicy:
         [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] (checked before anything is read or charged); returns
         the temperature grid to use (the site's own, if it has one)."""
         self._stage(stage)
-        if not (cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0):
+        if not cfg.evaluate.final_stages:
             raise PolicyRefusal(
                 f"The run's config plans no final stage (evaluate.calibrate=false, evaluate.gradcam_samples=0), so "
                 f"this hospital does not answer a {stage!r} request."

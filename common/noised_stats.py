@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfed.common.metrics import ECE_BINS, EPS, ece_from_sums
+from medfed.common.metrics import ECE_BINS, EPS, ece_from_sums, reliability_sums
 
 __all__ = [
     "NLL_CLIP",
@@ -159,13 +159,7 @@ class EvalStatistics:
             pred = p.argmax(axis=1)
             confusion = np.zeros((n_classes, n_classes))
             np.add.at(confusion, (y, pred), 1.0)
-            confidence = p.max(axis=1)
-            edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-            index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, ECE_BINS - 1)
-            reliability = np.zeros((3, ECE_BINS))
-            np.add.at(reliability[0], index, 1.0)
-            np.add.at(reliability[1], index, confidence)
-            np.add.at(reliability[2], index, (pred == y).astype(np.float64))
+            reliability = reliability_sums(y, p) if n else np.zeros((3, ECE_BINS))
         nll = -np.log(np.clip(p[np.arange(n), y], EPS, 1.0)) if n else np.zeros(0)
         return cls(n_classes, histograms, confusion, reliability, float(np.minimum(nll, NLL_CLIP).sum() / NLL_CLIP))
 

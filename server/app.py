@@ -91,7 +91,7 @@ def _final_evaluation(
     if cfg.task == "ssl":  # no classifier: nothing to calibrate or to be uncertain about
         tracker.add_compute(time.perf_counter() - started)
         return out
-    if cfg.evaluate.calibrate or cfg.evaluate.gradcam_samples > 0:
+    if cfg.evaluate.final_stages:
         calibration = calibrate_federated(grid, state, timeout=cfg.strategy.round_timeout_s)
         calibration["round"] = best_round
         if cfg.evaluate.calibrate:  # (without it, the stages only carried the request for Grad-CAM maps)

@@ -90,18 +90,19 @@ def _grid_of(metrics: Mapping[str, Any], default: list[float]) -> list[float]:
 
 def _on_one_grid(
     replies: dict[str, Mapping[str, Any]], asked: list[float]
-) -> tuple[dict[str, Mapping[str, Any]], list[dict[str, str]]]:
+) -> tuple[dict[str, Mapping[str, Any]], list[dict[str, str]], list[float]]:
     """The replies whose sums are on the grid most of them used (a site may answer on its own grid, or on fewer
-    points under DP); the others are dropped with the reason: sums on different grids do not add up."""
+    points under DP), the others dropped with the reason (sums on different grids do not add up), and that grid
+    (the one asked when no reply is kept)."""
     grids = [tuple(_grid_of(m, asked)) for m in replies.values()]
     if not grids:
-        return replies, []
+        return replies, [], asked
     common = max(set(grids), key=lambda g: (grids.count(g), g == tuple(asked)))
     kept = {site: m for (site, m), g in zip(replies.items(), grids, strict=True) if g == common}
     dropped = [{"node": site, "reason": f"calibration sums on a grid of {len(g)} temperatures, not the "
                 f"{len(common)} most hospitals used"} for (site, _), g in zip(replies.items(), grids, strict=True)
                if g != common]
-    return kept, dropped
+    return kept, dropped, list(common)
 
 
 def calibrate_federated(
@@ -114,9 +115,8 @@ def calibrate_federated(
         grid, state, {keys.FINAL_STAGE: keys.STAGE_CALIBRATE, keys.TEMPERATURES: grid_t}, timeout
     )
     usable = {site: m for site, m in replies.items() if keys.NLL_SUMS in m and _count(m) > 0}
-    usable, other_grids = _on_one_grid(usable, grid_t)
+    usable, other_grids, grid_t = _on_one_grid(usable, grid_t)
     failed += other_grids
-    grid_t = _grid_of(next(iter(usable.values())), grid_t) if usable else grid_t
     result: dict[str, Any] = {"temperature": None, "grid": {"min": grid_t[0], "max": grid_t[-1], "steps": len(grid_t)},
                               "dropped": failed}
     if not usable:

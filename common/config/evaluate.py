@@ -34,6 +34,12 @@ class EvaluateConfig:
         require_count("evaluate.snapshots", self.snapshots, minimum=2, meaning="global models of the last rounds")
         require_count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
 
+    @property
+    def final_stages(self) -> bool:
+        """Whether the run asks the hospitals for the final stages (calibrate, reliability) after its last round:
+        for temperature scaling, or to carry the request for Grad-CAM maps."""
+        return self.calibrate or self.gradcam_samples > 0
+
 
 @dataclass
 class TrackingConfig:
