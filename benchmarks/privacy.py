@@ -46,6 +46,21 @@ RECIPES: dict[str, list[str]] = {
 DP_FIXED = ["privacy.delta=1e-5", "privacy.max_grad_norm=1.0", "federation.site_max_delta=1e-5"]
 
 
+def dp_run_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """A DP run's row from its summary.json: test AUC/ACC at the best-validation round, epsilon, refusals, time."""
+    return {
+        "test_auc": summary["best"]["test"]["auc"],
+        "test_acc": summary["best"]["test"]["acc"],
+        "best_round": summary["best"]["round"],
+        "max_epsilon": (summary.get("privacy") or {}).get("max_epsilon"),
+        "site_epsilons": {k: v.get("epsilon") for k, v in summary["sites"].items()},
+        "dropped": summary["dropped"],
+        "stopped": summary.get("stopped"),
+        "rounds_done": summary["rounds"],
+        "wall_s": summary["wall_s"],
+    }
+
+
 def bench_utility(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
     common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION, *recipe]
@@ -64,15 +79,7 @@ def bench_utility(name: str, data_dir: Path, work: Path, quick: bool) -> dict[st
             raise SystemExit(f"{name} epsilon {label} failed (exit {code}):\n{out[-4000:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
         results["runs"][label] = {
-            "test_auc": summary["best"]["test"]["auc"],
-            "test_acc": summary["best"]["test"]["acc"],
-            "best_round": summary["best"]["round"],
-            "max_epsilon": (summary.get("privacy") or {}).get("max_epsilon"),
-            "site_epsilons": {k: v.get("epsilon") for k, v in summary["sites"].items()},
-            "dropped": summary["dropped"],
-            "stopped": summary.get("stopped"),
-            "rounds_done": summary["rounds"],
-            "wall_s": summary["wall_s"],
+            **dp_run_row(summary),
             "command": "medfed " + " ".join(["simulate", "--run-dir", f"runs/{name}-eps{label}", *common, *privacy]),
         }
         logger.info("  -> test AUC %.4f, max epsilon %s", summary["best"]["test"]["auc"],

@@ -108,6 +108,54 @@ class RoundFollower:
                     print_round(self.console, record, self.total_rounds)
 
 
+def operating_point_table(summary: Mapping[str, Any]) -> Table | None:
+    """Binary tasks: decisions at the threshold the hospitals' validation counts chose, beside those at 0.5."""
+    point = summary.get("operating_point")
+    if not point:
+        return None
+    table = Table(title=f"decision threshold {fmt(point.get('threshold'), 2)} (chosen on validation, round "
+                        f"{fmt(point.get('round'))})")
+    table.add_column("")
+    for name in ("threshold", "bal acc", "sensitivity", "specificity", "acc"):
+        table.add_column(name, justify="right")
+    rows = [("validation (pooled)", point.get("val") or {}, point.get("threshold")),
+            ("test at the threshold", point.get("test"), point.get("threshold")),
+            ("test at 0.5", point.get("test_at_0.5"), 0.5)]
+    for label, values, threshold in rows:
+        if values:
+            table.add_row(label, fmt(threshold, 2), fmt(values.get("bal_acc")), fmt(values.get("sensitivity")),
+                          fmt(values.get("specificity")), fmt(values.get("acc")))
+    return table
+
+
+def audit_table(summary: Mapping[str, Any]) -> Table | None:
+    """The privacy audit: each hospital's membership-inference attack on the selected model (outside DP)."""
+    audit = summary.get("audit")
+    if not audit or not audit.get("sites"):
+        return None
+    attacks = sorted({a for site in audit["sites"].values() for a in site})
+    table = Table(title=f"privacy audit (membership inference, round {fmt(audit.get('round'))}; not covered by DP)")
+    table.add_column("hospital")
+    for attack in attacks:
+        for name in ("AUC", "TPR@1%", "TPR@0.1%"):
+            table.add_column(f"{attack} {name}", justify="right")
+    for site_id, per_attack in sorted(audit["sites"].items()):
+        cells = []
+        for attack in attacks:
+            values = per_attack.get(attack, {})
+            cells += [fmt(values.get("auc")), fmt(values.get("tpr_at_0.01")), fmt(values.get("tpr_at_0.001"))]
+        table.add_row(site_id, *cells)
+    return table
+
+
+def print_summary(console: Console, summary: Mapping[str, Any], title: str) -> None:
+    """The run's final tables: the summary, the decision threshold (binary tasks) and the privacy audit (if any)."""
+    console.print(summary_table(summary, title))
+    for table in (operating_point_table(summary), audit_table(summary)):
+        if table is not None:
+            console.print(table)
+
+
 def summary_table(summary: Mapping[str, Any], title: str) -> Table:
     """The final table: best-validation and final rounds, per-site validation, timings."""
     table = Table(title=title, show_lines=False)

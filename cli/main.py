@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from medfed.cli.deploy import register_commands
-from medfed.cli.display import RoundFollower, fail, summary_table
+from medfed.cli.display import RoundFollower, fail, print_summary
 from medfed.cli.privacy_plan import privacy_app
 from medfed.common.config import Config, compose_config, config_to_yaml
 from medfed.common.environment import flower_environment
@@ -134,7 +134,7 @@ def _prepare(overrides: list[str], run_dir: Path, *, fresh: bool) -> Config:
 
 
 def _show(summary: dict[str, Any], title: str) -> None:
-    console.print(summary_table(summary, title))
+    print_summary(console, summary, title)
 
 
 @app.command()

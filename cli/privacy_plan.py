@@ -67,15 +67,16 @@ def privacy_plan(
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in plans], indent=1))
         return
-    table = Table("site", "train images", "noise", "sampling rate", "steps/round", "evaluation noise", "spent",
+    table = Table("site", "train images", "noise", "sampling rate", "steps/round", "rounds", "evaluation noise", "spent",
                   "epsilon after the run", "cap", title=f"DP plan: target epsilon {cfg.privacy.target_epsilon:g}, "
                   f"{cfg.train.rounds} rounds")
     for p in plans:
         if p.refusal is not None:
-            table.add_row(p.site_id, str(p.n_train), "refuses", "", "", "", _fmt(p.spent), "", _fmt(p.cap))
+            table.add_row(p.site_id, str(p.n_train), "refuses", "", "", "", "", _fmt(p.spent), "", _fmt(p.cap))
             continue
         table.add_row(p.site_id, str(p.n_train), _fmt(p.noise_multiplier), _fmt(p.sample_rate),
-                      str(p.steps_per_round), _fmt(p.release_noise), _fmt(p.spent), _fmt(p.epsilon_after_run),
+                      str(p.steps_per_round), "all" if p.period == 1 else f"1 in {p.period}",
+                      _fmt(p.release_noise), _fmt(p.spent), _fmt(p.epsilon_after_run),
                       _fmt(p.cap))
     console.print(table)
     for p in plans:

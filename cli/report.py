@@ -209,6 +209,24 @@ def _summary_tables(summary: Mapping[str, Any]) -> str:
                   (s.get("val") or {}).get("ece"), s.get("epsilon")] for site, s in (summary.get("sites") or {}).items()]
     parts.append("<h3>Hospitals (at the selected round)</h3>")
     parts.append(_table(site_rows, ["site", "train images", "val images", "val AUC", "val ECE", "epsilon"]))
+    point = summary.get("operating_point") or {}
+    if point:
+        parts.append(f"<h3>Decision threshold {_fmt(point.get('threshold'))}, chosen on the hospitals' pooled "
+                     f"validation counts (round {_fmt(point.get('round'))}); the test set never chose it</h3>")
+        rows = [[label, threshold, (values or {}).get("bal_acc"), (values or {}).get("sensitivity"),
+                 (values or {}).get("specificity"), (values or {}).get("acc")]
+                for label, values, threshold in (("validation (pooled)", point.get("val"), point.get("threshold")),
+                                                 ("test at the threshold", point.get("test"), point.get("threshold")),
+                                                 ("test at 0.5", point.get("test_at_0.5"), 0.5)) if values]
+        parts.append(_table(rows, ["decisions", "threshold", "balanced acc", "sensitivity", "specificity", "acc"]))
+    audit = summary.get("audit") or {}
+    if audit.get("sites"):
+        parts.append("<h3>Privacy audit: membership inference by each hospital on its own data</h3>"
+                     f"<p>{html.escape(str(audit.get('note', '')))}. An attack AUC near 0.5 means the attack cannot "
+                     "tell training images from held-out ones.</p>")
+        rows = [[site, attack, v.get("auc"), v.get("tpr_at_0.01"), v.get("tpr_at_0.001")]
+                for site, per_attack in sorted(audit["sites"].items()) for attack, v in sorted(per_attack.items())]
+        parts.append(_table(rows, ["site", "attack", "AUC", "TPR at 1 % FPR", "TPR at 0.1 % FPR"]))
     calibration = summary.get("calibration") or {}
     if calibration.get("temperature") is not None:
         val = calibration.get("val") or {}

@@ -33,7 +33,7 @@ def train(
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish and show its summary.")] = False,
 ) -> None:
     """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
-    from medfed.cli.display import RoundFollower, summary_table
+    from medfed.cli.display import RoundFollower, print_summary
     from medfed.server.runs import RunDirectory
 
     try:
@@ -65,7 +65,7 @@ def train(
                         raise typer.Exit(1)
                 time.sleep(0.5)
         summary = target.read_summary()
-        console.print(summary_table(summary, f"medfed train: run {run_id}"))
+        print_summary(console, summary, f"medfed train: run {run_id}")
         failed = target.unanswered(summary)
         if failed is not None:  # every hospital failed (not refused): no result to stand behind
             fail(failed)

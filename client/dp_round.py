@@ -34,7 +34,7 @@ from medfed.client.privacy import (
     secure_rng_problem,
 )
 from medfed.client.training import DPTraining, select_device
-from medfed.common.config import Config, DPConfig
+from medfed.common.config import Config, DPConfig, TrainConfig
 from medfed.common.data import SiteData
 from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 from medfed.common.noised_stats import gaussian_release, noise_rng
@@ -76,6 +76,12 @@ class PrivateRound:
             grad_sample_mode=self.dp.grad_sample_mode,
             secure_mode=self.secure_rng,
         )
+
+    def recipe(self, train: TrainConfig) -> TrainConfig:
+        """The recipe this round trains with: the run's, with the batch size and local epochs of the site's plan
+        (full-batch, fewer steps for a site whose cap does not fit the run's own)."""
+        return dataclasses.replace(train, batch_size=self.plan.batch_size or train.batch_size,
+                                   local_epochs=self.plan.local_epochs)
 
     def epsilon_after(self, steps_taken: int) -> float:
         """The site's cumulative epsilon once the round has trained ``steps_taken`` steps; steps beyond the plan
@@ -125,8 +131,10 @@ def start_private_round(
             entries=entries,
             run_id=run_id,
             reserved=planned_evaluations(cfg, dp, env, run_id=run_id, server_round=server_round, entries=entries),
+            server_round=server_round,
         )
-        entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps)
+        entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
+                                period=plan.period)
         _record(ledger, state, [entry])
     return PrivateRound(plan, ledger, state, dp, secure, run_id, server_round)
 
@@ -178,12 +186,15 @@ def _final_stages(cfg: Config) -> int:
 def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:
     """The noise multiplier of every noised release of a run: the least with which the run's releases (one
     evaluation per round 0..``train.rounds``, the final stages, the training split's size), composed on their
-    own, spend ``privacy.eval_share`` of
-    ``privacy.target_epsilon``; never below the site's ``min_noise``. It depends on the run config only."""
+    own, spend ``privacy.eval_share`` of ``privacy.target_epsilon``, or of the site's cap when that is smaller (so
+    that a small cap leaves room to train); never below the site's ``min_noise``. It depends on the run config and
+    the site's cap only."""
     cap = env.cap(cfg.federation)
     releases = cfg.train.rounds + 1 + _final_stages(cfg) + 1  # evaluations, final stages, the training split's size
-    noise = release_noise_for(dp.target_epsilon * dp.eval_share, min(dp.delta, cap.max_delta), releases,
-                              dp.accountant)
+    delta = min(dp.delta, cap.max_delta)
+    noise = release_noise_for(dp.target_epsilon * dp.eval_share, delta, releases, dp.accountant)
+    if cap.max_epsilon < dp.target_epsilon:  # a site whose own cap is smaller: the same share of its cap
+        noise = max(noise, release_noise_for(cap.max_epsilon * dp.eval_share, delta, releases, dp.accountant))
     return max(noise, cap.min_noise)
 
 
@@ -260,6 +271,8 @@ class RunPreview:
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     steps_per_round: int | None = None
+    batch_size: int | None = None
+    period: int = 1  # trains every period-th round (a site whose cap fits fewer steps)
     release_noise: float | None = None
     releases: int = 0
     epsilon_after_run: float | None = None
@@ -281,9 +294,11 @@ def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunP
                           run_id=-1, reserved=reserved)
     except PrivacyBudgetExceeded as exc:
         return dataclasses.replace(base, refusal=str(exc))
-    rounds = LedgerEntry("plan", -1, 0, plan.noise_multiplier, plan.sample_rate, plan.steps * cfg.train.rounds, 0.0)
+    trained_rounds = -(-cfg.train.rounds // plan.period)
+    rounds = LedgerEntry("plan", -1, 0, plan.noise_multiplier, plan.sample_rate, plan.steps * trained_rounds, 0.0)
     return dataclasses.replace(
         base, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
+        batch_size=plan.batch_size, period=plan.period,
         release_noise=reserved[0].noise_multiplier if reserved else None, releases=len(reserved),
         epsilon_after_run=epsilon_spent([*entries, rounds, *reserved], delta, dp.accountant),
     )

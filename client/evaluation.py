@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
+from medfed.client.audit import membership_audit
 from medfed.client.dp_round import Release, charge_release, metered
 from medfed.client.node import NodeEnv, NodeState
 from medfed.client.personalization import personalised_metrics
@@ -31,8 +31,8 @@ from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
 from medfed.common.errors import IncompatibleUpdateError, PolicyRefusal
 from medfed.common.explain import gradcam_maps, save_explanations
-from medfed.common.inference import evaluate, predict_logits, predict_proba, softmax
-from medfed.common.metrics import EPS, ECE_BINS, reliability_sums
+from medfed.common.inference import predict_logits, predict_proba, softmax
+from medfed.common.metrics import ECE_BINS, EPS, classification_metrics, reliability_sums
 from medfed.common.models.ssl import ssl_image_losses, ssl_loss
 from medfed.common.noised_stats import (
     NLL_CLIP,
@@ -116,10 +116,12 @@ def evaluate_round(
         scores = {"loss": ssl_loss(model, site.val.images, batch_size=cfg.train.eval_batch_size,
                                    seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id)), "n": float(len(site.val))}
     else:
-        scores = evaluate(
-            model, site.val.images, site.val.labels, batch_size=cfg.train.eval_batch_size, device=select_device()
-        )
+        probs = predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+        scores = classification_metrics(site.val.labels, probs)
     metrics: dict[str, float | int] = {f"{keys.EVAL_PREFIX}{k}": float(v) for k, v in scores.items()}
+    if cfg.task != "ssl" and site.info.n_classes == 2:  # per-threshold counts: the coordinator's operating point
+        exact = EvalStatistics.of(site.val.labels, probs).vector()
+        metrics.update({f"{keys.VAL_STAT_PREFIX}{i}": float(v) for i, v in enumerate(exact)})
     if cfg.personalize.enabled:
         metrics.update(personalised_metrics(cfg, site, model, env, state, server_round))
     seconds = time.perf_counter() - started
@@ -144,7 +146,7 @@ def dp_grid(temperatures: Sequence[float]) -> list[float]:
 
 def _unknown_stage(stage: str) -> IncompatibleUpdateError:
     return IncompatibleUpdateError(
-        f"Unknown final stage {stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r} and "
+        f"Unknown final stage {stage!r}; this hospital knows {keys.STAGE_CALIBRATE!r}, {keys.STAGE_AUDIT!r} and "
         f"{keys.STAGE_RELIABILITY!r} (is the coordinator running another medfed version?)."
     )
 
@@ -200,6 +202,10 @@ def final_stage(
     with ``evaluate.gradcam_samples``, Grad-CAM maps of validation images written to this hospital's own disk
     (only their count is sent).
     """
+    if request.stage == keys.STAGE_AUDIT:  # outside DP's guarantee (aggregates only), never charged: see audit.py
+        started = time.perf_counter()
+        audit = membership_audit(cfg, site, model, shadows=cfg.evaluate.audit_shadows)
+        return {**audit, keys.NUM_EXAMPLES: 1, keys.EVAL_TIME_S: time.perf_counter() - started}
     dp = metered(cfg, env)
     if dp is not None:
         if state is None:

@@ -85,13 +85,17 @@ class LedgerEntry:
     steps: int
     recorded_at: float
     kind: str = "train"  # train | evaluate | calibrate | reliability (older ledgers: every entry is training)
+    # a training entry's run plan: the site trains every period-th round of the run (a small site whose cap allows
+    # fewer steps sits the others out; see medfed.client.privacy.plan_round)
+    period: int = 1
 
     @staticmethod
     def new(
-        run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = "train"
+        run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = "train",
+        period: int = 1,
     ) -> LedgerEntry:
         return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time(),
-                           kind)
+                           kind, period)
 
 
 class PrivacyLedger:

@@ -70,11 +70,12 @@ def train_round(
     local = local_layer_names(model, cfg.personalize.local_layers)
     if local:  # personalisation: this hospital's own layers over the new global model
         restore_local_layers(model, kept_layers(env, state, site.site_id, server_round), local)
+    recipe = private.recipe(cfg.train) if private is not None else cfg.train  # the site's DP plan may adapt it
     result = train_epochs(
         model,
         site.train,
-        cfg.train,
-        epochs=cfg.train.local_epochs,
+        recipe,
+        epochs=recipe.local_epochs,
         n_classes=site.info.n_classes,
         spatial_dims=site.info.spatial_dims,
         seed=derive_seed(cfg.train.seed, server_round, site.site_id),
@@ -83,6 +84,7 @@ def train_round(
         privacy=private.training() if private is not None else None,
         proximal_mu=proximal_mu,
         criterion=MeanLoss() if cfg.task == "ssl" else None,
+        feature_cache=env.state_dir / "features",  # fixed front ends: features computed once, kept at the site
     )
     model.cpu()
     if local:

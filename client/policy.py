@@ -8,7 +8,9 @@ The coordinator's recipe is a request. The hospital's site config decides:
 - ``require_secure_aggregation``: it trains only when its update is masked by SecAgg+.
 - ``stages``: the requests it answers: ``train`` (supervised rounds), ``ssl`` (self-supervised rounds),
   ``evaluate`` (validation metrics of a global model), ``calibrate`` and ``reliability`` (the final calibration
-  stages), ``gradcam`` (explanation maps written to the site's own disk; off by default), ``audit``.
+  stages), ``gradcam`` (explanation maps written to the site's own disk; off by default), ``audit`` (the
+  membership-inference audit of the final model on its own data, :mod:`medfed.client.audit`: its attack AUC and
+  TPRs leave outside DP's guarantee; off by default).
 - Limits on evaluation: one evaluate request per round of a run (rounds numbered 1..``train.rounds``), and each
   final stage once per run; the calibration grid is the site's own when it sets one, and never longer than
   :data:`MAX_CALIBRATION_POINTS` temperatures.
@@ -43,7 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STAGES = ("train", "ssl", "evaluate", "calibrate", "reliability", "gradcam", "audit")
-DEFAULT_STAGES = tuple(s for s in STAGES if s != "gradcam")  # Grad-CAM copies validation images: asked for
+# Grad-CAM copies validation images and the audit releases numbers outside DP's guarantee: a site lists them to answer
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("gradcam", "audit"))
 # temperatures per calibration request (medfed's default grid has 86): each is a statistic of the validation data
 MAX_CALIBRATION_POINTS = 100
 # temperatures a final stage may ask (medfed's grid spans 1/16 to about 22.6): extreme ones only serve to overflow
@@ -152,6 +155,13 @@ class SitePolicy:
         [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] (checked before anything is read or charged); returns
         the temperature grid to use (the site's own, if it has one)."""
         self._stage(stage)
+        if stage == "audit":  # asked for by the run, answered once, no temperatures
+            if not cfg.evaluate.audit:
+                raise PolicyRefusal("The run's config asks for no privacy audit (evaluate.audit=false), so this "
+                                    "hospital does not answer an 'audit' request.")
+            _once(log, f"final:{stage}:{run_id}",
+                  "This hospital already answered the 'audit' stage of this run; it answers each final stage once.")
+            return ()
         if not cfg.evaluate.final_stages:
             raise PolicyRefusal(
                 f"The run's config plans no final stage (evaluate.calibrate=false, evaluate.gradcam_samples=0), so "

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RoundPlan",
+    "SitOut",
     "SiteCap",
     "default_state_dir",
     "epsilon_spent",
@@ -178,7 +179,12 @@ def release_noise_for(epsilon: float, delta: float, releases: int, accountant: s
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What one round of DP training at a site will be, decided before it trains."""
+    """What one round of DP training at a site will be, decided before it trains.
+
+    ``batch_size`` and ``local_epochs`` are what the site trains with: the recipe's, or for a site whose cap does
+    not fit the recipe's plan, full-batch steps (sampling rate 1), fewer of them, and training only every
+    ``period``-th round of the run (it sits the others out).
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -187,6 +193,18 @@ class RoundPlan:
     epsilon_before: float
     epsilon_after: float
     cap: SiteCap
+    batch_size: int = 0
+    local_epochs: int = 1
+    period: int = 1
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the site planned other steps than the recipe's (larger batches, fewer steps or rounds)."""
+        return self.period > 1 or self.sample_rate >= 1.0
+
+
+class SitOut(PrivacyBudgetExceeded):  # a refusal the site planned, not an error of the run
+    """The site's run plan trains every ``period``-th round only, and this round is not one of them."""
 
 
 def sampling(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
@@ -213,6 +231,18 @@ def _noise_for(
     return high
 
 
+def _candidates(n_train: int, batch_size: int, local_epochs: int, rounds_left: int) -> list[tuple[int, int, int]]:
+    """Run plans to try in order, as (batch size, local epochs, period): the recipe's; full-batch steps; one
+    full-batch step per round; then one every 2nd, 3rd ... round (the cheapest plan that still trains)."""
+    plans = [(batch_size, local_epochs, 1)]
+    if batch_size < n_train:
+        plans.append((n_train, local_epochs, 1))
+    if local_epochs > 1:
+        plans.append((max(batch_size, n_train), 1, 1))
+    plans += [(max(batch_size, n_train), 1, k) for k in range(2, max(1, rounds_left) + 1)]
+    return plans
+
+
 def plan_round(
     dp: DPConfig,
     cap: SiteCap,
@@ -224,53 +254,72 @@ def plan_round(
     entries: list[LedgerEntry],
     run_id: int,
     reserved: list[LedgerEntry] | None = None,
+    server_round: int = 1,
 ) -> RoundPlan:
     """Decide this round's noise and check the site's cap; raises :class:`PrivacyBudgetExceeded` if it would pass.
 
-    The noise multiplier is fixed per run (the first round a site trains in a run derives it): the least noise with
-    which this run's planned rounds spend at most ``privacy.target_epsilon``, raised if needed so that everything
-    spent on this data so far plus the planned rounds stays within the hospital's cap, and never below its
-    ``min_noise``. A site whose remaining budget would need more than ``privacy.max_noise_multiplier`` refuses
-    (its updates would be mostly noise).
+    The run plan is fixed per run (the first round a site trains in a run derives it): the least noise with which
+    this run's planned rounds spend at most ``privacy.target_epsilon``, raised if needed so that everything spent
+    on this data so far plus the planned rounds stays within the hospital's cap, and never below its
+    ``min_noise``. When the recipe's steps would need more noise than ``privacy.max_noise_multiplier`` (a small
+    site, a small cap), the site plans fewer, larger steps instead of refusing: full-batch steps, then one per
+    round, then one every ``period``-th round (it sits the others out, raising :class:`SitOut`). Only when even one
+    step in the whole run does not fit does it refuse.
 
     ``reserved``: the noised evaluations this run will still ask of the site (not yet in the ledger). They count
     against the run's target and the site's cap alongside this run's evaluations already recorded, so that the
     target and the cap cover everything the run releases, and a round trains only while they still fit.
     """
     delta = min(dp.delta, cap.max_delta)
-    sample_rate, steps = sampling(n_train, batch_size, local_epochs)
     spent = epsilon_spent(entries, delta, dp.accountant)
     reserved = list(reserved or [])
     this_run = [e for e in entries if e.run_id == run_id and e.steps > 0 and e.kind == "train"]
+    ceiling = max(dp.max_noise_multiplier, cap.min_noise)
     if this_run:
-        sigma = this_run[-1].noise_multiplier
+        last = this_run[-1]
+        sigma, sample_rate, steps, period = last.noise_multiplier, last.sample_rate, last.steps, last.period
+        batches = max(1, round(1.0 / sample_rate))
+        batch, epochs = math.ceil(n_train / batches), max(1, steps // batches)
+        if (server_round - this_run[0].server_round) % period:
+            raise SitOut(f"This hospital trains every {period} rounds of this run to fit its privacy budget "
+                         "(planned at its first round); it sits this round out.")
     else:
-        planned = steps * max(1, rounds_left)
-        ceiling = max(dp.max_noise_multiplier, cap.min_noise)
         run_releases = [e for e in entries if e.run_id == run_id and e.kind != "train"] + reserved
-        sigma = _noise_for(dp.target_epsilon, delta, sample_rate, planned, run_releases, dp.accountant, ceiling)
-        if math.isfinite(cap.max_epsilon) and math.isfinite(sigma):
-            sigma = max(sigma, _noise_for(cap.max_epsilon, delta, sample_rate, planned, [*entries, *reserved],
-                                          dp.accountant, ceiling))
-        sigma = max(sigma, cap.min_noise)
-    if sigma > max(dp.max_noise_multiplier, cap.min_noise) and not math.isfinite(cap.max_epsilon):
+        sigma, batch, epochs, period = math.inf, batch_size, local_epochs, 1
+        sample_rate, steps = sampling(n_train, batch_size, local_epochs)
+        for batch_c, epochs_c, period_c in _candidates(n_train, batch_size, local_epochs, rounds_left):
+            rate_c, steps_c = sampling(n_train, batch_c, epochs_c)
+            planned = steps_c * math.ceil(max(1, rounds_left) / period_c)
+            sigma_c = _noise_for(dp.target_epsilon, delta, rate_c, planned, run_releases, dp.accountant, ceiling)
+            if math.isfinite(cap.max_epsilon) and math.isfinite(sigma_c):
+                sigma_c = max(sigma_c, _noise_for(cap.max_epsilon, delta, rate_c, planned, [*entries, *reserved],
+                                                  dp.accountant, ceiling))
+            sigma_c = max(sigma_c, cap.min_noise)
+            if sigma_c <= ceiling:
+                sigma, batch, epochs, period, sample_rate, steps = sigma_c, batch_c, epochs_c, period_c, rate_c, \
+                    steps_c
+                break
+        if period > 1 or (batch, epochs) != (batch_size, local_epochs):
+            logger.info("run plan adapted to fit the privacy budget: batch %d, %d epoch(s) per round, every %d "
+                        "round(s), noise %.3g", batch, epochs, period, sigma)
+    if sigma > ceiling and not math.isfinite(cap.max_epsilon):
         # (the sampling rate, steps and image count stay in the site's log: they follow the training split's size)
         logger.warning("target out of reach: %d DP steps per round at sampling rate %.3g (%d training images)",
                        steps, sample_rate, n_train)
         raise PrivacyBudgetExceeded(
             f"Privacy target out of reach for this hospital: spending at most target_epsilon "
-            f"{dp.target_epsilon:g} (delta {delta:g}) over {max(1, rounds_left)} more rounds would need a noise "
-            f"multiplier above "
+            f"{dp.target_epsilon:g} (delta {delta:g}) even with one full-batch step in the run's "
+            f"{max(1, rounds_left)} remaining rounds would need a noise multiplier above "
             f"privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it does not train this round (it tries "
-            "again next round, with fewer rounds left). Raise privacy.target_epsilon or plan fewer rounds."
+            "again next round). Raise privacy.target_epsilon or privacy.max_noise_multiplier."
         )
-    if sigma > max(dp.max_noise_multiplier, cap.min_noise):
+    if sigma > ceiling:
         raise PrivacyBudgetExceeded(
             f"Privacy cap reached: the hospital has spent epsilon {spent:.3g} of its cap {cap.max_epsilon:g} "
-            f"(delta {delta:g}); fitting this run's target epsilon {dp.target_epsilon:g} and its rounds into that "
-            f"would need a noise multiplier above privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it "
-            "does not train. The run goes on without it. To train more, the hospital must raise its own cap "
-            "(max-epsilon), or the coordinator may plan fewer rounds or a larger target_epsilon."
+            f"(delta {delta:g}); even one full-batch step more in this run, with its noised evaluations, would need "
+            f"a noise multiplier above privacy.max_noise_multiplier={dp.max_noise_multiplier:g}, so it does not "
+            "train. The run goes on without it. To train more, the hospital must raise its own cap (max-epsilon), "
+            "or the coordinator may plan a larger target_epsilon."
         )
     this_round = LedgerEntry("plan", run_id, 0, sigma, sample_rate, steps, 0.0)
     after = epsilon_spent([*entries, this_round], delta, dp.accountant) if math.isfinite(sigma) else math.inf
@@ -283,7 +332,7 @@ def plan_round(
             f"{with_evaluations:.3g} (delta {delta:g}), above its cap {cap.max_epsilon:g}; it does not train. The "
             "run goes on without it. To train more, the hospital must raise its own cap (max-epsilon)."
         )
-    return RoundPlan(sigma, sample_rate, steps, delta, spent, after, cap)
+    return RoundPlan(sigma, sample_rate, steps, delta, spent, after, cap, batch, epochs, period)
 
 
 def plan_release(

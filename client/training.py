@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from medfed.common.config import TrainConfig
+from medfed.client.frozen_features import ViewMeanCrossEntropy, frozen_head
+from medfed.common.config import AugmentConfig, TrainConfig
 from medfed.common.data import ArrayDataset, AugmentedDataset, build_augmentation
 
 __all__ = [
@@ -164,6 +167,7 @@ def train_epochs(
     privacy: DPTraining | None = None,
     proximal_mu: float = 0.0,
     criterion: nn.Module | None = None,
+    feature_cache: Path | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data``.
 
@@ -175,6 +179,12 @@ def train_epochs(
     ``proximal_mu`` > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 to the loss (not with ``privacy``: Opacus
     builds updates from per-sample gradients, which leave the term out); the reported loss is the data loss.
     ``criterion`` replaces the cross-entropy (SSL models: the mean of the loss terms their forward returns).
+
+    A model with a fixed front end (``model=scatternet``, ``model.finetune=linear_probe``) trains its head only, on
+    the training split's features computed once (kept in ``feature_cache`` when given; :mod:`.frozen_features`),
+    with ``train.aug_views`` views of each image averaged into its per-sample gradient (with ``train.augment``
+    and one view, augmentation is drawn at every step instead and the features are not cached). ``train.ema_decay`` > 0
+    leaves the model at the exponential moving average of its trainable weights over the call's steps.
     """
     if proximal_mu > 0 and privacy is not None:
         raise ValueError("train_epochs(): a proximal term and DP-SGD cannot be combined (see the docstring).")
@@ -191,13 +201,27 @@ def train_epochs(
     if lr is not None:
         set_lr(optimizer, lr)
     classification = criterion is None
+    n_train = len(data)
+    # fixed features once per site, unless the recipe augments every step (train.augment without aug_views): then
+    # the images go through the fixed front end at each step, as through any model
+    per_step_augmentation = cfg.augment.enabled and cfg.aug_views == 1
+    frozen = frozen_head(model, data, views=cfg.aug_views, augment=cfg.augment, spatial_dims=spatial_dims,
+                         seed=derive_seed(cfg.seed, "views"), cache_dir=feature_cache, device=device) \
+        if classification and not per_step_augmentation else None
+    trained: nn.Module = model
+    if frozen is not None:  # the head alone, on the cached features (which take no image augmentation)
+        trained, data = frozen.head, frozen.data
+        cfg = dataclasses.replace(cfg, augment=AugmentConfig(enabled=False))
     if criterion is None:  # an SSL model brings its own criterion (its forward returns the loss terms)
         weights = class_weights(data.labels, n_classes, cfg.class_weighting)
-        criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), reduction="mean")
+        weight = None if weights is None else weights.to(device)
+        criterion = (ViewMeanCrossEntropy(weight, reduction="mean") if frozen is not None
+                     else nn.CrossEntropyLoss(weight=weight, reduction="mean"))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    private = _make_private(model, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy else None
-    forward: Callable[[torch.Tensor], Any] = private.model if private else model
+    private = _make_private(trained, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy \
+        else None
+    forward: Callable[[torch.Tensor], Any] = private.model if private else trained
     if private is not None:
         optimizer, criterion = private.optimizer, private.criterion
     # DP-SGD builds each step from Opacus' per-sample gradients and replaces the batch gradient autograd would
@@ -207,8 +231,9 @@ def train_epochs(
     # ghost clipping (its own double backward) keep the usual backward.
     per_sample_only = (
         privacy is not None and privacy.grad_sample_mode == "hooks" and classification
-        and all(p.requires_grad for p in model.parameters())
+        and all(p.requires_grad for p in trained.parameters())
     )
+    ema = _Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     summed_loss = getattr(criterion, "reduction", "mean") == "sum"  # DP-SGD's (hooks): the batch's sum, not mean
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
@@ -229,6 +254,8 @@ def train_epochs(
                 else:  # (ghost clipping's loss wrapper takes no inputs=)
                     objective.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update()
                 total_loss += float(loss.detach()) * (1 if summed_loss else len(labels))
                 total_seen += len(labels)
                 steps += 1
@@ -236,14 +263,36 @@ def train_epochs(
     if private:
         private.model.remove_hooks()
         steps, sample_rate = private.steps_and_rate()
+    if ema is not None:
+        ema.apply()
     seconds = time.perf_counter() - started
     return LocalTrainResult(
         loss=total_loss / max(1, total_seen),
-        num_examples=len(data),
+        num_examples=n_train,
         steps=steps,
         seconds=seconds,
         sample_rate=sample_rate,
     )
+
+
+class _Ema:
+    """Exponential moving average of a model's trainable weights over optimizer steps (post-processing: under DP
+    it reads only the noised weights, so it costs no privacy)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, param in zip(self.shadow, self.params, strict=True):
+            shadow.lerp_(param.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for shadow, param in zip(self.shadow, self.params, strict=True):
+            param.copy_(shadow)
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:

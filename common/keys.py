@@ -21,6 +21,8 @@ __all__ = [
     "TEMPERATURE",
     "TEMPERATURES",
     "STAGE_RELIABILITY",
+    "STAGE_AUDIT",
+    "AUDIT_PREFIX",
     "STAGE_CALIBRATE",
     "FINAL_STAGE",
     "ARRAYS",
@@ -28,6 +30,7 @@ __all__ = [
     "DELTA",
     "DP_CLASSES",
     "DP_STAT_PREFIX",
+    "VAL_STAT_PREFIX",
     "EPSILON",
     "EPSILON_CHARGED",
     "EVAL_NOISE",
@@ -90,6 +93,8 @@ SITE_ID = "site-id"
 FINAL_STAGE = "final-stage"  # STAGE_CALIBRATE or STAGE_RELIABILITY
 STAGE_CALIBRATE = "calibrate"  # reply: the validation NLL sum at each temperature
 STAGE_RELIABILITY = "reliability"  # reply: reliability sums before/after the fitted temperature (+ Grad-CAM count)
+STAGE_AUDIT = "audit"  # reply: membership-inference attack AUC and TPRs on the site's own data (AUDIT_PREFIX)
+AUDIT_PREFIX = "audit-"  # audit-loss-auc, audit-lira-tpr_at_0.01, ...
 TEMPERATURES = "temperatures"  # the grid (list of floats)
 TEMPERATURE = "temperature"  # the fitted temperature
 
@@ -119,6 +124,9 @@ GRADCAM_SAVED = "gradcam-saved"  # final stage: Grad-CAM maps the hospital wrote
 # metered (DP) evaluation: the noised sufficient statistics (medfed.common.noised_stats) as scalars dp-stat-0, ...
 DP_STAT_PREFIX = "dp-stat-"
 DP_CLASSES = "dp-classes"  # the class count that fixes their layout (data-independent)
+# exact (non-metered) binary evaluation: the same statistics without noise (per-threshold counts over the site's
+# validation split, no per-image values), from which the coordinator picks the operating threshold
+VAL_STAT_PREFIX = "exact-stat-"
 EVAL_NOISE = "eval-noise-multiplier"  # the noise multiplier of a metered release
 NOISED_COUNT = "noised-count"  # final stages and SSL under DP: the noised number of validation images
 NOISED_TRAIN_COUNT = "noised-n-train"  # metered train reply, once per run: the training split's noised size

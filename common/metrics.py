@@ -21,6 +21,7 @@ __all__ = [
     "ece_from_sums",
     "expected_calibration_error",
     "finite_or_none",
+    "metrics_at_threshold",
     "reliability_bins",
     "reliability_from_sums",
     "reliability_sums",
@@ -190,6 +191,34 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator > 0 else NAN
+
+
+def metrics_at_threshold(y_true: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Binary decisions at ``threshold`` on the probability of class 1 (class 1 when ``p >= threshold``):
+    ``threshold``, ``acc``, ``bal_acc``, ``sensitivity``, ``specificity``, ``precision``, ``f1`` (of class 1) and
+    ``n``; ``nan`` where a rate is undefined.
+
+    Raises:
+        ValueError: not binary probabilities, empty input or inconsistent shapes.
+    """
+    y, p = _check_inputs(y_true, probs)
+    if p.shape[1] != 2:
+        raise ValueError(f"metrics_at_threshold() needs binary probabilities (N, 2); got {p.shape[1]} classes.")
+    predicted = p[:, 1] >= threshold
+    positive = y == 1
+    tp, fn = float(np.sum(predicted & positive)), float(np.sum(~predicted & positive))
+    tn, fp = float(np.sum(~predicted & ~positive)), float(np.sum(predicted & ~positive))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else NAN
+
+    sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    recalls = [r for r in (sensitivity, specificity) if not math.isnan(r)]
+    return {
+        "threshold": float(threshold), "n": float(len(y)), "acc": ratio(tp + tn, len(y)),
+        "bal_acc": float(np.mean(recalls)) if recalls else NAN, "sensitivity": sensitivity,
+        "specificity": specificity, "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:

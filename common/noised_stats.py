@@ -205,6 +205,37 @@ class EvalStatistics:
         """Images counted (noised: an unbiased estimate, read as 0 when below)."""
         return float(max(self.histograms[0].sum(), 0.0))
 
+    def threshold(self) -> float | None:
+        """Binary: the operating threshold on the probability of class 1, among the bin edges ``b / SCORE_BINS``,
+        with the highest balanced accuracy (mean of sensitivity and specificity) on these counts; ties go to the
+        edge nearest 0.5. None for multi-class statistics or when a class has no images (nothing to balance)."""
+        if self.n_classes != 2:
+            return None
+        neg, pos = self.histograms[0]
+        n_neg, n_pos = float(neg.sum()), float(pos.sum())
+        if not (n_neg >= 1.0 and n_pos >= 1.0):
+            return None
+        best: tuple[float, float, float] | None = None
+        for edge in range(1, SCORE_BINS):
+            specificity = float(np.clip(neg[:edge].sum() / n_neg, 0.0, 1.0))
+            sensitivity = float(np.clip(pos[edge:].sum() / n_pos, 0.0, 1.0))
+            key = ((sensitivity + specificity) / 2, -abs(edge / SCORE_BINS - 0.5), edge / SCORE_BINS)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        assert best is not None
+        return best[2]
+
+    def metrics_at(self, threshold: float) -> dict[str, float]:
+        """Binary: sensitivity, specificity and balanced accuracy of deciding class 1 at ``threshold`` (rounded to
+        the nearest bin edge) on these counts."""
+        neg, pos = self.histograms[0]
+        edge = round(threshold * SCORE_BINS)
+        tn, fp, fn, tp = neg[:edge].sum(), neg[edge:].sum(), pos[:edge].sum(), pos[edge:].sum()
+        sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+        recalls = [r for r in (sensitivity, specificity) if math.isfinite(r)]
+        return {"sensitivity": sensitivity, "specificity": specificity,
+                "bal_acc": float(np.mean(recalls)) if recalls else NAN}
+
     def metrics(self) -> dict[str, float]:
         """The metrics of :func:`medfed.common.metrics.classification_metrics`, from these statistics."""
         n = self.n

@@ -29,7 +29,7 @@ from medfed.common.models import load_checkpoint, require_dp_compatible
 from medfed.common.models.ssl import build_task_model, ssl_loss
 from medfed.common.representation import representation_quality
 from medfed.common.models.pretrained import load_pretrained
-from medfed.server.final import calibrate_federated, uncertainty_on_test_set
+from medfed.server.final import audit_federated, calibrate_federated, operating_point, uncertainty_on_test_set
 from medfed.server.grid import PromptGrid
 from medfed.server.runs import RunDirectory
 from medfed.server.secure_aggregation import run_secure_aggregation
@@ -99,6 +99,14 @@ def _final_evaluation(
             out["calibration"] = calibration
         else:
             out["gradcam_saved"] = calibration.get("gradcam_saved", {})
+    if cfg.evaluate.audit:  # membership inference at each hospital that allows it, against the selected model
+        out["audit"] = audit_federated(grid, state, shadows=cfg.evaluate.audit_shadows,
+                                       timeout=cfg.strategy.round_timeout_s)
+        out["audit"]["round"] = best_round
+    best = tracker.state.best
+    chosen = operating_point(cfg, model, state, test_set, best.val if best is not None else {}, best_round)
+    if chosen is not None:
+        out["operating_point"] = chosen
     if test_set is not None:
         out["uncertainty"] = uncertainty_on_test_set(cfg, model, state, test_set, run_dir, temperature=temperature,
                                               up_to_round=tracker.last_round)

@@ -29,12 +29,18 @@ from medfed.common.calibration import TEMPERATURES, fit_temperature
 from medfed.common.config import Config
 from medfed.common.data import ArrayDataset
 from medfed.common.inference import predict_logits, softmax
-from medfed.common.metrics import ECE_BINS, classification_metrics, ece_from_sums, reliability_from_sums
+from medfed.common.metrics import (
+    ECE_BINS,
+    classification_metrics,
+    ece_from_sums,
+    metrics_at_threshold,
+    reliability_from_sums,
+)
 from medfed.common.models.weights import load_checkpoint
 from medfed.common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
 from medfed.server.runs import RunDirectory
 
-__all__ = ["calibrate_federated", "uncertainty_on_test_set"]
+__all__ = ["audit_federated", "calibrate_federated", "operating_point", "uncertainty_on_test_set"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,3 +227,55 @@ def uncertainty_on_test_set(
     arrays: dict[str, Any] = {"labels": labels, **{f"probs_{name}": p for name, p in probs.items()}}
     np.savez_compressed(run_dir.evaluation_dir / "test_predictions.npz", **arrays)
     return {"test": variants, **extra}
+
+
+def operating_point(
+    cfg: Config, model: torch.nn.Module, state: Mapping[str, np.ndarray], test_set: ArrayDataset | None,
+    val: Mapping[str, float], best_round: int | None,
+) -> dict[str, Any] | None:
+    """Binary tasks: the decision threshold the hospitals' pooled validation counts chose at the selected round
+    (``val["threshold"]``, never the test set), with the validation rates there and, in simulation, the test
+    metrics at that threshold and at 0.5 (the selected model's uncalibrated probabilities). None when the run has
+    no threshold (multi-class, SSL, a class missing from validation)."""
+    threshold = val.get("threshold")
+    if threshold is None or not math.isfinite(float(threshold)):
+        return None
+    out: dict[str, Any] = {"threshold": float(threshold), "round": best_round, "chosen_on": "validation",
+                           "val": {k[len("thr_"):]: v for k, v in val.items() if k.startswith("thr_")}}
+    if test_set is not None and len(test_set):
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        probs = softmax(predict_logits(model, test_set.images, batch_size=cfg.train.eval_batch_size))
+        out["test"] = metrics_at_threshold(test_set.labels, probs, float(threshold))
+        out["test_at_0.5"] = metrics_at_threshold(test_set.labels, probs, 0.5)
+    return out
+
+
+AUDIT_NOTE = ("membership inference by each hospital on its own data (members: its training images, non-members: "
+              "its held-out ones); these numbers are outside DP-SGD's guarantee (computed on the exact data)")
+
+
+def audit_federated(
+    grid: Grid, state: Mapping[str, np.ndarray], *, shadows: int, timeout: float | None
+) -> dict[str, Any]:
+    """Ask every hospital to attack the model ``state`` with membership inference on its own data; the summary's
+    ``audit``: each answering site's attack AUC and TPR at 1 % and 0.1 % FPR per attack, and the worst (largest)
+    over sites, beside the hospitals that refused or failed."""
+    replies, failed = _send(grid, state, {keys.FINAL_STAGE: keys.STAGE_AUDIT}, timeout)
+    sites: dict[str, dict[str, dict[str, float]]] = {}
+    for site, m in sorted(replies.items()):
+        for key, value in m.items():
+            if not key.startswith(keys.AUDIT_PREFIX) or not isinstance(value, (int, float)):
+                continue
+            attack, _, metric = key[len(keys.AUDIT_PREFIX):].partition("-")
+            sites.setdefault(site, {}).setdefault(attack, {})[metric] = float(value)
+    worst: dict[str, dict[str, float]] = {}
+    for per_site in sites.values():
+        for attack, values in per_site.items():
+            for metric, value in values.items():
+                if math.isfinite(value):
+                    slot = worst.setdefault(attack, {})
+                    slot[metric] = max(slot.get(metric, -math.inf), value)
+    result: dict[str, Any] = {"sites": sites, "max": worst, "shadows": shadows, "dropped": failed, "note": AUDIT_NOTE}
+    logger.info("privacy audit: %d hospitals answered, worst loss-attack AUC %s", len(sites),
+                worst.get("loss", {}).get("auc"))
+    return result

@@ -56,7 +56,7 @@ from medfed.common.config.compose import compose_config, register_schemas
 from medfed.common.config.dataset import DatasetConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
 from medfed.common.config.federation import FederationConfig
-from medfed.common.config.model import ModelConfig, PersonalizeConfig
+from medfed.common.config.model import ModelConfig, PersonalizeConfig, ScatterNetConfig
 from medfed.common.config.privacy import CentralDPConfig, DPConfig, PrivacyConfig
 from medfed.common.config.registry import CONF_DIR
 from medfed.common.config.run_config import RUN_CONFIG_OVERRIDES, overrides_from_run_config, run_config_from_overrides
@@ -118,6 +118,7 @@ __all__ = [
     "ProxConfig",
     "SSLConfig",
     "SSLMethod",
+    "ScatterNetConfig",
     "ServerMomentumConfig",
     "ServerOptimizerConfig",
     "StrategyConfig",

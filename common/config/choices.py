@@ -26,6 +26,7 @@ __all__ = [
     "OPTIMIZERS",
     "PARTITIONS",
     "PRIVACY_MECHANISMS",
+    "SCATTER_HEADS",
     "SSL_METHODS",
     "TASKS",
     "Accountant",
@@ -40,6 +41,7 @@ __all__ = [
     "Partition",
     "PrivacyMechanism",
     "SSLMethod",
+    "ScatterHead",
     "Task",
 ]
 
@@ -75,6 +77,13 @@ class ModelNorm(StrEnum):
 
     group = "group"
     batch = "batch"
+
+
+class ScatterHead(StrEnum):
+    """The trainable head over the fixed scattering front end (``model.head`` of ``model=scatternet``)."""
+
+    linear = "linear"
+    cnn = "cnn"
 
 
 class LocalLayers(StrEnum):
@@ -152,6 +161,7 @@ PARTITIONS = _values(Partition)
 ATTACKS = _values(Attack)
 FINETUNE_MODES = _values(FinetuneMode)
 MODEL_NORMS = _values(ModelNorm)
+SCATTER_HEADS = _values(ScatterHead)
 LOCAL_LAYERS = _values(LocalLayers)
 OPTIMIZERS = _values(Optimizer)
 LR_SCHEDULES = _values(LRSchedule)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 
 from medfed.common.config.hydra_errors import explain_hydra_error
+from medfed.common.config.private_recipes import with_private_recipe
 from medfed.common.config.registry import CONF_DIR, GROUPS, schema_node_name
 from medfed.common.config.renamed import renamed_overrides
 from medfed.common.config.schema import Config
@@ -76,4 +77,4 @@ def _compose(overrides: list[str]) -> Config:
         raise explain_hydra_error(overrides, exc) from None
     if not isinstance(obj, Config):  # pragma: no cover - guarded by the schema in config.yaml
         raise ConfigError("common/conf/config.yaml does not use the medfed schema.")
-    return obj
+    return with_private_recipe(obj, overrides)

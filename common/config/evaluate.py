@@ -26,6 +26,11 @@ class EvaluateConfig:
     mc_samples: int = 0
     snapshots: int = 0
     gradcam_samples: int = 0
+    # after the last round, every hospital that allows it attacks the selected model with membership inference
+    # on its own data (loss threshold; with audit_shadows > 0 also offline LiRA with that many shadow models it
+    # trains itself); only attack AUC and TPRs leave, outside DP's guarantee (docs/operations.md)
+    audit: bool = False
+    audit_shadows: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.calibrate, bool):
@@ -33,6 +38,15 @@ class EvaluateConfig:
         require_count("evaluate.mc_samples", self.mc_samples, minimum=2, meaning="stochastic passes with dropout on")
         require_count("evaluate.snapshots", self.snapshots, minimum=2, meaning="global models of the last rounds")
         require_count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
+        if not isinstance(self.audit, bool):
+            raise ConfigError(f"evaluate.audit={self.audit!r} is not allowed; it must be true or false.")
+        if isinstance(self.audit_shadows, bool) or not isinstance(self.audit_shadows, int) or \
+                not 0 <= self.audit_shadows <= 64:
+            raise ConfigError(f"evaluate.audit_shadows={self.audit_shadows!r} is out of range; it must be an integer "
+                              "in [0, 64] (0: the loss-threshold attack only; LiRA needs 4 or more to be useful).")
+        if self.audit_shadows > 0 and not self.audit:
+            raise ConfigError(f"evaluate.audit_shadows={self.audit_shadows} asks for LiRA shadow models, but "
+                              "evaluate.audit=false; set evaluate.audit=true or evaluate.audit_shadows=0.")
 
     @property
     def final_stages(self) -> bool:

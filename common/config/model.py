@@ -10,15 +10,18 @@ from medfed.common.config.choices import (
     FINETUNE_MODES,
     LOCAL_LAYERS,
     MODEL_NORMS,
+    SCATTER_HEADS,
     FinetuneMode,
     LocalLayers,
     ModelNorm,
+    ScatterHead,
 )
 from medfed.common.errors import ConfigError
 
 __all__ = [
     "ModelConfig",
     "PersonalizeConfig",
+    "ScatterNetConfig",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,46 @@ class ModelConfig:
         require_choice("model.finetune", self.finetune, FINETUNE_MODES)
         if not isinstance(self.pretrained, str):
             raise ConfigError(f"model.pretrained={self.pretrained!r} must be a file path (or '' for none).")
+
+    def factory_options(self) -> dict[str, object]:
+        """Keyword arguments the model's factory takes beyond the shared ones (none for the CNNs)."""
+        return {}
+
+
+@dataclass
+class ScatterNetConfig(ModelConfig):
+    """``model=scatternet``: a fixed wavelet-scattering front end (kymatio's 2D scattering, ``scatter_j`` scales and
+    ``scatter_l`` orientations; volumes slice by slice) and a small trainable ``head`` (``linear`` over the
+    coefficients average-pooled to a ``pool`` grid, or a ``cnn`` of two ``width``-channel convolutions). The front end
+    has no weights and reads no data statistics, so a hospital computes its features once and only the head trains
+    (privacy-cheap features: Tramer and Boneh, ICLR 2021)."""
+
+    name: str = "scatternet"
+    head: ScatterHead = ScatterHead.linear
+    scatter_j: int = 2
+    scatter_l: int = 8
+    pool: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("model.head", self.head, SCATTER_HEADS)
+        for key, low, high in (("scatter_j", 1, 6), ("scatter_l", 1, 16), ("pool", 1, 16)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"model.{key}={value!r} is out of range; it must be an integer in [{low}, {high}].")
+        refused = [f"{key}={value!r}" for key, value, default in (
+            ("model.pretrained", self.pretrained, ""), ("model.finetune", str(self.finetune), "full"),
+            ("model.norm", str(self.norm), "group")) if value != default]
+        if refused:
+            raise ConfigError(
+                f"model=scatternet does not take {', '.join(refused)}: its front end is a fixed wavelet transform "
+                "(nothing to pretrain or freeze) and its head normalises with GroupNorm. Leave model.pretrained='', "
+                "model.finetune=full and model.norm=group, or use model=smallcnn / model=resnet18 for transfer "
+                "learning."
+            )
+
+    def factory_options(self) -> dict[str, object]:
+        return {"head": str(self.head), "scatter_j": self.scatter_j, "scatter_l": self.scatter_l, "pool": self.pool}
 
 
 @dataclass

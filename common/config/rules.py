@@ -176,6 +176,68 @@ def min_train_nodes_within_hospitals(cfg: Config) -> None:
         )
 
 
+def _dataset_side(cfg: Config) -> int | None:
+    """The side in pixels of the dataset's images (every source resizes to one), None when the source has none."""
+    side = getattr(cfg.dataset, "size", None) or getattr(cfg.dataset, "image_size", None)
+    return side if isinstance(side, int) else None
+
+
+def _dataset_spatial_dims(cfg: Config) -> int:
+    """2 for images, 3 for volumes (MedMNIST's 3D datasets end in ``3d``)."""
+    dims = getattr(cfg.dataset, "spatial_dims", None)
+    if isinstance(dims, int):
+        return dims
+    return 3 if str(getattr(cfg.dataset, "name", "")).endswith("3d") else 2
+
+
+def scatternet_fits(cfg: Config) -> None:
+    """The scattering transform needs images wider than 2^J, and its model has no encoder to pretrain or explain."""
+    if cfg.model.name != "scatternet":
+        return
+    from medfed.common.config.model import ScatterNetConfig
+
+    model = cfg.model
+    side = _dataset_side(cfg)
+    if isinstance(model, ScatterNetConfig) and side is not None and side <= 2**model.scatter_j:
+        largest = max(j for j in range(1, 7) if 2**j < side) if side > 2 else 0
+        raise ConfigError(
+            f"model.scatter_j={model.scatter_j} is too large for {side} px images: the image side must exceed "
+            f"2^J = {2**model.scatter_j}. Use model.scatter_j <= {largest}, or larger images."
+        )
+    if cfg.task == "ssl":
+        raise ConfigError("task=ssl cannot pretrain model=scatternet: its front end is a fixed wavelet transform "
+                          "with nothing to learn. Use task=classify, or model=smallcnn / resnet18 for SSL.")
+    if cfg.evaluate.gradcam_samples > 0:
+        raise ConfigError("evaluate.gradcam_samples needs a convolutional encoder to explain; model=scatternet has "
+                          "none. Set evaluate.gradcam_samples=0, or use model=smallcnn / resnet18.")
+
+
+def aug_views_need_a_fixed_front_end(cfg: Config) -> None:
+    """Augmentation multiplicity averages views over a head whose features are computed once."""
+    views = cfg.train.aug_views
+    if views <= 1:
+        return
+    fixed = cfg.model.name == "scatternet" or cfg.model.finetune == "linear_probe"
+    if not fixed or cfg.task == "ssl":
+        raise ConfigError(
+            f"train.aug_views={views} needs a model whose features are fixed and computed once per site "
+            f"(model=scatternet, or model.finetune=linear_probe with model.pretrained); got model={cfg.model.name} "
+            f"with model.finetune={cfg.model.finetune}{' and task=ssl' if cfg.task == 'ssl' else ''}. "
+            "Set train.aug_views=1."
+        )
+    head = getattr(cfg.model, "head", None)
+    if _dataset_spatial_dims(cfg) == 3 and head == "cnn":
+        raise ConfigError(f"train.aug_views={views} is not supported for volumes with model.head=cnn (its 3D "
+                          "convolutions take one view); use model.head=linear or train.aug_views=1.")
+
+
+def audit_needs_a_classifier(cfg: Config) -> None:
+    """The membership-inference audit scores images by the classifier's loss."""
+    if cfg.evaluate.audit and cfg.task != "classify":
+        raise ConfigError(f"evaluate.audit=true needs task=classify (the attack scores each image by the "
+                          f"classifier's loss); task={cfg.task} has no classifier. Set evaluate.audit=false.")
+
+
 RULES: tuple[Rule, ...] = (
     ssl_no_simclr_with_dp,
     ssl_dp_needs_hooks,
@@ -191,6 +253,9 @@ RULES: tuple[Rule, ...] = (
     no_class_weighting_with_dp,
     folder_roots_match_hospitals,
     min_train_nodes_within_hospitals,
+    scatternet_fits,
+    aug_views_need_a_fixed_front_end,
+    audit_needs_a_classifier,
 )
 """Every cross-section rule, in the order they are checked (the first broken one is reported)."""
 

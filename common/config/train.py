@@ -63,6 +63,13 @@ class TrainConfig:
     seed: int = 0
     encoder_lr_scale: float = 1.0  # discriminative learning rates: the encoder trains at lr x this, the head at lr
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # augmentation multiplicity (De et al. 2022): each training image is seen as this many views (itself and
+    # views-1 augmentations drawn once, with train.augment's settings), their gradients averaged into one per-image
+    # gradient before DP clipping; models with a fixed front end only (model=scatternet, model.finetune=linear_probe)
+    aug_views: int = 1
+    # exponential moving average of the trained weights over a round's steps (free post-processing under DP);
+    # 0 = off, else the decay per step in (0, 1)
+    ema_decay: float = 0.0
 
     def round_lr(self, server_round: int) -> float:
         """The learning rate of a round (1-based): constant, or cosine-decayed to ``lr * lr_min_factor``."""
@@ -85,3 +92,7 @@ class TrainConfig:
         require_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         require_fraction("train.momentum", self.momentum, low_open=False, high_open=True)
         require_positive("train.encoder_lr_scale", self.encoder_lr_scale)
+        if isinstance(self.aug_views, bool) or not isinstance(self.aug_views, int) or not 1 <= self.aug_views <= 64:
+            raise ConfigError(f"train.aug_views={self.aug_views!r} is out of range; it must be an integer in [1, 64] "
+                              "(1: no augmentation multiplicity).")
+        require_fraction("train.ema_decay", self.ema_decay, low_open=False, high_open=True)

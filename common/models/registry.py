@@ -7,7 +7,8 @@ instantiated from a string. The built-in models register themselves when ``commo
 happens before this module runs (it is a submodule of that package), so callers never import them by hand.
 
 A factory has the keyword-only signature
-``factory(*, spatial_dims, in_channels, n_classes, width, dropout, norm) -> nn.Module`` and returns a module whose
+``factory(*, spatial_dims, in_channels, n_classes, width, dropout, norm, **options) -> nn.Module`` (``options``: what
+the model's config schema adds, :meth:`~common.config.ModelConfig.factory_options`) and returns a module whose
 ``forward`` maps ``(B, in_channels, *spatial)`` to logits ``(B, n_classes)``.
 """
 
@@ -123,6 +124,7 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         width=cfg.width,
         dropout=cfg.dropout,
         norm=cfg.norm,
+        **cfg.factory_options(),
     )
     set_trainable(model, cfg.finetune)
     logger.debug(

@@ -45,6 +45,8 @@ class SiteRound:
     # standard deviation of the noise in each of their entries (data-independent: noise multiplier x sensitivity)
     noised: EvalStatistics | None = None
     noise_std: float | None = None
+    # exact (non-metered) binary evaluation: the site's exact per-threshold counts (for the operating threshold)
+    exact: EvalStatistics | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The site's entry in the round's metrics line."""
@@ -114,6 +116,7 @@ def site_rounds(
         if site.n_train is None and keys.N_TRAIN in metrics:  # a site that evaluated but did not train
             site.n_train = int(metrics[keys.N_TRAIN])
         site.val = _prefixed(metrics, keys.EVAL_PREFIX)
+        site.exact = statistics_from_metrics({**metrics, keys.DP_CLASSES: 2}, keys.VAL_STAT_PREFIX, keys.DP_CLASSES)
         site.personal = _personal_parts(metrics, keys.PERSONAL_PREFIX, keys.PERSONAL_TEST_PREFIX)
         site.finetuned = _personal_parts(metrics, keys.FINETUNED_PREFIX, keys.FINETUNED_TEST_PREFIX)
         site.ensemble = _personal_parts(metrics, keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX)
@@ -142,7 +145,7 @@ def weighted_metrics(
             stds = [s.noise_std for s in sites.values() if s.noised is not None and s.noise_std is not None]
             if len(stds) == len(noised):
                 pooled_metrics["auc_noise_se"] = auc_noise_se(total, math.sqrt(sum(v * v for v in stds)))
-            return pooled_metrics
+            return _with_threshold(pooled_metrics, total)
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for site in sites.values():
@@ -153,7 +156,21 @@ def weighted_metrics(
             if w > 0 and value is not None and math.isfinite(value):
                 sums[key] += w * value
                 weights[key] += w
-    return {k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in sums}
+    weighted = {k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in sums}
+    exact = [s.exact for s in sites.values() if s.exact is not None]
+    if of is _global_val and exact and len(exact) == sum(1 for s in sites.values() if s.val):
+        return _with_threshold(weighted, pooled(exact))
+    return weighted
+
+
+def _with_threshold(metrics: dict[str, float], statistics: EvalStatistics | None) -> dict[str, float]:
+    """Binary tasks: the operating threshold chosen on the pooled validation counts (``threshold``), with the
+    balanced accuracy, sensitivity and specificity there (``thr_*``), beside the metrics at 0.5."""
+    threshold = statistics.threshold() if statistics is not None else None
+    if statistics is None or threshold is None:
+        return metrics
+    at = statistics.metrics_at(threshold)
+    return {**metrics, "threshold": threshold, **{f"thr_{k}": at[k] for k in ("bal_acc", "sensitivity", "specificity")}}
 
 
 def round_train_loss(sites: Mapping[str, SiteRound]) -> float:

@@ -87,3 +87,33 @@ def test_secagg_plus_aggregates_to_the_same_weights_as_plain_fedavg(tmp_path):
     # (n / max_weight in 2^22 levels); the sum divided by the total weight is equal to FedAvg up to ~1e-4
     assert worst < 1e-4, worst
     assert any(not np.array_equal(ours[k], reference[k]) for k in ours)  # it really went through SecAgg+
+
+
+def test_scatternet_under_dp_a_small_cap_site_trains_and_the_run_reports_its_threshold_and_audit(tmp_path):
+    # Prepare: hospital-0's own cap (1) is far below the run's target (8); the run asks for the privacy audit
+    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST, "train.rounds=3",
+            "privacy=dp", "model=scatternet", "federation.site_max_epsilon_each=[1,8,8]", "evaluate.audit=true",
+            "evaluate.audit_shadows=2"]
+
+    # Execute
+    result = _medfed(args, tmp_path)
+
+    # Assert: every hospital trained within its own cap (hospital-0 on a plan that fits 1)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 3, metered=True)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [line["sites"].get("hospital-0", {}).get("epsilon") for line in lines]
+    assert any(e is not None and e > 0 for e in trained)
+    assert summary["sites"]["hospital-0"]["epsilon"] <= 1.0
+    assert all(summary["sites"][s]["epsilon"] <= 8.0 for s in ("hospital-1", "hospital-2"))
+    assert set(load_checkpoint(tmp_path / "run" / "model.pt")[0]) == {"head.weight", "head.bias"}  # the head only
+    # the features were computed at each hospital and kept there
+    assert len(list((tmp_path / "state" / "features").glob("features-*.npy"))) == 3
+    # the audit: attack AUC and TPRs per hospital, scalars only, beside the note that DP does not cover them
+    audit = summary["audit"]
+    assert set(audit["sites"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    for attacks in audit["sites"].values():
+        assert set(attacks) == {"loss", "lira"}
+        assert all(0.0 <= v <= 1.0 for a in attacks.values() for v in a.values())
+    assert "outside DP-SGD's guarantee" in audit["note"]
+    assert "privacy audit" in result.stdout

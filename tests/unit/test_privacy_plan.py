@@ -38,7 +38,9 @@ def test_the_plan_is_the_one_each_site_makes_and_records_nothing(tmp_path):
 
     assert shown.exit_code == 0, shown.output
     capped, *others = json.loads(shown.output)
-    assert "Privacy cap reached" in capped["refusal"] and capped["noise_multiplier"] is None
+    # hospital-0's own cap (0.5) is far below the run's target: it plans a run that fits it, evaluations included
+    assert capped["refusal"] is None and capped["epsilon_after_run"] <= 0.5 + 1e-6
+    assert capped["noise_multiplier"] > others[0]["noise_multiplier"] and capped["release_noise"] > 1
     for plan in others:  # the whole run, its evaluations included, within the run's target
         assert plan["refusal"] is None and 0 < plan["epsilon_after_run"] <= 8.0 + 1e-6
         assert plan["release_noise"] > 1 and plan["releases"] == 3 + 2 + 1
@@ -50,6 +52,16 @@ def test_the_plan_is_the_one_each_site_makes_and_records_nothing(tmp_path):
     real = start_private_round(cfg, cfg.privacy, resolve_site(cfg, env), env, _State(), run_id=1, server_round=1)
     assert real.plan.noise_multiplier == pytest.approx(others[0]["noise_multiplier"])
     assert real.plan.steps == others[0]["steps_per_round"]
+
+
+def test_a_site_whose_cap_fits_not_even_one_step_refuses_in_the_plan(tmp_path):
+    recipe = [*RECIPE[:-1], "federation.site_max_epsilon_each=[0.001,8,8]"]
+    shown = CliRunner().invoke(cli, ["privacy", "plan", *recipe, "--cache-dir", str(tmp_path / "cache"),
+                                     "--state-dir", str(tmp_path / "state"), "--json"])
+
+    capped, *others = json.loads(shown.output)
+    assert "Privacy cap reached" in capped["refusal"] and "even one full-batch step" in capped["refusal"]
+    assert capped["noise_multiplier"] is None and all(p["refusal"] is None for p in others)
 
 
 def test_a_plan_without_dp_is_refused_with_the_fix():

@@ -226,3 +226,33 @@ def test_public_text_drops_paths_and_file_names_and_keeps_the_rest(text, public)
     from medfed.client.redact import public_text
 
     assert public_text(text) == public
+
+
+@pytest.mark.parametrize(("stages", "answers"), [(list(DEFAULT_STAGES), False), ([*DEFAULT_STAGES, "audit"], True)])
+def test_the_privacy_audit_runs_only_where_the_site_lists_it_and_sends_scalars_only(tmp_path, stages, answers):
+    # Prepare: the run asks for the audit; a site with the default stages, and one that lists "audit"
+    overrides = [*RECIPE, "evaluate.audit=true"]
+    context = _context(_site(tmp_path, require_dp=True, stages=stages), [*overrides, "privacy=dp"])
+    request = {keys.SERVER_ROUND: 3, keys.FINAL_STAGE: keys.STAGE_AUDIT}
+
+    # Execute / Assert
+    if not answers:
+        with pytest.raises(SiteFailure, match="does not answer 'audit' requests"):
+            app(_message(MessageType.EVALUATE, [*overrides, "privacy=dp"], request), context)
+        return
+    out = app(_message(MessageType.EVALUATE, [*overrides, "privacy=dp"], request), context)
+    metrics = dict(out.content[keys.METRICS])
+    audit = {k: v for k, v in metrics.items() if k.startswith(keys.AUDIT_PREFIX)}
+    assert set(audit) == {f"{keys.AUDIT_PREFIX}loss-{m}" for m in ("auc", "tpr_at_0.01", "tpr_at_0.001")}
+    assert all(isinstance(v, float) for v in audit.values())
+    assert set(metrics) - set(audit) == {keys.NUM_EXAMPLES, keys.EVAL_TIME_S} and metrics[keys.NUM_EXAMPLES] == 1
+    assert list(out.content.array_records) == []  # no arrays, no counts of the site's images
+    with pytest.raises(SiteFailure, match="already answered the 'audit' stage"):
+        app(_message(MessageType.EVALUATE, [*overrides, "privacy=dp"], request), context)
+
+
+def test_a_run_that_asks_for_no_audit_gets_none(tmp_path):
+    context = _context(_site(tmp_path, require_dp=False, stages=[*DEFAULT_STAGES, "audit"]), RECIPE)
+    with pytest.raises(SiteFailure, match=r"asks for no privacy audit \(evaluate.audit=false\)"):
+        app(_message(MessageType.EVALUATE, RECIPE, {keys.SERVER_ROUND: 3, keys.FINAL_STAGE: keys.STAGE_AUDIT}),
+            context)

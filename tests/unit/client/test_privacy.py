@@ -17,6 +17,7 @@ from medfed.client.app import SiteFailure, app
 from medfed.client.ledger import LedgerEntry, PrivacyLedger
 from medfed.client.privacy import (
     SiteCap,
+    SitOut,
     epsilon_spent,
     plan_round,
     sampling,
@@ -108,14 +109,40 @@ def test_min_noise_of_the_site_is_respected() -> None:
     assert plan.noise_multiplier == 2.5
 
 
-def test_a_tiny_site_that_cannot_reach_the_target_says_so_and_sits_out(caplog) -> None:
+def test_a_site_that_cannot_reach_the_target_even_with_one_step_says_so(caplog) -> None:
     with pytest.raises(PrivacyBudgetExceeded, match="target out of reach") as refused:
-        plan_round(DPConfig(target_epsilon=1.0), SiteCap(), n_train=13, batch_size=128, local_epochs=1,
+        plan_round(DPConfig(target_epsilon=0.01), SiteCap(), n_train=13, batch_size=128, local_epochs=1,
                    rounds_left=20, entries=[], run_id=1)
 
     # the forwarded reason names no number that follows the data's size; the site's own log does
     assert "13" not in str(refused.value) and "sampling rate" not in str(refused.value)
     assert "13 training images" in caplog.text
+
+
+def test_a_4_image_site_with_cap_1_plans_fewer_full_batch_steps_spends_at_most_1_and_trains() -> None:
+    # Prepare: the recipe (batch 2, 3 local epochs, 10 rounds) would need noise far above the ceiling at epsilon 1
+    dp, cap = DPConfig(target_epsilon=8.0, max_noise_multiplier=10.0), SiteCap(max_epsilon=1.0)
+    rate, steps = sampling(4, 2, 3)
+    assert epsilon_spent([LedgerEntry("recipe", 1, 0, 10.0, rate, steps * 10, 0.0)], 1e-5) > 1.0
+
+    # Execute: the site plans its whole run and trains every round its plan keeps
+    plan = plan_round(dp, cap, n_train=4, batch_size=2, local_epochs=3, rounds_left=10, entries=[], run_id=1)
+    entries, trained = [], 0
+    for server_round in range(1, 11):
+        try:
+            planned = plan_round(dp, cap, n_train=4, batch_size=2, local_epochs=3, rounds_left=11 - server_round,
+                                 entries=entries, run_id=1, server_round=server_round)
+        except SitOut:
+            continue
+        entries.append(LedgerEntry.new(1, server_round, planned.noise_multiplier, planned.sample_rate, planned.steps,
+                                       period=planned.period))
+        trained += 1
+
+    # Assert: full-batch steps (sampling rate 1), one per round it trains, within the ceiling and the cap
+    assert plan.sample_rate == 1.0 and plan.batch_size == 4 and plan.local_epochs == 1 and plan.adapted
+    assert plan.noise_multiplier <= 10.0
+    assert trained == math.ceil(10 / plan.period) >= 1
+    assert epsilon_spent(entries, 1e-5) <= 1.0
 
 
 def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
@@ -435,11 +462,25 @@ def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
     assert out.content[keys.METRICS][keys.EPSILON] == pytest.approx(epsilon_spent(entries, 1e-5))
 
 
-def test_a_cap_too_small_for_the_runs_evaluations_refuses_before_training(tmp_path) -> None:
-    # cap 1; the run's 4 evaluations and 2 calibration stages, at the noise of a quarter of the run's target 4,
-    # would spend about 1 on their own
+def test_a_cap_below_the_runs_target_gives_its_evaluations_the_same_share_of_the_cap_and_trains(tmp_path) -> None:
+    # Prepare: cap 1 against the run's target 4; at the run's evaluation noise (a quarter of 4) the 4 evaluations
+    # and 2 calibration stages alone would spend about 1, so the site noises them for a quarter of its own cap
+    context = _context(tmp_path, {keys.NODE_MAX_EPSILON: 1.0})
+
+    # Execute
+    out = app(_train_message(1), context)
+
+    # Assert: it trained, and the round with every release still to come fits its cap
+    assert not out.has_error(), out.error
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
+    assert [e.kind for e in entries] == ["train", "count"]
+    assert epsilon_spent(entries, 1e-5) <= 1.0
+
+
+def test_a_cap_too_small_for_even_one_step_refuses_before_training(tmp_path) -> None:
     with pytest.raises(SiteFailure, match="PrivacyBudgetExceeded: Privacy cap reached") as refused:
-        app(_train_message(1), _context(tmp_path, {keys.NODE_MAX_EPSILON: 1.0}))
+        app(_train_message(1), _context(tmp_path, {keys.NODE_MAX_EPSILON: 0.001}))
 
     assert "noise multiplier above" in str(refused.value)
     (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")

@@ -153,7 +153,7 @@ def test_backward_reaches_every_parameter() -> None:
         (
             ModelConfig(name="foo"),
             {},
-            r"model\.name='foo' is not a registered model; choose one of: (.+, )?resnet18, smallcnn",
+            r"model\.name='foo' is not a registered model; choose one of: (.+, )?resnet18, scatternet, smallcnn",
         ),
         (ModelConfig(), {"spatial_dims": 4}, r"spatial_dims=4"),
         (ModelConfig(), {"spatial_dims": 1}, r"spatial_dims=1"),

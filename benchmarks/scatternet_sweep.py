@@ -1,0 +1,125 @@
+"""How the DP head recipe of `model=scatternet` was chosen: a fast in-process stand-in of the federation, on
+validation data only.
+
+The real runs go through `medfed simulate` (benchmarks/small_site_dp.py). Choosing the recipe that way would take
+hours, so this script replays the same federation in one process: the hospitals' splits from medfed's own
+partitioning (5 hospitals, Dirichlet(0.5), seed 0), the scattering features (J=2, L=8, per-image GroupNorm) average-
+pooled to a `pool` grid, and FedAvg (weighted by the training-set sizes) of a linear head that each hospital trains
+with Opacus DP-SGD (its noise from Opacus for its own sampling rate and the run's steps). It reports the pooled
+*validation* AUC of the hospitals' held-out splits (last and best round); the test split is never read. Training
+epsilon is 0.75 x the target: `privacy.eval_share=0.25` goes to the metered evaluations in a real run.
+
+    python benchmarks/scatternet_sweep.py --data-dir ../shared/data/medmnist            # ~15 min on 2 cores
+    python benchmarks/scatternet_sweep.py --datasets breastmnist --pools 2 --epsilons 6 # one cell
+
+Configurations tried on 2026-12-06 before the recipe in common/config/private_recipes.py was fixed (pool 2, SGD
+momentum 0.9, lr 1.0, batch 256, 20 rounds x 1 local epoch): about 46 on BreastMNIST (pool 1-7, normalisation,
+rounds 10-40, local epochs 1-10, batch 32-256, lr 0.05-3, SGD/Adam; epsilon 8, 6, 1, 0.75 and none) and 14 on
+PneumoniaMNIST; docs/benchmarks.md ("Small-site DP") keeps the table. In a real deployment every configuration tried
+on the hospitals' data spends privacy too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+logger = logging.getLogger("benchmarks.scatternet_sweep")
+
+
+def _features(model: torch.nn.Module, images: np.ndarray, pool: int) -> torch.Tensor:
+    with torch.no_grad():
+        f = model.front_features(torch.from_numpy(images))
+        return torch.nn.functional.adaptive_avg_pool2d(f, pool).reshape(len(images), -1)
+
+
+def run(train: list[tuple[torch.Tensor, torch.Tensor]], val: tuple[torch.Tensor, np.ndarray], *, epsilon: float | None,
+        rounds: int, epochs: int, batch: int, lr: float) -> tuple[float, float]:
+    """FedAvg of a DP-SGD linear head; (last, best) pooled validation AUC."""
+    from medfed.common.metrics import roc_auc
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+
+    torch.manual_seed(0)
+    dim = train[0][0].shape[1]
+    weight, bias = torch.zeros(2, dim), torch.zeros(2)
+    plans = []
+    for x, _ in train:
+        rate = 1.0 / math.ceil(len(x) / batch)
+        steps = rounds * epochs * math.ceil(len(x) / batch)
+        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=rate,
+                                     steps=steps) if epsilon else 0.0
+        plans.append((rate, sigma))
+    best, last = 0.0, 0.0
+    for _ in range(rounds):
+        new_w, new_b, total = torch.zeros_like(weight), torch.zeros_like(bias), 0
+        for (x, y), (rate, sigma) in zip(train, plans, strict=True):
+            head = torch.nn.Linear(dim, 2)
+            head.weight.data.copy_(weight)
+            head.bias.data.copy_(bias)
+            optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                 batch_size=max(1, round(rate * len(y))))
+            forward = head
+            if epsilon:
+                forward, optimizer, loader = PrivacyEngine().make_private(
+                    module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=1.0)
+            for _ in range(epochs):
+                for xb, yb in loader:
+                    optimizer.zero_grad()
+                    torch.nn.functional.cross_entropy(forward(xb), yb).backward()
+                    optimizer.step()
+            new_w += len(y) * head.weight.data
+            new_b += len(y) * head.bias.data
+            total += len(y)
+        weight, bias = new_w / total, new_b / total
+        with torch.no_grad():
+            scores = torch.softmax(val[0] @ weight.T + bias, 1)[:, 1].numpy()
+        last = roc_auc(val[1] == 1, scores)
+        best = max(best, last)
+    return last, best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "medmnist")
+    parser.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
+    parser.add_argument("--pools", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[6.0, 0.75])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", module="opacus")  # its secure-RNG notice on every make_private
+    from medfed.common.config import ScatterNetConfig, compose_config
+    from medfed.common.data.federation import load_site
+    from medfed.common.models import build_model
+
+    model = build_model(ScatterNetConfig(), spatial_dims=2, in_channels=1, n_classes=2)
+    grid = [(20, 1, 256, 1.0), (20, 1, 256, 3.0), (20, 2, 256, 1.0)]  # rounds, local epochs, batch, lr
+    for name in args.datasets:
+        cfg = compose_config(["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={args.data_dir}",
+                              "federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5",
+                              "federation.seed=0"])
+        sites = [load_site(cfg, i) for i in range(cfg.federation.hospitals)]
+        for pool in args.pools:
+            train = [(_features(model, s.train.images, pool), torch.from_numpy(s.train.labels)) for s in sites]
+            val = (torch.cat([_features(model, s.val.images, pool) for s in sites]),
+                   np.concatenate([s.val.labels for s in sites]))
+            for epsilon, (rounds, epochs, batch, lr) in itertools.product(args.epsilons, grid):
+                last, best = run(train, val, epsilon=epsilon, rounds=rounds, epochs=epochs, batch=batch, lr=lr)
+                logger.info("%s pool %d epsilon %g: %d rounds x %d epochs, batch %d, lr %g: validation AUC last %.3f "
+                            "best %.3f", name, pool, epsilon, rounds, epochs, batch, lr, last, best)
+
+
+if __name__ == "__main__":
+    main()

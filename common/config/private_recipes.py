@@ -1,0 +1,61 @@
+"""Training defaults that ``privacy=dp`` picks for models whose head alone trains on fixed features.
+
+DP-SGD wants other settings than plain training: few trainable weights, large (for a small site: full) batches, so
+that the noise, which is the same whatever the batch, is small beside the batch's summed gradient; plain SGD with
+momentum and a large step on clipped gradients; few rounds, since every step spends privacy. A hospital with fewer
+training images than ``train.batch_size`` takes full-batch steps (its Poisson sampling rate is then 1; see
+:func:`medfed.client.privacy.plan_round` for sites whose cap allows even less).
+
+The values below were chosen on the federated *validation* AUC of BreastMNIST and PneumoniaMNIST at epsilon 8
+(docs/benchmarks.md names the configurations tried). They apply under ``privacy=dp`` with ``model=scatternet`` or
+``model.finetune=linear_probe``, and only to keys the overrides do not name: an explicit ``train.lr=...`` wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medfed.common.config.schema import Config
+
+__all__ = ["HEAD_DP_RECIPE", "with_private_recipe"]
+
+logger = logging.getLogger(__name__)
+
+HEAD_DP_RECIPE: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 1.0,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "batch_size": 256,
+    "rounds": 20,
+    "local_epochs": 1,
+}
+"""``train.*`` defaults of a DP run whose head alone trains (model=scatternet, model.finetune=linear_probe)."""
+
+
+def _named_keys(overrides: Iterable[str]) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
+    """``cfg`` with :data:`HEAD_DP_RECIPE` for every ``train`` key the overrides leave at its default, when the run
+    is ``privacy=dp`` over a head-only model; ``cfg`` itself otherwise."""
+    from medfed.common.config.choices import Optimizer
+
+    head_only = cfg.model.name == "scatternet" or cfg.model.finetune == "linear_probe"
+    if cfg.privacy.name != "dp" or not head_only or cfg.task != "classify":
+        return cfg
+    named = _named_keys(overrides)
+    if "train" in named:  # a whole train group chosen by name: its values stand
+        return cfg
+    changes = {k: v for k, v in HEAD_DP_RECIPE.items() if f"train.{k}" not in named}
+    if "optimizer" in changes:
+        changes["optimizer"] = Optimizer(changes["optimizer"])
+    if not changes:
+        return cfg
+    logger.debug("privacy=dp recipe for a head-only model: %s", changes)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
