@@ -11,6 +11,7 @@ epsilon is 0.75 x the target: `privacy.eval_share=0.25` goes to the metered eval
 
     python benchmarks/scatternet_sweep.py --data-dir ../shared/data/medmnist            # ~15 min on 2 cores
     python benchmarks/scatternet_sweep.py --datasets breastmnist --pools 2 --epsilons 6 # one cell
+    python benchmarks/scatternet_sweep.py --datasets breastmnist --pooled-ceiling       # the diagnostic
 
 Configurations tried on 2026-12-06 before the recipe in common/config/private_recipes.py was fixed (pool 2, SGD
 momentum 0.9, lr 1.0, batch 256, 20 rounds x 1 local epoch): about 46 on BreastMNIST (pool 1-7, normalisation,
@@ -91,12 +92,30 @@ def run(train: list[tuple[torch.Tensor, torch.Tensor]], val: tuple[torch.Tensor,
     return last, best
 
 
+def pooled_ceiling(sites: list, test: tuple[np.ndarray, np.ndarray], model: torch.nn.Module, pools: list[int]) -> None:
+    """A diagnostic, not a selection: logistic regression without DP on all hospitals' training features pooled,
+    its test AUC per pool and regularisation (what the features can give this federation's data at best)."""
+    from medfed.common.metrics import roc_auc
+    from sklearn.linear_model import LogisticRegression  # the test extra
+
+    labels = np.concatenate([s.train.labels for s in sites])
+    for pool in pools:
+        x = torch.cat([_features(model, s.train.images, pool) for s in sites]).numpy()
+        x_test = _features(model, test[0], pool).numpy()
+        for c in (0.003, 0.03, 0.3):
+            fitted = LogisticRegression(max_iter=5000, C=c).fit(x, labels)
+            logger.info("pooled logistic regression, pool %d, C %g: test AUC %.3f", pool, c,
+                        roc_auc(test[1] == 1, fitted.predict_proba(x_test)[:, 1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "medmnist")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
     parser.add_argument("--pools", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[6.0, 0.75])
+    parser.add_argument("--pooled-ceiling", action="store_true",
+                        help="only the diagnostic: pooled non-DP logistic regression, test AUC (selects nothing)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", module="opacus")  # its secure-RNG notice on every make_private
@@ -111,6 +130,12 @@ def main() -> None:
                               "federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5",
                               "federation.seed=0"])
         sites = [load_site(cfg, i) for i in range(cfg.federation.hospitals)]
+        if args.pooled_ceiling:
+            from medfed.common.data import load_test_set
+
+            _, test = load_test_set(cfg)
+            pooled_ceiling(sites, (test.images, test.labels), model, [1, 2, 3, 4, 7])
+            continue
         for pool in args.pools:
             train = [(_features(model, s.train.images, pool), torch.from_numpy(s.train.labels)) for s in sites]
             val = (torch.cat([_features(model, s.val.images, pool) for s in sites]),

@@ -44,6 +44,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from medfed.client.evaluation import FinalStage, evaluate_round, final_stage
 from medfed.client.local_round import train_round
 from medfed.client.node import NodeEnv
+from medfed.client.privacy import SitOut
 from medfed.client.redact import public_text
 from medfed.client.site import resolve_site
 from medfed.client.training import configure_threads
@@ -91,7 +92,10 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         try:
             return handler(msg, context)
         except MedfedError as exc:
-            logger.exception("medfed error while handling a %s message", msg.metadata.message_type)
+            if isinstance(exc, SitOut):  # planned, not an error
+                logger.info("sitting out this round as the run's privacy plan says")
+            else:
+                logger.exception("medfed error while handling a %s message", msg.metadata.message_type)
             raise SiteFailure(public_text(f"{type(exc).__name__}: {exc}")) from None  # no path leaves the site
         except Exception as exc:  # noqa: BLE001 - everything else stays at the site
             logger.exception("unexpected error while handling a %s message", msg.metadata.message_type)

@@ -134,7 +134,7 @@ def start_private_round(
             server_round=server_round,
         )
         entry = LedgerEntry.new(run_id, server_round, plan.noise_multiplier, plan.sample_rate, plan.steps,
-                                period=plan.period)
+                                period=plan.period, batch_size=plan.batch_size, local_epochs=plan.local_epochs)
         _record(ledger, state, [entry])
     return PrivateRound(plan, ledger, state, dp, secure, run_id, server_round)
 

@@ -2,9 +2,9 @@
 
 Two kinds of model have a front end that training never changes: ``model=scatternet`` (a wavelet transform with no
 weights) and any model with ``model.finetune=linear_probe`` (a frozen, e.g. publicly pretrained, encoder). For them
-a hospital computes the features of its training images once, keeps them in its own cache folder (they are derived
-from its images and never leave the site), and each round trains the head on them: a DP step is then a step of a
-small linear layer or CNN, not of the whole network.
+a hospital computes the features of its training images once per training call (a scatternet's once per site: they
+are kept in its own cache folder, derived from its images and never leaving the site) and trains the head on them:
+a DP step is then a step of a small linear layer or CNN, not of the whole network.
 
 Augmentation multiplicity (``train.aug_views`` = V > 1, De et al. 2022): the cached features hold V views of each
 image (the image itself and V-1 augmentations drawn once, seeded, with ``train.augment``'s settings), shaped
@@ -31,7 +31,7 @@ from medfed.common.models.scatternet import ScatterNet
 from medfed.common.models.smallcnn import PooledClassifier
 from torch import nn
 
-__all__ = ["FeatureArrays", "FrozenHead", "ViewMeanCrossEntropy", "frozen_head"]
+__all__ = ["FeatureArrays", "FrozenHead", "ViewMeanCrossEntropy", "frozen_head", "has_fixed_front_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class _ProbeHead(nn.Module):
 
 class ViewMeanCrossEntropy(nn.Module):
     """Cross-entropy of per-view logits ``(B, V, C)``: each image's loss is the mean over its views, reduced over the
-    batch by ``reduction`` (``mean`` or ``sum``: DP-SGD's per-sample loss is then the view mean)."""
+    batch by ``reduction`` (``mean``, ``sum``, or ``none`` for one loss per image: DP-SGD's per-sample loss is then
+    the view mean)."""
 
     def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -77,6 +78,8 @@ class ViewMeanCrossEntropy(nn.Module):
         per_view = nn.functional.cross_entropy(logits.reshape(b * v, c), labels.repeat_interleave(v),
                                                weight=self.weight, reduction="none").reshape(b, v)
         per_image = per_view.mean(dim=1)
+        if self.reduction == "none":  # one loss per image (Opacus' ghost clipping reduces them itself)
+            return per_image
         return per_image.sum() if self.reduction == "sum" else per_image.mean()
 
 
@@ -95,6 +98,11 @@ class FrozenHead:
 
     head: nn.Module
     data: ArrayDataset  # features (N, [V,] F, ...) float32 and the labels
+
+
+def has_fixed_front_end(model: nn.Module) -> bool:
+    """Whether only the model's head trains on features that no training step changes."""
+    return _front_end(model) is not None
 
 
 def _front_end(model: nn.Module) -> tuple[nn.Module, str] | None:
@@ -145,12 +153,17 @@ def frozen_head(
     """The head and the training split's features when ``model`` has a fixed front end, else None.
 
     The features are read from ``cache_dir`` when an earlier round (or run) computed them for the same images,
-    front end, views and seed, else computed (in eval mode, without gradients) and written there atomically.
+    front end, views and seed, else computed (in eval mode, without gradients) and written there atomically. Only a
+    scatternet's features are cached: a frozen encoder's are computed each call (see below).
     """
     found = _front_end(model)
     if found is None:
         return None
     head, front = found
+    if not isinstance(model, ScatterNet):
+        # a frozen encoder still travels with the model and FedAvg's weighted sum does not give it back bit for bit,
+        # so its features are computed afresh each round (one forward pass) instead of piling up cache files
+        cache_dir = None
     digest = hashlib.sha256()
     for part in (front, str(views), str(seed), repr(augment) if views > 1 else "", str(data.images.shape)):
         digest.update(part.encode())

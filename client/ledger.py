@@ -85,17 +85,20 @@ class LedgerEntry:
     steps: int
     recorded_at: float
     kind: str = "train"  # train | evaluate | calibrate | reliability (older ledgers: every entry is training)
-    # a training entry's run plan: the site trains every period-th round of the run (a small site whose cap allows
-    # fewer steps sits the others out; see medfed.client.privacy.plan_round)
+    # a training entry's run plan (medfed.client.privacy.plan_round): the batch size and local epochs it trains
+    # with (0: not recorded, older ledgers), and the period: the site trains every period-th round of the run (a
+    # small site whose cap allows fewer steps sits the others out)
     period: int = 1
+    batch_size: int = 0
+    local_epochs: int = 0
 
     @staticmethod
     def new(
         run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = "train",
-        period: int = 1,
+        period: int = 1, batch_size: int = 0, local_epochs: int = 0,
     ) -> LedgerEntry:
         return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time(),
-                           kind, period)
+                           kind, period, batch_size, local_epochs)
 
 
 class PrivacyLedger:

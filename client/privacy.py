@@ -275,12 +275,20 @@ def plan_round(
     reserved = list(reserved or [])
     this_run = [e for e in entries if e.run_id == run_id and e.steps > 0 and e.kind == "train"]
     ceiling = max(dp.max_noise_multiplier, cap.min_noise)
-    if this_run:
-        last = this_run[-1]
-        sigma, sample_rate, steps, period = last.noise_multiplier, last.sample_rate, last.steps, last.period
+    if this_run:  # the run's plan, from the round that made it (later entries may record excess steps only)
+        first = this_run[0]
+        sigma, sample_rate, steps, period = first.noise_multiplier, first.sample_rate, first.steps, first.period
         batches = max(1, round(1.0 / sample_rate))
-        batch, epochs = math.ceil(n_train / batches), max(1, steps // batches)
-        if (server_round - this_run[0].server_round) % period:
+        batch = first.batch_size or math.ceil(n_train / batches)
+        epochs = first.local_epochs or max(1, steps // batches)
+        if sampling(n_train, batch, epochs) != (sample_rate, steps):
+            logger.warning("the training split changed size during the run (%d images now)", n_train)
+            raise PrivacyBudgetExceeded(
+                "This hospital's training split changed size during this run, so the run's privacy plan (its "
+                "sampling rate and steps) no longer holds; it does not train again in this run. A new run plans "
+                "afresh."
+            )
+        if (server_round - first.server_round) % period:
             raise SitOut(f"This hospital trains every {period} rounds of this run to fit its privacy budget "
                          "(planned at its first round); it sits this round out.")
     else:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfed.client.frozen_features import ViewMeanCrossEntropy, frozen_head
+from medfed.client.frozen_features import ViewMeanCrossEntropy, frozen_head, has_fixed_front_end
 from medfed.common.config import AugmentConfig, TrainConfig
 from medfed.common.data import ArrayDataset, AugmentedDataset, build_augmentation
 
@@ -184,7 +184,8 @@ def train_epochs(
     the training split's features computed once (kept in ``feature_cache`` when given; :mod:`.frozen_features`),
     with ``train.aug_views`` views of each image averaged into its per-sample gradient (with ``train.augment``
     and one view, augmentation is drawn at every step instead and the features are not cached). ``train.ema_decay`` > 0
-    leaves the model at the exponential moving average of its trainable weights over the call's steps.
+    leaves the model at the exponential moving average of its trainable weights over the call's steps (started at
+    the call's initial weights: with few steps it damps the update).
     """
     if proximal_mu > 0 and privacy is not None:
         raise ValueError("train_epochs(): a proximal term and DP-SGD cannot be combined (see the docstring).")
@@ -232,6 +233,7 @@ def train_epochs(
     per_sample_only = (
         privacy is not None and privacy.grad_sample_mode == "hooks" and classification
         and all(p.requires_grad for p in trained.parameters())
+        and (frozen is not None or not has_fixed_front_end(model))  # (a fixed front end passes no image gradient)
     )
     ema = _Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 

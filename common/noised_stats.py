@@ -227,7 +227,7 @@ class EvalStatistics:
 
     def metrics_at(self, threshold: float) -> dict[str, float]:
         """Binary: sensitivity, specificity and balanced accuracy of deciding class 1 at ``threshold`` (rounded to
-        the nearest bin edge) on these counts."""
+        the nearest bin edge) on these counts (rates within [0, 1] even on noised counts)."""
         neg, pos = self.histograms[0]
         edge = round(threshold * SCORE_BINS)
         tn, fp, fn, tp = neg[:edge].sum(), neg[edge:].sum(), pos[:edge].sum(), pos[edge:].sum()

@@ -21,7 +21,8 @@ The head maps features with a *views* axis ``(B, V, F, *spatial)`` to per-view l
 DP step can average several augmented views of an image into its one per-sample gradient (augmentation
 multiplicity): the linear head applies one ``nn.Linear`` to ``(B, V, F')`` (Opacus sums its per-sample gradient
 over the views), the 2D CNN head convolves ``(B, F, V, H, W)`` with ``(1, 3, 3)`` kernels (the views a depth axis
-that no kernel crosses). Volumes take one view.
+that no kernel crosses) and normalises each view on its own (GroupNorm without weights, views folded into the
+batch). Volumes take one view.
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ class ScatterNet(nn.Module):
             depth = 1 if spatial_dims == 2 else 3  # 2D: the views are the depth axis, never crossed by a kernel
             kernel, padding = (depth, 3, 3), (depth // 2, 1, 1)
             self.conv1 = nn.Conv3d(features, width, kernel, padding=padding)
-            self.norm1 = nn.GroupNorm(_norm_groups(width), width)
+            # without weights, so that each view is normalised on its own (folded into the batch) and DP-SGD's
+            # per-image gradients never see a layer whose batch is images x views
+            self.norm1 = nn.GroupNorm(_norm_groups(width), width, affine=False)
             self.conv2 = nn.Conv3d(width, width, kernel, padding=padding)
-            self.norm2 = nn.GroupNorm(_norm_groups(width), width)
+            self.norm2 = nn.GroupNorm(_norm_groups(width), width, affine=False)
             self.act = nn.ReLU()
             self.head = nn.Linear(width, n_classes)
         # the transform per (image side, device), built on first use; a plain dict, so not part of the module tree
@@ -172,13 +175,21 @@ class ScatterNet(nn.Module):
             x = features[:, 0]
         else:
             raise ValueError("the scatternet CNN head takes one view of a volume (train.aug_views=1 for 3D data).")
-        x = self.act(self.norm1(self.conv1(x)))
-        x = self.act(self.norm2(self.conv2(x)))
+        x = self.act(self._per_view(self.norm1, self.conv1(x)))
+        x = self.act(self._per_view(self.norm2, self.conv2(x)))
         if self.spatial_dims == 2:
             pooled = x.mean(dim=(3, 4)).transpose(1, 2)  # (B, V, width)
         else:
             pooled = x.mean(dim=(2, 3, 4)).unsqueeze(1)  # (B, 1, width)
         return self.head(self.dropout(pooled))
+
+    def _per_view(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``norm`` of each view alone: 2D ``(B, C, V, H, W)`` is normalised as ``B x V`` images (volumes: one view)."""
+        if self.spatial_dims == 3:
+            return norm(x)
+        b, c, v, h, w = x.shape
+        folded = x.transpose(1, 2).reshape(b * v, c, h, w)
+        return norm(folded).reshape(b, v, c, h, w).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, n_classes)`` of images ``(B, C, *spatial)``."""

@@ -79,17 +79,23 @@ def test_features_are_computed_once_and_read_back_from_the_site_cache(tmp_path, 
     assert len(list(tmp_path.glob("features-*.npy"))) == 2
 
 
-def test_a_linear_probe_trains_its_head_on_cached_encoder_features_and_keeps_the_encoder(tmp_path) -> None:
+def test_a_linear_probe_trains_its_head_on_features_computed_once_per_call_and_keeps_the_encoder(
+    tmp_path, monkeypatch
+) -> None:
     data, cfg = _data(side=28), _recipe(aug_views=2)
     model = build_model(ModelConfig(finetune="linear_probe"), spatial_dims=2, in_channels=1, n_classes=2)
     encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head = model.head.weight.detach().clone()
+    calls = []
+    original = type(model).forward_features
+    monkeypatch.setattr(type(model), "forward_features", lambda self, x: calls.append(len(x)) or original(self, x))
 
-    train_epochs(model, data, cfg, epochs=2, n_classes=2, spatial_dims=2, seed=0, feature_cache=tmp_path,
+    train_epochs(model, data, cfg, epochs=5, n_classes=2, spatial_dims=2, seed=0, feature_cache=tmp_path,
                  privacy=DPTraining(noise_multiplier=1.0, max_grad_norm=1.0))
 
-    (cached,) = tmp_path.glob("features-*.npy")
-    assert np.load(cached).shape == (6, 2, model.num_features)
+    assert calls == [6, 6]  # the two views of the 6 images, once: not the encoder at each of the 5 steps
+    # (a frozen encoder travels with the model and comes back from FedAvg not bit for bit: nothing is cached)
+    assert not list(tmp_path.glob("features-*.npy"))
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
     assert not torch.equal(head, model.head.weight)
 
@@ -120,3 +126,36 @@ def test_view_mean_cross_entropy_averages_views_then_reduces_images() -> None:
     assert torch.allclose(ViewMeanCrossEntropy()(logits, labels), per_image.mean())
     with pytest.raises(ValueError):
         ViewMeanCrossEntropy()(logits.reshape(2, 2, 3, 2), labels)
+
+
+@pytest.mark.parametrize("head", ["linear", "cnn"])
+def test_ghost_clipping_clips_each_image_like_the_hooks_mode(tmp_path, head) -> None:
+    # Prepare: the same full-batch DP step (noise 0, a tight clip) on a head with 3 views, in both Opacus modes
+    data, cfg = _data(), _recipe()
+    updates = {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(0)
+        model = build_model(ScatterNetConfig(head=head), spatial_dims=2, in_channels=1, n_classes=2)
+
+        # Execute
+        train_epochs(model, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=0, feature_cache=tmp_path,
+                     privacy=DPTraining(noise_multiplier=0.0, max_grad_norm=0.05, grad_sample_mode=mode))
+        updates[mode] = model.state_dict()
+
+    # Assert: ghost clipping bounds each image's view-averaged gradient as the per-sample hooks do
+    for name, value in updates["hooks"].items():
+        torch.testing.assert_close(updates["ghost"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_dp_training_with_per_step_augmentation_goes_through_the_fixed_front_end(tmp_path) -> None:
+    # one view and train.augment: the images are augmented at every step, so nothing is cached
+    data = _data(side=28)
+    cfg = _recipe(aug_views=1, augment=AugmentConfig(enabled=True))
+    model = build_model(ScatterNetConfig(), spatial_dims=2, in_channels=1, n_classes=2)
+    before = model.head.weight.detach().clone()
+
+    result = train_epochs(model, data, cfg, epochs=1, n_classes=2, spatial_dims=2, seed=0, feature_cache=tmp_path,
+                          privacy=DPTraining(noise_multiplier=1.0, max_grad_norm=1.0))
+
+    assert result.steps == 1 and not torch.equal(before, model.head.weight)
+    assert not list(tmp_path.glob("features-*.npy"))

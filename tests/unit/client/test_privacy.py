@@ -145,6 +145,31 @@ def test_a_4_image_site_with_cap_1_plans_fewer_full_batch_steps_spends_at_most_1
     assert epsilon_spent(entries, 1e-5) <= 1.0
 
 
+def test_a_site_that_sits_out_says_so_in_a_refusal_the_coordinator_tells_from_a_failure() -> None:
+    # Prepare: a plan that trains every 2nd round (recorded at round 1)
+    first = LedgerEntry.new(1, 1, 9.0, 1.0, 1, period=2, batch_size=4, local_epochs=1)
+
+    # Execute / Assert: round 2 sits out, round 3 trains with the recorded plan
+    with pytest.raises(SitOut) as sat:
+        plan_round(DPConfig(), SiteCap(), n_train=4, batch_size=2, local_epochs=3, rounds_left=9, entries=[first],
+                   run_id=1, server_round=2)
+    assert keys.site_refusal(f"SitOut: {sat.value}") is keys.SiteRefusal.SIT_OUT
+    plan = plan_round(DPConfig(), SiteCap(), n_train=4, batch_size=2, local_epochs=3, rounds_left=8, entries=[first],
+                      run_id=1, server_round=3)
+    assert (plan.batch_size, plan.local_epochs, plan.period, plan.noise_multiplier) == (4, 1, 2, 9.0)
+
+
+def test_a_training_split_that_changes_size_during_the_run_stops_training_in_that_run() -> None:
+    first = LedgerEntry.new(1, 1, 2.0, 0.1, 10, batch_size=10, local_epochs=1)  # planned for 100 images
+
+    with pytest.raises(PrivacyBudgetExceeded, match="changed size during this run"):
+        plan_round(DPConfig(), SiteCap(), n_train=5, batch_size=10, local_epochs=1, rounds_left=3, entries=[first],
+                   run_id=1, server_round=2)
+    same = plan_round(DPConfig(), SiteCap(), n_train=100, batch_size=10, local_epochs=1, rounds_left=3,
+                      entries=[first], run_id=1, server_round=2)
+    assert (same.sample_rate, same.steps) == (0.1, 10)
+
+
 def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
     spent = [_entry(0.8, 0.5, 40, run_id=7)]
     before = epsilon_spent(spent, 1e-5)

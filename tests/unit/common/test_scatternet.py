@@ -75,7 +75,10 @@ def test_the_cnn_head_gives_one_logit_row_per_view() -> None:
     logits = model.head_views(views)
 
     assert tuple(logits.shape) == (5, 3, 2)
-    assert torch.allclose(logits[:, 0], logits[:, 2], atol=1e-5)  # views do not mix: a kernel never crosses them
+    # views do not mix: no kernel crosses them and each is normalised alone, so a view's logits are its own
+    alone = model.head_views(features.flip(-1).unsqueeze(1))
+    assert torch.allclose(logits[:, 1], alone[:, 0], atol=1e-5)
+    assert torch.allclose(logits[:, 0], logits[:, 2], atol=1e-5)
 
 
 @pytest.mark.parametrize(
