@@ -18,7 +18,7 @@ from rich.console import Console
 
 from medfed.cli.deploy import register_commands
 from medfed.cli.display import RoundFollower, fail, print_summary
-from medfed.cli.privacy_plan import privacy_app
+from medfed.cli.privacy_plan import print_plans, privacy_app, site_plans
 from medfed.common.config import Config, compose_config, config_to_yaml
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError, MedfedError
@@ -178,6 +178,8 @@ def simulate(
                 f"simulating [bold]{cfg.federation.hospitals}[/] hospitals on [bold]{cfg.dataset.name}[/] "
                 f"({cfg.federation.partition}), {cfg.train.rounds} rounds of {cfg.strategy.name} -> {run_path}"
             )
+            if cfg.privacy.name == "dp":  # every hospital's plan, before round 1 (what each will spend)
+                print_plans(console, cfg, site_plans(cfg, _cache_dir(cache_dir), _state_dir(state_dir)))
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console, skip_rounds=done):
             run_simulation(
                 cfg, overrides, run_path, resume=resume is not None, cache_dir=_cache_dir(cache_dir),

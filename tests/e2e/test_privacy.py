@@ -117,3 +117,4 @@ def test_scatternet_under_dp_a_small_cap_site_trains_and_the_run_reports_its_thr
         assert all(0.0 <= v <= 1.0 for a in attacks.values() for v in a.values())
     assert "outside DP-SGD's guarantee" in audit["note"]
     assert "privacy audit" in result.stdout
+    assert "DP plan: target epsilon 8" in result.stdout  # every hospital's plan, printed before round 1
