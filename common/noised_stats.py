@@ -113,6 +113,17 @@ def _raw_auc(statistics: EvalStatistics) -> float:
     return float(np.mean(aucs)) if all(math.isfinite(a) for a in aucs) else NAN
 
 
+def _balanced_accuracies(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of deciding class 1 at each bin edge ``1 .. SCORE_BINS - 1``, per row of (possibly noised)
+    histograms ``(R, SCORE_BINS)``; nan in a row whose class counts fall below one image."""
+    n_neg, n_pos = neg.sum(axis=1, keepdims=True), pos.sum(axis=1, keepdims=True)
+    specificity = np.cumsum(neg, axis=1)[:, :-1]  # images below edge b = bins 0..b-1
+    sensitivity = pos.sum(axis=1, keepdims=True) - np.cumsum(pos, axis=1)[:, :-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rates = (np.clip(specificity / n_neg, 0, 1) + np.clip(sensitivity / n_pos, 0, 1)) / 2
+    return np.where((n_neg >= 1) & (n_pos >= 1), rates, np.nan)
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     """A rate of (possibly noised) counts, within [0, 1]; nan when the denominator is not positive."""
     return float(np.clip(numerator / denominator, 0.0, 1.0)) if denominator > 0 else NAN
@@ -205,25 +216,35 @@ class EvalStatistics:
         """Images counted (noised: an unbiased estimate, read as 0 when below)."""
         return float(max(self.histograms[0].sum(), 0.0))
 
-    def threshold(self) -> float | None:
+    def threshold(self, noise_std: float = 0.0, *, draws: int = 200) -> float | None:
         """Binary: the operating threshold on the probability of class 1, among the bin edges ``b / SCORE_BINS``,
         with the highest balanced accuracy (mean of sensitivity and specificity) on these counts; ties go to the
-        edge nearest 0.5. None for multi-class statistics or when a class has no images (nothing to balance)."""
+        edge nearest 0.5. None for multi-class statistics.
+
+        Noised counts (``noise_std`` > 0, the standard deviation of the noise in each entry): an edge replaces 0.5
+        only where its balanced accuracy beats 0.5's by more than one standard error of that difference (a
+        parametric bootstrap at the known noise scale, seeded: post-processing, no privacy cost), the rule model
+        selection follows; with a class counted below one image, 0.5 stays."""
         if self.n_classes != 2:
             return None
         neg, pos = self.histograms[0]
-        n_neg, n_pos = float(neg.sum()), float(pos.sum())
-        if not (n_neg >= 1.0 and n_pos >= 1.0):
-            return None
-        best: tuple[float, float, float] | None = None
-        for edge in range(1, SCORE_BINS):
-            specificity = float(np.clip(neg[:edge].sum() / n_neg, 0.0, 1.0))
-            sensitivity = float(np.clip(pos[edge:].sum() / n_pos, 0.0, 1.0))
-            key = ((sensitivity + specificity) / 2, -abs(edge / SCORE_BINS - 0.5), edge / SCORE_BINS)
-            if best is None or key[:2] > best[:2]:
-                best = key
-        assert best is not None
-        return best[2]
+        half = SCORE_BINS // 2
+        observed = _balanced_accuracies(neg[None], pos[None])[0]
+        if not np.isfinite(observed).all():
+            return 0.5
+        gain = observed - observed[half - 1]
+        if noise_std > 0:
+            rng = np.random.default_rng(0)
+            noised = _balanced_accuracies(neg + rng.normal(0.0, noise_std, (draws, SCORE_BINS)),
+                                          pos + rng.normal(0.0, noise_std, (draws, SCORE_BINS)))
+            with np.errstate(invalid="ignore"):
+                spread = np.nanstd(noised - noised[:, [half - 1]], axis=0)
+            usable = np.isfinite(noised).all(axis=1).mean() >= 5 / 6
+            gain = np.where(usable & (gain > np.nan_to_num(spread, nan=np.inf)), gain, -np.inf)
+            gain[half - 1] = 0.0
+        edges = np.arange(1, SCORE_BINS)
+        best = max(range(len(edges)), key=lambda i: (gain[i], -abs(edges[i] / SCORE_BINS - 0.5)))
+        return float(edges[best] / SCORE_BINS)
 
     def metrics_at(self, threshold: float) -> dict[str, float]:
         """Binary: sensitivity, specificity and balanced accuracy of deciding class 1 at ``threshold`` (rounded to

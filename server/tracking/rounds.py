@@ -143,9 +143,10 @@ def weighted_metrics(
         if total is not None:
             pooled_metrics = total.metrics()
             stds = [s.noise_std for s in sites.values() if s.noised is not None and s.noise_std is not None]
-            if len(stds) == len(noised):
-                pooled_metrics["auc_noise_se"] = auc_noise_se(total, math.sqrt(sum(v * v for v in stds)))
-            return _with_threshold(pooled_metrics, total)
+            noise = math.sqrt(sum(v * v for v in stds)) if len(stds) == len(noised) else math.inf
+            if math.isfinite(noise):
+                pooled_metrics["auc_noise_se"] = auc_noise_se(total, noise)
+            return _with_threshold(pooled_metrics, total, noise)
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for site in sites.values():
@@ -163,10 +164,16 @@ def weighted_metrics(
     return weighted
 
 
-def _with_threshold(metrics: dict[str, float], statistics: EvalStatistics | None) -> dict[str, float]:
-    """Binary tasks: the operating threshold chosen on the pooled validation counts (``threshold``), with the
-    balanced accuracy, sensitivity and specificity there (``thr_*``), beside the metrics at 0.5."""
-    threshold = statistics.threshold() if statistics is not None else None
+def _with_threshold(
+    metrics: dict[str, float], statistics: EvalStatistics | None, noise_std: float = 0.0
+) -> dict[str, float]:
+    """Binary tasks: the operating threshold chosen on the pooled validation counts (``threshold``; noised ones
+    move it from 0.5 only by more than the noise's standard error), with the balanced accuracy, sensitivity and
+    specificity there (``thr_*``), beside the metrics at 0.5."""
+    if statistics is not None and not math.isfinite(noise_std):  # noise of unknown size: 0.5 stays
+        return {**metrics, "threshold": 0.5, **{f"thr_{k}": v for k, v in statistics.metrics_at(0.5).items()}} \
+            if statistics.n_classes == 2 else metrics
+    threshold = statistics.threshold(noise_std) if statistics is not None else None
     if statistics is None or threshold is None:
         return metrics
     at = statistics.metrics_at(threshold)

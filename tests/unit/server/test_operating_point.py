@@ -33,12 +33,27 @@ def test_the_threshold_maximises_balanced_accuracy_over_the_bin_edges() -> None:
     assert metrics_at_threshold(labels, _binary_probs(p1), threshold)["bal_acc"] == 1.0
 
 
-def test_no_threshold_without_both_classes_or_for_multi_class() -> None:
+def test_without_both_classes_the_threshold_stays_at_half_and_multi_class_has_none() -> None:
     only_negatives = EvalStatistics.of(np.zeros(5, dtype=int), _binary_probs(np.full(5, 0.3)))
     three = EvalStatistics.of(np.array([0, 1, 2]), np.eye(3))
 
-    assert only_negatives.threshold() is None
+    assert only_negatives.threshold() == 0.5
     assert three.threshold() is None
+
+
+def test_noised_counts_move_the_threshold_only_by_more_than_the_noise() -> None:
+    # Prepare: 60 negatives at 0.55-0.69, 40 positives at 0.71-0.95: the edge 0.70 separates them
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 60 + [1] * 40)
+    p1 = np.r_[rng.uniform(0.55, 0.69, 60), rng.uniform(0.71, 0.95, 40)]
+    exact = EvalStatistics.of(labels, _binary_probs(p1))
+
+    # Execute / Assert: small noise keeps the real gain; noise of the size of the counts leaves 0.5 in place
+    assert exact.threshold() == pytest.approx(0.70)
+    assert exact.threshold(noise_std=1.0) == pytest.approx(0.70)
+    assert exact.threshold(noise_std=15.0) == 0.5
+    chosen = [exact.noised(20.0, np.random.default_rng(s)).threshold(noise_std=20.0) for s in range(20)]
+    assert chosen.count(0.5) >= 15  # a noised optimum elsewhere rarely clears one standard error
 
 
 def test_metrics_at_threshold_by_hand() -> None:
