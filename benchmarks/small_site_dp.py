@@ -50,6 +50,7 @@ def _head_recipe() -> list[str]:
     return [f"train.{k}={v}" for k, v in HEAD_DP_RECIPE.items()]
 
 
+SPEED_ROUNDS = 20  # the DP recipe's rounds: the first computes the features, the others read them
 OTHER = {"breastmnist": "pneumoniamnist", "pneumoniamnist": "breastmnist"}  # the "public" source of each target
 AUDIT = ["evaluate.audit=true", "evaluate.audit_shadows=8"]  # measurement only: it trains nothing that is sent
 PUBLIC_RECIPE = ["train.rounds=10", "train.local_epochs=2"]  # the source run (public data: no DP)
@@ -236,9 +237,11 @@ def render(results: dict[str, Any], smallcnn: dict[str, Any], smallcnn_date: str
             lines.append(f"| {name} | {row['n_train']} | {row['smallcnn']['cached']:.2f} | "
                          f"{row['scatternet']['first']:.2f} | {row['scatternet']['cached']:.2f} |")
             scatter, cnn = row["scatternet"], row["smallcnn"]
-            text = (f"{name}: a scatternet DP round {scatter['cached']:.2f} s (first {scatter['first']:.2f} s) <= "
-                    f"smallcnn's {cnn['cached']:.2f} s")
-            checks.append((text, scatter["first"] <= cnn["cached"]))
+            per_round = (scatter["first"] + (SPEED_ROUNDS - 1) * scatter["cached"]) / SPEED_ROUNDS
+            text = (f"{name}: a scatternet DP round {scatter['cached']:.2f} s once its features are cached, "
+                    f"{per_round:.2f} s a round over a {SPEED_ROUNDS}-round run with the first round's "
+                    f"{scatter['first']:.2f} s, <= smallcnn's {cnn['cached']:.2f} s")
+            checks.append((text, scatter["cached"] <= cnn["cached"] and per_round <= cnn["cached"]))
     lines += ["", "Floors (issue 19):", ""]
     lines += [f"- {text} — {'PASS' if ok else 'FAIL'}" for text, ok in checks]
     lines.append(END)
