@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from medfed.client.ledger import LedgerEntry
 from medfed.common import keys
 from medfed.common.config import DPConfig, FederationConfig
-from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
+from medfed.common.errors import ConfigError, PrivacyBudgetExceeded, SitOut
 
 if TYPE_CHECKING:
     import torch
@@ -201,10 +201,6 @@ class RoundPlan:
     def adapted(self) -> bool:
         """Whether the site planned other steps than the recipe's (larger batches, fewer steps or rounds)."""
         return self.period > 1 or self.sample_rate >= 1.0
-
-
-class SitOut(PrivacyBudgetExceeded):  # a refusal the site planned, not an error of the run
-    """The site's run plan trains every ``period``-th round only, and this round is not one of them."""
 
 
 def sampling(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:

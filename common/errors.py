@@ -7,14 +7,15 @@ carry patient data or absolute site paths: a site id and a file index are enough
 from __future__ import annotations
 
 __all__ = [
-    "EXIT_CODES",
     "ConfigError",
     "DatasetUnavailableError",
+    "EXIT_CODES",
     "IncompatibleUpdateError",
     "MedfedError",
     "PolicyRefusal",
     "PrivacyBudgetExceeded",
     "RunFailed",
+    "SitOut",
     "SiteDataError",
 ]
 
@@ -55,6 +56,12 @@ class PrivacyBudgetExceeded(MedfedError):
     exit_code = 6
 
 
+class SitOut(PrivacyBudgetExceeded):  # a refusal the site planned, not an error of the run
+    """A site's DP run plan trains every few rounds only (its cap fits no more), and this round is not one of them."""
+
+    exit_code = 9
+
+
 class PolicyRefusal(MedfedError):
     """A hospital's own policy (its site config) refuses what the coordinator asked: DP switched off, a stage it
     does not answer, a request over its limits."""
@@ -82,6 +89,7 @@ EXIT_CODES: dict[int, str] = {
         "A model update does not match the global model: all sites must run the same model config."
     ),
     PrivacyBudgetExceeded.exit_code: "A site reached its privacy cap: it stopped training to stay within its budget.",
+    SitOut.exit_code: "A site sat a round out, as the privacy plan it made for the run says (not an error).",
     RunFailed.exit_code: "No hospital answered: read the reasons above and the hospitals' logs.",
     PolicyRefusal.exit_code: (
         "A hospital's policy refused the request: change the recipe to one its site config allows (see the reason)."

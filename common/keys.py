@@ -171,7 +171,7 @@ class SiteRefusal(StrEnum):
 
     PRIVACY_BUDGET = "PrivacyBudgetExceeded"  # the hospital is at its privacy cap (medfed.common.errors)
     POLICY = "PolicyRefusal"  # the hospital's site policy refuses the request (medfed.common.errors)
-    SIT_OUT = "SitOut"  # the hospital's DP run plan trains in other rounds (medfed.client.privacy.SitOut)
+    SIT_OUT = "SitOut"  # the hospital's DP run plan trains in other rounds (medfed.common.errors)
 
 
 _REFUSAL = re.compile(r"(?:^|[\s<'\"])(" + "|".join(m.value for m in SiteRefusal) + r"): ")
