@@ -80,7 +80,8 @@ def hospital_init(
     require_secure_aggregation: Annotated[bool, typer.Option(
         help="Send updates only under SecAgg+ (privacy.secure_aggregation=true).")] = False,
     stages: Annotated[str, typer.Option(
-        help="The requests the site answers, comma-separated (add gradcam to let it write explanation maps).")]
+        help="The requests the site answers, comma-separated (add gradcam to let it write explanation maps, audit "
+             "to let it run the membership-inference audit, whose numbers DP does not cover).")]
         = ",".join(DEFAULT_STAGES),
     data: DeprecatedDataOpt = None,
 ) -> None:
