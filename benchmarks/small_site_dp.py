@@ -89,7 +89,8 @@ def bench(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
             *(["train.rounds=2"] if quick else [])]
     pretrained = _pretrain_public(name, data_dir, work, quick)
     variants = {"scatternet": ["model=scatternet"],
-                "public-pretrained": ["model=smallcnn", f"model.pretrained={pretrained}", "model.finetune=linear_probe"]}
+                "public-pretrained": ["model=smallcnn", f"model.pretrained={pretrained}",
+                                      "model.finetune=linear_probe"]}
     out: dict[str, Any] = {}
     for variant, model in variants.items():
         runs: dict[str, Any] = {}
@@ -265,7 +266,8 @@ def main() -> None:
     total = time.time() - started + (kept.get("total_s", 0.0) if args.skip_utility else 0.0)
     previous = REPO / "benchmarks" / "results" / "privacy.json"
     smallcnn = json.loads(previous.read_text()) if previous.is_file() else {}
-    command = "python benchmarks/small_site_dp.py --data-dir ../shared/data/medmnist" + (" --quick" if args.quick else "")
+    command = ("python benchmarks/small_site_dp.py --data-dir ../shared/data/medmnist"
+               + (" --quick" if args.quick else ""))
     section = render(results or {}, smallcnn.get("utility", {}), smallcnn.get("utility_measured", "earlier"), total,
                      command, speed)
     print(section)

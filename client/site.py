@@ -89,7 +89,7 @@ class SiteConfig:
     spatial_dims: int = 2
     cache_dir: str | None = None
     # the site's policy, checked at every message (client.policy): DP required unless it opts out for research,
-    # SecAgg+ required if it says so, the stages it answers (Grad-CAM, audit off unless listed), its own calibration grid
+    # SecAgg+ required if it says so, the stages it answers (Grad-CAM, audit off unless listed), its calibration grid
     require_dp: bool = True
     require_secure_aggregation: bool = False
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))

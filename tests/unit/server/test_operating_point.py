@@ -76,8 +76,9 @@ def test_the_coordinator_pools_the_sites_exact_counts_into_one_threshold() -> No
     for site, (labels, p1) in {"a": (np.array([0, 0, 0, 1]), np.array([0.61, 0.66, 0.64, 0.81])),
                                "b": (np.array([1, 1, 0]), np.array([0.76, 0.91, 0.67]))}.items():
         stats = EvalStatistics.of(labels, _binary_probs(p1)).vector()
+        counts = {f"{keys.VAL_STAT_PREFIX}{i}": float(v) for i, v in enumerate(stats)}
         replies[site] = {f"{keys.EVAL_PREFIX}auc": float(rng.random()), f"{keys.EVAL_PREFIX}acc": 0.5,
-                         keys.N_VAL: len(labels), **{f"{keys.VAL_STAT_PREFIX}{i}": float(v) for i, v in enumerate(stats)}}
+                         keys.N_VAL: len(labels), **counts}
 
     # Execute
     val = weighted_metrics(site_rounds({}, replies))
