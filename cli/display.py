@@ -118,14 +118,19 @@ def operating_point_table(summary: Mapping[str, Any]) -> Table | None:
     table.add_column("")
     for name in ("threshold", "bal acc", "sensitivity", "specificity", "acc"):
         table.add_column(name, justify="right")
-    rows = [("validation (pooled)", point.get("val") or {}, point.get("threshold")),
-            ("test at the threshold", point.get("test"), point.get("threshold")),
-            ("test at 0.5", point.get("test_at_0.5"), 0.5)]
-    for label, values, threshold in rows:
-        if values:
-            table.add_row(label, fmt(threshold, 2), fmt(values.get("bal_acc")), fmt(values.get("sensitivity")),
-                          fmt(values.get("specificity")), fmt(values.get("acc")))
+    for label, threshold, *rates in operating_point_rows(point):
+        table.add_row(label, fmt(threshold, 2), *(fmt(r) for r in rates))
     return table
+
+
+def operating_point_rows(point: Mapping[str, Any]) -> list[list[Any]]:
+    """The operating point's rows, as values: decisions, threshold, balanced accuracy, sensitivity, specificity,
+    accuracy (validation pooled, test at the threshold, test at 0.5; a part the summary lacks is left out)."""
+    parts = (("validation (pooled)", point.get("val"), point.get("threshold")),
+             ("test at the threshold", point.get("test"), point.get("threshold")),
+             ("test at 0.5", point.get("test_at_0.5"), 0.5))
+    return [[label, threshold, *(values.get(k) for k in ("bal_acc", "sensitivity", "specificity", "acc"))]
+            for label, values, threshold in parts if values]
 
 
 def audit_table(summary: Mapping[str, Any]) -> Table | None:

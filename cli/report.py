@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.cli.display import operating_point_rows
 from medfed.common.errors import ConfigError
 from medfed.common.metrics import reliability_bins, roc_curve
 
@@ -213,12 +214,8 @@ def _summary_tables(summary: Mapping[str, Any]) -> str:
     if point:
         parts.append(f"<h3>Decision threshold {_fmt(point.get('threshold'))}, chosen on the hospitals' pooled "
                      f"validation counts (round {_fmt(point.get('round'))}); the test set never chose it</h3>")
-        rows = [[label, threshold, (values or {}).get("bal_acc"), (values or {}).get("sensitivity"),
-                 (values or {}).get("specificity"), (values or {}).get("acc")]
-                for label, values, threshold in (("validation (pooled)", point.get("val"), point.get("threshold")),
-                                                 ("test at the threshold", point.get("test"), point.get("threshold")),
-                                                 ("test at 0.5", point.get("test_at_0.5"), 0.5)) if values]
-        parts.append(_table(rows, ["decisions", "threshold", "balanced acc", "sensitivity", "specificity", "acc"]))
+        parts.append(_table(operating_point_rows(point),
+                            ["decisions", "threshold", "balanced acc", "sensitivity", "specificity", "acc"]))
     audit = summary.get("audit") or {}
     if audit.get("sites"):
         parts.append("<h3>Privacy audit: membership inference by each hospital on its own data</h3>"

@@ -105,18 +105,16 @@ def has_fixed_front_end(model: nn.Module) -> bool:
     return _front_end(model) is not None
 
 
-def _front_end(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """The head module and the identity of the fixed front end, or None when the whole model trains."""
+def _front_end(model: nn.Module) -> tuple[nn.Module, str | None] | None:
+    """The head module and the identity of the fixed front end (the feature cache's key; None for a frozen encoder,
+    whose features are not cached: it travels with the model and FedAvg's weighted sum does not give it back bit
+    for bit), or None when the whole model trains."""
     if isinstance(model, ScatterNet):
         return _ScatterHead(model), model.front_key()
     if isinstance(model, PooledClassifier) and all(
         not p.requires_grad for n, p in model.named_parameters() if not n.startswith("head.")
     ) and any(p.requires_grad for p in model.head.parameters()):
-        digest = hashlib.sha256()
-        for name, tensor in model.encoder.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().numpy().tobytes())
-        return _ProbeHead(model), f"{type(model).__name__}-encoder-{digest.hexdigest()[:16]}"
+        return _ProbeHead(model), None
     return None
 
 
@@ -154,22 +152,19 @@ def frozen_head(
 
     The features are read from ``cache_dir`` when an earlier round (or run) computed them for the same images,
     front end, views and seed, else computed (in eval mode, without gradients) and written there atomically. Only a
-    scatternet's features are cached: a frozen encoder's are computed each call (see below).
+    scatternet's features are cached: a frozen encoder's are computed each call (see :func:`_front_end`).
     """
     found = _front_end(model)
     if found is None:
         return None
     head, front = found
-    if not isinstance(model, ScatterNet):
-        # a frozen encoder still travels with the model and FedAvg's weighted sum does not give it back bit for bit,
-        # so its features are computed afresh each round (one forward pass) instead of piling up cache files
-        cache_dir = None
-    digest = hashlib.sha256()
-    for part in (front, str(views), str(seed), repr(augment) if views > 1 else "", str(data.images.shape)):
-        digest.update(part.encode())
-    digest.update(np.ascontiguousarray(data.images).tobytes())
-    key = digest.hexdigest()[:24]
-    path = cache_dir / f"features-{key}.npy" if cache_dir is not None else None
+    path = None
+    if front is not None and cache_dir is not None:  # (a frozen encoder's features: one forward pass per call)
+        digest = hashlib.sha256()
+        for part in (front, str(views), str(seed), repr(augment) if views > 1 else "", str(data.images.shape)):
+            digest.update(part.encode())
+        digest.update(np.ascontiguousarray(data.images).tobytes())
+        path = cache_dir / f"features-{digest.hexdigest()[:24]}.npy"
     if path is not None and path.is_file():
         try:
             cached = np.load(path, allow_pickle=False)

@@ -224,9 +224,11 @@ class EvalStatistics:
         Noised counts (``noise_std`` > 0, the standard deviation of the noise in each entry): an edge replaces 0.5
         only where its balanced accuracy beats 0.5's by more than one standard error of that difference (a
         parametric bootstrap at the known noise scale, seeded: post-processing, no privacy cost), the rule model
-        selection follows; with a class counted below one image, 0.5 stays."""
+        selection follows; with a class counted below one image, or noise of unknown size (``inf``), 0.5 stays."""
         if self.n_classes != 2:
             return None
+        if not math.isfinite(noise_std):  # noise of unknown size: no edge can be shown to beat 0.5
+            return 0.5
         neg, pos = self.histograms[0]
         half = SCORE_BINS // 2
         observed = _balanced_accuracies(neg[None], pos[None])[0]

@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "PersonalizeConfig",
     "ScatterNetConfig",
+    "require_scatter_scale",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ class ModelConfig:
     def factory_options(self) -> dict[str, object]:
         """Keyword arguments the model's factory takes beyond the shared ones (none for the CNNs)."""
         return {}
+
+
+def require_scatter_scale(scatter_j: int, side: int) -> None:
+    """Raise :class:`ConfigError` (naming the largest J that fits) unless images of ``side`` pixels exceed 2^J, as
+    the scattering transform needs."""
+    if side > 2**scatter_j:
+        return
+    largest = 0
+    while 2 ** (largest + 1) < side:
+        largest += 1
+    raise ConfigError(
+        f"model.scatter_j={scatter_j} is too large for {side} px images: the image side must exceed 2^J = "
+        f"{2**scatter_j}. Use model.scatter_j <= {largest}, or larger images."
+    )
 
 
 @dataclass

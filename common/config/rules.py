@@ -194,16 +194,11 @@ def scatternet_fits(cfg: Config) -> None:
     """The scattering transform needs images wider than 2^J, and its model has no encoder to pretrain or explain."""
     if cfg.model.name != "scatternet":
         return
-    from medfed.common.config.model import ScatterNetConfig
+    from medfed.common.config.model import ScatterNetConfig, require_scatter_scale
 
-    model = cfg.model
     side = _dataset_side(cfg)
-    if isinstance(model, ScatterNetConfig) and side is not None and side <= 2**model.scatter_j:
-        largest = max(j for j in range(1, 7) if 2**j < side) if side > 2 else 0
-        raise ConfigError(
-            f"model.scatter_j={model.scatter_j} is too large for {side} px images: the image side must exceed "
-            f"2^J = {2**model.scatter_j}. Use model.scatter_j <= {largest}, or larger images."
-        )
+    if isinstance(cfg.model, ScatterNetConfig) and side is not None:
+        require_scatter_scale(cfg.model.scatter_j, side)
     if cfg.task == "ssl":
         raise ConfigError("task=ssl cannot pretrain model=scatternet: its front end is a fixed wavelet transform "
                           "with nothing to learn. Use task=classify, or model=smallcnn / resnet18 for SSL.")

@@ -31,11 +31,12 @@ import logging
 from typing import Any
 
 import torch
+from medfed.common.config.model import require_scatter_scale
 from medfed.common.errors import ConfigError
 from medfed.common.models.registry import register_model
 from torch import nn
 
-__all__ = ["ScatterNet", "max_scatter_j", "scatter_channels", "scatternet"]
+__all__ = ["ScatterNet", "scatter_channels", "scatternet"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,7 @@ class ScatterNet(nn.Module):
     def _front(self, height: int, width: int, device: torch.device) -> Any:
         key = (height, width, str(device))
         if key not in self._fronts:
-            if min(height, width) <= 2**self.scatter_j:
-                raise ConfigError(
-                    f"model.scatter_j={self.scatter_j} is too large for {height} x {width} px images: the image side "
-                    f"must exceed 2^J = {2**self.scatter_j}. Use model.scatter_j <= "
-                    f"{max_scatter_j(min(height, width))} or larger images."
-                )
+            require_scatter_scale(self.scatter_j, min(height, width))
             from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
             self._fronts[key] = ScatteringTorch2D(J=self.scatter_j, shape=(height, width), L=self.scatter_l).to(device)
@@ -194,14 +190,6 @@ class ScatterNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, n_classes)`` of images ``(B, C, *spatial)``."""
         return self.head_views(self.front_features(x)).mean(dim=1)
-
-
-def max_scatter_j(side: int) -> int:
-    """The largest J whose 2^J stays below an image side of ``side`` pixels."""
-    j = 0
-    while 2 ** (j + 1) < side:
-        j += 1
-    return j
 
 
 @register_model("scatternet")

@@ -170,9 +170,6 @@ def _with_threshold(
     """Binary tasks: the operating threshold chosen on the pooled validation counts (``threshold``; noised ones
     move it from 0.5 only by more than the noise's standard error), with the balanced accuracy, sensitivity and
     specificity there (``thr_*``), beside the metrics at 0.5."""
-    if statistics is not None and not math.isfinite(noise_std):  # noise of unknown size: 0.5 stays
-        return {**metrics, "threshold": 0.5, **{f"thr_{k}": v for k, v in statistics.metrics_at(0.5).items()}} \
-            if statistics.n_classes == 2 else metrics
     threshold = statistics.threshold(noise_std) if statistics is not None else None
     if statistics is None or threshold is None:
         return metrics
