@@ -12,11 +12,13 @@ epsilon is 0.75 x the target: `privacy.eval_share=0.25` goes to the metered eval
     python benchmarks/scatternet_sweep.py --data-dir ../shared/data/medmnist            # ~15 min on 2 cores
     python benchmarks/scatternet_sweep.py --datasets breastmnist --pools 2 --epsilons 6 # one cell
     python benchmarks/scatternet_sweep.py --datasets breastmnist --pooled-ceiling       # the diagnostic
+    python benchmarks/scatternet_sweep.py --pools 2 --epsilons 6 0.75 0 --grid 20:1:256:1 --norms default orders
 
 Configurations tried on 2026-12-06 before the recipe in common/config/private_recipes.py was fixed (pool 2, SGD
 momentum 0.9, lr 1.0, batch 256, 20 rounds x 1 local epoch): about 46 on BreastMNIST (pool 1-7, normalisation,
 rounds 10-40, local epochs 1-10, batch 32-256, lr 0.05-3, SGD/Adam; epsilon 8, 6, 1, 0.75 and none) and 14 on
-PneumoniaMNIST; docs/benchmarks.md ("Small-site DP") keeps the table. In a real deployment every configuration tried
+PneumoniaMNIST; later, per-image normalisations over other groups of maps (`--norms`), which brought the totals to
+about 77 and 29. docs/benchmarks.md ("Small-site DP") keeps the tables. In a real deployment every configuration tried
 on the hospitals' data spends privacy too.
 """
 
@@ -39,9 +41,41 @@ sys.path.insert(0, str(REPO))
 logger = logging.getLogger("benchmarks.scatternet_sweep")
 
 
-def _features(model: torch.nn.Module, images: np.ndarray, pool: int) -> torch.Tensor:
+NORMS = ("default", "orders", "orientations", "orders-rms", "order0-rest")
+
+
+def _norm_groups(j: int, l: int, norm: str) -> list[list[int]]:
+    """Channel groups of one input channel's scattering maps (kymatio's order: order 0; order 1 by scale, then
+    angle; order 2 by (j1, angle1), then (j2 > j1, angle2)) for a per-image normalisation variant."""
+    keys: list[tuple[int, ...]] = [(0,)] + [(1, j1) for j1 in range(j) for _ in range(l)]
+    keys += [(2, j1, j2, a1) for j1 in range(j) for a1 in range(l) for j2 in range(j1 + 1, j) for _ in range(l)]
+    if norm in ("orders", "orders-rms"):
+        keys = [k[:3] for k in keys]  # (order, scales): angles pooled
+    elif norm == "order0-rest":
+        keys = [k[:1] if k[0] == 0 else (1,) for k in keys]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def _features(model: torch.nn.Module, images: np.ndarray, pool: int, norm: str = "default") -> torch.Tensor:
+    """Pooled features of ``images``: the model's own (``default``, per-image GroupNorm over triples of maps) or a
+    per-image normalisation over other groups of maps (the comparison in docs/benchmarks.md; grey images)."""
     with torch.no_grad():
-        f = model.front_features(torch.from_numpy(images))
+        x = torch.from_numpy(images)
+        if norm == "default":
+            f = model.front_features(x)
+        else:
+            f = model._front(x.shape[-2], x.shape[-1], x.device)(x.contiguous()).flatten(1, 2)
+            for group in _norm_groups(model.scatter_j, model.scatter_l, norm):
+                part = f[:, group]
+                if norm == "orders-rms":
+                    part = part / (part.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-6)
+                else:
+                    part = (part - part.mean(dim=(1, 2, 3), keepdim=True)) / (part.std(dim=(1, 2, 3), keepdim=True)
+                                                                             + 1e-6)
+                f[:, group] = part
         return torch.nn.functional.adaptive_avg_pool2d(f, pool).reshape(len(images), -1)
 
 
@@ -114,6 +148,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
     parser.add_argument("--pools", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[6.0, 0.75])
+    parser.add_argument("--norms", nargs="+", default=["default"], choices=NORMS,
+                        help="per-image normalisations to compare (default: the model's own)")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="ROUNDS:EPOCHS:BATCH:LR",
+                        help="head recipes to try (default: the three the recipe was chosen from)")
     parser.add_argument("--pooled-ceiling", action="store_true",
                         help="only the diagnostic: pooled non-DP logistic regression, test AUC (selects nothing)")
     args = parser.parse_args()
@@ -125,6 +163,8 @@ def main() -> None:
 
     model = build_model(ScatterNetConfig(), spatial_dims=2, in_channels=1, n_classes=2)
     grid = [(20, 1, 256, 1.0), (20, 1, 256, 3.0), (20, 2, 256, 1.0)]  # rounds, local epochs, batch, lr
+    if args.grid:
+        grid = [(int(r), int(e), int(b), float(lr)) for r, e, b, lr in (g.split(":") for g in args.grid)]
     for name in args.datasets:
         cfg = compose_config(["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={args.data_dir}",
                               "federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5",
@@ -136,14 +176,14 @@ def main() -> None:
             _, test = load_test_set(cfg)
             pooled_ceiling(sites, (test.images, test.labels), model, [1, 2, 3, 4, 7])
             continue
-        for pool in args.pools:
-            train = [(_features(model, s.train.images, pool), torch.from_numpy(s.train.labels)) for s in sites]
-            val = (torch.cat([_features(model, s.val.images, pool) for s in sites]),
+        for norm, pool in itertools.product(args.norms, args.pools):
+            train = [(_features(model, s.train.images, pool, norm), torch.from_numpy(s.train.labels)) for s in sites]
+            val = (torch.cat([_features(model, s.val.images, pool, norm) for s in sites]),
                    np.concatenate([s.val.labels for s in sites]))
             for epsilon, (rounds, epochs, batch, lr) in itertools.product(args.epsilons, grid):
-                last, best = run(train, val, epsilon=epsilon, rounds=rounds, epochs=epochs, batch=batch, lr=lr)
-                logger.info("%s pool %d epsilon %g: %d rounds x %d epochs, batch %d, lr %g: validation AUC last %.3f "
-                            "best %.3f", name, pool, epsilon, rounds, epochs, batch, lr, last, best)
+                last, best = run(train, val, epsilon=epsilon or None, rounds=rounds, epochs=epochs, batch=batch, lr=lr)
+                logger.info("%s norm %s pool %d epsilon %g: %d rounds x %d epochs, batch %d, lr %g: validation AUC "
+                            "last %.3f best %.3f", name, norm, pool, epsilon, rounds, epochs, batch, lr, last, best)
 
 
 if __name__ == "__main__":
