@@ -39,6 +39,11 @@ RECIPES: dict[str, list[str]] = {
 FEDERATION = ["federation.hospitals=5", "federation.partition=dirichlet", "federation.alpha=0.5", "federation.seed=0"]
 
 
+# medfed's exit code for a run in which every hospital refused to train at its privacy cap: the run still has a
+# summary.json, and its row says so
+TRAINED_NOWHERE = 6  # medfed.common.errors.PrivacyBudgetExceeded.exit_code (tests/unit/test_cli.py checks it)
+
+
 def run_medfed(args: list[str], *, cwd: Path, timeout: float) -> tuple[int, float, str]:
     """Run one `medfed` command in its own session; always kill its process group by PID afterwards."""
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONPATH=str(REPO))

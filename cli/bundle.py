@@ -49,6 +49,7 @@ dependencies = []  # a site never installs packages at run time: the app runs on
 "{mode}" = "deployment"
 "{resume}" = false
 "{t0}" = 0.0
+"{node_names}" = "{{}}"
 """
 
 
@@ -76,7 +77,8 @@ def staged_app() -> Iterator[Path]:
                     shutil.copyfile(path, target)
         (root / "pyproject.toml").write_text(
             _PYPROJECT.format(version=_medfed_version(), app_section=APP_SECTION, overrides=RUN_CONFIG_OVERRIDES, run_dir=keys.RUN_DIR,
-                              mode=keys.RUN_MODE, resume=keys.RUN_RESUME, t0=keys.RUN_T0),
+                              mode=keys.RUN_MODE, resume=keys.RUN_RESUME, t0=keys.RUN_T0,
+                              node_names=keys.RUN_NODE_NAMES),
             encoding="utf-8",
         )
         yield root

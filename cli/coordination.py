@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from medfed.common.config import Config
     from medfed.server.coordinator import Coordinator
 
-__all__ = ["CoordDir", "LaunchedRun", "launch_run", "open_coordinator", "save_settings"]
+__all__ = ["CoordDir", "LaunchedRun", "deployment_run_config", "launch_run", "open_coordinator", "save_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,23 @@ def save_settings(directory: Path, address: str, insecure: bool, tls_dir: Path |
         json.dump(settings, handle, indent=2)
 
 
+def deployment_run_config(
+    run_path: Path, *, resume: bool, names: dict[int, str]
+) -> dict[str, str | int | float | bool]:
+    """The run config keys a deployment run gets beside its overrides (each must be declared in the app bundle's
+    pyproject, or Flower refuses the run)."""
+    from medfed.common import keys
+
+    return {keys.RUN_DIR: str(run_path), keys.RUN_MODE: "deployment", keys.RUN_RESUME: resume,
+            keys.RUN_T0: time.time(), keys.RUN_NODE_NAMES: json.dumps({str(k): v for k, v in names.items()})}
+
+
 def launch_run(
     directory: Path, overrides: list[str], run_dir: Path | None, *, resume: bool = False,
     note: dict[str, Any] | None = None,
 ) -> LaunchedRun:
     """Launch a training run of this installation's app bundle on the coordinator."""
     from medfed.cli.bundle import staged_app
-    from medfed.common import keys
     from medfed.common.config import compose_config, run_config_from_overrides
     from medfed.server.runs import RunDirectory
 
@@ -75,9 +85,8 @@ def launch_run(
     run_path = (run_dir or coordinator.runs_dir / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
     if not resume and RunDirectory(run_path).metrics_path.exists():
         raise ConfigError(f"--run-dir {run_path} already holds a run; choose another or pass --resume.")
-    extras: dict[str, str | int | float | bool] = {keys.RUN_DIR: str(run_path), keys.RUN_MODE: "deployment",
-                                                   keys.RUN_RESUME: resume, keys.RUN_T0: time.time()}
-    run_config = run_config_from_overrides(overrides, **extras)
+    names = {node: entry["name"] for node, entry in coordinator.node_names().items()}
+    run_config = run_config_from_overrides(overrides, **deployment_run_config(run_path, resume=resume, names=names))
     with staged_app() as app_dir:
         run_id = coordinator.launch(app_dir, run_config, note=note)
     return LaunchedRun(run_id, run_path, cfg)

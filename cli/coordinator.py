@@ -10,19 +10,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from medfed.cli.coordination import CoordDir, launch_run, open_coordinator, save_settings
-from medfed.cli.display import fail
+from medfed.cli.display import fail, folded, make_console
 from medfed.common.errors import MedfedError
 
 __all__ = ["coordinator_app", "hospitals_app", "resume_interrupted"]
 
 logger = logging.getLogger(__name__)
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 coordinator_app = typer.Typer(help="The coordinator's daemon: certificates and the Flower SuperLink.")
 hospitals_app = typer.Typer(help="Hospitals known to the coordinator (their SuperNode keys).")
@@ -41,12 +40,19 @@ def coordinator_init(
 
     try:
         create_ca(directory, force=force)
-        create_server_certificate(directory, load_ca(directory), host, force=force)
+        create_server_certificate(directory, load_ca(directory), _with_listen_host(host, address), force=force)
         save_settings(directory, address, insecure=False)
     except MedfedError as exc:
         fail(exc)
     console.print(f"coordinator directory {directory}: give every hospital [bold]{directory / 'ca.crt'}[/] "
                   "(never ca.key or server.key)")
+
+
+def _with_listen_host(hosts: list[str], address: str) -> list[str]:
+    """``hosts`` and the host the SuperLink listens on, when that is one address rather than all of them (Flower's
+    SuperExec connects there)."""
+    listen = address.rpartition(":")[0].strip("[]")
+    return hosts if listen in ("", "0.0.0.0", "::") or listen in hosts else [*hosts, listen]
 
 
 @coordinator_app.command("renew-cert")
@@ -59,7 +65,8 @@ def coordinator_renew_cert(
 
     try:
         coordinator = open_coordinator(directory)
-        cert, _ = create_server_certificate(coordinator.tls_dir, load_ca(directory), host, force=True)
+        cert, _ = create_server_certificate(coordinator.tls_dir, load_ca(directory),
+                                            _with_listen_host(host, coordinator.address), force=True)
     except MedfedError as exc:
         fail(exc)
         return
@@ -173,15 +180,30 @@ def hospitals_unregister(node_id: int, directory: CoordDir) -> None:
 
 
 @hospitals_app.command("list")
-def hospitals_list(directory: CoordDir) -> None:
-    """Registered hospitals and whether they are online."""
+def hospitals_list(
+    directory: CoordDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hospitals as JSON (all fields).")] = False,
+) -> None:
+    """Registered hospitals: their names, whether they are online, their keys' fingerprints."""
+    import json
+
     try:
-        nodes = open_coordinator(directory).nodes()
+        coordinator = open_coordinator(directory)
+        nodes, names = coordinator.nodes(), coordinator.node_names()
     except MedfedError as exc:
         fail(exc)
         return
-    table = Table("node id", "status", "online since", "registered")
+    rows = []
     for node in nodes:
-        table.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at")),
-                      str(node.get("created-at")))
-    console.print(table)
+        known = names.get(int(str(node.get("node-id"))), {})
+        rows.append({"name": known.get("name", ""), "node-id": str(node.get("node-id")),
+                     "status": node.get("status"), "online-at": node.get("online-at"),
+                     "registered-at": node.get("created-at"), "fingerprint": known.get("fingerprint", "")})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table("name", "node id", "status", "online since", "registered", "key fingerprint")
+    for row in rows:
+        table.add_row(*(str(row[k] or "") for k in ("name", "node-id", "status", "online-at", "registered-at",
+                                                     "fingerprint")))
+    console.print(folded(table))

@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 
 import typer
-from rich.console import Console
 
 from medfed.cli.coordinator import coordinator_app, hospitals_app
+from medfed.cli.display import make_console
 from medfed.cli.hospital import hospital_app
 from medfed.cli.runs import runs_app, train
 
@@ -38,7 +38,7 @@ __all__ = ["register_commands"]
 
 logger = logging.getLogger(__name__)
 
-console = Console()
+console = make_console()
 
 
 def show_bundle_hash() -> None:

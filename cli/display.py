@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,14 +17,31 @@ from rich.table import Table
 
 from medfed.common.errors import EXIT_CODES, MedfedError
 
-__all__ = ["RoundFollower", "fail", "fmt", "print_round", "summary_table"]
+__all__ = ["RoundFollower", "fail", "fmt", "folded", "make_console", "print_round", "summary_table"]
 
 logger = logging.getLogger(__name__)
+
+WIDE = 240  # the width of output that is no terminal (a pipe, a file, a CI log): rich would cut it at 80 columns
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console whose tables are never cut: a terminal's own width (tables fold long cells, see :func:`folded`),
+    else ``WIDE`` columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else WIDE)
+
+
+def folded(table: Table) -> Table:
+    """``table`` with every column folding a long value (a run directory, a sha256) onto more lines instead of
+    cutting it with an ellipsis."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
 
 
 def fail(exc: MedfedError) -> NoReturn:
     """Print a medfed error and what its exit code means on stderr, then exit with that code."""
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     err.print(f"[bold red]error:[/] {exc}", highlight=False)
     err.print(f"[dim]{EXIT_CODES.get(exc.exit_code, '')}[/]", highlight=False)
     raise typer.Exit(exc.exit_code)
@@ -155,10 +173,10 @@ def audit_table(summary: Mapping[str, Any]) -> Table | None:
 
 def print_summary(console: Console, summary: Mapping[str, Any], title: str) -> None:
     """The run's final tables: the summary, the decision threshold (binary tasks) and the privacy audit (if any)."""
-    console.print(summary_table(summary, title))
+    console.print(folded(summary_table(summary, title)))
     for table in (operating_point_table(summary), audit_table(summary)):
         if table is not None:
-            console.print(table)
+            console.print(folded(table))
 
 
 def summary_table(summary: Mapping[str, Any], title: str) -> Table:

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from medfed.cli.display import fail
+from medfed.cli.display import fail, folded, make_console
 from medfed.cli.hospital_tools import add_local_tools
 from medfed.client.policy import DEFAULT_STAGES, parse_stages
 from medfed.common.errors import ConfigError, MedfedError
@@ -24,8 +23,8 @@ __all__ = ["hospital_app"]
 
 logger = logging.getLogger(__name__)
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 # `--data` was the data path's name before `--data-path` (site.yaml's data_path, dataset.data_path): still taken
 DeprecatedDataOpt = Annotated[Path | None, typer.Option("--data", hidden=True, help="Deprecated: --data-path.")]
@@ -43,6 +42,16 @@ def _data_path(data_path: Path | None, deprecated: Path | None) -> Path | None:
 hospital_app = typer.Typer(help="A hospital's own side: site config, keys, approved code, the client daemon.")
 
 SiteOpt = Annotated[Path, typer.Option("--config", help="The hospital's site config (site.yaml).")]
+
+
+def _require_checks(checks: list[Any], command: str) -> None:
+    """Print each failed check on its own line and refuse (a ConfigError) when any failed."""
+    failed = [c for c in checks if not c.ok]
+    for check in failed:
+        err_console.print(f"[red]{check.line()}[/]", highlight=False)
+    if failed:
+        raise ConfigError(f"{command}: {len(failed)} check(s) failed ({', '.join(c.name for c in failed)}); fix "
+                          "them as each line above says and run it again.")
 
 
 @hospital_app.command("init")
@@ -87,6 +96,7 @@ def hospital_init(
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
     from medfed.client.site import SiteConfig, write_site_config
+    from medfed.client.site_checks import local_checks
     from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
 
     try:
@@ -96,7 +106,6 @@ def hospital_init(
         config_path = Path(directory) / "site.yaml"
         if config_path.exists() and not force:
             raise KeyExists(config_path)
-        _, pub = create_node_keys(directory, force=force)
         approved = []
         if approve_installed:
             from medfed.cli.bundle import bundle_hash
@@ -110,13 +119,20 @@ def hospital_init(
             runtime_port=runtime_port, approved_apps=approved, state_dir=state_dir, threads=threads,
             classes=classes.split(",") if classes else [], image_size=image_size, require_dp=require_dp,
             require_secure_aggregation=require_secure_aggregation, stages=list(parse_stages(stages, key="--stages")),
+            source=config_path.resolve(),
         )
+        _require_checks(local_checks(site, keys=False), "medfed hospital init")  # before any file is written
+        _, pub = create_node_keys(directory, force=force)
         write_site_config(site, config_path)
         fingerprint = public_key_fingerprint(pub.read_bytes())
     except MedfedError as exc:
         fail(exc)
         return
     console.print(f"site {site_id}: wrote {config_path}; send [bold]{pub}[/] ({fingerprint}) to the coordinator")
+    if secure_rng and importlib.util.find_spec("torchcsprng") is None:
+        err_console.print("note: DP rounds need the secure RNG this site asks for (secure_rng: true), and torchcsprng "
+                          "is not installed here: run `medfed hospital install-secure-rng` before the first DP run "
+                          "(or init with --no-secure-rng for experiments).", highlight=False)
 
 
 @hospital_app.command("approve")
@@ -147,16 +163,24 @@ def hospital_start(
     """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
     from medfed.client.daemon import HospitalDaemon
     from medfed.client.site import load_site_config, site_policy
+    from medfed.client.site_checks import local_checks, network_checks
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         site = load_site_config(config)
+        _require_checks(local_checks(site, keys=True), "medfed hospital start")
+        if not insecure:
+            for check in network_checks(site):  # the daemon keeps trying: a coordinator may come up later
+                if not check.ok:
+                    err_console.print(f"warning: {check.name}: {check.message} The daemon keeps trying.",
+                                      highlight=False)
         if not site.approved_apps:
             err_console.print("warning: approved_apps is empty, so every run will be refused; see "
                               "`medfed hospital approve`.")
         if site.secure_rng and importlib.util.find_spec("torchcsprng") is None:
             err_console.print("warning: secure_rng is true but torchcsprng is not installed, so every DP round will "
-                              "be refused; see docs/operations.md, 'A secure RNG for DP' (or set secure_rng: false "
-                              "in the site config for experiments).")
+                              "be refused; install it with `medfed hospital install-secure-rng` (or set "
+                              "secure_rng: false in the site config for experiments).")
         daemon = HospitalDaemon(site, insecure=insecure)
     except MedfedError as exc:
         fail(exc)
@@ -167,6 +191,76 @@ def hospital_start(
         console.print(f"  (defaults applied for {', '.join(site.defaults_applied)}: the site config does not set "
                       "them; write them in site.yaml to make the choice explicit)", highlight=False)
     raise typer.Exit(daemon.run())
+
+
+@hospital_app.command("install-secure-rng")
+def hospital_install_secure_rng(
+    dry_run: Annotated[bool, typer.Option(help="Print the command, run nothing.")] = False,
+) -> None:
+    """Build and install the secure RNG that DP rounds need (secure_rng: true, the default): torchcsprng from its
+    pinned source, into this medfed's environment. Needs network access to GitHub and a C++ compiler (about 40 s
+    on 2 cores); the hospital image has it built in. Then checks that it draws random numbers."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from medfed.client.privacy import secure_rng_install_command, secure_rng_problem
+
+    command = secure_rng_install_command(sys.executable)
+    console.print(" ".join(command), highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    if subprocess.run(command, check=False).returncode != 0:
+        err_console.print("error: the build failed (see pip's output above): it needs network access to "
+                          "github.com, git and a C++ compiler (e.g. apt install git g++). Without it, DP rounds run "
+                          "only at sites that set secure_rng: false (experiments).", highlight=False)
+        raise typer.Exit(1)
+    problem = secure_rng_problem(torch.device("cpu"))
+    if problem is not None:
+        err_console.print(f"error: installed, but {problem}.", highlight=False)
+        raise typer.Exit(1)
+    console.print("torchcsprng works: DP rounds at sites with secure_rng: true can run (restart the daemon).")
+
+
+@hospital_app.command("doctor")
+def hospital_doctor(
+    config: SiteOpt,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator's TLS handshake.")] = 5.0,
+) -> None:
+    """Check a site as `hospital start` does, on a running site too: its config, data, CA certificate, node key,
+    the TLS handshake with the coordinator, the daemon's process and the secure RNG. One line per check; exits
+    non-zero when any fails."""
+    from medfed.client.daemon import PID_FILE
+    from medfed.client.site import load_site_config
+    from medfed.client.site_checks import Check, local_checks, network_checks
+    from medfed.common.processes import pid_alive
+
+    try:
+        site = load_site_config(config)
+    except MedfedError as exc:
+        fail(exc)
+        return
+    checks = [Check("site config", True, f"{site.source} is valid (site {site.site_id})."),
+              *local_checks(site, keys=True), *network_checks(site, timeout=timeout)]
+    pid_file = site.state_path / PID_FILE
+    pid = pid_file.read_text(encoding="utf-8").strip() if pid_file.is_file() else ""
+    if pid.isdigit() and pid_alive(int(pid)):
+        checks.append(Check("daemon", True, f"running as pid {pid}."))
+    else:
+        checks.append(Check("daemon", False, "not running; start it with `medfed hospital start --config "
+                                             f"{config}`."))
+    if site.secure_rng:
+        has = importlib.util.find_spec("torchcsprng") is not None
+        checks.append(Check("secure_rng", has, "torchcsprng is installed." if has else
+                            "secure_rng is true but torchcsprng is not installed, so every DP round is refused; "
+                            "run `medfed hospital install-secure-rng` (or secure_rng: false for experiments)."))
+    if not site.approved_apps:
+        checks.append(Check("approved_apps", False, "empty, so every run is refused; see `medfed hospital approve`."))
+    for check in checks:
+        (console if check.ok else err_console).print(check.line(), highlight=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(ConfigError.exit_code)
 
 
 @hospital_app.command("audit")
@@ -194,7 +288,7 @@ def hospital_audit(
                       str(e.get("round", "")), str(e.get("stage") or e.get("type") or ""), str(e.get("bytes", "")),
                       str(e.get("sha256") or e.get("fab_sha256", ""))[:16],
                       "-" if e.get("epsilon") is None else f"{e['epsilon']:.3f}", str(e.get("refusal") or ""))
-    console.print(table)
+    console.print(folded(table))
 
 
 budget_app = typer.Typer(help="This site's privacy budget: spent, cap and remaining, per ledger.",
@@ -250,7 +344,7 @@ def hospital_budget(
         table.add_row(row["ledger"][:12], str(row["rounds"]), str(row["steps"]), str(row["evaluations"]),
                       f"{row['spent']:.3f}", f"{100 * row['evaluation_share']:.0f} %", f"{row['cap']:g}",
                       f"{row['remaining']:.3f}")
-    console.print(table if rows else "no privacy ledger yet: this site has not trained with DP")
+    console.print(folded(table) if rows else "no privacy ledger yet: this site has not trained with DP")
 
 
 @budget_app.command("reset")
@@ -333,7 +427,7 @@ def hospital_check(
         table.add_row(f"size {shape}", str(count))
     for modality, count in report.modalities.items():
         table.add_row(f"DICOM modality {modality}", str(count))
-    console.print(table)
+    console.print(folded(table))
     for problem in report.unreadable[:20]:
         console.print(f"  file {problem['index']}: {problem['reason']}")
     if json_out is not None:

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from medfed.cli.display import fail
+from medfed.cli.display import fail, make_console
 from medfed.common.errors import ConfigError, MedfedError
 
 if TYPE_CHECKING:  # the CLI imports numpy and the data package only when a command runs
@@ -21,7 +20,7 @@ __all__ = ["add_local_tools"]
 
 logger = logging.getLogger(__name__)
 
-console = Console()
+console = make_console()
 
 
 ModelOpt = Annotated[Path, typer.Option("--model", help="A trained model: a run's best_model.pt or model.pt.")]

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from medfed.cli.deploy import register_commands
-from medfed.cli.display import RoundFollower, fail, print_summary
+from medfed.cli.display import RoundFollower, fail, make_console, print_summary
 from medfed.cli.privacy_plan import print_plans, privacy_app, site_plans
 from medfed.common.config import Config, compose_config, config_to_yaml
 from medfed.common.environment import flower_environment
@@ -43,7 +42,7 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(privacy_app, name="privacy")
 register_commands(app)
 
-console = Console()
+console = make_console()
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Hydra overrides, key=value (e.g. train.rounds=20).")]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go (default: runs/<time>).")]
@@ -190,10 +189,10 @@ def simulate(
     except MedfedError as exc:
         fail(exc)
         return
-    _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
-    failed = RunDirectory(run_path).unanswered(summary)
-    if failed is not None:  # every hospital failed (not refused): no result to stand behind
+    failed = RunDirectory(run_path).unanswered(summary) or RunDirectory(run_path).trained_nowhere()
+    if failed is not None:  # no hospital trained: no result to stand behind, so no result table
         fail(failed)
+    _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
     if cfg.task == "ssl":
         quality = summary.get("representation") or {}

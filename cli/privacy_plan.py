@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medfed.cli.display import fail
+from medfed.cli.display import fail, folded, make_console
 from medfed.common.errors import ConfigError, MedfedError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["print_plans", "privacy_app", "site_plans"]
 
 privacy_app = typer.Typer(help="Differential privacy: what each hospital would spend, before a run trains.")
-console = Console()
+console = make_console()
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -71,7 +71,7 @@ def print_plans(console: Console, cfg: Config, plans: list[RunPreview]) -> None:
         table.add_row(p.site_id, str(p.n_train), _fmt(p.noise_multiplier), _fmt(p.sample_rate),
                       str(p.steps_per_round), "all" if p.period == 1 else f"1 in {p.period}",
                       _fmt(p.release_noise), _fmt(p.spent), _fmt(p.epsilon_after_run), _fmt(p.cap))
-    console.print(table)
+    console.print(folded(table))
     for p in plans:
         if p.refusal is not None:
             console.print(f"{p.site_id} refuses: {p.refusal}", highlight=False, markup=False)

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from medfed.cli.coordination import CoordDir, launch_run, open_coordinator
-from medfed.cli.display import fail
+from medfed.cli.display import fail, folded, make_console
 from medfed.common.errors import MedfedError
 
 __all__ = ["runs_app", "train"]
 
 logger = logging.getLogger(__name__)
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 runs_app = typer.Typer(help="Training runs on the coordinator: list, follow logs, stop.")
 
@@ -65,14 +65,17 @@ def train(
                         raise typer.Exit(1)
                 time.sleep(0.5)
         summary = target.read_summary()
-        print_summary(console, summary, f"medfed train: run {run_id}")
-        failed = target.unanswered(summary)
-        if failed is not None:  # every hospital failed (not refused): no result to stand behind
+        failed = target.unanswered(summary) or target.trained_nowhere()
+        if failed is not None:  # no hospital trained: no result to stand behind, so no result table
             fail(failed)
+        print_summary(console, summary, f"medfed train: run {run_id}")
 
 
 @runs_app.command("list")
-def runs_list(directory: CoordDir) -> None:
+def runs_list(
+    directory: CoordDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+) -> None:
     """Every run of this coordinator with its status and run directory."""
     try:
         coordinator = open_coordinator(directory)
@@ -80,12 +83,15 @@ def runs_list(directory: CoordDir) -> None:
     except MedfedError as exc:
         fail(exc)
         return
+    rows = [{"run-id": str(run.get("run-id")), "status": run.get("status"), "elapsed-s": float(run.get("elapsed", 0)),
+             "run-dir": index.get(str(run.get("run-id")), {}).get("run-dir")} for run in runs]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
     table = Table("run id", "status", "elapsed s", "run dir")
-    for run in runs:
-        rid = str(run.get("run-id"))
-        table.add_row(rid, str(run.get("status")), f"{float(run.get('elapsed', 0)):.0f}",
-                      str(index.get(rid, {}).get("run-dir", "-")))
-    console.print(table)
+    for row in rows:
+        table.add_row(str(row["run-id"]), str(row["status"]), f"{row['elapsed-s']:.0f}", str(row["run-dir"] or "-"))
+    console.print(folded(table))
 
 
 @runs_app.command("stop")

@@ -73,7 +73,9 @@ class NodeEnv:
 
     @classmethod
     def resolve(cls, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> NodeEnv:
-        """Read a node's environment from its node config (the hospital's word) and the run config."""
+        """Read a node's environment from its node config (the hospital's word) and the run config. A deployed
+        hospital's node config names its site config, which is read again here (every message): its cap, policy,
+        threads and secure-RNG choice are the file's as it is now, not as it was when the daemon started."""
         site_config = node_config.get(keys.NODE_SITE_CONFIG)
         partition = node_config.get(keys.NODE_PARTITION_ID)
         if site_config is None and partition is None:
@@ -82,6 +84,10 @@ class NodeEnv:
                 "daemon started with `medfed hospital start`) nor 'partition-id' (simulation)."
             )
         simulated = site_config is None
+        if not simulated:  # the site config as it is now: the hospital's edits count from its next message on
+            from medfed.client.site import load_site_config, node_config_for
+
+            node_config = {**node_config, **node_config_for(load_site_config(_path(site_config)))}
         if keys.NODE_STATE_DIR in node_config:  # the hospital's node config decides
             state_dir = _path(node_config[keys.NODE_STATE_DIR])
         elif simulated and keys.RUN_STATE_DIR in run_config:  # in simulation the researcher's run config may

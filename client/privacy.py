@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "TORCHCSPRNG_SOURCE",
     "RoundPlan",
     "SitOut",
     "SiteCap",
@@ -38,6 +39,7 @@ __all__ = [
     "plan_release",
     "plan_round",
     "release_noise_for",
+    "secure_rng_install_command",
     "secure_rng_problem",
     "site_cap",
 ]
@@ -100,6 +102,18 @@ def site_cap(federation: FederationConfig, node_config: Mapping[str, object], si
         min_noise=_node_float(node_config, keys.NODE_MIN_NOISE, federation.site_min_noise, 0.0, _MAX_NOISE),
         secure_rng=_node_bool(node_config, keys.NODE_SECURE_RNG),
     )
+
+
+# torchcsprng has no wheel for current torch; the hospital image and `medfed hospital install-secure-rng` build this
+# commit of its source (deploy/docker/Dockerfile's CSPRNG_COMMIT must match: tests/unit/test_deploy.py)
+TORCHCSPRNG_COMMIT = "defa0b556e8c5655693ccde2777b10906d25c034"
+TORCHCSPRNG_SOURCE = f"git+https://github.com/pytorch/csprng@{TORCHCSPRNG_COMMIT}"
+
+
+def secure_rng_install_command(python: str) -> list[str]:
+    """The pip command that builds and installs the pinned torchcsprng into ``python``'s environment (against the
+    torch installed there: no build isolation, no dependencies)."""
+    return [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", TORCHCSPRNG_SOURCE]
 
 
 def secure_rng_problem(device: torch.device) -> str | None:

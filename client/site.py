@@ -38,6 +38,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# the site config's numeric keys and their types (YAML gives strings for typos such as "ten")
+_NUMBERS: dict[str, type] = {"val_fraction": float, "split_seed": int, "max_epsilon": float, "max_delta": float,
+                             "min_noise": float, "runtime_port": int, "image_size": int, "channels": int,
+                             "spatial_dims": int}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -98,6 +102,18 @@ class SiteConfig:
     defaults_applied: tuple[str, ...] = field(default=(), repr=False, compare=False)  # policy keys the file lacks
 
     def __post_init__(self) -> None:
+        for key, kind in _NUMBERS.items():  # a typo ("ten", "1e-5x") names the key, not a Python ValueError
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{key}={value!r} is not a number; write a {kind.__name__} in the site config.")
+            try:
+                number = kind(value) if kind is float or isinstance(value, int) else int(str(value), 10)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a {'number' if kind is float else 'whole number'}; write "
+                                  f"a {kind.__name__} in the site config (e.g. {getattr(SiteConfig, key)!r}).") from None
+            setattr(self, key, number)
+        if not 1 <= self.runtime_port <= 65535:
+            raise ConfigError(f"runtime_port={self.runtime_port!r} is out of range; it must lie in [1, 65535].")
         if not _SITE_ID.match(str(self.site_id)):
             raise ConfigError(
                 f"site_id={self.site_id!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-' (it is shown "

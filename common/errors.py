@@ -15,6 +15,7 @@ __all__ = [
     "PolicyRefusal",
     "PrivacyBudgetExceeded",
     "RunFailed",
+    "ServiceUnavailable",
     "SitOut",
     "SiteDataError",
 ]
@@ -75,6 +76,12 @@ class RunFailed(MedfedError):
     exit_code = 8
 
 
+class ServiceUnavailable(MedfedError):
+    """A service medfed runs or reaches (the SuperLink, the coordinator) did not answer; the message says why."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[int, str] = {
     0: "Success.",
     1: "Unexpected error; see the log above.",
@@ -91,6 +98,7 @@ EXIT_CODES: dict[int, str] = {
     PrivacyBudgetExceeded.exit_code: "A site reached its privacy cap: it stopped training to stay within its budget.",
     SitOut.exit_code: "A site sat a round out, as the privacy plan it made for the run says (not an error).",
     RunFailed.exit_code: "No hospital answered: read the reasons above and the hospitals' logs.",
+    ServiceUnavailable.exit_code: "A service did not answer: read the reason above and the log it names.",
     PolicyRefusal.exit_code: (
         "A hospital's policy refused the request: change the recipe to one its site config allows (see the reason)."
     ),

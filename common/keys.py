@@ -65,6 +65,7 @@ __all__ = [
     "PROXIMAL_MU",
     "RUN_DIR",
     "RUN_MODE",
+    "RUN_NODE_NAMES",
     "RUN_RESUME",
     "RUN_STATE_DIR",
     "RUN_T0",
@@ -137,6 +138,7 @@ RUN_DIR = "run-dir"
 RUN_MODE = "mode"  # "simulation" or "deployment"
 RUN_RESUME = "resume"
 RUN_T0 = "t0"  # launch time (epoch seconds) for wall_s
+RUN_NODE_NAMES = "node-names"  # deployment: JSON {node id: name the coordinator registered the hospital under}
 
 RUN_STATE_DIR = "state-dir"  # simulation: where simulated sites keep their privacy ledgers
 

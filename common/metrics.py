@@ -287,10 +287,16 @@ def finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
     return out
 
 
-def selection_key(val: Mapping[str, float]) -> tuple[int, float]:
-    """Order rounds for model selection: any defined AUC beats none; then higher AUC, else lower loss."""
+def selection_key(val: Mapping[str, float]) -> tuple[int, float, float, float]:
+    """Order rounds for model selection: any defined AUC beats none; then the higher AUC; on a tie the higher
+    balanced accuracy (so a model that says one class never wins over one that ranks as well and separates the
+    classes), then the lower loss. Without an AUC: the lower loss. Callers let the later round win a full tie."""
+
+    def number(key: str, sign: float) -> float:
+        value = val.get(key, math.nan)
+        return sign * float(value) if value is not None and math.isfinite(value) else -math.inf
+
     auc = val.get("auc", math.nan)
     if auc is not None and math.isfinite(auc):
-        return (1, float(auc))
-    loss = val.get("loss", math.nan)
-    return (0, -float(loss)) if loss is not None and math.isfinite(loss) else (0, -math.inf)
+        return (1, float(auc), number("bal_acc", 1.0), number("loss", -1.0))
+    return (0, number("loss", -1.0), -math.inf, -math.inf)

@@ -32,6 +32,7 @@ from medfed.common.errors import ConfigError
 __all__ = [
     "CertificateAuthority",
     "KeyExists",
+    "LOOPBACK_HOSTS",
     "create_ca",
     "create_node_keys",
     "create_server_certificate",
@@ -149,9 +150,12 @@ def load_ca(directory: Path) -> CertificateAuthority:
     return CertificateAuthority(cert, key)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
-    for host in hosts:
+    for host in dict.fromkeys([*hosts, *LOOPBACK_HOSTS]):  # in order, without repeats
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -162,7 +166,9 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 def create_server_certificate(
     directory: Path, ca: CertificateAuthority, hosts: Sequence[str], *, force: bool = False
 ) -> tuple[Path, Path]:
-    """Create ``server.pem`` and ``server.key`` for the SuperLink, valid for ``hosts`` (DNS names or IPs)."""
+    """Create ``server.pem`` and ``server.key`` for the SuperLink, valid for ``hosts`` (DNS names or IPs) and for
+    the loopback addresses (127.0.0.1, ::1, localhost): the coordinator's own clients (Flower's SuperExec, which
+    the SuperLink starts, Flower's CLI and medfed's readiness check) reach it there, whatever name hospitals use."""
     if not hosts:
         raise ConfigError("A server certificate needs at least one host name or IP address (e.g. --host 127.0.0.1).")
     cert_path, key_path = Path(directory) / "server.pem", Path(directory) / "server.key"

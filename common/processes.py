@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["descendants", "stop_tree"]
+__all__ = ["descendants", "pid_alive", "stop_tree"]
 
 
 def _children(pid: int) -> list[int]:
@@ -38,7 +38,8 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,10 +65,10 @@ def stop_tree(pid: int, *, timeout: float = 15.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
         time.sleep(0.1)
-    for target in [*tree, *(d for p in tree if _alive(p) for d in descendants(p))]:
-        if _alive(target):
+    for target in [*tree, *(d for p in tree if pid_alive(p) for d in descendants(p))]:
+        if pid_alive(target):
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:

@@ -8,9 +8,11 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,6 +129,19 @@ def main(grid: Grid, context: Context) -> None:
         _run(grid, context, cfg, overrides, run_dir)
 
 
+def _node_names(run_config: Mapping[str, Any]) -> dict[int, str]:
+    """The names the coordinator registered its hospitals under (deployment), by node id."""
+    raw = run_config.get(keys.RUN_NODE_NAMES)
+    if not raw:
+        return {}
+    try:
+        return {int(k): str(v) for k, v in json.loads(str(raw)).items()}
+    except (ValueError, AttributeError):
+        logger.warning("run config %s is not a JSON mapping of node ids to names; hospitals that never reply are "
+                       "shown by node id", keys.RUN_NODE_NAMES)
+        return {}
+
+
 def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_dir: RunDirectory) -> None:
     """One session of a run: prepare, train the remaining rounds, evaluate the selected model, summarise."""
     t0 = float(context.run_config.get(keys.RUN_T0, time.time()))
@@ -141,7 +156,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
                          snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard)
     inner = _inner_strategy(cfg, tracker, run_dir, model, start_round)
     strategy = ObservedStrategy(inner, round_offset=start_round,
-                                max_update_norm_ratio=cfg.strategy.max_update_norm_ratio)
+                                max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+                                node_names=_node_names(context.run_config))
     rounds = _RoundRecorder(cfg, model, test_set, tracker, strategy, inner, start_round)
     final_arrays = _train(grid, context, cfg, model, strategy, rounds, tracker, cfg.train.rounds - start_round)
     extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}

@@ -11,6 +11,7 @@ A coordinator directory holds everything the coordinator owns::
     runs/                    one run directory per training run (config, metrics.jsonl, summary.json, checkpoints)
     runs.json                run id -> run directory, overrides, and whether it was stopped or resumed
     superlink.log            the SuperLink's log
+    hospitals.json           node id -> the name and key fingerprint each hospital was registered with
 
 The SuperLink always runs with SuperNode authentication, with runtime dependency installation disabled, and with
 TLS unless ``insecure=True`` (local experiments only). Hospital registration, run launch, listing, logs and stop go
@@ -33,7 +34,7 @@ from medfed.common import keys
 from medfed.common.atomic import atomic_write
 from medfed.common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from medfed.common.environment import flower_environment, script
-from medfed.common.errors import ConfigError
+from medfed.common.errors import ConfigError, ServiceUnavailable
 
 __all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun"]
 
@@ -90,10 +91,23 @@ class Coordinator:
                     f"`medfed coordinator init --dir {self.dir} --host HOST`."
                 )
 
+    @property
+    def local_address(self) -> str:
+        """Where clients on this machine reach the SuperLink: its listening address, with a listen-on-all host
+        (``0.0.0.0``, ``::`` or none) replaced by the loopback address, as Flower's SuperExec does. The server
+        certificate always covers the loopback addresses (:func:`common.pki.create_server_certificate`)."""
+        host, _, port = self.address.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0"):
+            return f"127.0.0.1:{port}"
+        if host == "::":
+            return f"[::1]:{port}"
+        return self.address
+
     def write_connection(self) -> Path:
         """Write ``flwr-home/config.toml`` so Flower's CLI reaches this SuperLink (over TLS, verified by our CA)."""
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.address}"']
+                 f'address = "{self.local_address}"']
         lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.tls_dir / "ca.crt"}"')
         path = self.flwr_home / "config.toml"
         with atomic_write(path, binary=False) as handle:
@@ -137,15 +151,25 @@ class Coordinator:
             # without its config Flower's CLI would write a default one and start a local SuperLink of its own
             self.write_connection()
         deadline = time.monotonic() + timeout
+        last = ""
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
-                raise ConfigError(f"The SuperLink exited with {process.returncode}; see {self.dir / 'superlink.log'}.")
+                raise ServiceUnavailable(f"The SuperLink exited with {process.returncode}; see "
+                                         f"{self.dir / 'superlink.log'}.")
             try:
                 self.flwr(["ls", CONNECTION], timeout=20)
                 return
-            except FlowerCommandError:
+            except FlowerCommandError as exc:
+                last = str(exc)
                 time.sleep(0.5)
-        raise ConfigError(f"The SuperLink did not answer within {timeout:.0f} s; see {self.dir / 'superlink.log'}.")
+        hint = ""
+        if "certificate" in last.lower():
+            hint = (f" The server certificate does not cover {self.local_address}: issue a new one with `medfed "
+                    f"coordinator renew-cert --dir {self.dir} --host HOST` (it always covers the loopback addresses "
+                    "too) and start again.")
+        raise ServiceUnavailable(
+            f"The SuperLink did not answer at {self.local_address} within {timeout:.0f} s (last answer: "
+            f"{last or 'none'}).{hint} See {self.dir / 'superlink.log'}.")
 
     # --- Flower's CLI -------------------------------------------------------------------------------------------
     def flwr(self, args: Sequence[str], *, timeout: float = 120.0) -> dict[str, Any]:
@@ -169,15 +193,37 @@ class Coordinator:
         public_key = Path(public_key).expanduser().resolve()  # Flower's CLI runs in the coordinator directory
         if not public_key.is_file():
             raise ConfigError(f"{public_key} does not exist; ask the hospital for the node.pub `medfed hospital init` wrote.")
-        public_key_fingerprint(public_key.read_bytes())  # a clear error for anything but an OpenSSH public key
+        fingerprint = public_key_fingerprint(public_key.read_bytes())  # a clear error for anything but a public key
         args = ["supernode", "register", str(public_key), CONNECTION]
         if name:
             args += ["--name", name]
-        return int(self.flwr(args)["node-id"])
+        node_id = int(self.flwr(args)["node-id"])
+        names = self.node_names()
+        names[node_id] = {"name": name or f"node-{node_id}", "fingerprint": fingerprint, "registered": time.time()}
+        self._write_names(names)
+        return node_id
 
     def unregister(self, node_id: int) -> None:
         """Revoke a hospital: its key can no longer connect (nobody else's credentials change)."""
         self.flwr(["supernode", "unregister", str(node_id), CONNECTION])
+        names = self.node_names()
+        if names.pop(node_id, None) is not None:
+            self._write_names(names)
+
+    @property
+    def names_path(self) -> Path:
+        return self.dir / "hospitals.json"
+
+    def node_names(self) -> dict[int, dict[str, Any]]:
+        """The hospitals this coordinator registered, by node id: their names and key fingerprints (Flower keeps
+        no name of its own)."""
+        if not self.names_path.is_file():
+            return {}
+        return {int(k): v for k, v in json.loads(self.names_path.read_text(encoding="utf-8")).items()}
+
+    def _write_names(self, names: dict[int, dict[str, Any]]) -> None:
+        with atomic_write(self.names_path, binary=False) as handle:
+            json.dump({str(k): v for k, v in sorted(names.items())}, handle, indent=1)
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.flwr(["supernode", "list", CONNECTION]).get("nodes", []))

@@ -32,7 +32,7 @@ import numpy as np
 
 from medfed.common.atomic import atomic_write
 from medfed.common import keys
-from medfed.common.errors import ConfigError, RunFailed
+from medfed.common.errors import ConfigError, MedfedError, PolicyRefusal, PrivacyBudgetExceeded, RunFailed
 from medfed.common.models.weights import load_checkpoint, load_checkpoint_section, save_checkpoint
 
 __all__ = ["STRATEGY_SECTION", "RunDirectory", "json_safe"]
@@ -214,6 +214,33 @@ class RunDirectory:
             f"No hospital sent a usable answer in this run: {len(failures)} request(s) failed and {refused} were "
             f"refused. The first failure: {failures[0][:500]} (each hospital's own log has the details). The "
             "summary and metrics.jsonl of the run were written nonetheless."
+        )
+
+    def trained_nowhere(self) -> MedfedError | None:
+        """Why no hospital trained in this finished run, when none did: every request to train was refused (its
+        privacy cap or plan, its policy) or failed. None when some hospital trained in some round (or when an
+        older run's metrics do not say)."""
+        lines = self.read_metrics()
+        if not lines or any(site.get("trained", True) for line in lines for site in (line.get("sites") or {}).values()):
+            return None
+        reasons = [str(d.get("reason", "")) for line in lines for d in line.get("dropped", [])
+                   if d.get("phase", "train") == "train"]
+        kinds = [keys.site_refusal(r) for r in reasons]
+        labels = ((keys.SiteRefusal.PRIVACY_BUDGET, "refused at a privacy cap or out of privacy reach"),
+                  (keys.SiteRefusal.SIT_OUT, "sat out by a privacy plan"),
+                  (keys.SiteRefusal.POLICY, "refused by site policy"), (None, "failed"))
+        counts = ", ".join(f"{kinds.count(kind)} {label}" for kind, label in labels if kind in kinds)
+        telling = [r for r, k in zip(reasons, kinds, strict=True) if k is not keys.SiteRefusal.SIT_OUT] or reasons
+        first = telling[0][:500] if telling else "no hospital was asked"
+        error: type[MedfedError] = RunFailed
+        if kinds and all(k in (keys.SiteRefusal.PRIVACY_BUDGET, keys.SiteRefusal.SIT_OUT) for k in kinds):
+            error = PrivacyBudgetExceeded
+        elif kinds and all(k is not None for k in kinds):
+            error = PolicyRefusal
+        return error(
+            f"No hospital trained in this run ({len(lines)} round(s); of the requests to train, {counts or 'none'}), "
+            f"so its model is the initial one and no result table is shown. The first reason: {first} The run's "
+            "metrics.jsonl and summary.json say the same round by round."
         )
 
     def save_weights(

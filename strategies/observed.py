@@ -11,7 +11,7 @@ such as ``server-round`` stay absolute).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -49,8 +49,12 @@ class RoundObservations:
 class ObservedStrategy(Strategy):
     """Delegate to ``inner``; remember each site's metrics and failures of the current round."""
 
-    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_update_norm_ratio: float = 10.0) -> None:
+    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_update_norm_ratio: float = 10.0,
+                 node_names: Mapping[int, str] | None = None) -> None:
         self.inner = inner
+        # deployment: the names the coordinator registered hospitals under, for one that never replied (a
+        # hospital that replied is named by the site id it sends)
+        self.node_names = dict(node_names or {})
         self.round_offset = round_offset
         self.max_update_norm_ratio = max_update_norm_ratio
         self._global: ArrayRecord | None = None  # the model the current round's training started from
@@ -86,6 +90,9 @@ class ObservedStrategy(Strategy):
                 return sent.metadata.dst_node_id
         return sender
 
+    def _registered(self, node_id: int) -> str:
+        return self.node_names.get(node_id) or f"node-{node_id}"
+
     def _site_id(self, msg: Message) -> str:
         node_id = self._node(msg)
         if not msg.has_error():
@@ -93,7 +100,7 @@ class ObservedStrategy(Strategy):
                 site = record.get(keys.SITE_ID)
                 if isinstance(site, str) and site:
                     self._site_of_node[node_id] = site
-        return self._site_of_node.get(node_id, f"node-{node_id}")
+        return self._site_of_node.get(node_id) or self._registered(node_id)
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         """Replies sorted by site id (errors last): Flower samples nodes in random order, and float sums in a
@@ -133,7 +140,7 @@ class ObservedStrategy(Strategy):
         answered = {self._node(m) for m in [*replies, *also_answered]}
         silent = {m.metadata.dst_node_id for m in self._asked.get(phase, [])} - answered
         for node_id in sorted(silent):  # Flower drops a message that got no reply before the round's timeout
-            site = self._site_of_node.get(node_id, f"node-{node_id}")
+            site = self._site_of_node.get(node_id) or self._registered(node_id)
             reason = "no reply within strategy.round_timeout_s"
             self.current.dropped.append(SiteDrop(site_id=site, phase=phase, reason=reason))
             logger.warning("%s did not complete %s: %s", site, phase, reason)

@@ -28,6 +28,7 @@ class SiteRound:
 
     n_train: int | None = None
     n_val: int | None = None
+    trained: bool = False  # whether the site sent a training reply this round (it trained)
     train_loss: float | None = None
     train_s: float = 0.0
     eval_s: float = 0.0
@@ -50,8 +51,8 @@ class SiteRound:
 
     def as_record(self) -> dict[str, Any]:
         """The site's entry in the round's metrics line."""
-        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "train_loss": self.train_loss,
-                                  "train_s": self.train_s, "eval_s": self.eval_s}
+        record: dict[str, Any] = {"n_train": self.n_train, "n_val": self.n_val, "trained": self.trained,
+                                  "train_loss": self.train_loss, "train_s": self.train_s, "eval_s": self.eval_s}
         record["val"] = dict(self.val)
         if self.noised is not None:
             record["val_noised"] = True
@@ -86,7 +87,7 @@ def site_rounds(
     """Per-site records of a round from the scalar metrics each hospital replied with, by site id."""
     sites: dict[str, SiteRound] = {}
     for site_id, metrics in train.items():
-        site = sites.setdefault(site_id, SiteRound())
+        site = sites.setdefault(site_id, SiteRound(trained=True))
         site.n_train = int(metrics[keys.N_TRAIN]) if keys.N_TRAIN in metrics else None  # metered DP: not sent
         site.train_loss = metrics.get(keys.TRAIN_LOSS)
         site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)

@@ -3,8 +3,9 @@ round of each personalised part (personalised, ensemble); the test set is report
 to choose.
 
 A round beats another by :func:`medfed.common.metrics.selection_key` of their weighted validation metrics: any
-defined AUC beats none, then the higher AUC, else the lower validation loss (a validation split holding one class
-has no AUC).
+defined AUC beats none, then the higher AUC, then (on a tie) the higher balanced accuracy and the lower validation
+loss, else the lower validation loss (a validation split holding one class has no AUC); a round that ties the best
+in all of these replaces it, having had more training.
 
 Under metered DP evaluation the federation's validation AUC carries the hospitals' noise, whose standard error
 (``auc_noise_se``) the coordinator knows. There the one-standard-error rule chooses: the latest round whose noised
@@ -29,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def beats(val: Mapping[str, Any], best: RoundResult | PartSelection | None) -> bool:
-    """Whether validation metrics ``val`` beat the best so far (anything beats nothing)."""
-    return best is None or selection_key(val) > selection_key(best.val)
+    """Whether validation metrics ``val`` (a later round's) beat or tie the best so far (anything beats nothing)."""
+    return best is None or selection_key(val) >= selection_key(best.val)
 
 
 def _number(value: Any) -> float:

@@ -56,13 +56,14 @@ class Deployment:
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     coordinator: subprocess.Popen[bytes] | None = None
+    listen: str = ""  # where the SuperLink listens, when not at ``address``
 
     def start_coordinator(self) -> None:
         from medfed.server.coordinator import Coordinator
 
         self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord)],
                                       self.root / f"coordinator-{len(self.processes)}.log")
-        Coordinator(self.coord, address=self.address).wait_ready(timeout=90)
+        Coordinator(self.coord, address=self.listen or self.address).wait_ready(timeout=90)
 
     def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([MEDFED, *args], env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -84,15 +85,20 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def _deploy(root: Path, approved: list[bool]) -> Iterator[Deployment]:
+def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_all: bool = False
+            ) -> Iterator[Deployment]:
     """A coordinator and one hospital per entry of ``approved`` (whether it approves this installation's bundle),
-    all started through the CLI; every process stopped by PID afterwards."""
+    all started through the CLI; every process stopped by PID afterwards. ``host``: the name the coordinator's
+    certificate is issued for (the hospitals here still dial 127.0.0.1); ``listen_all``: the SuperLink listens on
+    0.0.0.0, as in the compose and systemd set-ups."""
     home = root / "flwr-home"
     env = _env(home)
-    address = f"127.0.0.1:{_free_port()}"
-    dep = Deployment(root, root / "coord", address, env)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    dep = Deployment(root, root / "coord", address, env, listen=f"0.0.0.0:{port}" if listen_all else "")
     try:
-        _medfed(["coordinator", "init", "--dir", str(dep.coord), "--host", "127.0.0.1", "--address", address], env)
+        _medfed(["coordinator", "init", "--dir", str(dep.coord), "--host", host, "--address", dep.listen or address],
+                env)
         dep.start_coordinator()
         for index, approve in enumerate(approved):
             site = root / f"site-{index}"
@@ -106,7 +112,8 @@ def _deploy(root: Path, approved: list[bool]) -> Iterator[Deployment]:
             if importlib.util.find_spec("torchcsprng") is None:  # CI: no secure RNG, so the DP runs here opt out
                 init.append("--no-secure-rng")  # (with torchcsprng installed they run in Opacus' secure_mode)
             _medfed(init, env)
-            out = _medfed(["hospitals", "register", str(site / "node.pub"), "--dir", str(dep.coord)], env).stdout
+            out = _medfed(["hospitals", "register", str(site / "node.pub"), "--dir", str(dep.coord), "--name",
+                           f"hospital-{'abc'[index]}"], env).stdout
             dep.node_ids.append(int(re.search(r"as\s+node\s+(\d+)", out).group(1)))
             dep.daemons.append(
                 dep.spawn(["hospital", "start", "--config", str(site / "site.yaml")], root / f"site-{index}.log"))
@@ -121,8 +128,9 @@ def _deploy(root: Path, approved: list[bool]) -> Iterator[Deployment]:
 
 @pytest.fixture()
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    """Three hospitals; the third approves no bundle."""
-    with _deploy(tmp_path, [True, True, False]) as dep:
+    """Three hospitals; the third approves no bundle. The coordinator is set up as a real one is: its certificate
+    names a host (not an IP address) and it listens on all interfaces; its own clients still find it ready."""
+    with _deploy(tmp_path, [True, True, False], host="coordinator.example.org", listen_all=True) as dep:
         yield dep
 
 
@@ -158,8 +166,15 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
             break
         time.sleep(1)
     assert run_id[:12] in listed and "finished" in listed
+    runs = json.loads(_medfed(["runs", "list", "--dir", str(deployment.coord), "--json"], deployment.env).stdout)
+    assert {"run-id": run_id, "run-dir": str(run_dir.resolve())}.items() <= runs[0].items()  # uncut
+    hospitals = json.loads(_medfed(["hospitals", "list", "--dir", str(deployment.coord), "--json"],
+                                   deployment.env).stdout)
+    assert sorted(h["name"] for h in hospitals) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert all(h["fingerprint"].startswith("SHA256:") and h["status"] == "online" for h in hospitals)
     logs = _medfed(["runs", "logs", run_id, "--dir", str(deployment.coord)], deployment.env).stdout
     assert "[ROUND 2/2]" in logs, logs[-2000:]  # Flower's round log of the ServerApp
+    assert logs.count("[ROUND 2/2]") == 1, logs[-4000:]  # each line once
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -210,19 +225,32 @@ def test_connections_without_trust_or_tls_are_refused(deployment: Deployment) ->
     plaintext.write_connection()
     with pytest.raises(FlowerCommandError):
         plaintext.flwr(["ls", "medfed"], timeout=60)
-    # an unregistered hospital key is rejected: its SuperNode never comes online
+    # an unregistered hospital key is rejected: its SuperNode does not come online
     stranger = deployment.root / "stranger"
     _medfed(["hospital", "init", "--dir", str(stranger), "--site-id", "stranger", "--data-path",
              str(deployment.root / "data-0.npz"), "--n-classes", "2", "--superlink", deployment.address, "--ca",
              str(deployment.coord / "ca.crt"), "--runtime-port", str(_free_port())], deployment.env)
     log = deployment.root / "stranger.log"
     process = deployment.spawn(["hospital", "start", "--config", str(stranger / "site.yaml")], log)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=60)
-    nodes = Coordinator(deployment.coord, address=deployment.address).nodes()
-    assert len(nodes) == 3  # only the registered ones
-    # the SuperLink refused the key, and the daemon stopped with an error instead of retrying forever
-    assert process.returncode not in (None, 0), log.read_text(errors="replace")[-2000:]
+    coordinator = Coordinator(deployment.coord, address=deployment.address)
+    deadline = time.monotonic() + 60
+    while "refused to activate" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(1)
+    text = log.read_text(errors="replace")
+    assert len(coordinator.nodes()) == 3  # only the registered ones
+    # the hospital learns why in one line (with its key's fingerprint) and keeps trying instead of exiting
+    assert "not registered there" in text and "SHA256:" in text and "Starting the SuperNode again" in text, text[-2000:]
+    assert process.poll() is None, text[-2000:]
+    # once the coordinator registers its key, it comes online without a restart at the hospital
+    node_id = coordinator.register(stranger / "node.pub", name="stranger")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(str(n.get("node-id")) == str(node_id) and n.get("status") == "online" for n in coordinator.nodes()):
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"the registered stranger never came online:\n{log.read_text(errors='replace')[-2000:]}")
+    assert process.poll() is None
 
 
 def _clientapp_running(daemon: subprocess.Popen[bytes]) -> bool:
@@ -270,11 +298,26 @@ def test_a_hospital_killed_mid_round_is_dropped_and_the_run_finishes(tmp_path: P
         lines = _rounds(run_dir)
         assert [line["round"] for line in lines] == [1, 2]
         drop = [d for d in lines[0]["dropped"] if d["phase"] == "train"]
-        assert [d["site"] for d in drop] == [f"node-{dep.node_ids[2]}"], lines[0]["dropped"]
+        # (it never replied in this run, so it is named by the name the coordinator registered it under)
+        assert [d["site"] for d in drop] == ["hospital-c"], lines[0]["dropped"]
         assert "Node Unavailable" in drop[0]["reason"]
         assert set(lines[0]["sites"]) == {"hospital-a", "hospital-b"}
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["rounds"] == 2 and set(summary["sites"]) == {"hospital-a", "hospital-b"}
+
+        # and hospital-c, started again at once, comes back online (its daemon waits out a coordinator that still
+        # lists the killed node online, instead of exiting)
+        from medfed.server.coordinator import Coordinator
+
+        log = tmp_path / "site-2-again.log"
+        again = dep.spawn(["hospital", "start", "--config", str(dep.sites[2] / "site.yaml")], log)
+        coordinator = Coordinator(dep.coord, address=dep.address)
+        deadline = time.monotonic() + 150
+        while not any(str(n.get("node-id")) == str(dep.node_ids[2]) and n.get("status") == "online"
+                      for n in coordinator.nodes()):
+            assert again.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(2)
 
 
 def test_a_coordinator_restart_resumes_the_run_from_its_checkpoint(tmp_path: Path) -> None:

@@ -212,6 +212,25 @@ def test_the_hospital_image_builds_torchcsprng_from_a_pinned_commit_and_checks_i
     (build,) = [rest for k, rest in stage if k == "RUN" and "csprng" in rest]
     assert "github.com/pytorch/csprng@${CSPRNG_COMMIT}" in build and "--no-build-isolation" in build
     assert "create_random_device_generator" in build  # a broken build fails the image, not a hospital's first round
+    # the image, the docs and `medfed hospital install-secure-rng` build the same commit
+    from medfed.client.privacy import TORCHCSPRNG_COMMIT
+
+    assert args["CSPRNG_COMMIT"] == TORCHCSPRNG_COMMIT
+    assert TORCHCSPRNG_COMMIT in (DEPLOY.parent / "docs" / "operations.md").read_text()
+
+
+def test_install_secure_rng_builds_the_pinned_source_into_this_environment():
+    from typer.testing import CliRunner
+
+    from medfed.cli.main import app as cli
+    from medfed.client.privacy import TORCHCSPRNG_COMMIT, secure_rng_install_command
+
+    command = secure_rng_install_command("/opt/medfed/bin/python")
+    assert command[:4] == ["/opt/medfed/bin/python", "-m", "pip", "install"]
+    assert "--no-build-isolation" in command and "--no-deps" in command  # against the torch installed here
+    assert command[-1].endswith(f"github.com/pytorch/csprng@{TORCHCSPRNG_COMMIT}")
+    result = CliRunner().invoke(cli, ["hospital", "install-secure-rng", "--dry-run"])
+    assert result.exit_code == 0 and TORCHCSPRNG_COMMIT in result.output
 
 
 # --- systemd -----------------------------------------------------------------------------------------------------
@@ -267,3 +286,22 @@ def test_readme_walkthrough_commands_parse():
     for expected in ("coordinator init", "coordinator start", "hospital init", "hospitals register", "hospital start",
                      "train", "runs list", "hospital audit", "hospital approve", "bundle-hash", "hospital export-demo"):
         assert expected in paths, expected
+
+
+def test_every_run_config_key_a_deployment_run_sends_is_declared_in_the_app_bundle(tmp_path):
+    # Flower refuses a run whose run config has a key the app's pyproject does not declare (found in e2e: the
+    # SuperLink answered "Key 'node-names' is not present in the main dictionary")
+    import tomllib
+
+    from medfed.cli.bundle import staged_app
+    from medfed.cli.coordination import deployment_run_config
+    from medfed.common.config import run_config_from_overrides
+
+    sent = run_config_from_overrides(["train.rounds=2"], **deployment_run_config(
+        tmp_path / "run", resume=False, names={123: "hospital-a"}))
+    with staged_app() as app_dir:
+        declared = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    assert set(sent) <= set(declared), set(sent) - set(declared)
+    assert {type(v) for k, v in sent.items()} <= {str, bool, float, int}
+    assert all(type(sent[k]) is type(declared[k]) for k in sent if k != "t0"), sent

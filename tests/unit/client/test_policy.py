@@ -183,8 +183,10 @@ def test_hospital_init_requires_dp_unless_the_site_opts_out(tmp_path):
 
     from medfed.cli.main import app as cli
 
-    (tmp_path / "ca.crt").write_text("test")
-    np.savez(tmp_path / "data.npz", images=np.zeros((4, 1, 8, 8), np.float32), labels=np.array([0, 1, 0, 1]))
+    from medfed.common.pki import create_ca
+
+    create_ca(tmp_path)  # init checks the CA certificate and that the data decode
+    np.savez(tmp_path / "data.npz", images=np.zeros((10, 1, 8, 8), np.float32), labels=np.arange(10) % 2)
     common = ["hospital", "init", "--data-path", str(tmp_path / "data.npz"), "--n-classes", "2", "--superlink",
               "127.0.0.1:9093", "--ca", str(tmp_path / "ca.crt")]
     runner = CliRunner()

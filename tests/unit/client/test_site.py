@@ -66,11 +66,26 @@ def test_two_hospitals_on_one_machine_get_their_own_flower_home(tmp_path: Path) 
         ({"val_fraction": 1.0}, "val_fraction="),
         ({"threads": -1}, "threads=-1 is out of range"),
         ({"secure_rng": "maybe"}, "secure_rng='maybe' must be true or false"),
+        ({"max_epsilon": "ten"}, r"max_epsilon='ten' is not a number; write a float in the site config \(e.g. 10.0\)"),
+        ({"min_noise": [1]}, r"min_noise=\[1\] is not a number"),
+        ({"runtime_port": "90x"}, "runtime_port='90x' is not a whole number"),
+        ({"runtime_port": 9094.5}, "runtime_port=9094.5 is not a whole number"),
+        ({"runtime_port": 70000}, r"runtime_port=70000 is out of range; it must lie in \[1, 65535\]"),
+        ({"image_size": True}, "image_size=True is not a number"),
     ],
 )
 def test_bad_site_config_values_name_the_key(tmp_path: Path, edit: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SiteConfig(**{"site_id": "a", "data_path": "d.npz", "n_classes": 2, **edit})  # type: ignore[arg-type]
+
+
+def test_numbers_written_as_text_in_the_file_are_read_as_numbers_and_typos_name_the_key(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("site_id: a\ndata_path: d.npz\nn_classes: 2\nmax_epsilon: '3'\nruntime_port: '9095'\n")
+    site = load_site_config(tmp_path / "a.yaml")
+    assert site.max_epsilon == 3.0 and site.runtime_port == 9095
+    (tmp_path / "b.yaml").write_text("site_id: a\ndata_path: d.npz\nn_classes: 2\nmax_epsilon: ten\n")
+    with pytest.raises(ConfigError, match="max_epsilon='ten' is not a number"):
+        load_site_config(tmp_path / "b.yaml")
 
 
 def test_unknown_and_missing_keys_in_the_file(tmp_path: Path) -> None:
@@ -102,3 +117,48 @@ def test_bad_labels_are_refused_with_counts_not_values(tmp_path: Path) -> None:
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(SiteDataError, match="not a readable .npz"):
         load_array_file(tmp_path / "broken.npz", n_classes=2)
+
+
+def test_edits_of_the_site_config_count_from_the_next_message_on(tmp_path: Path) -> None:
+    # Prepare: the daemon started with cap 10 and secure RNG on (its node config says so)
+    path = _site(tmp_path, max_epsilon=10.0, require_dp=True)
+    started = node_config_for(load_site_config(path))
+    site = load_site_config(path)
+
+    # Execute: the hospital lowers its cap, switches the secure RNG off and opts out of DP
+    import dataclasses
+
+    write_site_config(dataclasses.replace(site, max_epsilon=3.0, secure_rng=False, require_dp=False), path)
+    env = NodeEnv.resolve(started, {})
+
+    # Assert: the next message's ClientApp reads the file as it is now
+    cap = env.cap(compose_config([]).federation)
+    assert cap.max_epsilon == 3.0 and cap.secure_rng is False
+    assert env.policy.require_dp is False
+
+
+def test_the_daemon_says_which_edits_need_a_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import logging
+    import os
+
+    from medfed.client.daemon import HospitalDaemon
+
+    path = _site(tmp_path)
+    site = load_site_config(path)
+    daemon = HospitalDaemon(site)
+    caplog.set_level(logging.INFO, logger="medfed.client.daemon")
+
+    def edit(**changes: object) -> None:
+        write_site_config(dataclasses.replace(site, **changes), path)  # type: ignore[arg-type]
+        os.utime(path, (daemon._config_mtime + 1, daemon._config_mtime + 1))
+        daemon.check_config()
+
+    edit(max_epsilon=3.0)
+    assert "count from the next message on" in caplog.text and "restart" not in caplog.text
+    edit(superlink="coordinator.example.org:9092", runtime_port=9999)
+    assert "site.yaml changed superlink, runtime_port" in caplog.text and "restart it" in caplog.text
+    path.write_text("site_id: a\ndata_path: d.npz\nn_classes: 2\nmax_epsilon: ten\n")
+    os.utime(path, (daemon._config_mtime + 1, daemon._config_mtime + 1))
+    daemon.check_config()
+    assert "is now invalid" in caplog.text and "max_epsilon='ten'" in caplog.text

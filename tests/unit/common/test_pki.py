@@ -30,9 +30,21 @@ def test_ca_and_server_certificate_chain(tmp_path: Path) -> None:
     server = x509.load_pem_x509_certificate(cert_path.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert names.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert names.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_a_certificate_for_a_host_name_also_covers_the_coordinators_own_loopback_clients(tmp_path: Path) -> None:
+    # Flower's SuperExec and CLI reach the SuperLink at 127.0.0.1 when it listens on all interfaces
+    create_ca(tmp_path)
+    cert_path, _ = create_server_certificate(tmp_path, load_ca(tmp_path), ["coordinator.example.org"])
+
+    server = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["coordinator.example.org", "localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert server.subject.rfc4514_string() == "CN=coordinator.example.org"
 
 
 def test_keys_are_never_overwritten_without_force(tmp_path: Path) -> None:

@@ -62,3 +62,40 @@ def test_superlink_serves_tls_from_the_tls_folder_with_node_auth_and_no_installs
     assert command[command.index("--database") + 1] == str(coord.dir / "state.db")
     with pytest.raises(ConfigError, match=r"ca.crt is missing in .*secrets; create the coordinator's certificates"):
         coord.start()
+
+
+@pytest.mark.parametrize(("address", "local"), [
+    ("0.0.0.0:9093", "127.0.0.1:9093"), (":9093", "127.0.0.1:9093"), ("[::]:9093", "[::1]:9093"),
+    ("10.1.2.3:9093", "10.1.2.3:9093"), ("coordinator.example.org:9093", "coordinator.example.org:9093"),
+])
+def test_the_coordinators_own_clients_dial_loopback_when_it_listens_on_all_interfaces(tmp_path, address, local):
+    coord = Coordinator(tmp_path / "coord", address=address)
+
+    coord.write_connection()
+
+    assert coord.local_address == local
+    assert f'address = "{local}"' in (coord.flwr_home / "config.toml").read_text()
+
+
+def test_the_certificate_also_names_the_one_address_the_superlink_listens_on():
+    from medfed.cli.coordinator import _with_listen_host
+
+    assert _with_listen_host(["coordinator.example.org"], "0.0.0.0:9093") == ["coordinator.example.org"]
+    assert _with_listen_host(["coordinator.example.org"], "[::]:9093") == ["coordinator.example.org"]
+    assert _with_listen_host(["coordinator.example.org"], "10.1.2.3:9093") == ["coordinator.example.org", "10.1.2.3"]
+    assert _with_listen_host(["10.1.2.3"], "10.1.2.3:9093") == ["10.1.2.3"]
+
+
+def test_a_superlink_that_never_answers_names_the_last_reason_and_the_fix(tmp_path, monkeypatch):
+    from medfed.common.errors import ServiceUnavailable
+    from medfed.server.coordinator import FlowerCommandError
+
+    coord = Coordinator(tmp_path / "coord", address="0.0.0.0:9093")
+
+    def refuse(self, args, *, timeout=120.0):
+        raise FlowerCommandError("`flwr ls medfed` failed: certificate verify failed: IP address mismatch")
+
+    monkeypatch.setattr(Coordinator, "flwr", refuse)
+    with pytest.raises(ServiceUnavailable, match=r"127\.0\.0\.1:9093 .*IP address mismatch.*renew-cert") as caught:
+        coord.wait_ready(timeout=0.2)
+    assert caught.value.exit_code == 10

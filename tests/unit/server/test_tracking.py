@@ -38,6 +38,35 @@ def test_selection_prefers_defined_auc_then_lower_loss():
     assert selection_key({"auc": math.nan, "loss": 0.2}) > selection_key({"auc": math.nan, "loss": 0.3})
 
 
+def test_selection_breaks_auc_ties_on_balanced_accuracy_then_loss():
+    one_class = {"auc": 1.0, "bal_acc": 0.5, "loss": 0.30}  # ranks perfectly, says one class at 0.5
+    separates = {"auc": 1.0, "bal_acc": 1.0, "loss": 0.60}
+    assert selection_key(separates) > selection_key(one_class)
+    assert selection_key({"auc": 1.0, "bal_acc": 1.0, "loss": 0.1}) > selection_key(separates)
+    assert selection_key({"auc": 0.9, "bal_acc": 1.0, "loss": 0.1}) < selection_key(one_class)
+
+
+def _tied(bal_acc: float, loss: float) -> dict[str, SiteRound]:
+    return {"hospital-0": SiteRound(n_train=40, n_val=10, train_loss=0.5, train_s=1.0, eval_s=0.1,
+                                    val={"auc": 1.0, "acc": 0.5, "bal_acc": bal_acc, "loss": loss})}
+
+
+def test_tied_validation_auc_never_makes_a_one_class_model_best_and_a_full_tie_goes_to_the_later_round(tmp_path):
+    # Prepare: validation AUC 1.000 in every round (the synthetic demo); round 1 says one class
+    tracker = RunTracker(RunDirectory(tmp_path / "run"), mode="fedavg", total_rounds=4, t0=time.time())
+    arrays = {"w": np.zeros(2, dtype=np.float32)}
+
+    # Execute
+    tracker.record_round(1, sites=_tied(0.5, 0.40), test=None, arrays=arrays)
+    tracker.record_round(2, sites=_tied(1.0, 0.30), test=None, arrays=arrays)
+    tracker.record_round(3, sites=_tied(1.0, 0.35), test=None, arrays=arrays)  # worse loss: round 2 stays best
+    assert tracker.finish(arrays)["best"]["round"] == 2
+    tracker.record_round(4, sites=_tied(1.0, 0.30), test=None, arrays=arrays)  # a full tie: more training wins
+
+    # Assert
+    assert tracker.finish(arrays)["best"]["round"] == 4
+
+
 def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     # Prepare: round 2 has the better validation AUC but the worse test AUC
     run = RunDirectory(tmp_path / "run")

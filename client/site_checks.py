@@ -1,0 +1,185 @@
+"""What a hospital can check about its own set-up before (and while) it runs: one line per problem.
+
+``medfed hospital init`` runs the local checks on what it is about to write, ``medfed hospital start`` runs them
+all before starting the daemon, and ``medfed hospital doctor`` runs them on a running site. Each :class:`Check`
+says what was checked, whether it passed, and in one line what is wrong and how to fix it. Nothing here leaves the
+site: the checks read the site's own files and open one TLS connection to the coordinator.
+
+The coordinator's registration of this hospital's key cannot be asked from outside Flower's SuperNode (the
+coordinator answers a node that is not registered with a bare "Failed to activate SuperNode"), so the daemon
+reads that answer and says what it means (:func:`explain_supernode_exit`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfed.client.site import SiteConfig
+from medfed.common.errors import MedfedError
+
+__all__ = ["Check", "explain_supernode_exit", "local_checks", "network_checks", "probe_coordinator", "split_address"]
+
+# Flower's SuperNode exit codes (flwr.supercore.exit.ExitCode) that retrying cannot fix
+_FATAL_EXIT = {302: "its auth_key is not an elliptic-curve private key", 303: "node authentication needs TLS"}
+_CONNECTION_ERROR = 305  # ExitCode.SUPERNODE_CONNECTION_ERROR
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of a site's set-up: ``name`` (what), ``ok``, ``message`` (one line: the problem and its fix)."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as (host, port); ValueError naming the problem otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port (e.g. coordinator.example.org:9092)")
+    return host, int(port)
+
+
+def _check_data(site: SiteConfig) -> Check:
+    from medfed.common.data.site_spec import load_site_data
+
+    path = site.path(site.data_path)
+    if not path.exists():
+        return Check("data_path", False, f"{path} does not exist; point data_path at the site's array file or "
+                                         "image folder.")
+    try:
+        data = load_site_data(site.spec())
+    except MedfedError as exc:
+        return Check("data_path", False, f"{exc} (see `medfed hospital check` for a full report).")
+    except OSError as exc:
+        return Check("data_path", False, f"{path} cannot be read ({type(exc).__name__}: {exc.strerror}); give the "
+                                         "daemon's user read access.")
+    return Check("data_path", True, f"{len(data.train)} training and {len(data.val)} validation images decode.")
+
+
+def _check_ca(site: SiteConfig) -> Check:
+    from cryptography import x509
+
+    path = site.path(site.ca_certificate)
+    if not path.is_file():
+        return Check("ca_certificate", False, f"{path} does not exist; copy the coordinator's ca.crt there.")
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return Check("ca_certificate", False, f"{path} is not a PEM certificate ({type(exc).__name__}); copy the "
+                                              "coordinator's ca.crt there again.")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        return Check("ca_certificate", False, f"{path} is not a certificate authority (perhaps the server's "
+                                              "server.pem); copy the coordinator's ca.crt there.")
+    now = dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return Check("ca_certificate", False, f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
+                                              f"{cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for its "
+                                              "current ca.crt.")
+    return Check("ca_certificate", True, f"{path} is the CA {cert.subject.rfc4514_string()}, valid until "
+                                         f"{cert.not_valid_after_utc:%Y-%m-%d}.")
+
+
+def _check_key(site: SiteConfig) -> Check:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = site.path(site.auth_key)
+    if not path.is_file():
+        return Check("auth_key", False, f"{path} does not exist; create the site's keys with `medfed hospital init`.")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        return Check("auth_key", False, f"{path} is not an OpenSSH private key ({type(exc).__name__}); create the "
+                                        "site's keys with `medfed hospital init --force`.")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return Check("auth_key", False, f"{path} is not an elliptic-curve key, which Flower's node authentication "
+                                        "needs; create the site's keys with `medfed hospital init --force`.")
+    return Check("auth_key", True, f"{path} is an elliptic-curve node key.")
+
+
+def local_checks(site: SiteConfig, *, keys: bool = True) -> list[Check]:
+    """Checks that need nothing but the site's own files: the coordinator's address, the data (it decodes), the CA
+    certificate and, with ``keys``, the node key."""
+    checks = []
+    try:
+        split_address(site.superlink)
+        checks.append(Check("superlink", True, f"{site.superlink}"))
+    except ValueError as exc:
+        checks.append(Check("superlink", False, f"{exc}; set superlink to the coordinator's address."))
+    checks += [_check_data(site), _check_ca(site)]
+    if keys:
+        checks.append(_check_key(site))
+    return checks
+
+
+def probe_coordinator(address: str, ca_file: Path, *, timeout: float = 5.0) -> str | None:
+    """Open a TLS connection to the coordinator as the SuperNode will (the site's CA, the address's host name);
+    None when the handshake succeeds, else one line saying why it failed."""
+    try:
+        host, port = split_address(address)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        return f"the CA certificate {ca_file} cannot be used ({type(exc).__name__})"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return (f"the coordinator at {address} answered, but its certificate does not verify ({exc.verify_message}): "
+                f"check that ca_certificate is the coordinator's ca.crt and that its certificate names {host} "
+                "(`medfed coordinator renew-cert --host ...` on the coordinator)")
+    except ssl.SSLError as exc:
+        return f"the TLS handshake with {address} failed ({exc.reason or type(exc).__name__}); is it the coordinator?"
+    except socket.gaierror:
+        return f"the host name {host} does not resolve; check superlink in the site config and this machine's DNS"
+    except (TimeoutError, socket.timeout):
+        return f"no answer from {address} within {timeout:g} s (a firewall, or the coordinator is down)"
+    except OSError as exc:
+        return f"cannot connect to {address} ({exc.strerror or type(exc).__name__}: is the coordinator running?)"
+
+
+def network_checks(site: SiteConfig, *, timeout: float = 5.0) -> list[Check]:
+    """A TLS handshake with the coordinator, verified with the site's CA certificate."""
+    problem = probe_coordinator(site.superlink, site.path(site.ca_certificate), timeout=timeout)
+    if problem is None:
+        return [Check("coordinator", True, f"TLS handshake with {site.superlink} verified by the site's CA.")]
+    return [Check("coordinator", False, problem + ".")]
+
+
+def explain_supernode_exit(code: int, output: str, site: SiteConfig, fingerprint: str) -> tuple[str, bool]:
+    """What a SuperNode exit means for the hospital, and whether retrying can help: (one line, retry).
+
+    ``output``: the SuperNode's last lines; ``fingerprint``: the site's public key fingerprint (what the
+    coordinator registered, if it did)."""
+    if code in _FATAL_EXIT:
+        return (f"The SuperNode stopped: {_FATAL_EXIT[code]} (Flower exit code {code}); fix the site config and "
+                "start again.", False)
+    if "Failed to activate SuperNode" in output or "[code: 2004]" in output:
+        return ("The coordinator refused to activate this hospital's node. Either its key is not registered there "
+                f"(ask the coordinator to run `medfed hospitals register node.pub`; this key's fingerprint is "
+                f"{fingerprint}), or the coordinator still lists this node online after a restart of the hospital "
+                "(that clears within about a minute).", True)
+    if code == _CONNECTION_ERROR or "could not establish a connection" in output:
+        problem = probe_coordinator(site.superlink, site.path(site.ca_certificate))
+        if problem is not None:
+            return f"The SuperNode could not connect to the coordinator: {problem}.", True
+        return ("The SuperNode could not connect to the coordinator, though a TLS handshake with it succeeds now; "
+                "see the SuperNode's lines above.", True)
+    return f"The SuperNode exited with code {code}; see its lines above.", True
