@@ -9,8 +9,8 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install -qq --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -qq --disable-pip-version-check -e ".[test]"  # -qq: errors only (no index or build warnings)
 	touch $@
 
 demo: $(VENV)/.installed

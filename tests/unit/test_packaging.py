@@ -52,7 +52,11 @@ def test_wheel_lists_every_package():
     listed = set(setuptools["packages"])
     on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.glob("*/**/__init__.py")}
     on_disk = {"medfed." + p for p in on_disk if p.split(".")[0] in PACKAGES}
-    assert on_disk | {"medfed"} == listed
+    conf = {"medfed." + str(d.relative_to(ROOT)).replace("/", ".") for d in [ROOT / "common" / "conf",
+                                                                              *(ROOT / "common" / "conf").glob("*/")]}
+    assert on_disk | conf | {"medfed"} == listed  # Hydra's config folders hold YAML only
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert all(data[c] == ["*.yaml"] for c in conf)
     assert setuptools["package-dir"] == {"medfed": "medfed", **{f"medfed.{name}": name for name in PACKAGES}}
 
 
@@ -64,8 +68,10 @@ def test_wheel_installs_only_medfed(tmp_path):
         shutil.copy2(ROOT / name, source / name)
     for name in ("medfed", *PACKAGES):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, capture_output=True,
+                           text=True)
+    assert "Warning" not in built.stdout + built.stderr, (built.stdout + built.stderr)[-3000:]  # an install is quiet
     (wheel,) = (tmp_path / "dist").glob("medfed-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     python = tmp_path / "venv" / "bin" / "python"
