@@ -185,6 +185,15 @@ def test_dockerfile_is_well_formed_and_copies_what_exists():
     assert packages <= copied
 
 
+def test_dockerfile_builds_without_a_registry_frontend_on_any_base():
+    text = DOCKERFILE.read_text()
+    assert "# syntax=" not in text  # BuildKit would fetch that frontend from a registry
+    args = dict(rest.split("=", 1) for k, rest in _instructions() if k == "ARG" and "=" in rest)
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    assert ("FROM", "${BASE_IMAGE} AS base") in _instructions()
+    assert (REPO / ".ci" / "containers").is_file()  # the CI step that builds it from a local base
+
+
 def test_dockerfile_pins_the_torch_the_project_admits():
     import tomllib
 
@@ -209,8 +218,10 @@ def test_the_hospital_image_builds_torchcsprng_from_a_pinned_commit_and_checks_i
     stage = _stages()["hospital"]
     args = dict(rest.split("=", 1) for k, rest in stage if k == "ARG" and "=" in rest)
     assert re.fullmatch(r"[0-9a-f]{40}", args["CSPRNG_COMMIT"])
+    assert args["CSPRNG_SOURCE"] == "git+https://github.com/pytorch/csprng@${CSPRNG_COMMIT}"
+    assert args["WITH_CSPRNG"] == "1"  # built unless the build says otherwise (CI, which cannot reach GitHub)
     (build,) = [rest for k, rest in stage if k == "RUN" and "csprng" in rest]
-    assert "github.com/pytorch/csprng@${CSPRNG_COMMIT}" in build and "--no-build-isolation" in build
+    assert '"${CSPRNG_SOURCE}"' in build and "--no-build-isolation" in build
     assert "create_random_device_generator" in build  # a broken build fails the image, not a hospital's first round
     # the image, the docs and `medfed hospital install-secure-rng` build the same commit
     from medfed.client.privacy import TORCHCSPRNG_COMMIT
