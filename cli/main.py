@@ -6,6 +6,7 @@ Arguments after the options are Hydra overrides (``key=value``), e.g.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -43,6 +44,7 @@ app.add_typer(privacy_app, name="privacy")
 register_commands(app)
 
 console = make_console()
+err_console = make_console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Hydra overrides, key=value (e.g. train.rounds=20).")]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go (default: runs/<time>).")]
@@ -146,11 +148,14 @@ def simulate(
     cache_dir: CacheOpt = None,
     state_dir: StateOpt = None,
     verbose: VerboseOpt = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout (progress and plans go to stderr).")] = False,
 ) -> None:
     """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
     from medfed.simulation.launcher import run_simulation
     from medfed.server.runs import RunDirectory
 
+    out = err_console if as_json else console
     _setup_logging(verbose)
     t0 = time.time()
     try:
@@ -167,19 +172,19 @@ def simulate(
 
                 done = int(load_checkpoint(checkpoint)[1].get("round", 0))
             run_path = resume
-            console.print(f"resuming [bold]{resume}[/] after round {done} of {cfg.train.rounds}")
+            out.print(f"resuming [bold]{resume}[/] after round {done} of {cfg.train.rounds}")
         else:
             overrides = list(overrides or [])
             run_path = run_dir or _default_run_dir("sim")
             cfg = _prepare(overrides, run_path, fresh=True)
             done = 0
-            console.print(
+            out.print(
                 f"simulating [bold]{cfg.federation.hospitals}[/] hospitals on [bold]{cfg.dataset.name}[/] "
                 f"({cfg.federation.partition}), {cfg.train.rounds} rounds of {cfg.strategy.name} -> {run_path}"
             )
             if cfg.privacy.name == "dp":  # every hospital's plan, before round 1 (what each will spend)
-                print_plans(console, cfg, site_plans(cfg, _cache_dir(cache_dir), _state_dir(state_dir)))
-        with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, console, skip_rounds=done):
+                print_plans(out, cfg, site_plans(cfg, _cache_dir(cache_dir), _state_dir(state_dir)))
+        with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, out, skip_rounds=done):
             run_simulation(
                 cfg, overrides, run_path, resume=resume is not None, cache_dir=_cache_dir(cache_dir),
                 state_dir=_state_dir(state_dir), t0=t0,
@@ -192,6 +197,9 @@ def simulate(
     failed = RunDirectory(run_path).unanswered(summary) or RunDirectory(run_path).trained_nowhere()
     if failed is not None:  # no hospital trained: no result to stand behind, so no result table
         fail(failed)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
     _show(summary, f"medfed simulate: {cfg.strategy.name} on {cfg.dataset.name}")
     console.print(f"outputs in {run_path}/ (config.yaml, metrics.jsonl, summary.json, model.pt)")
     if cfg.task == "ssl":

@@ -31,10 +31,14 @@ def train(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish and show its summary.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="With --wait: print the summary as JSON on stdout (progress goes to stderr).")] = False,
 ) -> None:
     """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
     from medfed.cli.display import RoundFollower, print_summary
     from medfed.server.runs import RunDirectory
+
+    out = err_console if as_json else console
 
     try:
         if resume and run_dir is not None and not overrides:
@@ -43,7 +47,7 @@ def train(
     except MedfedError as exc:
         fail(exc)
         return
-    console.print(f"run {run_id} launched -> {run_path}")
+    out.print(f"run {run_id} launched -> {run_path}")
     online = sum(1 for node in open_coordinator(directory).nodes() if node.get("status") == "online")
     if online < cfg.strategy.min_available_nodes:
         err_console.print(
@@ -53,7 +57,7 @@ def train(
     if wait:
         target = RunDirectory(run_path)
         next_status = time.monotonic() + 10
-        with RoundFollower(target.metrics_path, cfg.train.rounds, console):
+        with RoundFollower(target.metrics_path, cfg.train.rounds, out):
             while not target.summary_path.exists():
                 if time.monotonic() >= next_status:  # Flower's CLI is a process start: ask it now and then
                     next_status = time.monotonic() + 10
@@ -68,7 +72,10 @@ def train(
         failed = target.unanswered(summary) or target.trained_nowhere()
         if failed is not None:  # no hospital trained: no result to stand behind, so no result table
             fail(failed)
-        print_summary(console, summary, f"medfed train: run {run_id}")
+        if as_json:
+            typer.echo(json.dumps(summary, indent=1))
+        else:
+            print_summary(console, summary, f"medfed train: run {run_id}")
 
 
 @runs_app.command("list")

@@ -221,6 +221,18 @@ def test_batch_norm_federation_averages_running_statistics(tmp_path):
     assert "model.norm=batch cannot run with privacy=dp" in refused.stdout and "model.norm=group" in refused.stdout
 
 
+def test_the_summary_as_json_on_stdout_with_progress_on_stderr(tmp_path):
+    # Execute
+    done = subprocess.run([sys.executable, "-m", "medfed.cli.main", "simulate", "--json", "--run-dir", "run",
+                           "--cache-dir", "cache", *FAST, "train.rounds=1"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+
+    # Assert: stdout is the run's summary.json and nothing else; the progress went to stderr
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "round 1/1" in done.stderr
+
+
 def test_same_command_gives_the_same_numbers(tmp_path):
     # Execute: the same federation twice (Flower samples nodes in random order each time)
     records = []
