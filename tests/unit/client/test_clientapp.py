@@ -126,3 +126,23 @@ def test_a_deployed_hospital_sets_its_own_cpu_threads(context):
         assert not out.has_error() and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_unexpected_error_leaves_the_site_without_its_text(context, monkeypatch):
+    # Prepare: an error medfed did not foresee, whose text names a patient's file (issue 28: forwarding its raw
+    # text went unnoticed)
+    import medfed.client.app as client_app
+
+    def crash(*args, **kwargs):
+        raise OSError("cannot read /data/patients/jane-doe/0001.dcm: Input/output error")
+
+    monkeypatch.setattr(client_app, "node_config", crash)
+
+    # Execute
+    with pytest.raises(SiteFailure) as info:
+        app(_message(MessageType.TRAIN, _global_arrays()), context)
+
+    # Assert: only the error's type and the message type leave; the text stays in the local log
+    reason = str(info.value)
+    assert reason == "OSError while handling train; details are in the hospital's local log."
+    assert "jane" not in reason and "/data" not in reason and ".dcm" not in reason

@@ -94,6 +94,15 @@ def test_site_cap_is_stricter_never_looser() -> None:
     assert epsilon_spent([_entry(plan.noise_multiplier, q, 4 * steps)], 1e-6) <= 2.0
 
 
+def test_the_stricter_delta_wins_from_either_side() -> None:
+    # a coordinator asking a looser delta than the site allows gets the site's; one asking a stricter delta gets
+    # its own (issue 28: taking the site's delta as-is went unnoticed)
+    for asked, allowed, expected in ((1e-3, 1e-5, 1e-5), (1e-7, 1e-5, 1e-7)):
+        plan = plan_round(DPConfig(target_epsilon=8.0, delta=asked), SiteCap(max_delta=allowed), n_train=100,
+                          batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
+        assert plan.delta == expected, (asked, allowed)
+
+
 def test_node_config_cap_wins_over_simulation_defaults_and_bad_values_are_clear() -> None:
     federation = FederationConfig(hospitals=2, site_max_epsilon_each=[5.0, 6.0])
 
@@ -485,6 +494,27 @@ def test_steps_beyond_the_plan_are_recorded_too(tmp_path, monkeypatch) -> None:
     entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
     assert [e.steps for e in entries][-1] == 1  # the excess, after the planned entry
     assert out.content[keys.METRICS][keys.EPSILON] == pytest.approx(epsilon_spent(entries, 1e-5))
+
+
+def test_a_round_that_crashes_while_training_has_already_spent_its_privacy(tmp_path, monkeypatch) -> None:
+    # Prepare: training dies half-way (issue 28: recording the ledger entry after training went unnoticed)
+    import medfed.client.local_round as local_round
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine lost power mid-round")
+
+    monkeypatch.setattr(local_round, "train_epochs", crash)
+
+    # Execute
+    with pytest.raises(SiteFailure, match="RuntimeError while handling train"):
+        app(_train_message(1), _context(tmp_path))
+
+    # Assert: the round is in the ledger on disk, with its planned steps
+    (ledger,) = (tmp_path / "state" / "privacy").glob("*.json")
+    entries = [LedgerEntry(**e) for e in json.loads(ledger.read_text())["entries"]]
+    trained = [e for e in entries if e.kind == "train"]
+    assert len(trained) == 1 and trained[0].server_round == 1 and trained[0].steps > 0
+    assert epsilon_spent(entries, 1e-5) > 0
 
 
 def test_a_cap_below_the_runs_target_gives_its_evaluations_the_same_share_of_the_cap_and_trains(tmp_path) -> None:

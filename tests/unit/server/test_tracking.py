@@ -67,6 +67,27 @@ def test_tied_validation_auc_never_makes_a_one_class_model_best_and_a_full_tie_g
     assert tracker.finish(arrays)["best"]["round"] == 4
 
 
+def test_best_model_file_holds_the_best_rounds_weights_not_the_latest(tmp_path):
+    # Prepare: each round's model differs; round 2 is best on validation (issue 28: writing best_model.pt every
+    # round went unnoticed while every round's arrays were the same)
+    from medfed.common.models.weights import load_checkpoint
+
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=3, t0=time.time())
+    weights = {r: {"w": np.full(2, float(r), dtype=np.float32)} for r in (1, 2, 3)}
+
+    # Execute
+    for server_round, auc in ((1, 0.6), (2, 0.9), (3, 0.7)):
+        tracker.record_round(server_round, sites=_sites(auc, auc), test=None, arrays=weights[server_round])
+    tracker.finish(weights[3])
+
+    # Assert
+    best, meta = load_checkpoint(run.best_model_path)
+    assert meta["round"] == 2 and np.array_equal(best["w"], weights[2]["w"])
+    final, _ = load_checkpoint(run.path / "model.pt")
+    assert np.array_equal(final["w"], weights[3]["w"])
+
+
 def test_best_round_is_chosen_on_validation_never_on_test(tmp_path):
     # Prepare: round 2 has the better validation AUC but the worse test AUC
     run = RunDirectory(tmp_path / "run")
