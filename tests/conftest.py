@@ -40,13 +40,26 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
-@pytest.fixture
-def data_dir() -> Path:
-    """The shared MedMNIST folder; tests that need it skip with a reason when it is absent."""
-    path = medmnist_dir()
-    if not (path / "breastmnist.npz").is_file():
-        pytest.skip(f"shared MedMNIST data not found at {path} (set MEDFED_DATA_DIR)")
-    return path
+def shared_medmnist(name: str) -> Path | None:
+    """The shared MedMNIST file ``NAME.npz`` a test reads, or None when it is absent (the test then falls back or
+    skips). With ``MEDFED_REQUIRE_DATA=1`` (CI) an absent file fails the test instead: nothing passes silently on
+    less than the real data."""
+    path = medmnist_dir() / f"{name}.npz"
+    if path.is_file():
+        return path
+    if os.environ.get("MEDFED_REQUIRE_DATA") == "1":
+        pytest.fail(f"{path} is missing and MEDFED_REQUIRE_DATA=1: put the shared MedMNIST files there (or set "
+                    "MEDFED_DATA_DIR)")
+    return None
+
+
+def require_medmnist(name: str) -> Path:
+    """The folder holding the shared ``NAME.npz`` (the one file the test reads); the test skips with the reason
+    when it is absent, and fails under ``MEDFED_REQUIRE_DATA=1``."""
+    path = shared_medmnist(name)
+    if path is None:
+        pytest.skip(f"shared MedMNIST {name}.npz not found in {medmnist_dir()} (set MEDFED_DATA_DIR)")
+    return path.parent
 
 
 def instruction(content, message_type: str, *, dst_node_id: int = 7, message_id: str = "m-1", run_id: int = 1):

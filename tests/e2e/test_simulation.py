@@ -110,7 +110,10 @@ def test_default_synthetic_simulation_learns(tmp_path):
     assert "best (by val AUC)" in result.stdout
 
 
-def test_breastmnist_simulation_learns(tmp_path, data_dir):
+def test_breastmnist_simulation_learns(tmp_path):
+    from tests.conftest import require_medmnist
+
+    data_dir = require_medmnist("breastmnist")
     # Execute
     result = _medfed(
         [
@@ -291,10 +294,10 @@ def test_personalised_federation_with_an_attacker(tmp_path):
 def test_two_dicom_folder_hospitals_train(tmp_path):
     # Prepare: images written as DICOM files into two hospitals' class folders and a test folder (BreastMNIST's
     # ultrasound images when the shared data is here, else the synthetic task's)
-    from tests.conftest import DICOM_PATIENT, medmnist_dir, write_dicom
+    from tests.conftest import DICOM_PATIENT, shared_medmnist, write_dicom
 
-    if (medmnist_dir() / "breastmnist.npz").is_file():
-        npz = np.load(medmnist_dir() / "breastmnist.npz")
+    if (breast := shared_medmnist("breastmnist")) is not None:
+        npz = np.load(breast)
         images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
     else:
         from medfed.common.config import SyntheticConfig

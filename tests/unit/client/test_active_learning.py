@@ -63,8 +63,11 @@ def test_uncertainty_ranking_beats_random_labelling_in_seeded_runs(seed):
     assert curves["entropy"][-1]["acc"] >= 0.99  # the boundary found with 24 labels
 
 
-def test_the_cnn_learner_trains_on_real_images(data_dir):
+def test_the_cnn_learner_trains_on_real_images():
     from medfed.client.site import load_site
+    from tests.conftest import require_medmnist
+
+    data_dir = require_medmnist("pneumoniamnist")  # the file this test reads
     from medfed.common.config import compose_config
     from medfed.common.data import load_test_set
 

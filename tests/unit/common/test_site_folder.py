@@ -20,10 +20,10 @@ from tests.conftest import write_dicom
 
 def _images(n: int) -> np.ndarray:
     """Real ultrasound images (BreastMNIST) when the shared data is here, else a fixed random pattern."""
-    from tests.conftest import medmnist_dir
+    from tests.conftest import shared_medmnist
 
-    path = medmnist_dir() / "breastmnist.npz"
-    if path.is_file():
+    path = shared_medmnist("breastmnist")
+    if path is not None:
         return np.load(path)["train_images"][:n]
     return np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
 

@@ -14,13 +14,13 @@ from medfed.common.models import build_model, save_checkpoint, state_dict_to_num
 from medfed.common.models.pretrained import load_pretrained
 from medfed.common.models.ssl import MIMModel, build_ssl_model, nt_xent
 from medfed.common.representation import davies_bouldin, representation_quality, silhouette
-from tests.conftest import medmnist_dir
+from tests.conftest import shared_medmnist
 
 
 def _images(n: int = 192) -> np.ndarray:
     """Real images when the shared BreastMNIST file is here, else the synthetic task's."""
-    path = medmnist_dir() / "breastmnist.npz"
-    if path.is_file():
+    path = shared_medmnist("breastmnist")
+    if path is not None:
         return (np.load(path)["train_images"][:n, None] / 255.0).astype(np.float32)
     images = load_site(compose_config(["dataset.n_train=1200"]), 0).train.images[:n]
     assert len(images) == n, f"the synthetic fallback has {len(images)} images, {n} asked"
