@@ -40,13 +40,11 @@ def test_stop_tree_stops_grandchildren_and_kills_what_ignores_sigterm():
         assert grandchild in descendants(parent.pid)
 
         # Execute
-        started = time.monotonic()
         stop_tree(parent.pid, timeout=1.0)
         parent.wait(timeout=10)
 
         # Assert
         assert parent.returncode == -9  # ignored SIGTERM, so it got SIGKILL after the timeout
-        assert time.monotonic() - started < 10
         deadline = time.monotonic() + 5
         while not _gone(grandchild) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
@@ -54,27 +52,53 @@ def _messages():
     return [instruction(RecordDict(), "train", dst_node_id=n, message_id=f"m-{n}") for n in (1, 2)]
 
 
-def test_every_reply_is_collected_promptly():
+class FakeClock:
+    """The grid's clock and sleep: a sleep advances the clock at once (no wall-clock timing in a unit test)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _clock(monkeypatch) -> FakeClock:
+    import medfed.server.grid as grid_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(grid_module, "time", clock)
+    return clock
+
+
+def test_every_reply_is_collected_promptly(monkeypatch):
+    clock = _clock(monkeypatch)
     inner = SlowRepliesGrid()
     grid = PromptGrid(inner, interval=0.01)
 
-    started = time.monotonic()
     replies = list(grid.send_and_receive(_messages(), timeout=10))
 
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m-1", "m-2"]
-    assert inner.pulls == 3 and time.monotonic() - started < 1.0  # Flower's Grid would have slept 2 x 3 s
+    # three pulls, two waits of the grid's interval between them (Flower's Grid would have slept 2 x 3 s)
+    assert inner.pulls == 3 and clock.sleeps == [0.01, 0.01]
     assert list(grid.get_node_ids()) == [1, 2]
 
 
-def test_the_timeout_ends_the_wait_with_the_replies_so_far():
+def test_the_timeout_ends_the_wait_with_the_replies_so_far(monkeypatch):
     class NeverReplies(SlowRepliesGrid):
         def pull_messages(self, message_ids):
             self.pulls += 1
             return []
 
-    grid = PromptGrid(NeverReplies(), interval=0.01)
+    clock = _clock(monkeypatch)
+    inner = NeverReplies()
+    grid = PromptGrid(inner, interval=0.25)  # (binary fractions: the fake clock adds up exactly)
 
-    started = time.monotonic()
-    replies = list(grid.send_and_receive(_messages(), timeout=0.2))
+    replies = list(grid.send_and_receive(_messages(), timeout=1.0))
 
-    assert replies == [] and 0.2 <= time.monotonic() - started < 1.0
+    # it pulled until the deadline and no longer: four waits of 0.25 s, a pull before and after each
+    assert replies == [] and clock.sleeps == [0.25] * 4 and inner.pulls == 5
