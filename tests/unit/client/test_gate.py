@@ -77,3 +77,48 @@ def test_a_final_stage_request_is_named_in_the_audit() -> None:
 def test_refusal_names_the_bundle_and_the_fix() -> None:
     text = str(UnapprovedApp("hospital-a", "ab" * 32))
     assert "ab" * 32 in text and "medfed hospital approve" in text
+
+
+@pytest.mark.parametrize("case", ["approved", "bytes-differ-from-claim", "not-approved"])
+def test_a_bundle_runs_only_when_its_bytes_hash_to_an_approved_sha256(tmp_path, case) -> None:
+    # Prepare: a site that approves one bundle; the bundle Flower hands over claims a hash and carries bytes
+    import hashlib
+    import json
+
+    from flwr.app import Context
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
+
+    from medfed.client.gate import _Gate
+    from medfed.client.site import SiteConfig, write_site_config
+    from medfed.common import keys
+    from tests.conftest import instruction
+
+    approved_bytes, other_bytes = b"the approved app bundle", b"a tampered app bundle"
+    approved = hashlib.sha256(approved_bytes).hexdigest()
+    write_site_config(SiteConfig(site_id="hospital-a", data_path="d.npz", n_classes=2, approved_apps=[approved]),
+                      tmp_path / "site.yaml")
+    content, claimed = {"approved": (approved_bytes, approved),
+                        "bytes-differ-from-claim": (other_bytes, approved),  # claims the approved hash, is not it
+                        "not-approved": (other_bytes, hashlib.sha256(other_bytes).hexdigest())}[case]
+    context = Context(run_id=3, node_id=7, node_config={keys.NODE_SITE_CONFIG: str(tmp_path / "site.yaml")},
+                      state=RecordDict(), run_config={})
+    pulled = (instruction(RecordDict(), "train"), context, Run.create_empty(3), Fab(claimed, content, {}))
+    gate = _Gate()
+    installed = []
+
+    # Execute
+    gate.pull(lambda client: pulled)(None)
+    install = gate.install(lambda *args, **kwargs: installed.append(True))
+
+    # Assert
+    if case == "approved":
+        install()
+        assert installed == [True] and gate.refusal is None
+        return
+    with pytest.raises(UnapprovedApp, match=hashlib.sha256(content).hexdigest()):
+        install()
+    assert installed == []
+    (entry,) = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert entry["event"] == "refused-app" and entry["claimed_sha256"] == claimed
+    assert entry["fab_sha256"] == hashlib.sha256(content).hexdigest()
