@@ -59,6 +59,27 @@ def test_epsilon_matches_opacus_rdp_accountant(sigma: float, q: float, steps: in
     assert epsilon_spent([_entry(sigma, q, steps)], 1e-5) == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 0.01, 1000), (1.1, 0.05, 300), (4.0, 1.0, 10)])
+def test_epsilon_agrees_with_a_second_accountant(sigma: float, q: float, steps: int) -> None:
+    # an implementation independent of Opacus: Google's dp-accounting (a dependency already), its RDP accountant
+    # at the same orders, and its PLD accountant, which is tighter, so never above the RDP figure
+    import dp_accounting
+    from dp_accounting import rdp
+    from dp_accounting.pld import pld_privacy_accountant
+    from opacus.accountants import RDPAccountant
+
+    step = dp_accounting.GaussianDpEvent(sigma)
+    event = dp_accounting.SelfComposedDpEvent(step if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, step), steps)
+    second = rdp.RdpAccountant(RDPAccountant.DEFAULT_ALPHAS)
+    second.compose(event)
+    tighter = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    tighter.compose(event)
+
+    ours = epsilon_spent([_entry(sigma, q, steps)], 1e-5)
+    assert ours == pytest.approx(second.get_epsilon(1e-5), rel=1e-3)
+    assert tighter.get_epsilon(1e-5) <= ours
+
+
 def test_epsilon_composes_across_entries_and_runs() -> None:
     one = epsilon_spent([_entry(1.0, 0.1, 50, run_id=1)], 1e-5)
     two = epsilon_spent([_entry(1.0, 0.1, 50, run_id=1), _entry(1.0, 0.1, 50, run_id=2)], 1e-5)
