@@ -200,3 +200,54 @@ def test_written_files_read_back_with_their_rescale(tmp_path):
     np.testing.assert_allclose(read_dicom(path)[0, 0], pixels / pixels.max(), atol=1e-6)  # min..max of 2x - 1024
     with pytest.raises(ValueError, match="needs a 2D uint8 or uint16 array"):
         write_dicom(tmp_path / "y.dcm", np.zeros((2, 2), dtype=np.float32))
+
+
+# --- expectations computed by hand on tiny files (not by the pydicom functions the reader calls) -------------------
+def test_a_voi_lut_sequence_after_the_rescale_by_hand(tmp_path):
+    # Prepare: pixels 0..3, rescale 2x + 10 -> 10, 12, 14, 16; a VOI LUT of 7 entries starting at 10, 8 bits
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from medfed.common.data.dicom import write_dicom
+
+    path = write_dicom(tmp_path / "voi.dcm", np.array([[0, 1, 2, 3]], dtype=np.uint16), rescale=(2.0, 10.0))
+    ds = pydicom.dcmread(path)
+    lut = Dataset()
+    lut.LUTDescriptor = [7, 10, 8]
+    lut.LUTData = np.array([0, 10, 20, 40, 80, 160, 255], dtype="<u2").tobytes()
+    ds.VOILUTSequence = Sequence([lut])
+    ds.save_as(path)
+
+    # Execute
+    out = read_dicom(path)
+
+    # Assert: 10 -> 0, 12 -> 20, 14 -> 80, 16 -> 255, over the LUT's 8-bit range
+    np.testing.assert_allclose(out[0, 0, 0], [0, 20 / 255, 80 / 255, 1.0], atol=1e-6)
+
+
+def test_a_palette_colour_image_by_hand(tmp_path):
+    # Prepare: four pixels with palette indices 0..3 -> black, red, green, blue (16-bit palette entries)
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "palette.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "US", 1, 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "PALETTE COLOR", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    full = 65535
+    for colour, entries in (("Red", [0, full, 0, 0]), ("Green", [0, 0, full, 0]), ("Blue", [0, 0, 0, full])):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(entries, dtype="<u2").tobytes())
+    ds.PixelData = np.array([[0, 1, 2, 3]], dtype=np.uint8).tobytes()
+    ds.save_as(tmp_path / "palette.dcm", enforce_file_format=True)
+
+    # Execute
+    out = read_dicom(tmp_path / "palette.dcm")
+
+    # Assert: channels R, G, B of the four pixels
+    assert out.shape == (1, 3, 1, 4)
+    np.testing.assert_allclose(out[0, :, 0, :], [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], atol=1e-6)
