@@ -179,7 +179,7 @@ def test_two_round_training_over_tls_with_node_auth(deployment: Deployment) -> N
     assert [line["round"] for line in lines] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
-    assert summary["best"]["test"]["auc"] > 0.6
+    assert summary["best"]["test"]["auc"] >= 0.95  # measured 0.9916-0.9996 here (2026-12-06)
     assert summary["calibration"]["sites_fitted"] == ["hospital-a", "hospital-b"]  # the refusing one left out
     assert len(summary["calibration"]["dropped"]) == 2  # hospital-c, in both final stages
     # the unapproved hospital was dropped every round, with its reason

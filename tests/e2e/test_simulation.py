@@ -98,7 +98,8 @@ def test_default_synthetic_simulation_learns(tmp_path):
     assert sorted(summary["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
     # the ClientApps composed the same config as the ServerApp: dataset.n_train=600 shared out
     assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 600
-    assert summary["best"]["test"]["auc"] > 0.7  # chance is 0.5
+    # chance is 0.5; measured 0.9976 here (2026-12-06): a training regression would fall below this
+    assert summary["best"]["test"]["auc"] >= 0.95
     # after the rounds: one temperature fitted with every hospital, the test set analysed with it
     calibration = summary["calibration"]
     assert calibration["sites_fitted"] == ["hospital-0", "hospital-1", "hospital-2"]
@@ -218,7 +219,7 @@ def test_batch_norm_federation_averages_running_statistics(tmp_path):
     variances = [k for k in final if k.endswith(".running_var")]
     assert variances and not [k for k in final if "num_batches_tracked" in k]
     assert all(not np.allclose(final[k], 1.0) for k in variances)  # moved from their initial value
-    assert summary["best"]["test"]["auc"] > 0.6
+    assert summary["best"]["test"]["auc"] >= 0.75  # measured 0.8474 here (2026-12-06); chance is 0.5
     # and DP refuses it before anything starts, saying what to change
     assert refused.returncode != 0
     assert "model.norm=batch cannot run with privacy=dp" in refused.stdout and "model.norm=group" in refused.stdout
