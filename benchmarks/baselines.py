@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medfed.common.errors import PrivacyBudgetExceeded
+
 logger = logging.getLogger("benchmarks.baselines")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ FEDERATION = ["federation.hospitals=5", "federation.partition=dirichlet", "feder
 
 # medfed's exit code for a run in which every hospital refused to train at its privacy cap: the run still has a
 # summary.json, and its row says so
-TRAINED_NOWHERE = 6  # medfed.common.errors.PrivacyBudgetExceeded.exit_code (tests/unit/test_cli.py checks it)
+TRAINED_NOWHERE = PrivacyBudgetExceeded.exit_code
 
 
 def run_medfed(args: list[str], *, cwd: Path, timeout: float) -> tuple[int, float, str]:
