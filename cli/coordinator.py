@@ -51,8 +51,10 @@ def coordinator_init(
 def _with_listen_host(hosts: list[str], address: str) -> list[str]:
     """``hosts`` and the host the SuperLink listens on, when that is one address rather than all of them (Flower's
     SuperExec connects there)."""
-    listen = address.rpartition(":")[0].strip("[]")
-    return hosts if listen in ("", "0.0.0.0", "::") or listen in hosts else [*hosts, listen]
+    from medfed.server.coordinator import listen_host
+
+    listen = listen_host(address)
+    return hosts if listen is None or listen in hosts else [*hosts, listen]
 
 
 @coordinator_app.command("renew-cert")

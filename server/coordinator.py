@@ -36,7 +36,7 @@ from medfed.common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from medfed.common.environment import flower_environment, script
 from medfed.common.errors import ConfigError, ServiceUnavailable
 
-__all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun"]
+__all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun", "listen_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ CONNECTION = "medfed"  # the SuperLink connection's name in flwr-home/config.tom
 
 
 AUTO_RESUMED_AT = "auto-resumed-at"  # runs.json: the rounds a run had done when a coordinator start resumed it
+
+
+def listen_host(address: str) -> str | None:
+    """The one host a SuperLink listening at ``address`` (host:port, [v6]:port) listens on; None when it listens on
+    all interfaces (``0.0.0.0``, ``::`` or no host)."""
+    host = address.rpartition(":")[0].strip("[]")
+    return None if host in ("", "0.0.0.0", "::") else host
 
 
 class FlowerCommandError(ConfigError):
@@ -96,13 +103,10 @@ class Coordinator:
         """Where clients on this machine reach the SuperLink: its listening address, with a listen-on-all host
         (``0.0.0.0``, ``::`` or none) replaced by the loopback address, as Flower's SuperExec does. The server
         certificate always covers the loopback addresses (:func:`common.pki.create_server_certificate`)."""
-        host, _, port = self.address.rpartition(":")
-        host = host.strip("[]")
-        if host in ("", "0.0.0.0"):
-            return f"127.0.0.1:{port}"
-        if host == "::":
-            return f"[::1]:{port}"
-        return self.address
+        if listen_host(self.address) is not None:
+            return self.address
+        port = self.address.rpartition(":")[2]
+        return f"[::1]:{port}" if self.address.startswith("[::]") else f"127.0.0.1:{port}"
 
     def write_connection(self) -> Path:
         """Write ``flwr-home/config.toml`` so Flower's CLI reaches this SuperLink (over TLS, verified by our CA)."""
