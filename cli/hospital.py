@@ -163,24 +163,20 @@ def hospital_start(
     """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
     from medfed.client.daemon import HospitalDaemon
     from medfed.client.site import load_site_config, site_policy
-    from medfed.client.site_checks import local_checks, network_checks
+    from medfed.client.site_checks import local_checks, network_checks, readiness_checks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         site = load_site_config(config)
         _require_checks(local_checks(site, keys=True), "medfed hospital start")
+        for check in readiness_checks(site):  # the daemon starts; the runs would be refused
+            if not check.ok:
+                err_console.print(f"warning: {check.name}: {check.message}", highlight=False)
         if not insecure:
             for check in network_checks(site):  # the daemon keeps trying: a coordinator may come up later
                 if not check.ok:
                     err_console.print(f"warning: {check.name}: {check.message} The daemon keeps trying.",
                                       highlight=False)
-        if not site.approved_apps:
-            err_console.print("warning: approved_apps is empty, so every run will be refused; see "
-                              "`medfed hospital approve`.")
-        if site.secure_rng and importlib.util.find_spec("torchcsprng") is None:
-            err_console.print("warning: secure_rng is true but torchcsprng is not installed, so every DP round will "
-                              "be refused; install it with `medfed hospital install-secure-rng` (or set "
-                              "secure_rng: false in the site config for experiments).")
         daemon = HospitalDaemon(site, insecure=insecure)
     except MedfedError as exc:
         fail(exc)
@@ -233,7 +229,7 @@ def hospital_doctor(
     non-zero when any fails."""
     from medfed.client.daemon import PID_FILE
     from medfed.client.site import load_site_config
-    from medfed.client.site_checks import Check, local_checks, network_checks
+    from medfed.client.site_checks import Check, local_checks, network_checks, readiness_checks
     from medfed.common.processes import pid_alive
 
     try:
@@ -250,13 +246,7 @@ def hospital_doctor(
     else:
         checks.append(Check("daemon", False, "not running; start it with `medfed hospital start --config "
                                              f"{config}`."))
-    if site.secure_rng:
-        has = importlib.util.find_spec("torchcsprng") is not None
-        checks.append(Check("secure_rng", has, "torchcsprng is installed." if has else
-                            "secure_rng is true but torchcsprng is not installed, so every DP round is refused; "
-                            "run `medfed hospital install-secure-rng` (or secure_rng: false for experiments)."))
-    if not site.approved_apps:
-        checks.append(Check("approved_apps", False, "empty, so every run is refused; see `medfed hospital approve`."))
+    checks += readiness_checks(site)
     for check in checks:
         (console if check.ok else err_console).print(check.line(), highlight=False, soft_wrap=True)
     if not all(c.ok for c in checks):

@@ -21,7 +21,15 @@ from pathlib import Path
 from medfed.client.site import SiteConfig
 from medfed.common.errors import MedfedError
 
-__all__ = ["Check", "explain_supernode_exit", "local_checks", "network_checks", "probe_coordinator", "split_address"]
+__all__ = [
+    "Check",
+    "explain_supernode_exit",
+    "local_checks",
+    "network_checks",
+    "probe_coordinator",
+    "readiness_checks",
+    "split_address",
+]
 
 # Flower's SuperNode exit codes (flwr.supercore.exit.ExitCode) that retrying cannot fix
 _FATAL_EXIT = {302: "its auth_key is not an elliptic-curve private key", 303: "node authentication needs TLS"}
@@ -123,6 +131,22 @@ def local_checks(site: SiteConfig, *, keys: bool = True) -> list[Check]:
     checks += [_check_data(site), _check_ca(site)]
     if keys:
         checks.append(_check_key(site))
+    return checks
+
+
+def readiness_checks(site: SiteConfig) -> list[Check]:
+    """What would make every run refused although the set-up is sound: no approved bundle, or a secure RNG the site
+    asks for and this machine lacks."""
+    import importlib.util
+
+    checks = []
+    if site.secure_rng:
+        has = importlib.util.find_spec("torchcsprng") is not None
+        checks.append(Check("secure_rng", has, "torchcsprng is installed." if has else
+                            "secure_rng is true but torchcsprng is not installed, so every DP round is refused; "
+                            "run `medfed hospital install-secure-rng` (or secure_rng: false for experiments)."))
+    if not site.approved_apps:
+        checks.append(Check("approved_apps", False, "empty, so every run is refused; see `medfed hospital approve`."))
     return checks
 
 

@@ -167,3 +167,16 @@ def test_the_site_config_init_writes_passes_the_checks_start_runs(tmp_path: Path
 def test_other_supernode_exits_are_retried_with_the_code(tmp_path: Path, text: str) -> None:
     reason, retry = explain_supernode_exit(1, text, _site(tmp_path), "SHA256:abc")
     assert retry and "exited with code 1" in reason
+
+
+def test_readiness_names_what_would_refuse_every_run(tmp_path: Path) -> None:
+    import importlib.util
+
+    from medfed.client.site_checks import readiness_checks
+
+    checks = {c.name: c for c in readiness_checks(_site(tmp_path, secure_rng=True))}
+    assert not checks["approved_apps"].ok and "medfed hospital approve" in checks["approved_apps"].message
+    has = importlib.util.find_spec("torchcsprng") is not None
+    assert checks["secure_rng"].ok is has
+    assert has or "medfed hospital install-secure-rng" in checks["secure_rng"].message
+    assert readiness_checks(_site(tmp_path, secure_rng=False, approved_apps=["a" * 64])) == []
