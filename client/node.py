@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -23,6 +23,9 @@ from medfed.client.privacy import SiteCap, default_state_dir, site_cap
 from medfed.common import keys
 from medfed.common.config import FederationConfig
 from medfed.common.errors import SiteDataError
+
+if TYPE_CHECKING:
+    from medfed.client.site import SiteConfig
 
 __all__ = ["NodeEnv", "NodeState"]
 
@@ -70,6 +73,7 @@ class NodeEnv:
     threads: int | None
     policy: SitePolicy
     node_config: Mapping[str, object] = field(repr=False)
+    site: SiteConfig | None = field(default=None, repr=False)  # a deployed hospital's site config, read once here
 
     @classmethod
     def resolve(cls, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> NodeEnv:
@@ -84,10 +88,12 @@ class NodeEnv:
                 "daemon started with `medfed hospital start`) nor 'partition-id' (simulation)."
             )
         simulated = site_config is None
+        site = None
         if not simulated:  # the site config as it is now: the hospital's edits count from its next message on
             from medfed.client.site import load_site_config, node_config_for
 
-            node_config = {**node_config, **node_config_for(load_site_config(_path(site_config)))}
+            site = load_site_config(_path(site_config))
+            node_config = {**node_config, **node_config_for(site)}
         if keys.NODE_STATE_DIR in node_config:  # the hospital's node config decides
             state_dir = _path(node_config[keys.NODE_STATE_DIR])
         elif simulated and keys.RUN_STATE_DIR in run_config:  # in simulation the researcher's run config may
@@ -106,6 +112,7 @@ class NodeEnv:
             threads=None if threads is None else int(float(str(threads))),
             policy=SitePolicy.from_node_config(node_config),
             node_config=node_config,
+            site=site,
         )
 
     @property

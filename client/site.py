@@ -252,7 +252,7 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float | bool]:
 
 def resolve_site(cfg: Config, env: NodeEnv) -> SiteData:
     """Load this node's site data: the hospital's own data from its site config, or a simulated partition."""
-    if env.site_config is not None:
-        return load_site_data(load_site_config(env.site_config).spec())
+    if env.site is not None:  # the site config as NodeEnv.resolve read it for this message
+        return load_site_data(env.site.spec())
     assert env.partition_id is not None  # NodeEnv.resolve: a node without a site config is a simulated partition
     return load_site(cfg, env.partition_id, cache_dir=env.cache_dir or default_cache_dir())
