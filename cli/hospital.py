@@ -164,11 +164,18 @@ def hospital_start(
     from medfed.client.daemon import HospitalDaemon
     from medfed.client.site import load_site_config, site_policy
     from medfed.client.site_checks import local_checks, network_checks, readiness_checks
+    from medfed.common.errors import ServiceUnavailable
+    from medfed.common.processes import port_taken
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         site = load_site_config(config)
         _require_checks(local_checks(site, keys=True), "medfed hospital start")
+        if port_taken(f"127.0.0.1:{site.runtime_port}"):  # at start only: a running hospital holds it itself
+            raise ServiceUnavailable(
+                f"runtime_port {site.runtime_port} (the SuperNode's local Runtime API, 127.0.0.1) is in use by "
+                f"another process: another hospital on this machine, or this one already running. Stop it, or set "
+                f"another runtime_port in {site.source} (any free port in [1024, 65535]) and start again.")
         for check in readiness_checks(site):  # the daemon starts; the runs would be refused
             if not check.ok:
                 err_console.print(f"warning: {check.name}: {check.message}", highlight=False)

@@ -4,16 +4,19 @@ Flower's daemons start helpers of their own (the SuperLink its SuperExec, which 
 run; a hospital's SuperExec one ClientApp process per message). When a medfed daemon stops, every one of those
 must stop with it: a ServerApp left behind would keep writing a run directory that a restarted coordinator resumes.
 The tree is read from ``/proc/PID/task/*/children`` (Linux), and each process is signalled by its own PID.
+:func:`port_taken` tells a daemon, before it starts, that another process already listens where it would.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
-__all__ = ["descendants", "pid_alive", "stop_tree"]
+__all__ = ["descendants", "pid_alive", "port_taken", "stop_tree"]
 
 
 def _children(pid: int) -> list[int]:
@@ -73,3 +76,17 @@ def stop_tree(pid: int, *, timeout: float = 15.0) -> None:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def port_taken(address: str) -> bool:
+    """Whether another process already listens at ``address`` (host:port, [v6]:port; no host: every interface),
+    tried as the SuperLink and SuperNode bind: with ``SO_REUSEADDR``, so a port whose last connections are closing counts free."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False

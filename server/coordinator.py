@@ -35,6 +35,7 @@ from medfed.common.atomic import atomic_write
 from medfed.common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from medfed.common.environment import flower_environment, script
 from medfed.common.errors import ConfigError, ServiceUnavailable
+from medfed.common.processes import port_taken, stop_tree
 
 __all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun", "listen_host"]
 
@@ -139,6 +140,8 @@ class Coordinator:
         """Start the SuperLink (a child process; the caller stops it and its helpers with
         :func:`common.processes.stop_tree`) and wait until it answers."""
         self._require_tls_files()
+        if port_taken(self.address):
+            raise ServiceUnavailable(self._port_in_use())
         self.dir.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
         self.write_connection()
@@ -146,7 +149,13 @@ class Coordinator:
         process = subprocess.Popen(self.superlink_command(), env=self.environment(), stdout=log,
                                    stderr=subprocess.STDOUT, cwd=self.dir)
         (self.dir / "superlink.pid").write_text(str(process.pid), encoding="utf-8")
-        self.wait_ready(process)
+        try:
+            self.wait_ready(process)
+        except BaseException:  # a SuperLink that never answered is not left running
+            if process.poll() is None:
+                stop_tree(process.pid)
+            process.wait()
+            raise
         return process
 
     def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
@@ -158,6 +167,8 @@ class Coordinator:
         last = ""
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
+                if "address already in use" in self._log_tail():  # taken between the check and the bind
+                    raise ServiceUnavailable(self._port_in_use())
                 raise ServiceUnavailable(f"The SuperLink exited with {process.returncode}; see "
                                          f"{self.dir / 'superlink.log'}.")
             try:
@@ -175,12 +186,31 @@ class Coordinator:
             f"The SuperLink did not answer at {self.local_address} within {timeout:.0f} s (last answer: "
             f"{last or 'none'}).{hint} See {self.dir / 'superlink.log'}.")
 
+    def _port_in_use(self) -> str:
+        port = self.address.rpartition(":")[2]
+        return (f"The SuperLink cannot listen at {self.address}: port {port} is in use by another process (another "
+                f"coordinator?). Stop that process (`ss -ltnp 'sport = :{port}'` names it), or give this coordinator "
+                "another port: `medfed coordinator init --address HOST:PORT` in a new directory, and tell the "
+                "hospitals the new address.")
+
+    def _log_tail(self) -> str:
+        try:
+            with (self.dir / "superlink.log").open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4000))
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     # --- Flower's CLI -------------------------------------------------------------------------------------------
     def flwr(self, args: Sequence[str], *, timeout: float = 120.0) -> dict[str, Any]:
         """Run ``flwr ARGS... medfed --format json`` against this SuperLink; return its JSON answer."""
         command = [script("flwr"), *args, "--format", "json"]
-        done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
-                              cwd=self.dir)
+        try:
+            done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
+                                  cwd=self.dir)
+        except subprocess.TimeoutExpired:  # e.g. something else listens at the address and never answers
+            raise FlowerCommandError(f"`flwr {' '.join(args[:2])}` got no answer from {self.local_address} within "
+                                     f"{timeout:.0f} s") from None
         try:
             answer = json.loads(done.stdout[done.stdout.index("{"):]) if "{" in done.stdout else {}
         except json.JSONDecodeError:

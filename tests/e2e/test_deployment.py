@@ -13,14 +13,18 @@ import os
 import re
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from medfed.client.daemon import PID_FILE
+from medfed.common.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.e2e
 
@@ -30,9 +34,30 @@ RECIPE = ["dataset=synthetic", "dataset.n_train=300", "dataset.n_test=100", "fed
 
 
 def _free_port() -> int:
+    """A port free now (the kernel's pick for port 0); another process may take it before medfed binds it, so each
+    start that binds one retries with another when medfed says it is taken (:class:`PortTaken`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+IN_USE = "is in use by another process"  # medfed's words when a port it would listen at is taken
+TRIES = 3
+
+
+class PortTaken(AssertionError):
+    """A daemon refused to start because its port was taken between ``_free_port()`` and its bind."""
+
+
+def _retried(start: Callable[[], None], what: str) -> None:
+    """``start()``, tried again (with the new port it picks) while medfed says its port was taken."""
+    for attempt in range(1, TRIES + 1):
+        try:
+            return start()
+        except PortTaken:
+            if attempt == TRIES:
+                raise
+            print(f"{what}: its port was taken meanwhile; trying another ({attempt}/{TRIES})")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -61,9 +86,28 @@ class Deployment:
     def start_coordinator(self) -> None:
         from medfed.server.coordinator import Coordinator
 
-        self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord)],
-                                      self.root / f"coordinator-{len(self.processes)}.log")
-        Coordinator(self.coord, address=self.listen or self.address).wait_ready(timeout=90)
+        log = self.root / f"coordinator-{len(self.processes)}.log"
+        self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord)], log)
+        try:
+            Coordinator(self.coord, address=self.listen or self.address).wait_ready(self.coordinator, timeout=90)
+        except ServiceUnavailable:
+            if IN_USE in log.read_text(errors="replace"):
+                raise PortTaken(log.read_text(errors="replace")) from None
+            raise
+
+    def start_hospital(self, site: Path) -> None:
+        """``hospital start``, waiting until its daemon has started (its PID file) or exited."""
+        log = self.root / f"{site.name}-{len(self.processes)}.log"
+        daemon = self.spawn(["hospital", "start", "--config", str(site / "site.yaml")], log)
+        pid_file = site / "state" / PID_FILE
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text().strip() == str(daemon.pid)):
+            if daemon.poll() is not None:
+                text = log.read_text(errors="replace")
+                raise (PortTaken if IN_USE in text else AssertionError)(f"hospital start exited:\n{text}")
+            assert time.monotonic() < deadline, f"hospital start did not start its daemon:\n{log.read_text()}"
+            time.sleep(0.2)
+        self.daemons.append(daemon)
 
     def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([MEDFED, *args], env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -93,19 +137,24 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
     0.0.0.0, as in the compose and systemd set-ups."""
     home = root / "flwr-home"
     env = _env(home)
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    dep = Deployment(root, root / "coord", address, env, listen=f"0.0.0.0:{port}" if listen_all else "")
-    try:
-        _medfed(["coordinator", "init", "--dir", str(dep.coord), "--host", host, "--address", dep.listen or address],
-                env)
+    dep = Deployment(root, root / "coord", "", env)
+
+    def start_coordinator() -> None:
+        port = _free_port()
+        dep.address, dep.listen = f"127.0.0.1:{port}", f"0.0.0.0:{port}" if listen_all else ""
+        shutil.rmtree(dep.coord, ignore_errors=True)
+        _medfed(["coordinator", "init", "--dir", str(dep.coord), "--host", host, "--address",
+                 dep.listen or dep.address], env)
         dep.start_coordinator()
+
+    try:
+        _retried(start_coordinator, "the coordinator")
         for index, approve in enumerate(approved):
             site = root / f"site-{index}"
             data = root / f"data-{index}.npz"
             _medfed(["hospital", "export-demo", "--index", str(index), "--out", str(data), *RECIPE], env)
             init = ["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{'abc'[index]}", "--data-path", str(data),
-                    "--n-classes", "2", "--superlink", address, "--ca", str(dep.coord / "ca.crt"),
+                    "--n-classes", "2", "--superlink", dep.address, "--ca", str(dep.coord / "ca.crt"),
                     "--runtime-port", str(_free_port()), "--no-require-dp"]  # these sites also run non-DP recipes
             if approve:
                 init.append("--approve-installed")
@@ -115,8 +164,15 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
             out = _medfed(["hospitals", "register", str(site / "node.pub"), "--dir", str(dep.coord), "--name",
                            f"hospital-{'abc'[index]}"], env).stdout
             dep.node_ids.append(int(re.search(r"as\s+node\s+(\d+)", out).group(1)))
-            dep.daemons.append(
-                dep.spawn(["hospital", "start", "--config", str(site / "site.yaml")], root / f"site-{index}.log"))
+
+            def start_hospital(site: Path = site) -> None:
+                config = site / "site.yaml"
+                if list(root.glob(f"{site.name}-*.log")):  # a retry: the port was taken, so another one
+                    text = config.read_text()
+                    config.write_text(re.sub(r"(?m)^runtime_port: \d+$", f"runtime_port: {_free_port()}", text))
+                dep.start_hospital(site)
+
+            _retried(start_hospital, f"hospital {index}")
             dep.sites.append(site)
         yield dep
     finally:

@@ -99,3 +99,71 @@ def test_a_superlink_that_never_answers_names_the_last_reason_and_the_fix(tmp_pa
     with pytest.raises(ServiceUnavailable, match=r"127\.0\.0\.1:9093 .*IP address mismatch.*renew-cert") as caught:
         coord.wait_ready(timeout=0.2)
     assert caught.value.exit_code == 10
+
+
+@pytest.fixture()
+def held_port():
+    """A port another process listens at (this test's socket, bound to port 0 by the kernel): every connection to
+    it is accepted and closed at once, as a busy service that does not speak Flower would."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def refuse() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def _tls_coordinator(directory: Path, port: int) -> Coordinator:
+    """A coordinator at 127.0.0.1:PORT with its CA and server certificate (SuperNode authentication needs TLS)."""
+    from medfed.common.pki import create_ca, create_server_certificate, load_ca
+
+    create_ca(directory)
+    create_server_certificate(directory, load_ca(directory), ["localhost"])
+    return Coordinator(directory, address=f"127.0.0.1:{port}")
+
+
+def test_a_coordinator_whose_port_is_taken_says_so_before_starting_a_superlink(tmp_path, held_port):
+    from medfed.common.errors import ServiceUnavailable
+
+    coord = _tls_coordinator(tmp_path / "coord", held_port)
+
+    with pytest.raises(ServiceUnavailable, match=rf"port {held_port} is in use by another process.*--address"):
+        coord.start()
+    assert not (coord.dir / "superlink.pid").exists()  # nothing was started
+
+
+def test_a_port_taken_between_the_check_and_the_bind_is_named_and_the_superlink_is_gone(tmp_path, held_port,
+                                                                                         monkeypatch):
+    from medfed.common.errors import ServiceUnavailable
+    from medfed.common.processes import pid_alive
+    from medfed.server import coordinator
+
+    monkeypatch.setattr(coordinator, "port_taken", lambda address: False)  # the port was free when checked
+    coord = _tls_coordinator(tmp_path / "coord", held_port)
+
+    with pytest.raises(ServiceUnavailable, match=rf"port {held_port} is in use by another process"):
+        coord.start()
+    assert not pid_alive(int((coord.dir / "superlink.pid").read_text()))
+
+
+def test_port_taken_tells_a_listening_port_from_a_free_one(held_port):
+    from medfed.common.processes import port_taken
+
+    assert port_taken(f"127.0.0.1:{held_port}") and port_taken(f"0.0.0.0:{held_port}")
+    assert not port_taken("127.0.0.1:0")
