@@ -5,12 +5,14 @@ every COPY source present, and every command line they run parsed by the real `m
 from __future__ import annotations
 
 import configparser
+import hashlib
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +220,21 @@ def test_the_hospital_image_builds_torchcsprng_from_a_pinned_commit_and_checks_i
     stage = _stages()["hospital"]
     args = dict(rest.split("=", 1) for k, rest in stage if k == "ARG" and "=" in rest)
     assert re.fullmatch(r"[0-9a-f]{40}", args["CSPRNG_COMMIT"])
-    assert args["CSPRNG_SOURCE"] == "git+https://github.com/pytorch/csprng@${CSPRNG_COMMIT}"
-    assert args["WITH_CSPRNG"] == "1"  # built unless the build says otherwise (CI, which cannot reach GitHub)
+    assert args["WITH_CSPRNG"] == "1"  # built unless the build says otherwise
     (build,) = [rest for k, rest in stage if k == "RUN" and "csprng" in rest]
     assert '"${CSPRNG_SOURCE}"' in build and "--no-build-isolation" in build
     assert "create_random_device_generator" in build  # a broken build fails the image, not a hospital's first round
+    # the source is the vendored archive of that commit (no GitHub needed), checked against its sha256 first
+    vendored = DEPLOY / "docker" / "vendor" / f"torchcsprng-{args['CSPRNG_COMMIT'][:12]}.tar.gz"
+    assert args["CSPRNG_SOURCE"] == f"/tmp/vendor/{vendored.name}"
+    assert ("COPY", "deploy/docker/vendor/ /tmp/vendor/") in stage
+    assert "!deploy/docker/vendor/" in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert hashlib.sha256(vendored.read_bytes()).hexdigest() == args["CSPRNG_SHA256"]
+    assert 'sha256sum -c' in build and "${CSPRNG_SHA256}" in build
+    with tarfile.open(vendored) as archive:  # an unmodified `git archive` of the pinned commit
+        assert archive.pax_headers.get("comment") == args["CSPRNG_COMMIT"]
+        names = set(archive.getnames())
+    assert {f"{vendored.name[:-7]}/{name}" for name in ("LICENSE", "setup.py", "version.txt")} <= names
     # the image, the docs and `medfed hospital install-secure-rng` build the same commit
     from medfed.client.privacy import TORCHCSPRNG_COMMIT
 
