@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test typecheck unit e2e benchmark clean
+.PHONY: demo test typecheck unit e2e benchmark mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ unit: $(VENV)/.installed
 
 e2e: $(VENV)/.installed
 	$(PY) -m pytest -q tests/e2e
+
+mutate: $(VENV)/.installed
+	$(PY) tests/mutate.py
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/baselines.py

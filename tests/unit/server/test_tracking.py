@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,9 +170,9 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path):
 
     run = RunDirectory(tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from server.runs import RunDirectory; "
+        [sys.executable, "-c", "from medfed.server.runs import RunDirectory; "
          f"import time\nwith RunDirectory({str(run.path)!r}).exclusive():\n print('held', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[3])
+        stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
 
