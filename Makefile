@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test typecheck unit e2e benchmark mutate clean
+.PHONY: demo test typecheck unit e2e benchmark mutate mutate-sample clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ e2e: $(VENV)/.installed
 
 mutate: $(VENV)/.installed
 	$(PY) tests/mutate.py
+
+mutate-sample: $(VENV)/.installed
+	$(PY) tests/mutate.py --sample 7
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/baselines.py

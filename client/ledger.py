@@ -178,7 +178,7 @@ def entries_to_state(entries: Iterable[LedgerEntry]) -> str:
 def _archive(ledger: PrivacyLedger, label: str) -> Path:
     """Move a ledger's file to ``privacy/archive/<key>-<label>.json`` (never deleted); returns where."""
     target = ledger.path.parent / "archive" / f"{ledger.fingerprint}-{label}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(exist_ok=True)  # in privacy/, which holds the ledger
     ledger.path.rename(target)
     return target
 

@@ -49,9 +49,11 @@ logger = logging.getLogger(__name__)
 _MAX_NOISE = 1e4
 
 
+# pragma: no mutate start  (the site's environment, not its privacy accounting: outside `make mutate`'s scope)
 def default_state_dir() -> Path:
     """Where a hospital keeps its state (privacy ledger) when its config names no other place."""
     return Path(os.environ.get("MEDFED_STATE_DIR") or "~/.local/share/medfed").expanduser()
+# pragma: no mutate end
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def site_cap(federation: FederationConfig, node_config: Mapping[str, object], si
     )
 
 
+# pragma: no mutate start  (the secure RNG's presence, not privacy accounting: outside `make mutate`'s scope)
 # torchcsprng has no wheel for current torch; the hospital image and `medfed hospital install-secure-rng` build this
 # commit of its source (deploy/docker/Dockerfile's CSPRNG_COMMIT must match: tests/unit/test_deploy.py)
 TORCHCSPRNG_COMMIT = "defa0b556e8c5655693ccde2777b10906d25c034"
@@ -136,6 +139,12 @@ def secure_rng_problem(device: torch.device) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means no secure noise; the type says which
         return f"torchcsprng cannot draw random numbers on {device.type} here ({type(exc).__name__})"
     return None
+# pragma: no mutate end
+
+
+def _costed(noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
+    """A release that is only costed, never recorded: the accountant reads its noise, sampling rate and steps."""
+    return LedgerEntry("plan", 0, 0, noise_multiplier, sample_rate, steps, 0.0)  # pragma: no mutate (id, run, time)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -178,7 +187,7 @@ def release_noise_for(epsilon: float, delta: float, releases: int, accountant: s
     """The least noise multiplier (to 0.1 %) with which ``releases`` Gaussian releases (sampling rate 1), composed
     on their own, spend at most ``epsilon`` at ``delta``; data-independent, so every site of a run finds the same."""
     def eps(sigma: float) -> float:
-        return epsilon_spent([LedgerEntry("plan", 0, 0, sigma, 1.0, max(1, releases), 0.0)], delta, accountant)
+        return epsilon_spent([_costed(sigma, 1.0, max(1, releases))], delta, accountant)
 
     low, high = 0.0, 1.0
     while eps(high) > epsilon:
@@ -230,7 +239,7 @@ def _noise_for(
     ``inf`` when even ``ceiling`` does not fit."""
 
     def eps(sigma: float) -> float:
-        return epsilon_spent([*prior, LedgerEntry("plan", 0, 0, sigma, sample_rate, steps, 0.0)], delta, mech)
+        return epsilon_spent([*prior, _costed(sigma, sample_rate, steps)], delta, mech)
 
     if eps(ceiling) > target:
         return math.inf
@@ -339,7 +348,7 @@ def plan_round(
             "train. The run goes on without it. To train more, the hospital must raise its own cap (max-epsilon), "
             "or the coordinator may plan a larger target_epsilon."
         )
-    this_round = LedgerEntry("plan", run_id, 0, sigma, sample_rate, steps, 0.0)
+    this_round = _costed(sigma, sample_rate, steps)
     after = epsilon_spent([*entries, this_round], delta, dp.accountant) if math.isfinite(sigma) else math.inf
     with_evaluations = (epsilon_spent([*entries, this_round, *reserved], delta, dp.accountant) if reserved
                         else after)
@@ -363,7 +372,7 @@ def plan_release(
         raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
                                     "needs one > 0, so this hospital does not answer.")
     spent = epsilon_spent(entries, delta, accountant)
-    after = epsilon_spent([*entries, LedgerEntry("plan", 0, 0, noise_multiplier, 1.0, 1, 0.0)], delta, accountant)
+    after = epsilon_spent([*entries, _costed(noise_multiplier, 1.0, 1)], delta, accountant)
     if not after <= cap.max_epsilon:
         raise PrivacyBudgetExceeded(
             f"Privacy cap reached: answering the {what} (noise multiplier {noise_multiplier:g}) would raise the "

@@ -145,3 +145,112 @@ def test_budget_shows_how_much_of_the_spend_the_noised_evaluations_add(tmp_path)
     assert row["rounds"] == 1 and row["evaluations"] == 2
     assert row["spent"] > training_alone
     assert row["evaluation_share"] == pytest.approx(1 - training_alone / row["spent"])
+
+
+# --- the ledger file itself: each test below fails on a change to client/ledger.py that survived without it ------
+def test_a_new_entry_keeps_every_field_it_is_given(monkeypatch):
+    from medfed.client import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module.time, "time", lambda: 1700000000.25)
+
+    entry = LedgerEntry.new(7, 3, 1.5, 0.125, 40, "evaluate", period=2, batch_size=16, local_epochs=4)
+    other = LedgerEntry.new(7, 3, 1.5, 0.125, 40)
+
+    assert (entry.run_id, entry.server_round, entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        7, 3, 1.5, 0.125, 40)
+    assert (entry.recorded_at, entry.kind, entry.period, entry.batch_size, entry.local_epochs) == (
+        1700000000.25, "evaluate", 2, 16, 4)
+    assert (other.kind, other.period, other.batch_size, other.local_epochs) == ("train", 1, 0, 0)
+    assert len(entry.id) == 32 and entry.id != other.id  # a fresh id each time
+
+
+def test_a_ledger_creates_its_folders_writes_once_per_new_entry_and_reads_back_in_time_order(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "new" / "state", "k" * 32)  # no state directory yet
+    late, early = LedgerEntry.new(1, 2, 1.0, 0.1, 5), LedgerEntry.new(1, 1, 1.0, 0.1, 5)
+    early = LedgerEntry(**{**early.__dict__, "recorded_at": late.recorded_at - 10})
+
+    recorded = ledger.record([late, early])
+    written = (ledger.path.stat().st_ino, ledger.path.stat().st_mtime_ns)  # (a write replaces the file)
+    again = ledger.record([early])  # nothing new: the file is not written again
+
+    assert recorded == again == ledger.entries() == [early, late]
+    assert (ledger.path.stat().st_ino, ledger.path.stat().st_mtime_ns) == written
+    data = json.loads(ledger.path.read_text())
+    assert data["version"] == 1 and data["dataset"] == "k" * 32 and len(data["entries"]) == 2
+    assert ledger.record([]) == [early, late]
+
+
+@pytest.mark.parametrize("change", [{"dataset": "x" * 32}, {"version": 2}, {"entries": [{"id": "only"}]}])
+def test_a_ledger_of_another_dataset_or_version_or_damaged_is_refused_not_read_as_empty(tmp_path, change):
+    from medfed.common.errors import PrivacyBudgetExceeded
+
+    ledger = PrivacyLedger(tmp_path, "k" * 32)
+    ledger.record([LedgerEntry.new(1, 1, 1.0, 0.1, 5)])
+    ledger.path.write_text(json.dumps({**json.loads(ledger.path.read_text()), **change}))
+
+    with pytest.raises(PrivacyBudgetExceeded) as refused:
+        ledger.entries()
+    message = str(refused.value)
+    assert message.startswith(f"This hospital's privacy ledger {'k' * 32}.json is unreadable (")
+    assert "refuses to train rather than forget what it spent" in message and str(tmp_path) not in message
+
+
+def test_the_ledger_the_node_mirrors_in_its_state_is_merged_back_into_the_file(tmp_path):
+    from medfed.client.ledger import entries_from_state, entries_to_state
+
+    spent = [LedgerEntry.new(5, 1, 1.1, 0.25, 40)]
+    assert entries_from_state(entries_to_state(spent)) == spent
+    assert entries_from_state(None) == entries_from_state("") == []
+    # a node whose state remembers a round the site's file lost (a state directory restored from an older backup)
+    state = _State()
+    state.raw = entries_to_state(spent)
+    cfg = compose_config(DP)
+    env = NodeEnv.resolve({keys.NODE_PARTITION_ID: 0}, {keys.RUN_STATE_DIR: str(tmp_path)})
+
+    private = start_private_round(cfg, cfg.privacy, _site(), env, state, run_id=6, server_round=1)
+
+    (ledger,) = site_ledgers(tmp_path)
+    assert spent[0] in ledger.entries() and len(ledger.entries()) == 2
+    assert private.plan.epsilon_after == pytest.approx(epsilon_spent(ledger.entries(), 1e-5), rel=1e-6)
+
+
+def test_the_older_key_hashes_the_arrays_shapes_and_types_too_and_is_computed_once_per_site():
+    from medfed.client import ledger as ledger_module
+
+    site = _site()
+    flat = SiteData("st-marys", train=ArrayDataset(site.train.images.reshape(64, 1, 4, 16), site.train.labels),
+                    val=site.val, info=site.info)  # the same bytes in another shape
+    first = dataset_fingerprint(site)
+
+    site.train.images[0, 0, 0, 0] += 1.0  # (no caller changes a site's arrays; this shows the value is kept)
+
+    assert dataset_fingerprint(site) == first
+    assert dataset_fingerprint(flat) != first
+    assert id(site) in ledger_module._FINGERPRINTS
+    key = id(site)
+    del site
+    import gc
+
+    gc.collect()
+    assert key not in ledger_module._FINGERPRINTS  # forgotten with its site
+
+
+def test_a_reset_archives_under_its_time_needs_a_reason_and_an_existing_ledger(tmp_path, monkeypatch):
+    from medfed.client import ledger as ledger_module
+    from medfed.client.ledger import archive_ledger
+    from medfed.common.errors import ConfigError
+
+    key = "k" * 32
+    for now in (1700000000.9, 1700000500.1):  # two resets: the archive folder exists the second time
+        PrivacyLedger(tmp_path, key).record([LedgerEntry.new(1, 1, 1.0, 0.1, 5)])
+        monkeypatch.setattr(ledger_module.time, "time", lambda now=now: now)
+        target = archive_ledger(tmp_path, key, "new scanner")
+        assert target == tmp_path / "privacy" / "archive" / f"{key}-{int(now)}.json" and target.is_file()
+    assert not PrivacyLedger(tmp_path, key).path.exists()
+
+    with pytest.raises(ConfigError, match=r"^a ledger reset needs a reason \(--reason TEXT\): it is written to "
+                                          r"the audit log\.$"):
+        archive_ledger(tmp_path, key, "  ")
+    with pytest.raises(ConfigError, match=rf"^no privacy ledger {key} in this site's state directory; see `medfed "
+                                          r"hospital budget`\.$"):
+        archive_ledger(tmp_path, key, "new scanner")
