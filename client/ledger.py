@@ -48,7 +48,7 @@ def ledger_key(site: SiteData) -> str:
     """The ledger of a site and task: its site id and the dataset it trains on (never the data's bytes)."""
     text = json.dumps({"site": site.site_id, "dataset": site.info.name, "classes": site.info.n_classes},
                       sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # fingerprints of the SiteData objects alive in this process (an entry goes when its object is collected, so this

@@ -3,6 +3,7 @@ absorbed; a fresh ledger is an explicit, audited command; `medfed hospital budge
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -254,3 +255,15 @@ def test_a_reset_archives_under_its_time_needs_a_reason_and_an_existing_ledger(t
     with pytest.raises(ConfigError, match=rf"^no privacy ledger {key} in this site's state directory; see `medfed "
                                           r"hospital budget`\.$"):
         archive_ledger(tmp_path, key, "new scanner")
+
+
+def test_a_sites_ledger_key_is_the_same_in_every_medfed_version():
+    # the key names the ledger file: were it to change, an upgraded hospital would start an empty ledger (a silent
+    # budget reset). It is the sha256 of the site, dataset and class count as sorted JSON, written out here by hand.
+    from medfed.client.ledger import ledger_key
+
+    text = '{"classes": 2, "dataset": "site:st-marys", "site": "st-marys"}'
+    assert ledger_key(_site()) == hashlib.sha256(text.encode()).hexdigest()[:32] == "98863d3f9320e939136a93e34f7b7387"
+    other = SiteData("st-johns", train=_site().train, val=_site().val, info=DatasetInfo("site:st-marys", 2, 1, 2, 8,
+                                                                                        ("0", "1")))
+    assert ledger_key(other) != ledger_key(_site())
