@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from medfed.common.atomic import atomic_write
 from medfed.common.data import SiteData
@@ -111,33 +112,33 @@ class PrivacyLedger:
     def __init__(self, state_dir: Path, fingerprint: str) -> None:
         self.path = Path(state_dir).expanduser() / "privacy" / f"{fingerprint}.json"
         self.fingerprint = fingerprint
-        self._held = False
+        self._lock_file: IO[bytes] | None = None  # open while this object holds the lock
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """An exclusive lock on this ledger across processes (``fcntl.flock`` on ``<ledger>.lock``), held from
         reading what was spent through planning to recording the new round, so two runs or two processes never
         both pass a cap that only one of them fits under. Re-entrant within one ledger object."""
-        if self._held:
+        if self._lock_file is not None:
             yield
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
+        with open(self.path.with_suffix(".lock"), "ab") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            self._held = True
+            self._lock_file = handle
             try:
                 yield
             finally:
-                self._held = False
+                self._lock_file = None
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def entries(self) -> list[LedgerEntry]:
         if not self.path.is_file():
             return []
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(self.path.read_bytes())
             if data.get("version") != LEDGER_VERSION or data.get("dataset") != self.fingerprint:
-                raise ValueError("version or dataset fingerprint differs")
+                raise ValueError  # another version's or dataset's ledger (only the type name is reported)
             return [LedgerEntry(**entry) for entry in data["entries"]]
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise PrivacyBudgetExceeded(

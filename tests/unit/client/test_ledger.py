@@ -181,18 +181,22 @@ def test_a_ledger_creates_its_folders_writes_once_per_new_entry_and_reads_back_i
     assert ledger.record([]) == [early, late]
 
 
-@pytest.mark.parametrize("change", [{"dataset": "x" * 32}, {"version": 2}, {"entries": [{"id": "only"}]}])
-def test_a_ledger_of_another_dataset_or_version_or_damaged_is_refused_not_read_as_empty(tmp_path, change):
+@pytest.mark.parametrize(("change", "error"), [
+    ({"dataset": "x" * 32}, "ValueError"), ({"version": 2}, "ValueError"), ({"entries": [{"id": "only"}]}, "TypeError"),
+    ({"entries": None}, "TypeError"), ("{half a json", "JSONDecodeError"),
+])
+def test_a_ledger_of_another_dataset_or_version_or_damaged_is_refused_not_read_as_empty(tmp_path, change, error):
     from medfed.common.errors import PrivacyBudgetExceeded
 
     ledger = PrivacyLedger(tmp_path, "k" * 32)
     ledger.record([LedgerEntry.new(1, 1, 1.0, 0.1, 5)])
-    ledger.path.write_text(json.dumps({**json.loads(ledger.path.read_text()), **change}))
+    ledger.path.write_text(change if isinstance(change, str) else
+                           json.dumps({**json.loads(ledger.path.read_text()), **change}))
 
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         ledger.entries()
     message = str(refused.value)
-    assert message.startswith(f"This hospital's privacy ledger {'k' * 32}.json is unreadable (")
+    assert message.startswith(f"This hospital's privacy ledger {'k' * 32}.json is unreadable ({error}); ")
     assert "refuses to train rather than forget what it spent" in message and str(tmp_path) not in message
 
 
@@ -267,3 +271,27 @@ def test_a_sites_ledger_key_is_the_same_in_every_medfed_version():
     other = SiteData("st-johns", train=_site().train, val=_site().val, info=DatasetInfo("site:st-marys", 2, 1, 2, 8,
                                                                                         ("0", "1")))
     assert ledger_key(other) != ledger_key(_site())
+
+
+def test_the_ledgers_lock_excludes_every_other_holder_until_released_and_is_re_entrant(tmp_path):
+    import fcntl
+
+    ledger = PrivacyLedger(tmp_path, "k" * 32)
+
+    def free() -> bool:  # what another process sees: a lock of its own on the same file
+        with open(ledger.path.with_suffix(".lock"), "ab") as other:
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+            return True
+
+    for _ in range(2):  # and again once released
+        with ledger.locked():
+            assert not free()
+            with ledger.locked():  # the same object again: no deadlock
+                assert not free()
+            assert not free()  # the inner exit keeps the outer hold
+            ledger.record([LedgerEntry.new(1, 1, 1.0, 0.1, 5)])  # record takes the lock too
+        assert free()
