@@ -72,7 +72,7 @@ def _node_float(node_config: Mapping[str, object], key: str, default: float, low
     raw = node_config[key]
     try:
         if not isinstance(raw, (int, float, str)):
-            raise TypeError(type(raw).__name__)
+            raise TypeError  # (reported below as "not a number")
         value = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"Node config {key}={raw!r} is not a number; set it in the site config.") from None
