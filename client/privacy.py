@@ -371,8 +371,8 @@ def plan_release(
     if not noise_multiplier > 0:
         raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
                                     "needs one > 0, so this hospital does not answer.")
-    spent = epsilon_spent(entries, delta, accountant)
-    after = epsilon_spent([*entries, _costed(noise_multiplier, 1.0, 1)], delta, accountant)
+    release = _costed(noise_multiplier, 1.0, 1)
+    spent, after = (epsilon_spent(e, delta, accountant) for e in (entries, [*entries, release]))  # one accountant
     if not after <= cap.max_epsilon:
         raise PrivacyBudgetExceeded(
             f"Privacy cap reached: answering the {what} (noise multiplier {noise_multiplier:g}) would raise the "

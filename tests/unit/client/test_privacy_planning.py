@@ -262,6 +262,7 @@ def test_later_rounds_follow_the_runs_plan_even_from_an_older_ledger_without_bat
 
     assert (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.batch_size, plan.local_epochs) == (
         1.7, 0.25, 8, 10, 2)
+    assert isinstance(plan.local_epochs, int) and isinstance(plan.batch_size, int)  # they size the training loop
     assert plan.epsilon_before == epsilon_spent([first, later], 1e-5)
     # an evaluation of this run, or an entry of another run, never fixes the run's plan
     other = [_entry(4.0, 1.0, 1, run_id=1, kind="evaluate"), _entry(2.5, 0.5, 2, run_id=2)]
