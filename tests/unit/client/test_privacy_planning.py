@@ -284,3 +284,23 @@ def test_a_site_that_trains_every_third_round_sits_out_the_two_between():
                            entries=[first], run_id=1, server_round=server_round)
             assert str(sat.value) == ("This hospital trains every 3 rounds of this run to fit its privacy budget "
                                       "(planned at its first round); it sits this round out.")
+
+
+def test_an_accountant_overflow_counts_as_spent_beyond_any_cap(monkeypatch):
+    from opacus.accountants.analysis import rdp
+
+    monkeypatch.setattr(rdp, "get_privacy_spent", lambda **_: (math.nan, 10.0))  # what Opacus gives on overflow
+
+    assert epsilon_spent([_entry(1.0, 0.5, 10)], 1e-5) == math.inf  # never "fits"
+
+
+def test_a_training_split_that_changed_size_is_refused_in_words_that_say_what_to_do():
+    first = LedgerEntry.new(1, 1, 2.0, 0.1, 10, batch_size=10, local_epochs=1)
+
+    with pytest.raises(PrivacyBudgetExceeded) as refused:
+        plan_round(DPConfig(), SiteCap(), n_train=5, batch_size=10, local_epochs=1, rounds_left=3, entries=[first],
+                   run_id=1, server_round=2)
+
+    assert str(refused.value) == (
+        "This hospital's training split changed size during this run, so the run's privacy plan (its sampling rate "
+        "and steps) no longer holds; it does not train again in this run. A new run plans afresh.")
