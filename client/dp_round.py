@@ -27,6 +27,7 @@ from medfed.client.ledger import (
 )
 from medfed.client.privacy import (
     RoundPlan,
+    costed,
     epsilon_spent,
     plan_release,
     plan_round,
@@ -295,7 +296,7 @@ def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunP
     except PrivacyBudgetExceeded as exc:
         return dataclasses.replace(base, refusal=str(exc))
     trained_rounds = -(-cfg.train.rounds // plan.period)
-    rounds = LedgerEntry("plan", -1, 0, plan.noise_multiplier, plan.sample_rate, plan.steps * trained_rounds, 0.0)
+    rounds = costed(plan.noise_multiplier, plan.sample_rate, plan.steps * trained_rounds)
     return dataclasses.replace(
         base, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
         batch_size=plan.batch_size, period=plan.period,

@@ -34,6 +34,7 @@ __all__ = [
     "RoundPlan",
     "SitOut",
     "SiteCap",
+    "costed",
     "default_state_dir",
     "epsilon_spent",
     "plan_release",
@@ -142,7 +143,7 @@ def secure_rng_problem(device: torch.device) -> str | None:
 # pragma: no mutate end
 
 
-def _costed(noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
+def costed(noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
     """A release that is only costed, never recorded: the accountant reads its noise, sampling rate and steps."""
     return LedgerEntry("plan", 0, 0, noise_multiplier, sample_rate, steps, 0.0)  # pragma: no mutate (id, run, time)
 
@@ -187,7 +188,7 @@ def release_noise_for(epsilon: float, delta: float, releases: int, accountant: s
     """The least noise multiplier (to 0.1 %) with which ``releases`` Gaussian releases (sampling rate 1), composed
     on their own, spend at most ``epsilon`` at ``delta``; data-independent, so every site of a run finds the same."""
     def eps(sigma: float) -> float:
-        return epsilon_spent([_costed(sigma, 1.0, max(1, releases))], delta, accountant)
+        return epsilon_spent([costed(sigma, 1.0, max(1, releases))], delta, accountant)
 
     low, high = 0.0, 1.0
     while eps(high) > epsilon:
@@ -239,7 +240,7 @@ def _noise_for(
     ``inf`` when even ``ceiling`` does not fit."""
 
     def eps(sigma: float) -> float:
-        return epsilon_spent([*prior, _costed(sigma, sample_rate, steps)], delta, mech)
+        return epsilon_spent([*prior, costed(sigma, sample_rate, steps)], delta, mech)
 
     if eps(ceiling) > target:
         return math.inf
@@ -348,7 +349,7 @@ def plan_round(
             "train. The run goes on without it. To train more, the hospital must raise its own cap (max-epsilon), "
             "or the coordinator may plan a larger target_epsilon."
         )
-    this_round = _costed(sigma, sample_rate, steps)
+    this_round = costed(sigma, sample_rate, steps)
     after = epsilon_spent([*entries, this_round], delta, dp.accountant) if math.isfinite(sigma) else math.inf
     with_evaluations = (epsilon_spent([*entries, this_round, *reserved], delta, dp.accountant) if reserved
                         else after)
@@ -371,7 +372,7 @@ def plan_release(
     if not noise_multiplier > 0:
         raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
                                     "needs one > 0, so this hospital does not answer.")
-    release = _costed(noise_multiplier, 1.0, 1)
+    release = costed(noise_multiplier, 1.0, 1)
     spent, after = (epsilon_spent(e, delta, accountant) for e in (entries, [*entries, release]))  # one accountant
     if not after <= cap.max_epsilon:
         raise PrivacyBudgetExceeded(
