@@ -67,14 +67,14 @@ def _toml(table: str, values: dict[str, object]) -> str:
     return f"[{table}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()) + "\n"
 
 
-def results(where: Path) -> dict[str, Counter[str]]:
-    """Each mutated module's mutants by status, and the survivors' names under the key ``"<module> survivors"``."""
-    out: dict[str, Counter[str]] = {}
+def results(where: Path) -> dict[str, tuple[Counter[str], list[str]]]:
+    """Each mutated module's mutants by status, and the names of its survivors."""
+    out: dict[str, tuple[Counter[str], list[str]]] = {}
     for meta in sorted((where / "mutants").rglob("*.py.meta")):
         module = meta.relative_to(where / "mutants").as_posix().removesuffix(".meta")
         codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
-        out[module] = Counter(STATUS.get(code, "suspicious") for code in codes.values())
-        out[f"{module} survivors"] = Counter(name for name, code in codes.items() if code == 0)
+        out[module] = (Counter(STATUS.get(code, "suspicious") for code in codes.values()),
+                       sorted(name for name, code in codes.items() if code == 0))
     return out
 
 
@@ -90,9 +90,8 @@ def main() -> int:
     where = args.dir.resolve()
     stage(where)
     names: list[str] = list(args.names)
-    if args.sample is not None:  # mutmut matches names with fnmatch: *_7, *_17, *_27 ...
-        names = [f"{name}_{args.sample}" for name in (names or ["medfed.*__mutmut"])]
-        names += [f"{name[:-2]}*{args.sample}" for name in names]
+    if args.sample is not None:  # mutmut matches names with fnmatch: ..._7, ..._17, ..._127 ...
+        names = [f"{name}*{args.sample}" for name in (names or ["medfed.*__mutmut_"])]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "MEDFED_DATA_DIR": os.environ.get("MEDFED_DATA_DIR", str(ROOT.parent / "shared" / "data" / "medmnist"))}
     started = time.monotonic()
@@ -111,16 +110,13 @@ def main() -> int:
     print(f"mutmut run ({chosen}): "
           f"{seconds:.0f} s, exit {done.returncode}")
     total = 0
-    for module, counts in found.items():
-        if module.endswith(" survivors"):
-            continue
+    for module, (counts, survivors) in found.items():
         checked = sum(n for status, n in counts.items() if status != "not checked")  # a sample leaves the rest
         if not checked:
             continue
         killed = counts["killed"] + counts["killed by type check"] + counts["timeout"]
         total += checked
-        survivors = sorted(found[f"{module} survivors"])
-        score = killed / checked if checked else float("nan")
+        score = killed / checked
         report["modules"][module] = {"checked": checked, "killed": killed, "score": round(score, 4),  # type: ignore[index]
                                      "by_status": dict(counts), "survivors": survivors}
         path = module.removeprefix("medfed/")
