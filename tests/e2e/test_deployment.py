@@ -49,11 +49,11 @@ class PortTaken(AssertionError):
     """A daemon refused to start because its port was taken between ``_free_port()`` and its bind."""
 
 
-def _retried(start: Callable[[], None], what: str) -> None:
-    """``start()``, tried again (with the new port it picks) while medfed says its port was taken."""
+def _retried(start: Callable[[int], None], what: str) -> None:
+    """``start(attempt)``, tried again (attempt 2, 3: with a new port) while medfed says its port was taken."""
     for attempt in range(1, TRIES + 1):
         try:
-            return start()
+            return start(attempt)
         except PortTaken:
             if attempt == TRIES:
                 raise
@@ -139,7 +139,7 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
     env = _env(home)
     dep = Deployment(root, root / "coord", "", env)
 
-    def start_coordinator() -> None:
+    def start_coordinator(attempt: int) -> None:  # a new port each time
         port = _free_port()
         dep.address, dep.listen = f"127.0.0.1:{port}", f"0.0.0.0:{port}" if listen_all else ""
         shutil.rmtree(dep.coord, ignore_errors=True)
@@ -165,9 +165,9 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
                            f"hospital-{'abc'[index]}"], env).stdout
             dep.node_ids.append(int(re.search(r"as\s+node\s+(\d+)", out).group(1)))
 
-            def start_hospital(site: Path = site) -> None:
+            def start_hospital(attempt: int, site: Path = site) -> None:
                 config = site / "site.yaml"
-                if list(root.glob(f"{site.name}-*.log")):  # a retry: the port was taken, so another one
+                if attempt > 1:  # the port hospital init wrote was taken: another one
                     text = config.read_text()
                     config.write_text(re.sub(r"(?m)^runtime_port: \d+$", f"runtime_port: {_free_port()}", text))
                 dep.start_hospital(site)
