@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -190,15 +190,46 @@ def release_noise_for(epsilon: float, delta: float, releases: int, accountant: s
     def eps(sigma: float) -> float:
         return epsilon_spent([costed(sigma, 1.0, max(1, releases))], delta, accountant)
 
-    low, high = 0.0, 1.0
-    while eps(high) > epsilon:
-        low, high = high, high * 2
-        if high > _MAX_NOISE:
-            return _MAX_NOISE
+    return min(_least_noise(eps, epsilon, _MAX_NOISE), _MAX_NOISE)
+
+
+def _least_noise(eps: Callable[[float], float], target: float, ceiling: float) -> float:
+    """The least noise multiplier up to ``ceiling`` (to 0.1 %) whose ``eps`` is at most ``target``; ``inf`` when
+    even ``ceiling`` does not fit.
+
+    Every look narrows a bracket (low, high] with eps(low) > target >= eps(high), and the answer is its top once it
+    is 0.1 % wide, as plain halving finds it. Epsilon falls smoothly with the noise, so where to look next is the
+    secant of log epsilon against log noise through the last two looks (halving where it cannot say), and a step
+    just across once it points where the last look was: about half the looks of halving (each ~0.3 s of Opacus'
+    RDP at a sampling rate below 1).
+    """
+    e = eps(ceiling)
+    if e > target:
+        return math.inf
+    low, high = 0.0, ceiling
+    looks = [(ceiling, e)]
+    x = ceiling * e / target  # epsilon falls about as 1 / noise
     while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        low, high = (mid, high) if eps(mid) > epsilon else (low, mid)
+        if not low < x < high:
+            x = (low + high) / 2
+        x = max(x, high / 64)  # never far below the least noise seen to fit: RDP's arithmetic fails near 0
+        e = eps(x)
+        low, high = (x, high) if e > target else (low, x)
+        looks.append((x, e))
+        x = _secant(looks[-2], looks[-1], target)
+        if abs(x - looks[-1][0]) < 4e-4 * high:  # it points where we are: step across to close the bracket
+            x = looks[-1][0] * (1 + 8e-4 if e > target else 1 - 8e-4)
     return high
+
+
+def _secant(a: tuple[float, float], b: tuple[float, float], target: float) -> float:
+    """Where log epsilon reaches log ``target`` on the line through two looks (noise, epsilon); NaN when the line
+    says nothing (an infinite or zero epsilon, one noise twice, epsilon not falling)."""
+    (xa, ea), (xb, eb) = a, b
+    if not (0 < ea < math.inf and 0 < eb < math.inf and xa != xb):
+        return math.nan
+    slope = (math.log(eb) - math.log(ea)) / (math.log(xb) - math.log(xa))
+    return xb * math.exp((math.log(target) - math.log(eb)) / slope) if slope < 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -242,13 +273,7 @@ def _noise_for(
     def eps(sigma: float) -> float:
         return epsilon_spent([*prior, costed(sigma, sample_rate, steps)], delta, mech)
 
-    if eps(ceiling) > target:
-        return math.inf
-    low, high = 0.0, ceiling
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        low, high = (mid, high) if eps(mid) > target else (low, mid)
-    return high
+    return _least_noise(eps, target, ceiling)
 
 
 def _candidates(n_train: int, batch_size: int, local_epochs: int, rounds_left: int) -> list[tuple[int, int, int]]:

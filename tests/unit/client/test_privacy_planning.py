@@ -15,6 +15,7 @@ from medfed.client.privacy import (
     SiteCap,
     SitOut,
     _candidates,
+    _least_noise,
     _node_bool,
     _node_float,
     _noise_for,
@@ -22,6 +23,7 @@ from medfed.client.privacy import (
     plan_release,
     plan_round,
     release_noise_for,
+    _secant,
     sampling,
     site_cap,
 )
@@ -117,6 +119,66 @@ def test_the_noise_for_a_target_is_the_least_that_fits_over_what_was_spent():
     _least(noise, lambda s: epsilon_spent([*prior, _entry(s, 0.1, 50)], 1e-5) <= 3.0)
     assert _noise_for(3.0, 1e-5, 0.1, 50, prior, "rdp", noise * 0.99) == math.inf  # the ceiling does not fit
     assert _noise_for(3.0, 1e-5, 0.1, 50, prior, "rdp", noise) == noise  # exactly the ceiling fits
+
+
+class _Looks:
+    """An epsilon curve that counts how often it is read (each read of Opacus' RDP costs ~0.3 s)."""
+
+    def __init__(self, curve):
+        self.curve, self.xs = curve, []
+
+    def __call__(self, sigma: float) -> float:
+        self.xs.append(sigma)
+        return self.curve(sigma)
+
+
+@pytest.mark.parametrize(("curve", "most_looks"), [
+    (lambda s: 2.0 / s, 4),  # epsilon of Gaussian releases falls about as 1 / noise
+    (lambda s: 0.3 / s**2 + 1.0 / s, 6),  # and faster where the noise is small
+    (lambda s: math.inf if s < 0.5 else 1.0 / (s - 0.45), 7),  # overflow below some noise, steep above it
+])
+def test_the_least_noise_is_found_to_a_thousandth_in_a_few_looks(curve, most_looks):
+    eps = _Looks(curve)
+
+    noise = _least_noise(eps, 0.8, 10.0)
+
+    _least(noise, lambda s: curve(s) <= 0.8)
+    assert noise in eps.xs and noise * 0.999 <= max(x for x in eps.xs if curve(x) > 0.8)  # a look on each side
+    assert len(eps.xs) <= most_looks  # halving from [0, 10] takes 14
+
+
+def test_a_curve_the_secant_cannot_read_is_halved_to_a_thousandth():
+    eps = _Looks(lambda s: 5.0 if s < 1.2345 else 0.0)  # a step: no slope to follow
+
+    noise = _least_noise(eps, 1.0, 10.0)
+
+    assert 1.2345 <= noise <= 1.2345 * 1.001
+    assert len(eps.xs) <= 15
+
+
+def test_the_least_noise_is_the_ceiling_when_only_it_fits_and_inf_when_not_even_it_does():
+    assert _least_noise(lambda s: 1.0 / s, 0.5, 2.0) == 2.0
+    assert _least_noise(lambda s: 1.0 / s, 0.5, 1.99) == math.inf
+    eps = _Looks(lambda s: 1.0 / s)
+    assert _least_noise(eps, 0.5, 1.99) == math.inf and eps.xs == [1.99]  # one look says so
+
+
+def test_the_search_never_looks_far_below_the_least_noise_seen_to_fit():
+    eps = _Looks(lambda s: 1e-9 / s)  # the 1 / noise guess says 1e-8: RDP's arithmetic divides by noise squared
+
+    noise = _least_noise(eps, 1.0, 10.0)
+
+    assert noise == pytest.approx(1e-9, rel=1e-3)
+    assert all(later >= earlier / 64 for earlier, later in zip(eps.xs, eps.xs[1:]))
+
+
+def test_the_secant_goes_through_two_looks_in_log_space_and_says_nothing_where_it_cannot():
+    assert _secant((1.0, 4.0), (2.0, 1.0), 0.25) == pytest.approx(4.0)  # epsilon = 4 / noise^2
+    assert _secant((2.0, 1.0), (1.0, 4.0), 0.25) == pytest.approx(4.0)  # either order
+    for a, b in [((1.0, math.inf), (2.0, 1.0)), ((1.0, 4.0), (2.0, 0.0)), ((1.0, 0.0), (2.0, 1.0)),
+                 ((1.0, 4.0), (2.0, math.inf)), ((2.0, 4.0), (2.0, 1.0)), ((1.0, 1.0), (2.0, 4.0)),
+                 ((1.0, 1.0), (2.0, 1.0))]:
+        assert math.isnan(_secant(a, b, 0.25)), (a, b)
 
 
 @pytest.mark.parametrize("releases", [1, 4])
