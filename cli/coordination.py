@@ -49,10 +49,22 @@ def open_coordinator(directory: Path) -> Coordinator:
                        tls_dir=values.get("tls_dir"))
 
 
+def check_listen_address(address: str) -> None:
+    """Refuse (ConfigError) a SuperLink address that is not ``host:port`` before anything is written or started."""
+    from medfed.common.errors import ConfigError
+    from medfed.common.processes import split_address
+
+    try:
+        split_address(address, host_required=False)
+    except ValueError as exc:
+        raise ConfigError(f"--address: {exc}; 0.0.0.0:PORT listens on every interface.") from None
+
+
 def save_settings(directory: Path, address: str, insecure: bool, tls_dir: Path | None = None) -> None:
     """Write ``coordinator.json``: where the SuperLink listens, with or without TLS, and its certificates' folder."""
     from medfed.common.atomic import atomic_write
 
+    check_listen_address(address)
     settings = {"address": address, "insecure": insecure}
     if tls_dir is not None:
         settings["tls_dir"] = str(Path(tls_dir).resolve())

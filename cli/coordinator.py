@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medfed.cli.coordination import CoordDir, launch_run, open_coordinator, save_settings
+from medfed.cli.coordination import CoordDir, check_listen_address, launch_run, open_coordinator, save_settings
 from medfed.cli.display import fail, folded, make_console
 from medfed.common.errors import MedfedError
 
@@ -39,6 +39,7 @@ def coordinator_init(
     from medfed.common.pki import create_ca, create_server_certificate, load_ca
 
     try:
+        check_listen_address(address)
         create_ca(directory, force=force)
         create_server_certificate(directory, load_ca(directory), _with_listen_host(host, address), force=force)
         save_settings(directory, address, insecure=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from medfed.client.site import SiteConfig
 from medfed.common.errors import MedfedError
+from medfed.common.processes import split_address
 
 __all__ = [
     "Check",
@@ -28,7 +29,6 @@ __all__ = [
     "network_checks",
     "probe_coordinator",
     "readiness_checks",
-    "split_address",
 ]
 
 # Flower's SuperNode exit codes (flwr.supercore.exit.ExitCode) that retrying cannot fix
@@ -46,15 +46,6 @@ class Check:
 
     def line(self) -> str:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) as (host, port); ValueError naming the problem otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{address!r} is not host:port (e.g. coordinator.example.org:9092)")
-    return host, int(port)
 
 
 def _check_data(site: SiteConfig) -> Check:

@@ -4,7 +4,8 @@ Flower's daemons start helpers of their own (the SuperLink its SuperExec, which 
 run; a hospital's SuperExec one ClientApp process per message). When a medfed daemon stops, every one of those
 must stop with it: a ServerApp left behind would keep writing a run directory that a restarted coordinator resumes.
 The tree is read from ``/proc/PID/task/*/children`` (Linux), and each process is signalled by its own PID.
-:func:`port_taken` tells a daemon, before it starts, that another process already listens where it would.
+:func:`port_taken` tells a daemon, before it starts, that another process already listens where it would;
+:func:`split_address` is the one reader of the ``host:port`` addresses daemons listen at and connect to.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["descendants", "pid_alive", "port_taken", "stop_tree"]
+__all__ = ["descendants", "pid_alive", "port_taken", "split_address", "stop_tree"]
 
 
 def _children(pid: int) -> list[int]:
@@ -78,15 +79,27 @@ def stop_tree(pid: int, *, timeout: float = 15.0) -> None:
                 pass
 
 
+def split_address(address: str, *, host_required: bool = True) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as (host, port), the brackets removed; ValueError naming the problem
+    otherwise. With ``host_required=False`` the host may be left out (``:9093``, every interface), read as ''."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or (host_required and not host) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535 (e.g. "
+                         "coordinator.example.org:9092)")
+    return host, int(port)
+
+
 def port_taken(address: str) -> bool:
     """Whether another process already listens at ``address`` (host:port, [v6]:port; no host: every interface),
-    tried as the SuperLink and SuperNode bind: with ``SO_REUSEADDR``, so a port whose last connections are closing counts free."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    tried as the SuperLink and SuperNode bind: with ``SO_REUSEADDR``, so a port whose last connections are closing
+    counts free."""
+    host, port = split_address(address, host_required=False)
+    host = host or "0.0.0.0"
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, int(port)))
+            probe.bind((host, port))
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
     return False

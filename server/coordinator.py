@@ -35,7 +35,7 @@ from medfed.common.atomic import atomic_write
 from medfed.common.config import RUN_CONFIG_OVERRIDES, overrides_from_run_config
 from medfed.common.environment import flower_environment, script
 from medfed.common.errors import ConfigError, ServiceUnavailable
-from medfed.common.processes import port_taken, stop_tree
+from medfed.common.processes import port_taken, split_address, stop_tree
 
 __all__ = ["AUTO_RESUMED_AT", "CONNECTION", "Coordinator", "FlowerCommandError", "InterruptedRun", "listen_host"]
 
@@ -50,7 +50,7 @@ AUTO_RESUMED_AT = "auto-resumed-at"  # runs.json: the rounds a run had done when
 def listen_host(address: str) -> str | None:
     """The one host a SuperLink listening at ``address`` (host:port, [v6]:port) listens on; None when it listens on
     all interfaces (``0.0.0.0``, ``::`` or no host)."""
-    host = address.rpartition(":")[0].strip("[]")
+    host, _ = split_address(address, host_required=False)
     return None if host in ("", "0.0.0.0", "::") else host
 
 
@@ -106,8 +106,8 @@ class Coordinator:
         certificate always covers the loopback addresses (:func:`common.pki.create_server_certificate`)."""
         if listen_host(self.address) is not None:
             return self.address
-        port = self.address.rpartition(":")[2]
-        return f"[::1]:{port}" if self.address.startswith("[::]") else f"127.0.0.1:{port}"
+        host, port = split_address(self.address, host_required=False)
+        return f"[::1]:{port}" if host == "::" else f"127.0.0.1:{port}"
 
     def write_connection(self) -> Path:
         """Write ``flwr-home/config.toml`` so Flower's CLI reaches this SuperLink (over TLS, verified by our CA)."""
@@ -125,9 +125,9 @@ class Coordinator:
 
     # --- the SuperLink ------------------------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
-        host, _, port = self.address.rpartition(":")
+        host, port = split_address(self.address, host_required=False)  # Flower puts an IPv6 host in brackets
         command = [script("flower-superlink"), "--enable-supernode-auth", "--database", str(self.dir / "state.db"),
-                   "--disable-runtime-dependency-installation", "--host", host or "0.0.0.0", "--port", port]
+                   "--disable-runtime-dependency-installation", "--host", host or "0.0.0.0", "--port", str(port)]
         if self.insecure:
             command.append("--insecure")
         else:
@@ -187,7 +187,7 @@ class Coordinator:
             f"{last or 'none'}).{hint} See {self.dir / 'superlink.log'}.")
 
     def _port_in_use(self) -> str:
-        port = self.address.rpartition(":")[2]
+        _, port = split_address(self.address, host_required=False)
         return (f"The SuperLink cannot listen at {self.address}: port {port} is in use by another process (another "
                 f"coordinator?). Stop that process (`ss -ltnp 'sport = :{port}'` names it), or give this coordinator "
                 "another port: `medfed coordinator init --address HOST:PORT` in a new directory, and tell the "

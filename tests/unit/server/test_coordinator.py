@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -166,4 +168,52 @@ def test_port_taken_tells_a_listening_port_from_a_free_one(held_port):
     from medfed.common.processes import port_taken
 
     assert port_taken(f"127.0.0.1:{held_port}") and port_taken(f"0.0.0.0:{held_port}")
-    assert not port_taken("127.0.0.1:0")
+    assert port_taken(f":{held_port}")  # no host: every interface
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert not port_taken(f"127.0.0.1:{free}")  # closed again (a race here only makes the test fail, never pass)
+
+
+@pytest.mark.parametrize(("address", "host", "port"), [
+    ("coordinator.example.org:9092", "coordinator.example.org", 9092), ("10.1.2.3:1", "10.1.2.3", 1),
+    ("[::1]:65535", "::1", 65535), ("[::]:9093", "::", 9093), (":9093", "", 9093),
+])
+def test_one_reader_of_host_port_addresses(address, host, port):
+    from medfed.common.processes import split_address
+
+    assert split_address(address, host_required=False) == (host, port)
+    if host:
+        assert split_address(address) == (host, port)
+
+
+@pytest.mark.parametrize("address", ["coordinator", "coordinator:", "coordinator:0", "coordinator:65536",
+                                     "coordinator:http", ":9093"])
+def test_an_address_that_is_not_host_port_is_named(address):
+    from medfed.common.processes import split_address
+
+    with pytest.raises(ValueError, match=rf"^{re.escape(repr(address))} is not host:port with a port from 1 to 65535"):
+        split_address(address)
+
+
+@pytest.mark.parametrize(("address", "host"), [("[::]:9093", "::"), (":9093", "0.0.0.0"),
+                                               ("10.1.2.3:9093", "10.1.2.3")])
+def test_the_superlink_is_given_the_host_without_brackets_and_the_port(tmp_path, address, host):
+    command = Coordinator(tmp_path / "coord", address=address, insecure=True).superlink_command()
+
+    assert command[command.index("--host") + 1] == host  # Flower brackets an IPv6 host itself
+    assert command[command.index("--port") + 1] == "9093"
+
+
+@pytest.mark.parametrize("command", [["init", "--host", "coordinator.example.org"], ["start", "--insecure"]])
+def test_a_coordinator_address_that_is_not_host_port_is_refused_before_anything_is_written(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from medfed.cli.main import app
+
+    result = CliRunner().invoke(app, ["coordinator", *command, "--dir", str(tmp_path / "coord"), "--address",
+                                      "coordinator.example.org"])
+
+    assert result.exit_code != 0
+    assert "--address: 'coordinator.example.org' is not host:port" in " ".join(result.output.split())
+    assert not (tmp_path / "coord" / "coordinator.json").exists() and not (tmp_path / "coord" / "ca.key").exists()
