@@ -48,7 +48,7 @@ def test_dp_simulation_reports_cumulative_epsilon_and_a_capped_site_sits_out(tmp
         assert "epsilon" not in line["sites"].get("hospital-0", {})
     assert "Privacy cap reached" in result.stdout  # shown in the progress display
     assert "eps 1:" in result.stdout
-    assert summary["best"]["test"]["auc"] > 0.6  # learned despite the noise (chance 0.5)
+    assert summary["best"]["test"]["auc"] >= 0.80  # learned despite the noise: measured 0.8626 here (2026-12-06)
     assert len(list((tmp_path / "state" / "privacy").glob("*.json"))) == 3
 
 
@@ -118,3 +118,4 @@ def test_scatternet_under_dp_a_small_cap_site_trains_and_the_run_reports_its_thr
     assert "outside DP-SGD's guarantee" in audit["note"]
     assert "privacy audit" in result.stdout
     assert "DP plan: target epsilon 8" in result.stdout  # every hospital's plan, printed before round 1
+    assert summary["best"]["test"]["auc"] >= 0.72  # the head learned under DP: measured 0.7806 here (2026-12-06)

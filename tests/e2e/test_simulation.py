@@ -129,7 +129,7 @@ def test_breastmnist_simulation_learns(tmp_path):
     # Assert
     assert result.returncode == 0, result.stdout[-3000:]
     summary = _assert_run_outputs(tmp_path / "run", 2)
-    assert summary["best"]["test"]["auc"] > 0.6  # chance is 0.5
+    assert summary["best"]["test"]["auc"] >= 0.65  # measured 0.6865 here (2026-12-06); chance is 0.5
     assert sum(s["n_train"] for s in summary["sites"].values()) + sum(
         s["n_val"] for s in summary["sites"].values()
     ) == 546 + 78  # the official train + val images, shared out
@@ -181,7 +181,7 @@ def test_baselines_write_the_same_outputs(tmp_path, kind):
         assert (tmp_path / "run" / name).is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["mode"] == kind
-    assert summary["best"]["test"]["auc"] > 0.7
+    assert summary["best"]["test"]["auc"] >= 0.95  # measured 0.9997 centralized, 0.9856 local (2026-12-06)
     assert sorted(summary["sites"]) == ["hospital-0", "hospital-1", "hospital-2"]
     if kind == "local":
         assert summary["local"]["test_auc"]["min"] <= summary["local"]["test_auc"]["max"]
@@ -323,7 +323,7 @@ def test_two_dicom_folder_hospitals_train(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     summary = _assert_run_outputs(tmp_path / "run", 2)
     assert sum(s["n_train"] + s["n_val"] for s in summary["sites"].values()) == 300
-    assert summary["best"]["test"]["auc"] > 0.6
+    assert summary["best"]["test"]["auc"] >= 0.65  # measured 0.6863 here on BreastMNIST images (2026-12-06)
     # each hospital image decoded once into the site cache (the server reads the test folder itself)
     assert len(list((tmp_path / "cache" / "folders" / "decoded").glob("*.npy"))) == 300
     run_files = "".join(p.read_text(errors="ignore") for p in (tmp_path / "run").glob("*.json*"))
@@ -348,7 +348,7 @@ def test_a_run_starts_from_a_pretrained_encoder_and_probes_it_linearly(tmp_path)
     assert all(np.allclose(final[k], start[k], rtol=1e-6, atol=1e-8) for k in final if k.startswith("encoder."))
     assert not np.array_equal(final["head.weight"], start["head.weight"])
     summary = _assert_run_outputs(tmp_path / "probe", 2)
-    assert summary["best"]["test"]["auc"] > 0.7
+    assert summary["best"]["test"]["auc"] >= 0.95  # measured 0.9791 here (2026-12-06)
     # a missing file is refused before any round, naming the key
     missing = _medfed(["simulate", "--run-dir", "bad", "--cache-dir", "cache", *FAST,
                        f"model.pretrained={tmp_path / 'nope.pt'}"], tmp_path)
@@ -379,4 +379,5 @@ def test_federated_ssl_then_a_supervised_run_from_its_encoder(tmp_path, method):
     tuned_summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
     assert sum(s["n_train"] for s in tuned_summary["sites"].values()) < 0.15 * sum(
         s["n_train"] for s in summary["sites"].values())
+    assert tuned_summary["best"]["test"]["auc"] >= 0.95  # measured 0.9957 simclr, 0.9986 mim here (2026-12-06)
     assert any(k.startswith("projector.") or k.startswith("decoder.") for k in start)
