@@ -77,16 +77,3 @@ def test_scanner_effect_differs_between_sites_and_is_deterministic() -> None:
         assert 0.0 <= out.min() and out.max() <= 1.0
     assert images.min() >= 0.0  # the input is not modified in place
     assert not np.shares_memory(site0, images)
-
-
-def test_generation_is_fast_enough_for_every_round() -> None:
-    # Prepare
-    import time
-
-    start = time.perf_counter()
-
-    # Execute
-    load_synthetic(SyntheticConfig())
-
-    # Assert
-    assert time.perf_counter() - start < 1.0
