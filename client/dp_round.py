@@ -92,7 +92,7 @@ class PrivateRound:
         logger.error("DP training took %d steps, %d planned; recording the excess", steps_taken, self.plan.steps)
         excess = LedgerEntry.new(self.run_id, self.server_round, self.plan.noise_multiplier, self.plan.sample_rate,
                                  steps_taken - self.plan.steps)
-        return epsilon_spent(_record(self.ledger, self.state, [excess]), self.plan.delta, self.dp.accountant)
+        return epsilon_spent(_record(self.ledger, self.state, [excess]), self.plan.delta)
 
 
 def _record(ledger: PrivacyLedger, state: NodeState, entries: list[LedgerEntry]) -> list[LedgerEntry]:
@@ -193,9 +193,9 @@ def release_noise(dp: DPConfig, env: NodeEnv, cfg: Config) -> float:
     cap = env.cap(cfg.federation)
     releases = cfg.train.rounds + 1 + _final_stages(cfg) + 1  # evaluations, final stages, the training split's size
     delta = min(dp.delta, cap.max_delta)
-    noise = release_noise_for(dp.target_epsilon * dp.eval_share, delta, releases, dp.accountant)
+    noise = release_noise_for(dp.target_epsilon * dp.eval_share, delta, releases)
     if cap.max_epsilon < dp.target_epsilon:  # a site whose own cap is smaller: the same share of its cap
-        noise = max(noise, release_noise_for(cap.max_epsilon * dp.eval_share, delta, releases, dp.accountant))
+        noise = max(noise, release_noise_for(cap.max_epsilon * dp.eval_share, delta, releases))
     return max(noise, cap.min_noise)
 
 
@@ -241,8 +241,7 @@ def _charge(
         entries = _spent(ledger, env, site, state)
         if once and any(e.kind == kind and e.run_id == run_id for e in entries):
             return None
-        before, after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap,
-                                     accountant=dp.accountant, what=f"{kind} request")
+        before, after = plan_release(entries, noise_multiplier=noise, delta=delta, cap=cap, what=f"{kind} request")
         _record(ledger, state, [LedgerEntry.new(run_id, server_round, noise, 1.0, 1, kind)])
     return Release(noise, after, delta, before)
 
@@ -287,12 +286,12 @@ def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunP
     delta = min(dp.delta, cap.max_delta)
     ledger = _site_ledger(env, site)
     entries = ledger.entries()
-    base = RunPreview(site.site_id, len(site.train), cap.max_epsilon, epsilon_spent(entries, delta, dp.accountant))
+    base = RunPreview(site.site_id, len(site.train), cap.max_epsilon, epsilon_spent(entries, delta))
     reserved = planned_evaluations(cfg, dp, env, run_id=-1, server_round=1, entries=[])
     try:
         plan = plan_round(dp, cap, n_train=len(site.train), batch_size=cfg.train.batch_size,
                           local_epochs=cfg.train.local_epochs, rounds_left=cfg.train.rounds, entries=entries,
-                          run_id=-1, reserved=reserved)
+                          run_id=-1, reserved=reserved, server_round=1)
     except PrivacyBudgetExceeded as exc:
         return dataclasses.replace(base, refusal=str(exc))
     trained_rounds = -(-cfg.train.rounds // plan.period)
@@ -301,5 +300,5 @@ def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunP
         base, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps_per_round=plan.steps,
         batch_size=plan.batch_size, period=plan.period,
         release_noise=reserved[0].noise_multiplier if reserved else None, releases=len(reserved),
-        epsilon_after_run=epsilon_spent([*entries, rounds, *reserved], delta, dp.accountant),
+        epsilon_after_run=epsilon_spent([*entries, rounds, *reserved], delta),
     )

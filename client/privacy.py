@@ -159,7 +159,7 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
                                                     orders=orders))
 
 
-def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str = "rdp") -> float:
+def epsilon_spent(entries: Iterable[LedgerEntry], delta: float) -> float:
     """Cumulative epsilon of every entry (sequential composition) at ``delta``, by Opacus' accountant.
 
     Entries with the same noise and sampling rate are composed as one (their steps add up), which is exact.
@@ -172,8 +172,6 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str 
         return 0.0
     if any(sigma <= 0 for sigma, _ in steps):
         return math.inf
-    if accountant != "rdp":
-        raise ConfigError(f"privacy.accountant={accountant!r} is not supported; use rdp.")
     import numpy as np
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp
@@ -184,11 +182,11 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float, accountant: str 
 
 
 @functools.lru_cache(maxsize=256)
-def release_noise_for(epsilon: float, delta: float, releases: int, accountant: str = "rdp") -> float:
+def release_noise_for(epsilon: float, delta: float, releases: int) -> float:
     """The least noise multiplier (to 0.1 %) with which ``releases`` Gaussian releases (sampling rate 1), composed
     on their own, spend at most ``epsilon`` at ``delta``; data-independent, so every site of a run finds the same."""
     def eps(sigma: float) -> float:
-        return epsilon_spent([costed(sigma, 1.0, max(1, releases))], delta, accountant)
+        return epsilon_spent([costed(sigma, 1.0, max(1, releases))], delta)
 
     return min(_least_noise(eps, epsilon, _MAX_NOISE), _MAX_NOISE)
 
@@ -209,8 +207,8 @@ def _least_noise(eps: Callable[[float], float], target: float, ceiling: float) -
     low, high = 0.0, ceiling
     looks = [(ceiling, e)]
     x = ceiling * e / target  # epsilon falls about as 1 / noise
-    while high - low > 1e-3 * high:
-        if not low < x < high:
+    while high - low > 1e-3 * high:  # pragma: no mutate (> or >=: a float width is never exactly 0.1 %)
+        if not low < x < high:  # pragma: no mutate (< or <=: a look exactly at an end would only repeat it)
             x = (low + high) / 2
         x = max(x, high / 64)  # never far below the least noise seen to fit: RDP's arithmetic fails near 0
         e = eps(x)
@@ -226,7 +224,7 @@ def _secant(a: tuple[float, float], b: tuple[float, float], target: float) -> fl
     """Where log epsilon reaches log ``target`` on the line through two looks (noise, epsilon); NaN when the line
     says nothing (an infinite or zero epsilon, one noise twice, epsilon not falling)."""
     (xa, ea), (xb, eb) = a, b
-    if not (0 < ea < math.inf and 0 < eb < math.inf and xa != xb):
+    if xa == xb or not all(0 < e < math.inf for e in (ea, eb)):
         return math.nan
     slope = (math.log(eb) - math.log(ea)) / (math.log(xb) - math.log(xa))
     return xb * math.exp((math.log(target) - math.log(eb)) / slope) if slope < 0 else math.nan
@@ -265,13 +263,13 @@ def sampling(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, i
 
 
 def _noise_for(
-    target: float, delta: float, sample_rate: float, steps: int, prior: list[LedgerEntry], mech: str, ceiling: float
+    target: float, delta: float, sample_rate: float, steps: int, prior: list[LedgerEntry], ceiling: float
 ) -> float:
     """The least noise multiplier (to 0.1%) with which ``prior`` plus ``steps`` more steps stays within ``target``;
     ``inf`` when even ``ceiling`` does not fit."""
 
     def eps(sigma: float) -> float:
-        return epsilon_spent([*prior, costed(sigma, sample_rate, steps)], delta, mech)
+        return epsilon_spent([*prior, costed(sigma, sample_rate, steps)], delta)
 
     return _least_noise(eps, target, ceiling)
 
@@ -299,7 +297,7 @@ def plan_round(
     entries: list[LedgerEntry],
     run_id: int,
     reserved: list[LedgerEntry] | None = None,
-    server_round: int = 1,
+    server_round: int,
 ) -> RoundPlan:
     """Decide this round's noise and check the site's cap; raises :class:`PrivacyBudgetExceeded` if it would pass.
 
@@ -316,7 +314,7 @@ def plan_round(
     target and the cap cover everything the run releases, and a round trains only while they still fit.
     """
     delta = min(dp.delta, cap.max_delta)
-    spent = epsilon_spent(entries, delta, dp.accountant)
+    spent = epsilon_spent(entries, delta)
     reserved = list(reserved or [])
     this_run = [e for e in entries if e.run_id == run_id and e.steps > 0 and e.kind == "train"]
     ceiling = max(dp.max_noise_multiplier, cap.min_noise)
@@ -337,16 +335,17 @@ def plan_round(
             raise SitOut(f"This hospital trains every {period} rounds of this run to fit its privacy budget "
                          "(planned at its first round); it sits this round out.")
     else:
-        run_releases = [e for e in entries if e.run_id == run_id and e.kind != "train"] + reserved
+        # this run's releases so far: noised evaluations only (no training step of it is in the ledger yet)
+        run_releases = [e for e in entries if e.run_id == run_id] + reserved
         sigma, batch, epochs, period = math.inf, batch_size, local_epochs, 1
         sample_rate, steps = sampling(n_train, batch_size, local_epochs)
         for batch_c, epochs_c, period_c in _candidates(n_train, batch_size, local_epochs, rounds_left):
             rate_c, steps_c = sampling(n_train, batch_c, epochs_c)
             planned = steps_c * math.ceil(max(1, rounds_left) / period_c)
-            sigma_c = _noise_for(dp.target_epsilon, delta, rate_c, planned, run_releases, dp.accountant, ceiling)
+            sigma_c = _noise_for(dp.target_epsilon, delta, rate_c, planned, run_releases, ceiling)
             if math.isfinite(cap.max_epsilon) and math.isfinite(sigma_c):
                 sigma_c = max(sigma_c, _noise_for(cap.max_epsilon, delta, rate_c, planned, [*entries, *reserved],
-                                                  dp.accountant, ceiling))
+                                                  ceiling))
             sigma_c = max(sigma_c, cap.min_noise)
             if sigma_c <= ceiling:
                 sigma, batch, epochs, period, sample_rate, steps = sigma_c, batch_c, epochs_c, period_c, rate_c, \
@@ -375,9 +374,8 @@ def plan_round(
             "or the coordinator may plan a larger target_epsilon."
         )
     this_round = costed(sigma, sample_rate, steps)
-    after = epsilon_spent([*entries, this_round], delta, dp.accountant) if math.isfinite(sigma) else math.inf
-    with_evaluations = (epsilon_spent([*entries, this_round, *reserved], delta, dp.accountant) if reserved
-                        else after)
+    after = epsilon_spent([*entries, this_round], delta)
+    with_evaluations = epsilon_spent([*entries, this_round, *reserved], delta)
     if not with_evaluations <= cap.max_epsilon:
         evaluations = f" and the run's {len(reserved)} noised evaluations still to come" if reserved else ""
         raise PrivacyBudgetExceeded(
@@ -389,7 +387,7 @@ def plan_round(
 
 
 def plan_release(
-    entries: list[LedgerEntry], *, noise_multiplier: float, delta: float, cap: SiteCap, accountant: str, what: str
+    entries: list[LedgerEntry], *, noise_multiplier: float, delta: float, cap: SiteCap, what: str
 ) -> tuple[float, float]:
     """The site's epsilon before and after one more noised release (a Gaussian step at sampling rate 1) of
     ``what``; raises :class:`PrivacyBudgetExceeded` when it would pass the site's cap (the release is then not
@@ -398,7 +396,7 @@ def plan_release(
         raise PrivacyBudgetExceeded(f"The {what} asks for noise multiplier {noise_multiplier!r}; a noised release "
                                     "needs one > 0, so this hospital does not answer.")
     release = costed(noise_multiplier, 1.0, 1)
-    spent, after = (epsilon_spent(e, delta, accountant) for e in (entries, [*entries, release]))  # one accountant
+    spent, after = (epsilon_spent(e, delta) for e in (entries, [*entries, release]))  # one accountant
     if not after <= cap.max_epsilon:
         raise PrivacyBudgetExceeded(
             f"Privacy cap reached: answering the {what} (noise multiplier {noise_multiplier:g}) would raise the "

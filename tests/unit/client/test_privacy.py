@@ -91,7 +91,8 @@ def test_epsilon_composes_across_entries_and_runs() -> None:
 
 def test_noise_is_derived_from_the_target_over_the_planned_rounds() -> None:
     dp = DPConfig(target_epsilon=3.0)
-    plan = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=2, rounds_left=5, entries=[], run_id=1)
+    plan = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=2, rounds_left=5,
+                      entries=[], run_id=1, server_round=1)
     q, steps = sampling(100, 20, 2)
 
     whole_run = epsilon_spent([_entry(plan.noise_multiplier, q, steps * 5)], dp.delta)
@@ -106,8 +107,10 @@ def test_site_cap_is_stricter_never_looser() -> None:
     cap = site_cap(federation, {}, 0)
     dp = DPConfig(target_epsilon=8.0, delta=1e-5)
 
-    plan = plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
-    loose = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
+    plan = plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=4,
+                      entries=[], run_id=1, server_round=1)
+    loose = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=1, rounds_left=4,
+                       entries=[], run_id=1, server_round=1)
 
     assert plan.delta == 1e-6  # the site's delta, smaller than the request
     assert plan.noise_multiplier > loose.noise_multiplier
@@ -120,7 +123,7 @@ def test_the_stricter_delta_wins_from_either_side() -> None:
     # its own (issue 28: taking the site's delta as-is went unnoticed)
     for asked, allowed, expected in ((1e-3, 1e-5, 1e-5), (1e-7, 1e-5, 1e-7)):
         plan = plan_round(DPConfig(target_epsilon=8.0, delta=asked), SiteCap(max_delta=allowed), n_train=100,
-                          batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1)
+                          batch_size=20, local_epochs=1, rounds_left=4, entries=[], run_id=1, server_round=1)
         assert plan.delta == expected, (asked, allowed)
 
 
@@ -135,14 +138,14 @@ def test_node_config_cap_wins_over_simulation_defaults_and_bad_values_are_clear(
 
 def test_min_noise_of_the_site_is_respected() -> None:
     plan = plan_round(DPConfig(target_epsilon=50.0), SiteCap(min_noise=2.5), n_train=64, batch_size=32,
-                      local_epochs=1, rounds_left=2, entries=[], run_id=1)
+                      local_epochs=1, rounds_left=2, entries=[], run_id=1, server_round=1)
     assert plan.noise_multiplier == 2.5
 
 
 def test_a_site_that_cannot_reach_the_target_even_with_one_step_says_so(caplog) -> None:
     with pytest.raises(PrivacyBudgetExceeded, match="target out of reach") as refused:
         plan_round(DPConfig(target_epsilon=0.01), SiteCap(), n_train=13, batch_size=128, local_epochs=1,
-                   rounds_left=20, entries=[], run_id=1)
+                   rounds_left=20, entries=[], run_id=1, server_round=1)
 
     # the forwarded reason names no number that follows the data's size; the site's own log does
     assert "13" not in str(refused.value) and "sampling rate" not in str(refused.value)
@@ -156,7 +159,8 @@ def test_a_4_image_site_with_cap_1_plans_fewer_full_batch_steps_spends_at_most_1
     assert epsilon_spent([LedgerEntry("recipe", 1, 0, 10.0, rate, steps * 10, 0.0)], 1e-5) > 1.0
 
     # Execute: the site plans its whole run and trains every round its plan keeps
-    plan = plan_round(dp, cap, n_train=4, batch_size=2, local_epochs=3, rounds_left=10, entries=[], run_id=1)
+    plan = plan_round(dp, cap, n_train=4, batch_size=2, local_epochs=3, rounds_left=10,
+                      entries=[], run_id=1, server_round=1)
     entries, trained = [], 0
     for server_round in range(1, 11):
         try:
@@ -206,7 +210,7 @@ def test_a_round_past_the_cap_is_refused_with_a_phi_free_reason() -> None:
 
     with pytest.raises(PrivacyBudgetExceeded) as info:
         plan_round(DPConfig(), SiteCap(max_epsilon=before + 0.01), n_train=64, batch_size=32, local_epochs=1,
-                   rounds_left=1, entries=spent, run_id=7)
+                   rounds_left=1, entries=spent, run_id=7, server_round=1)
 
     text = str(info.value)
     assert "cap" in text and f"{before:.3g}" in text and "does not train" in text

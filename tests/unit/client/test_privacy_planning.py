@@ -7,6 +7,7 @@ test_privacy.py): the least noise that fits spends at most the target, and 0.2 %
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -114,11 +115,11 @@ def _least(noise: float, spend) -> None:
 def test_the_noise_for_a_target_is_the_least_that_fits_over_what_was_spent():
     prior = [_entry(2.0, 0.1, 30)]
 
-    noise = _noise_for(3.0, 1e-5, 0.1, 50, prior, "rdp", 10.0)
+    noise = _noise_for(3.0, 1e-5, 0.1, 50, prior, 10.0)
 
     _least(noise, lambda s: epsilon_spent([*prior, _entry(s, 0.1, 50)], 1e-5) <= 3.0)
-    assert _noise_for(3.0, 1e-5, 0.1, 50, prior, "rdp", noise * 0.99) == math.inf  # the ceiling does not fit
-    assert _noise_for(3.0, 1e-5, 0.1, 50, prior, "rdp", noise) == noise  # exactly the ceiling fits
+    assert _noise_for(3.0, 1e-5, 0.1, 50, prior, noise * 0.99) == math.inf  # the ceiling does not fit
+    assert _noise_for(3.0, 1e-5, 0.1, 50, prior, noise) == noise  # exactly the ceiling fits
 
 
 class _Looks:
@@ -190,12 +191,10 @@ def test_the_noise_for_noised_releases_is_the_least_that_fits(releases):
     assert release_noise_for(1e-9, 1e-5, 1) == 1e4  # out of reach: the largest noise medfed plans
 
 
-def test_epsilon_counts_only_entries_that_took_steps_and_refuses_other_accountants():
+def test_epsilon_counts_only_entries_that_took_steps():
     assert epsilon_spent([], 1e-5) == 0.0
     assert epsilon_spent([_entry(0.0, 1.0, 0)], 1e-5) == 0.0  # a plan that took no step spent nothing
     assert epsilon_spent([_entry(0.0, 1.0, 1)], 1e-5) == math.inf  # no noise: no bound
-    with pytest.raises(ConfigError, match=r"^privacy.accountant='pld' is not supported; use rdp\.$"):
-        epsilon_spent([_entry(1.0, 1.0, 1)], 1e-5, "pld")
 
 
 # --- one noised release ----------------------------------------------------------------------------------------
@@ -204,25 +203,23 @@ def test_a_release_costs_one_full_batch_gaussian_step_and_is_refused_past_the_ca
     before = epsilon_spent(spent, 1e-5)
     after = epsilon_spent([*spent, _entry(0.5, 1.0, 1)], 1e-5)
 
-    assert plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(), accountant="rdp",
+    assert plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(),
                         what="evaluation") == (before, after)
-    assert plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(max_epsilon=after), accountant="rdp",
+    assert plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(max_epsilon=after),
                         what="evaluation") == (before, after)  # exactly at the cap: still within it
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(max_epsilon=after * 0.999),
-                     accountant="rdp", what="evaluation")
+                     what="evaluation")
     assert str(refused.value) == (
         f"Privacy cap reached: answering the evaluation (noise multiplier 0.5) would raise the hospital's epsilon "
         f"from {before:.3g} to {after:.3g} (delta 1e-05), above its cap {after * 0.999:g}; it does not answer. To "
         "answer more, the hospital must raise its own cap.")
-    with pytest.raises(ConfigError, match="privacy.accountant='pld'"):
-        plan_release(spent, noise_multiplier=0.5, delta=1e-5, cap=SiteCap(), accountant="pld", what="evaluation")
 
 
 @pytest.mark.parametrize("noise", [0.0, -1.0])
 def test_a_release_without_noise_is_refused(noise):
     with pytest.raises(PrivacyBudgetExceeded) as refused:
-        plan_release([], noise_multiplier=noise, delta=1e-5, cap=SiteCap(), accountant="rdp", what="calibration")
+        plan_release([], noise_multiplier=noise, delta=1e-5, cap=SiteCap(), what="calibration")
     assert str(refused.value) == (f"The calibration asks for noise multiplier {noise!r}; a noised release needs one "
                                   "> 0, so this hospital does not answer.")
 
@@ -233,7 +230,7 @@ def test_a_plan_that_keeps_the_recipe_says_so_and_reports_what_was_spent_before(
     dp = DPConfig(target_epsilon=4.0)
 
     plan = plan_round(dp, SiteCap(), n_train=100, batch_size=20, local_epochs=2, rounds_left=3, entries=spent,
-                      run_id=1)
+                      run_id=1, server_round=1)
 
     assert (plan.batch_size, plan.local_epochs, plan.period, plan.sample_rate, plan.steps) == (20, 2, 1, 0.2, 10)
     assert not plan.adapted and plan.cap == SiteCap() and plan.delta == 1e-5
@@ -241,9 +238,6 @@ def test_a_plan_that_keeps_the_recipe_says_so_and_reports_what_was_spent_before(
     assert plan.epsilon_after == epsilon_spent([*spent, _entry(plan.noise_multiplier, 0.2, 10)], 1e-5)
     # the run's three rounds spend the run's target, whatever other runs spent
     _least(plan.noise_multiplier, lambda s: epsilon_spent([_entry(s, 0.2, 30)], 1e-5) <= 4.0)
-    with pytest.raises(ConfigError, match="privacy.accountant"):
-        plan_round(DPConfig(target_epsilon=4.0, accountant="pld"), SiteCap(), n_train=100,  # type: ignore[arg-type]
-                   batch_size=20, local_epochs=2, rounds_left=3, entries=spent, run_id=1)
 
 
 def test_the_sites_cap_raises_the_noise_over_everything_spent_and_to_come():
@@ -252,9 +246,19 @@ def test_the_sites_cap_raises_the_noise_over_everything_spent_and_to_come():
     dp, cap = DPConfig(target_epsilon=8.0), SiteCap(max_epsilon=2.0)
 
     plan = plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=4, entries=spent, run_id=1,
-                      reserved=reserved)
+                      reserved=reserved, server_round=1)
 
     _least(plan.noise_multiplier, lambda s: epsilon_spent([*spent, *reserved, _entry(s, 0.2, 20)], 1e-5) <= 2.0)
+
+
+def test_the_runs_target_counts_this_runs_noised_evaluations_and_nothing_of_other_runs():
+    mine = _entry(4.0, 1.0, 1, run_id=1, kind="evaluate")
+    others = [_entry(4.0, 1.0, 1, run_id=2, kind="evaluate"), _entry(1.0, 0.5, 4, run_id=2)]
+
+    plan = plan_round(DPConfig(target_epsilon=3.0), SiteCap(), n_train=100, batch_size=20, local_epochs=1,
+                      rounds_left=3, entries=[mine, *others], run_id=1, server_round=1)
+
+    _least(plan.noise_multiplier, lambda s: epsilon_spent([mine, _entry(s, 0.2, 15)], 1e-5) <= 3.0)
 
 
 def test_a_cap_too_tight_for_one_more_round_with_its_evaluations_says_how_far_it_would_go():
@@ -266,6 +270,15 @@ def test_a_cap_too_tight_for_one_more_round_with_its_evaluations_says_how_far_it
     dp, cap = DPConfig(target_epsilon=8.0), SiteCap(max_epsilon=this_round + 0.01)
     assert plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=3, entries=spent, run_id=1,
                       server_round=2).epsilon_after == this_round  # the round alone fits
+    assert plan_round(dp, SiteCap(max_epsilon=this_round), n_train=100, batch_size=20, local_epochs=1, rounds_left=3,
+                      entries=spent, run_id=1, server_round=2).epsilon_after == this_round  # exactly the cap: within
+    with pytest.raises(PrivacyBudgetExceeded) as alone:  # a cap below even the round alone
+        plan_round(dp, SiteCap(max_epsilon=this_round - 0.01), n_train=100, batch_size=20, local_epochs=1,
+                   rounds_left=3, entries=spent, run_id=1, server_round=2)
+    assert str(alone.value) == (
+        f"Privacy cap reached: this round would raise the hospital's epsilon from {before:.3g} to {this_round:.3g} "
+        f"(delta 1e-05), above its cap {this_round - 0.01:g}; it does not train. The run goes on without it. To "
+        "train more, the hospital must raise its own cap (max-epsilon).")
 
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         plan_round(dp, cap, n_train=100, batch_size=20, local_epochs=1, rounds_left=3, entries=spent, run_id=1,
@@ -284,7 +297,7 @@ def test_a_cap_already_spent_refuses_with_the_ceiling_and_both_ways_to_go_on():
 
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         plan_round(DPConfig(), SiteCap(max_epsilon=before + 1e-6), n_train=64, batch_size=32, local_epochs=1,
-                   rounds_left=2, entries=spent, run_id=1)
+                   rounds_left=2, entries=spent, run_id=1, server_round=1)
 
     assert str(refused.value) == (
         f"Privacy cap reached: the hospital has spent epsilon {before:.3g} of its cap {before + 1e-6:g} (delta "
@@ -294,21 +307,22 @@ def test_a_cap_already_spent_refuses_with_the_ceiling_and_both_ways_to_go_on():
         "target_epsilon.")
 
 
-def test_a_target_out_of_reach_names_the_target_the_rounds_and_the_ceiling():
+@pytest.mark.parametrize("rounds_left", [20, 1])
+def test_a_target_out_of_reach_names_the_target_the_rounds_and_the_ceiling(rounds_left):
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         plan_round(DPConfig(target_epsilon=0.01, max_noise_multiplier=3.0), SiteCap(), n_train=13, batch_size=128,
-                   local_epochs=1, rounds_left=20, entries=[], run_id=1)
+                   local_epochs=1, rounds_left=rounds_left, entries=[], run_id=1, server_round=1)
 
     assert str(refused.value) == (
         "Privacy target out of reach for this hospital: spending at most target_epsilon 0.01 (delta 1e-05) even "
-        "with one full-batch step in the run's 20 remaining rounds would need a noise multiplier above "
+        f"with one full-batch step in the run's {rounds_left} remaining rounds would need a noise multiplier above "
         "privacy.max_noise_multiplier=3, so it does not train this round (it tries again next round). Raise "
         "privacy.target_epsilon or privacy.max_noise_multiplier.")
 
 
 def test_a_sites_min_noise_above_the_ceiling_raises_the_ceiling_instead_of_refusing():
     plan = plan_round(DPConfig(target_epsilon=50.0, max_noise_multiplier=2.0), SiteCap(min_noise=12.0), n_train=64,
-                      batch_size=32, local_epochs=1, rounds_left=2, entries=[], run_id=1)
+                      batch_size=32, local_epochs=1, rounds_left=2, entries=[], run_id=1, server_round=1)
 
     assert plan.noise_multiplier == 12.0 and not plan.adapted
 
@@ -329,8 +343,47 @@ def test_later_rounds_follow_the_runs_plan_even_from_an_older_ledger_without_bat
     # an evaluation of this run, or an entry of another run, never fixes the run's plan
     other = [_entry(4.0, 1.0, 1, run_id=1, kind="evaluate"), _entry(2.5, 0.5, 2, run_id=2)]
     fresh = plan_round(DPConfig(), SiteCap(), n_train=40, batch_size=10, local_epochs=2, rounds_left=2,
-                       entries=other, run_id=1)
+                       entries=other, run_id=1, server_round=1)
     assert fresh.noise_multiplier not in (4.0, 2.5) and fresh.sample_rate == 0.25
+    # nor does a training entry of this run that took no step (medfed writes none; it would cost nothing)
+    zero = LedgerEntry.new(1, 1, 4.0, 0.5, 0)
+    assert plan_round(DPConfig(), SiteCap(), n_train=40, batch_size=10, local_epochs=2, rounds_left=2,
+                      entries=[zero], run_id=1, server_round=2) == plan_round(
+        DPConfig(), SiteCap(), n_train=40, batch_size=10, local_epochs=2, rounds_left=2, entries=[], run_id=1,
+        server_round=1)
+
+
+def test_an_older_ledgers_full_batch_single_epoch_plan_is_read_back_as_such():
+    first = LedgerEntry(id="old", run_id=1, server_round=1, noise_multiplier=2.0, sample_rate=1.0, steps=1,
+                        recorded_at=0.0)  # no batch size or epochs recorded: one batch of all 40 images, one epoch
+
+    plan = plan_round(DPConfig(), SiteCap(), n_train=40, batch_size=64, local_epochs=1, rounds_left=2,
+                      entries=[first], run_id=1, server_round=2)
+
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.batch_size, plan.local_epochs) == (
+        2.0, 1.0, 1, 40, 1)
+
+
+def test_the_site_log_names_an_adapted_plan_and_only_an_adapted_one(caplog):
+    def eps(steps: int) -> float:  # full-batch steps at the ceiling's noise
+        return epsilon_spent([_entry(2.0, 1.0, steps)], 1e-5)
+
+    def adapted(target: float, epochs: int, rounds: int) -> list[str]:
+        caplog.clear()
+        try:
+            plan_round(DPConfig(target_epsilon=target, max_noise_multiplier=2.0), SiteCap(), n_train=10,
+                       batch_size=32, local_epochs=epochs, rounds_left=rounds, entries=[], run_id=1, server_round=1)
+        except PrivacyBudgetExceeded:
+            pass
+        return [r.getMessage().rpartition(",")[0] for r in caplog.records if "adapted" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="medfed.client.privacy")
+    assert adapted(eps(3) * 1.01, 3, 1) == []  # the recipe's 3 full-batch steps fit in the one round left
+    assert adapted((eps(1) + eps(3)) / 2, 3, 1) == [  # one step fits, three do not
+        "run plan adapted to fit the privacy budget: batch 32, 1 epoch(s) per round, every 1 round(s)"]
+    assert adapted((eps(1) + eps(2)) / 2, 1, 2) == [  # a step in each of 2 rounds does not fit, in one of them does
+        "run plan adapted to fit the privacy budget: batch 32, 1 epoch(s) per round, every 2 round(s)"]
+    assert adapted(eps(1) / 2, 1, 1) == []  # refused: no plan, none logged
 
 
 def test_a_site_that_trains_every_third_round_sits_out_the_two_between():

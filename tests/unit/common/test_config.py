@@ -65,6 +65,7 @@ def test_group_option_switches_schema_and_overrides_apply():
         (["model=bogus"], r"model='bogus' is not a known model option; choose one of: resnet18, scatternet, smallcnn"),
         (["federation.partition=bogus"], r"federation.partition='bogus' is not allowed; choose one of: iid, dirichlet, quantity"),
         (["train.optimizer=lbfgs"], r"train.optimizer='lbfgs' is not allowed; choose one of: adamw, adam, sgd"),
+        (["privacy=dp", "privacy.accountant=pld"], r"privacy.accountant='pld' is not allowed; choose one of: rdp"),
         (["train.lr=-1"], r"train.lr=-1.0 is out of range"),
         (["train.rounds=0"], r"train.rounds=0 is out of range"),
         (["train.rounds=abc"], r"train.rounds"),
