@@ -12,6 +12,8 @@ package into ``build/mutate/medfed/<part>`` with the tests and runs mutmut there
     python tests/mutate.py                  # every mutant (tens of minutes on 2 cores)
     python tests/mutate.py --sample 7       # the mutants whose number ends in 7: a fixed tenth (CI)
     python tests/mutate.py 'medfed.client.ledger.*'   # the mutants these names match (fnmatch), e.g. one module
+    python tests/mutate.py --tests tests/unit/client/test_privacy_planning.py 'medfed.client.privacy.*'
+                                            # a quick pass with fewer tests; rerun its survivors by name without it
 
 It prints each module's score and its survivors, writes ``build/mutate/report.json``, and exits non-zero when a
 mutant survives in a module of ``MUST_BE_CLEAN`` (the privacy ledger) or when nothing was run.
@@ -43,9 +45,9 @@ STATUS = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests"
           -11: "segfault", -9: "segfault", None: "not checked"}
 
 
-def stage(where: Path) -> None:
+def stage(where: Path, tests: list[str] | None = None) -> None:
     """Lay out the package as it imports (``medfed/<part>``), the tests and a pyproject.toml of pytest's and
-    mutmut's settings in ``where``, replacing what an earlier run left there."""
+    mutmut's settings in ``where``, replacing what an earlier run left there; ``tests``: only these test files."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     package_dir = project["tool"]["setuptools"]["package-dir"]
     shutil.rmtree(where, ignore_errors=True)
@@ -57,8 +59,11 @@ def stage(where: Path) -> None:
     shutil.copytree(ROOT / "tests", where / "tests", ignore=ignore)
     pytest_options = dict(project["tool"]["pytest"]["ini_options"])
     pytest_options["addopts"] += " -p no:cacheprovider"
+    mutmut_options = dict(project["tool"]["mutmut"])
+    if tests:
+        mutmut_options["pytest_add_cli_args_test_selection"] = tests
     (where / "pyproject.toml").write_text(
-        _toml("tool.pytest.ini_options", pytest_options) + _toml("tool.mutmut", project["tool"]["mutmut"]),
+        _toml("tool.pytest.ini_options", pytest_options) + _toml("tool.mutmut", mutmut_options),
         encoding="utf-8")
 
 
@@ -85,10 +90,13 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants checked at once")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"where to run (default {DEFAULT_DIR.relative_to(ROOT)})")
+    parser.add_argument("--tests", nargs="+", metavar="FILE",
+                        help="only these test files: a quick first pass (a mutant they miss may yet die to the "
+                             "whole selection, so rerun its survivors without --tests)")
     parser.add_argument("names", nargs="*", help="only the mutants these names match (fnmatch patterns)")
     args = parser.parse_args()
     where = args.dir.resolve()
-    stage(where)
+    stage(where, args.tests)
     names: list[str] = list(args.names)
     if args.sample is not None:  # mutmut matches names with fnmatch: ..._7, ..._17, ..._127 ...
         names = [f"{name}*{args.sample}" for name in (names or ["medfed.*__mutmut_"])]
