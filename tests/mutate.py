@@ -90,9 +90,9 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants checked at once")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"where to run (default {DEFAULT_DIR.relative_to(ROOT)})")
-    parser.add_argument("--tests", nargs="+", metavar="FILE",
-                        help="only these test files: a quick first pass (a mutant they miss may yet die to the "
-                             "whole selection, so rerun its survivors without --tests)")
+    parser.add_argument("--tests", action="append", metavar="FILE",
+                        help="only this test file (repeatable): a quick first pass (a mutant it misses may yet die "
+                             "to the whole selection, so rerun the survivors by name without --tests)")
     parser.add_argument("names", nargs="*", help="only the mutants these names match (fnmatch patterns)")
     args = parser.parse_args()
     where = args.dir.resolve()
