@@ -170,7 +170,7 @@ def epsilon_spent(entries: Iterable[LedgerEntry], delta: float) -> float:
             steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
     if not steps:
         return 0.0
-    if any(sigma <= 0 for sigma, _ in steps):
+    if any(sigma <= 0 for sigma, _ in steps):  # pragma: no mutate (<= or <: Opacus' RDP at zero noise is inf too)
         return math.inf
     import numpy as np
     from opacus.accountants import RDPAccountant
@@ -215,7 +215,8 @@ def _least_noise(eps: Callable[[float], float], target: float, ceiling: float) -
         low, high = (x, high) if e > target else (low, x)
         looks.append((x, e))
         x = _secant(looks[-2], looks[-1], target)
-        if abs(x - looks[-1][0]) < 4e-4 * high:  # it points where we are: step across to close the bracket
+        close = 4e-4 * high  # where it points is where we are: step across to close the bracket
+        if abs(x - looks[-1][0]) < close:  # pragma: no mutate (< or <=: a float distance is never exactly that)
             x = looks[-1][0] * (1 + 8e-4 if e > target else 1 - 8e-4)
     return high
 

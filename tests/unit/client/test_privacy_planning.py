@@ -11,6 +11,8 @@ import logging
 import math
 
 import pytest
+from opacus.accountants import RDPAccountant
+
 from medfed.client.ledger import LedgerEntry
 from medfed.client.privacy import (
     SiteCap,
@@ -133,19 +135,21 @@ class _Looks:
         return self.curve(sigma)
 
 
-@pytest.mark.parametrize(("curve", "most_looks"), [
-    (lambda s: 2.0 / s, 4),  # epsilon of Gaussian releases falls about as 1 / noise
-    (lambda s: 0.3 / s**2 + 1.0 / s, 6),  # and faster where the noise is small
-    (lambda s: math.inf if s < 0.5 else 1.0 / (s - 0.45), 7),  # overflow below some noise, steep above it
+@pytest.mark.parametrize(("curve", "target", "ceiling", "most_looks"), [
+    (lambda s: 2.0 / s, 0.8, 10.0, 4),  # epsilon of Gaussian releases falls about as 1 / noise
+    (lambda s: 0.3 / s**2 + 1.0 / s, 0.8, 10.0, 6),  # and faster where the noise is small
+    (lambda s: math.inf if s < 0.5 else 1.0 / (s - 0.45), 0.8, 10.0, 7),  # overflow below some noise, steep above
+    (lambda s: 0.5 / s + 0.5 / s**3, 0.3, 10.0, 6),  # its last look falls short: it steps up across the answer
+    (lambda s: 2e3 / s + 1e5 / s**2, 0.8, 1e4, 4),  # the same steps at a thousand times the scale
 ])
-def test_the_least_noise_is_found_to_a_thousandth_in_a_few_looks(curve, most_looks):
+def test_the_least_noise_is_found_to_a_thousandth_in_a_few_looks(curve, target, ceiling, most_looks):
     eps = _Looks(curve)
 
-    noise = _least_noise(eps, 0.8, 10.0)
+    noise = _least_noise(eps, target, ceiling)
 
-    _least(noise, lambda s: curve(s) <= 0.8)
-    assert noise in eps.xs and noise * 0.999 <= max(x for x in eps.xs if curve(x) > 0.8)  # a look on each side
-    assert len(eps.xs) <= most_looks  # halving from [0, 10] takes 14
+    _least(noise, lambda s: curve(s) <= target)
+    assert noise in eps.xs and noise * 0.999 <= max(x for x in eps.xs if curve(x) > target)  # a look on each side
+    assert len(eps.xs) <= most_looks  # halving from [0, ceiling] takes 14 or more
 
 
 def test_a_curve_the_secant_cannot_read_is_halved_to_a_thousandth():
@@ -191,10 +195,21 @@ def test_the_noise_for_noised_releases_is_the_least_that_fits(releases):
     assert release_noise_for(1e-9, 1e-5, 1) == 1e4  # out of reach: the largest noise medfed plans
 
 
+def test_entries_of_the_same_noise_and_rate_compose_as_one_with_their_steps_added():
+    assert epsilon_spent([_entry(1.1, 0.1, 7), _entry(1.1, 0.1, 5), _entry(2.0, 1.0, 1)], 1e-5) == epsilon_spent(
+        [_entry(1.1, 0.1, 12), _entry(2.0, 1.0, 1)], 1e-5)
+    assert epsilon_spent([_entry(1.1, 0.1, 7), _entry(1.1, 0.1, 5)], 1e-5) > epsilon_spent([_entry(1.1, 0.1, 7)], 1e-5)
+    opacus = RDPAccountant()  # Opacus' own accountant, fed the same steps one by one
+    opacus.history = [(1.1, 0.1, 12), (2.0, 1.0, 1)]
+    assert epsilon_spent([_entry(1.1, 0.1, 7), _entry(1.1, 0.1, 5), _entry(2.0, 1.0, 1)], 1e-5) == pytest.approx(
+        opacus.get_epsilon(1e-5), rel=1e-9)
+
+
 def test_epsilon_counts_only_entries_that_took_steps():
     assert epsilon_spent([], 1e-5) == 0.0
     assert epsilon_spent([_entry(0.0, 1.0, 0)], 1e-5) == 0.0  # a plan that took no step spent nothing
     assert epsilon_spent([_entry(0.0, 1.0, 1)], 1e-5) == math.inf  # no noise: no bound
+    assert epsilon_spent([_entry(-1.0, 1.0, 1)], 1e-5) == math.inf  # nor with a negative one
 
 
 # --- one noised release ----------------------------------------------------------------------------------------
