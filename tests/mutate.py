@@ -16,7 +16,7 @@ package into ``build/mutate/medfed/<part>`` with the tests and runs mutmut there
                                             # a quick pass with fewer tests; rerun its survivors by name without it
 
 It prints each module's score and its survivors, writes ``build/mutate/report.json``, and exits non-zero when a
-mutant survives in a module of ``MUST_BE_CLEAN`` (the privacy ledger) or when nothing was run.
+mutant survives in a module of ``MUST_BE_CLEAN`` (the privacy ledger and planning) or when nothing was run.
 ``mutmut show NAME`` in ``build/mutate`` (or ``--dir``) prints a survivor's change.
 """
 
@@ -35,9 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "build" / "mutate"
-# modules where a surviving mutant fails the run: the privacy ledger (every mutant of it killed, 2026-12-06). The
-# privacy planning (client/privacy.py) joins once a full run of it leaves no survivor (docs/benchmarks.md).
-MUST_BE_CLEAN = ("medfed/client/ledger.py",)
+# modules where a surviving mutant fails the run: the privacy ledger and the privacy planning and site caps (every
+# mutant of each killed, 2026-12-06; docs/benchmarks.md)
+MUST_BE_CLEAN = ("medfed/client/ledger.py", "medfed/client/privacy.py")
 # mutmut's exit codes of a checked mutant, as its own `results` names them
 SPINNER = tuple("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # the first character of mutmut's progress lines
 STATUS = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",
