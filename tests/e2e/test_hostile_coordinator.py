@@ -169,13 +169,40 @@ def test_grad_cam_is_never_written_at_the_strict_site_and_no_count_leaves(tmp_pa
     assert [e.kind for e in _ledger(tmp_path)] == ["reliability"]
 
 
+class _Turns:
+    """Makes two runs' threads take turns at the hospital, one request each (1, 2, 1, 2, ...): the order in which
+    two runs at once reach a site, made deterministic. Python's locks are not fair, so without it one thread may
+    take every turn, run 1 end before run 2 starts, and run 2 plan within what run 1 left (the next test)."""
+
+    def __init__(self) -> None:
+        self.next = 1
+        self.changed = threading.Condition()
+
+    def grid(self, hospital: Hospital, run_id: int) -> SiteGrid:
+        turns = self
+
+        class TakingTurns(SiteGrid):
+            def _deliver(self, message: Any) -> Any:
+                with turns.changed:
+                    assert turns.changed.wait_for(lambda: turns.next == run_id, timeout=300), "the other run hung"
+                try:
+                    return super()._deliver(message)
+                finally:
+                    with turns.changed:
+                        turns.next = 3 - run_id
+                        turns.changed.notify_all()
+
+        return TakingTurns([hospital], run_id=run_id, overrides=DP)
+
+
 def test_two_runs_at_once_share_one_ledger_and_never_pass_the_cap(tmp_path, hospitals):
     # each run alone fits the strict site's cap of 10 (target 8); two whole runs at once do not
     results: dict[int, list[dict[str, Any]]] = {}
+    turns = _Turns()
 
     def one_run(run_id: int) -> None:
         requests = [r for k in (1, 2, 3) for r in (train(k), evaluate(k))]
-        results[run_id] = run_attack(SiteGrid(hospitals[:1], run_id=run_id, overrides=DP), DP, requests)
+        results[run_id] = run_attack(turns.grid(hospitals[0], run_id), DP, requests)
 
     threads = [threading.Thread(target=one_run, args=(run_id,)) for run_id in (1, 2)]
     for thread in threads:
@@ -190,6 +217,22 @@ def test_two_runs_at_once_share_one_ledger_and_never_pass_the_cap(tmp_path, hosp
     assert epsilon_spent(entries, 1e-5) <= 10.0
     assert len(entries) == _releases(_answered(answers))  # every answer of either run charged, nothing else
     assert {e.run_id for e in entries} == {1, 2}
+
+
+def test_a_run_after_one_that_spent_most_of_the_cap_plans_within_what_is_left(tmp_path, hospitals):
+    requests = [r for k in (1, 2, 3) for r in (train(k), evaluate(k))]
+    first = run_attack(SiteGrid(hospitals[:1], run_id=1, overrides=DP), DP, requests)
+    spent = epsilon_spent(_ledger(tmp_path), 1e-5)
+
+    second = run_attack(SiteGrid(hospitals[:1], run_id=2, overrides=DP), DP, requests)
+
+    assert 7.0 < spent <= 8.0  # the first run spent (nearly) its whole target
+    assert not [a for a in first + second if "error" in a]  # the second run trained on the 2 left, more noised
+    entries = _ledger(tmp_path)
+    assert spent < epsilon_spent(entries, 1e-5) <= 10.0
+    noise = {e.run_id: e.noise_multiplier for e in entries if e.kind == "train"}
+    assert noise[2] > noise[1]
+    assert len(entries) == _releases(_answered(first + second))
 
 
 def test_an_overflowing_model_or_extreme_temperatures_get_no_exact_bit_out(tmp_path, hospitals):
