@@ -26,6 +26,14 @@ What this module does, each part testable alone (the round that uses it is built
   ``max_dropouts`` hospitals are missing from the round and up to ``max_colluding`` hand their shares to the
   coordinator: ``mu / (hospitals - max_dropouts - max_colluding)``; refused when no honest hospital would be left.
 - :func:`skellam_share`: one hospital's share, drawn from numpy's Poisson sampler with a generator the caller owns.
+- :class:`IntegerTransport`: how the integers ride Flower's SecAgg+ unchanged. Its client mod quantises floats
+  ``x`` to ``round_stochastic((clip(x, -c, c) + c) * R / (2c))`` and the workflow hands the strategy the mean over
+  the active hospitals of ``dequantize(sum) + offset``. With ``c = R / 2`` (a power of two) an integer ``v`` in
+  ``[-R/2, R/2]`` sent as the float ``v`` quantises to exactly ``v + R/2`` (no rounding happens), the masked sum
+  of ``n`` hospitals stays below the modulus when ``n * R`` does, so it never wraps, and ``n`` times the mean the
+  coordinator receives is exactly the integer sum. A hospital must report ``num_examples == max_weight`` so that
+  the mod's weighting ratio is 1. Values outside the range would be clipped by Flower silently: the site counts
+  them (:meth:`IntegerTransport.encode`) and the range is chosen so that they are rare.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from medfed.common.errors import ConfigError
 
 __all__ = [
     "ORDERS",
+    "IntegerTransport",
     "SkellamStep",
     "rounded_sensitivity",
     "share_variance",
@@ -158,3 +167,52 @@ def skellam_share(shape: tuple[int, ...], variance: float, rng: np.random.Genera
         raise ValueError(f"a noise variance is finite and >= 0, not {variance!r}.")
     half = variance / 2.0
     return rng.poisson(half, size=shape).astype(np.int64) - rng.poisson(half, size=shape).astype(np.int64)
+
+
+_INT32_TOP = 2**30  # Flower's stochastic rounding casts to int32: a quantised value R must stay below 2**31
+
+
+@dataclass(frozen=True)
+class IntegerTransport:
+    """SecAgg+ settings that carry integers in ``[-quantization_range / 2, quantization_range / 2]`` exactly."""
+
+    hospitals: int
+    modulus_range: int = 2**32
+
+    def __post_init__(self) -> None:
+        if self.hospitals < 1:
+            raise ValueError(f"a sum needs at least one hospital, not {self.hospitals!r}.")
+        if self.modulus_range & (self.modulus_range - 1) or self.modulus_range > 2**32:
+            raise ValueError(f"Flower's SecAgg+ modulus is a power of two up to 2**32, not {self.modulus_range!r}.")
+        if self.quantization_range < 2:
+            raise ConfigError(f"{self.hospitals} hospitals leave no integer range below the SecAgg+ modulus "
+                              f"{self.modulus_range}; use fewer hospitals per sum.")
+
+    @property
+    def quantization_range(self) -> int:
+        """The largest power of two ``R`` with ``hospitals * R`` below the modulus (and ``R`` within int32)."""
+        top = (self.modulus_range - 1) // self.hospitals
+        return min(1 << (top.bit_length() - 1), _INT32_TOP) if top >= 1 else 0
+
+    @property
+    def clipping_range(self) -> float:
+        return float(self.quantization_range // 2)
+
+    @property
+    def bound(self) -> int:
+        """The largest magnitude an integer may have to travel unchanged."""
+        return self.quantization_range // 2
+
+    def encode(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the floats to hand the SecAgg+ mod, how many values lay outside the range and were clipped)."""
+        ints = np.asarray(values)
+        if ints.dtype.kind not in "iu":
+            raise TypeError(f"the transport carries integers, not {ints.dtype}.")
+        overflow = int(np.count_nonzero(np.abs(ints.astype(np.int64)) > self.bound))
+        return np.clip(ints.astype(np.int64), -self.bound, self.bound).astype(np.float64), overflow
+
+    def decode(self, mean: np.ndarray, active: int) -> np.ndarray:
+        """The integer sum over the ``active`` hospitals of what they encoded, from the mean the coordinator gets."""
+        if not 1 <= active <= self.hospitals:
+            raise ValueError(f"{active} active hospitals, of {self.hospitals}.")
+        return np.rint(np.asarray(mean, dtype=np.float64) * active).astype(np.int64)

@@ -145,3 +145,32 @@ def test_one_image_moves_the_rounded_integer_sum_by_at_most_the_sensitivity():
     assert worst1 <= l1
     with pytest.raises(ValueError, match="positive"):
         rounded_sensitivity(0.0, 1.0, 3)
+
+
+def test_the_integer_transport_fits_the_sum_below_flowers_modulus():
+    from medfed.client.skellam import IntegerTransport
+
+    five = IntegerTransport(5)
+    assert five.quantization_range == 2**29 and five.clipping_range == 2.0**28 and five.bound == 2**28
+    assert 5 * five.quantization_range < 2**32
+    assert IntegerTransport(1).quantization_range == 2**30  # Flower's int32 cast, not the modulus, limits one
+    assert IntegerTransport(8).quantization_range == 2**28  # 8 * 2**29 would reach the modulus itself
+    assert IntegerTransport(3, modulus_range=2**16).quantization_range == 2**14
+    with pytest.raises(ValueError, match="power of two"):
+        IntegerTransport(3, modulus_range=3 * 2**20)
+    with pytest.raises(ConfigError, match="fewer hospitals"):
+        IntegerTransport(2**15, modulus_range=2**16)
+
+
+def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
+    from medfed.client.skellam import IntegerTransport
+
+    transport = IntegerTransport(3, modulus_range=2**12)  # R = 2**10: integers within +-512
+    floats, overflow = transport.encode(np.array([-600, -512, 0, 511, 512, 513, 9000]))
+    assert floats.tolist() == [-512.0, -512.0, 0.0, 511.0, 512.0, 512.0, 512.0]
+    assert overflow == 3
+    assert transport.decode(np.array([1 / 3, -2 / 3, 1000 / 3]), 3).tolist() == [1, -2, 1000]
+    with pytest.raises(TypeError, match="integers"):
+        transport.encode(np.array([0.5]))
+    with pytest.raises(ValueError, match="active"):
+        transport.decode(np.array([0.0]), 4)
