@@ -26,6 +26,9 @@ What this module does, each part testable alone (the round that uses it is built
   ``max_dropouts`` hospitals are missing from the round and up to ``max_colluding`` hand their shares to the
   coordinator: ``mu / (hospitals - max_dropouts - max_colluding)``; refused when no honest hospital would be left.
 - :func:`skellam_share`: one hospital's share, drawn from numpy's Poisson sampler with a generator the caller owns.
+- :func:`noise_for_target` and :func:`plan_scale`: the least noise multiplier (noise standard deviation in the
+  sum over the L2 sensitivity) with which a hospital's planned steps spend at most a target, and the largest
+  power-of-two scale at which its noised integer sum stays inside the transport's range.
 - :class:`IntegerTransport`: how the integers ride Flower's SecAgg+ unchanged. Its client mod quantises floats
   ``x`` to ``round_stochastic((clip(x, -c, c) + c) * R / (2c))`` and the workflow hands the strategy the mean over
   the active hospitals of ``dequantize(sum) + offset``. With ``c = R / 2`` (a power of two) an integer ``v`` in
@@ -49,6 +52,8 @@ __all__ = [
     "ORDERS",
     "IntegerTransport",
     "SkellamStep",
+    "noise_for_target",
+    "plan_scale",
     "rounded_sensitivity",
     "share_variance",
     "skellam_epsilon",
@@ -140,6 +145,46 @@ def rounded_sensitivity(clip: float, scale: float, dim: int) -> tuple[float, flo
         raise ValueError(f"clip ({clip!r}) and scale ({scale!r}) must be positive and dim ({dim!r}) at least 1.")
     l2 = clip * scale + math.sqrt(dim) / 2.0
     return l2, math.sqrt(dim) * l2
+
+
+def noise_for_target(target: float, delta: float, *, sample_rate: float, steps: int, clip: float, scale: float,
+                     dim: int, ceiling: float = 1e3) -> float:
+    """The least noise multiplier ``z`` (to 0.1 %; ``inf`` above ``ceiling``) with which ``steps`` Skellam steps
+    of variance ``(z * l2) ** 2`` in the sum, at this sampling rate, spend at most ``target`` epsilon at ``delta``
+    (``l2``, ``l1``: :func:`rounded_sensitivity` of ``clip``, ``scale`` and ``dim``)."""
+    from medfed.client.privacy import _least_noise
+
+    l2, l1 = rounded_sensitivity(clip, scale, dim)
+
+    def eps(z: float) -> float:
+        return skellam_epsilon([SkellamStep((z * l2) ** 2, l2, l1, sample_rate, steps)], delta)
+
+    return _least_noise(eps, target, ceiling)
+
+
+def plan_scale(*, clip: float, dim: int, noise: float, honest: int, max_batch: int, transport: IntegerTransport,
+               tails: float = 8.0) -> float:
+    """The largest power-of-two scale at which one hospital's integer sum stays inside the transport's range:
+    ``max_batch`` images each adding at most ``clip * scale + 1/2`` to a coordinate, plus its noise share (standard
+    deviation ``noise * l2 / sqrt(honest)``) out to ``tails`` standard deviations.
+
+    Raises:
+        ConfigError: not even a scale of 1 fits (a batch too large for the range).
+    """
+    def fits(scale: float) -> bool:
+        l2, _ = rounded_sensitivity(clip, scale, dim)
+        spread = max_batch * (clip * scale + 0.5) + tails * noise * l2 / math.sqrt(honest)
+        return spread <= transport.bound
+
+    if not fits(1.0):
+        raise ConfigError(
+            f"A batch of up to {max_batch} images with clip {clip:g} and noise multiplier {noise:g} does not fit the "
+            f"SecAgg+ integer range of +-{transport.bound} at any scale; lower train.batch_size or the noise, or use "
+            "fewer hospitals per sum.")
+    scale = 1.0
+    while fits(scale * 2):
+        scale *= 2
+    return scale
 
 
 def share_variance(variance: float, *, hospitals: int, max_dropouts: int, max_colluding: int) -> float:

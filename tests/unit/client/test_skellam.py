@@ -174,3 +174,35 @@ def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
         transport.encode(np.array([0.5]))
     with pytest.raises(ValueError, match="active"):
         transport.decode(np.array([0.0]), 4)
+
+
+def test_the_noise_for_a_target_is_the_least_that_fits():
+    from medfed.client.skellam import noise_for_target
+
+    plan = {"sample_rate": 0.1, "steps": 50, "clip": 1.0, "scale": 2.0**16, "dim": 1000}
+    z = noise_for_target(3.0, 1e-5, **plan)
+    l2, l1 = rounded_sensitivity(1.0, 2.0**16, 1000)
+
+    def eps(noise: float) -> float:
+        return skellam_epsilon([SkellamStep((noise * l2) ** 2, l2, l1, 0.1, 50)], 1e-5)
+
+    assert eps(z) <= 3.0 < eps(z * 0.999)
+    assert noise_for_target(1.0, 1e-5, **plan) > z  # a smaller target needs more noise
+    assert noise_for_target(3.0, 1e-5, **plan, ceiling=0.5) == math.inf
+
+
+def test_the_scale_is_the_largest_power_of_two_whose_sums_stay_in_range():
+    from medfed.client.skellam import IntegerTransport, plan_scale
+
+    transport = IntegerTransport(5)  # +-2**28
+    plan = {"clip": 1.0, "dim": 50_000, "noise": 1.2, "honest": 3, "max_batch": 120, "transport": transport}
+
+    scale = plan_scale(**plan)
+
+    def spread(s: float) -> float:
+        return 120 * (s + 0.5) + 8 * 1.2 * rounded_sensitivity(1.0, s, 50_000)[0] / math.sqrt(3)
+
+    assert math.log2(scale).is_integer() and scale >= 2**20  # rounding (sqrt(dim)/2 ~ 112) is then ~0.01 %
+    assert spread(scale) <= transport.bound < spread(2 * scale)
+    with pytest.raises(ConfigError, match="does not fit the SecAgg\\+ integer range"):
+        plan_scale(**{**plan, "transport": IntegerTransport(3, modulus_range=2**8)})
