@@ -1,7 +1,8 @@
 """Mutation testing of the code that keeps medfed's promises, with mutmut (``make mutate``; CI runs a sample).
 
 The modules are named in ``[tool.mutmut] only_mutate`` of pyproject.toml: the privacy ledger, the privacy planning
-and site caps, model selection, and the scrubbing of what an error may carry off a site. mutmut changes one thing
+and site caps, model selection, the scrubbing of what an error may carry off a site, and distributed DP's arithmetic
+(the Skellam accounting and transport, a hospital's integer gradients, the coordinator's step). mutmut changes one thing
 at a time in them (a comparison, a constant, an argument ...) and runs the unit tests that reach the changed
 function; a change that no test notices *survived*, and shows a test missing.
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from medfed.client.integer_gradients import IntegerSum, integer_gradient_sum, noised_contribution
-from medfed.client.skellam import IntegerTransport, rounded_sensitivity
+from medfed.client.skellam import IntegerTransport, rounded_sensitivity, skellam_share
 from torch import nn
 
 
@@ -70,9 +70,23 @@ def test_the_model_comes_back_unwrapped_and_frozen_layers_are_left_out():
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert torch.equal(model(images).detach(), before)
     empty = integer_gradient_sum(model, images[:0], labels[:0], clip=1.0, scale=1024.0)
-    assert empty.images == 0 and not empty.values.any() and empty.values.shape == total.values.shape
-    with pytest.raises(ValueError, match="positive"):
-        integer_gradient_sum(model, images, labels, clip=0.0, scale=1.0)
+    assert empty.images == 0 and empty.clipped == 0 and not empty.values.any()
+    assert empty.values.shape == total.values.shape and empty.values.dtype == np.int64
+    for clip, scale in ((0.0, 1.0), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="positive"):
+            integer_gradient_sum(model, images, labels, clip=clip, scale=scale)
+    assert integer_gradient_sum(model, images, labels, clip=1.0, scale=0.5).images == 6  # any positive scale
+
+
+def test_each_image_is_clipped_to_the_clip_and_no_further():
+    model, (images, labels) = _model(), _batch()
+    norms = [float(np.linalg.norm(_autograd_sum(model, images[i:i + 1], labels[i:i + 1]))) for i in range(6)]
+    i = next(k for k, n in enumerate(norms) if n < 1.0)  # a gradient shorter than 1 (the clamp's floor is far below)
+    scale, dim = 2.0**20, sum(p.numel() for p in model.parameters())
+    for clip, expected in ((norms[i] / 2, norms[i] / 2), (norms[i] * 2, norms[i])):  # clipped, then left alone
+        one = integer_gradient_sum(model, images[i:i + 1], labels[i:i + 1], clip=clip, scale=scale)
+        assert abs(np.linalg.norm(one.values.astype(np.float64)) - expected * scale) <= np.sqrt(dim) / 2
+        assert one.clipped == (expected < norms[i])
 
 
 def test_the_contribution_adds_the_share_and_counts_what_the_transport_clips():
@@ -82,6 +96,9 @@ def test_the_contribution_adds_the_share_and_counts_what_the_transport_clips():
     exact, overflow = noised_contribution(total, 0.0, transport, np.random.default_rng(0))
     assert exact.tolist() == [5.0, -5.0, 512.0, 0.0] and overflow == 1
 
+    share = skellam_share((4,), 50.0, np.random.default_rng(7))
+    assert noised_contribution(total, 50.0, transport, np.random.default_rng(7))[0].tolist() == \
+        np.clip(total.values + share, -512, 512).tolist()  # the share is added, not subtracted
     noised = np.stack([noised_contribution(total, 50.0, transport, np.random.default_rng(k))[0] for k in range(400)])
     assert noised[:, [0, 1, 3]].var(axis=0) == pytest.approx([50.0] * 3, rel=0.25)
     assert noised[:, 0].mean() == pytest.approx(5.0, abs=1.5)

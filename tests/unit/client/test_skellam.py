@@ -27,6 +27,7 @@ from medfed.common.errors import ConfigError
     (10, 1e4, 100.0, 1000.0, 5.0 + 196_000.0 / 4e8),  # 5 + min(0.00049, 0.15)
     (2, 1.0, 1.0, 1.0, 1.0 + 1.5),  # 1 + min(2.25, 1.5): the second branch of the minimum
     (3, 4.0, 2.0, 2.0, 1.5 + 0.5),  # 3*4/8 + min((5*4 + 12)/64 = 0.5, 6/8 = 0.75)
+    (2, 0.5, 1.0, 1.0, 2.0 + 3.0),  # 2/1 + min((3 + 6)/1 = 9, 3/1 = 3): the second branch, at variance != 1
 ])
 def test_the_skellam_bound_at_hand_computed_values(order, variance, l2, l1, expected):
     assert skellam_rdp(order, variance=variance, l2=l2, l1=l1) == pytest.approx(expected, rel=1e-12)
@@ -63,6 +64,11 @@ def test_subsampling_at_order_3_by_hand():
     # Zhu and Wang's Theorem 5 at a = 3, q = 0.1, for eps(a) = a / 2 (a Gaussian of noise 1):
     # (1/2) log((1-q)^2 (3q - q + 1) + 3 q^2 (1-q) e^{eps(2)} + 3 q^3 e^{2 eps(3)}), worked out: 0.0502167982...
     assert subsampled_rdp(3, 0.1, lambda a: a / 2.0) == pytest.approx(0.050216798212001076, rel=1e-12)
+
+
+def test_subsampling_at_order_4_by_hand():
+    # as above at a = 4: (1/3) log((1-q)^3 (4q - q + 1) + 6 q^2 (1-q)^2 e^1 + 3*4 q^3 (1-q) e^3 + 3 q^4 e^6)
+    assert subsampled_rdp(4, 0.1, lambda a: a / 2.0) == pytest.approx(0.11635960662585916, rel=1e-12)
 
 
 def test_subsampling_at_rate_1_is_the_mechanism_itself_and_rates_outside_are_refused():
@@ -109,8 +115,9 @@ def test_shares_are_sized_for_the_worst_case_the_run_allows():
     assert share_variance(300.0, hospitals=5, max_dropouts=0, max_colluding=0) == pytest.approx(60.0)
     with pytest.raises(ConfigError, match=r"max_dropouts=2 and privacy.max_colluding=1 .* at most 2"):
         share_variance(1.0, hospitals=3, max_dropouts=2, max_colluding=1)
-    with pytest.raises(ConfigError, match="0 or more"):
+    with pytest.raises(ConfigError, match=r"must be 0 or more\.$"):
         share_variance(1.0, hospitals=3, max_dropouts=-1, max_colluding=0)
+    assert share_variance(7.0, hospitals=3, max_dropouts=1, max_colluding=1) == 7.0  # one honest: it adds it all
 
 
 def test_the_sum_of_the_shares_has_the_planned_variance():
@@ -143,8 +150,11 @@ def test_one_image_moves_the_rounded_integer_sum_by_at_most_the_sensitivity():
         worst1 = max(worst1, float(np.abs(with_it - without).sum()))
     assert clip * scale < worst2 <= l2
     assert worst1 <= l1
-    with pytest.raises(ValueError, match="positive"):
-        rounded_sensitivity(0.0, 1.0, 3)
+    assert rounded_sensitivity(1.0, 8.0, 16) == (8.0 + 2.0, 4 * 10.0)  # clip*scale + sqrt(dim)/2; sqrt(dim) x that
+    assert rounded_sensitivity(0.5, 2.0, 1) == (1.5, 1.5)
+    for clip, scale, dim in ((0.0, 1.0, 3), (1.0, 0.0, 3), (1.0, 1.0, 0)):
+        with pytest.raises(ValueError, match="positive"):
+            rounded_sensitivity(clip, scale, dim)
 
 
 def test_the_integer_transport_fits_the_sum_below_flowers_modulus():
@@ -160,6 +170,11 @@ def test_the_integer_transport_fits_the_sum_below_flowers_modulus():
         IntegerTransport(3, modulus_range=3 * 2**20)
     with pytest.raises(ConfigError, match="fewer hospitals"):
         IntegerTransport(2**15, modulus_range=2**16)
+    with pytest.raises(ValueError, match="up to 2\\*\\*32"):
+        IntegerTransport(3, modulus_range=2**33)
+    with pytest.raises(ValueError, match="at least one hospital, not 0"):
+        IntegerTransport(0)
+    assert IntegerTransport(1, modulus_range=4).quantization_range == 2  # the smallest range there is
 
 
 def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
@@ -174,6 +189,7 @@ def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
         transport.encode(np.array([0.5]))
     with pytest.raises(ValueError, match="active"):
         transport.decode(np.array([0.0]), 4)
+    assert transport.decode(np.array([-3.0]), 1).tolist() == [-3]  # one hospital left in the sum
 
 
 def test_the_noise_for_a_target_is_the_least_that_fits():
@@ -204,5 +220,13 @@ def test_the_scale_is_the_largest_power_of_two_whose_sums_stay_in_range():
 
     assert math.log2(scale).is_integer() and scale >= 2**20  # rounding (sqrt(dim)/2 ~ 112) is then ~0.01 %
     assert spread(scale) <= transport.bound < spread(2 * scale)
-    with pytest.raises(ConfigError, match="does not fit the SecAgg\\+ integer range"):
+    refusal = r"does not fit the SecAgg\+ integer range .* or use fewer hospitals per sum\.$"
+    with pytest.raises(ConfigError, match=refusal):
         plan_scale(**{**plan, "transport": IntegerTransport(3, modulus_range=2**8)})
+    # where the noise dominates the spread, the scale follows it: 8 x 100 x l2 / sqrt(3) ~ 462 x scale
+    loud = plan_scale(**{**plan, "noise": 100.0})
+    assert 2**18 == loud and 120 * (loud + 0.5) + 8 * 100 * rounded_sensitivity(1.0, loud, 50_000)[0] / math.sqrt(3) \
+        <= transport.bound
+    # a range that just holds a scale of 1 (16 images of clip 1 and no noise: 16 x 1.5 = 24 <= 32) gets 1
+    small = IntegerTransport(3, modulus_range=2**8)
+    assert plan_scale(clip=1.0, dim=4, noise=0.0, honest=1, max_batch=16, transport=small) == 1.0

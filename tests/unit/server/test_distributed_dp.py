@@ -43,6 +43,7 @@ def test_one_round_without_noise_or_clipping_is_one_sgd_step_on_the_union_of_the
         # each image's rounding moves the sum by 1/2 per coordinate at most: 10 images, lr / (scale * expected)
         assert np.abs(stepped[name] - param.detach().numpy()).max() <= 10 * 0.5 * lr / (scale * expected) + 1e-6
     assert np.array_equal(stepped["0.bias"], weights["0.bias"])
+    assert not any(np.shares_memory(stepped[k], weights[k]) for k in weights)  # the caller's weights untouched
     assert not np.array_equal(stepped["0.weight"], weights["0.weight"])
 
 
@@ -50,8 +51,12 @@ def test_a_sum_of_the_wrong_size_or_scale_is_refused():
     weights = {"w": np.zeros((2, 2), dtype=np.float32)}
     with pytest.raises(ValueError, match="3 values, the trainable weights 4"):
         apply_integer_sum(weights, ["w"], np.zeros(3, dtype=np.int64), scale=1.0, expected_images=1.0, lr=1.0)
-    with pytest.raises(ValueError, match="positive"):
-        apply_integer_sum(weights, ["w"], np.zeros(4, dtype=np.int64), scale=1.0, expected_images=0.0, lr=1.0)
+    for scale, expected in ((1.0, 0.0), (0.0, 1.0)):
+        with pytest.raises(ValueError, match="positive"):
+            apply_integer_sum(weights, ["w"], np.zeros(4, dtype=np.int64), scale=scale, expected_images=expected,
+                              lr=1.0)
+    half = apply_integer_sum(weights, ["w"], np.array([1, 0, 0, 0]), scale=0.5, expected_images=0.5, lr=1.0)
+    assert half["w"][0, 0] == -4.0  # 1 / (0.5 x 0.5): fractions are scales too
     out = apply_integer_sum(weights, ["w"], np.array([4, 0, 0, -4]), scale=2.0, expected_images=2.0, lr=1.0)
     assert out["w"].tolist() == [[-1.0, 0.0], [0.0, 1.0]] and out["w"].dtype == np.float32
 
@@ -59,5 +64,8 @@ def test_a_sum_of_the_wrong_size_or_scale_is_refused():
 def test_a_round_with_more_hospitals_missing_than_planned_is_discarded():
     check_participation(sampled=5, active=4, max_dropouts=1)
     check_participation(sampled=5, active=5, max_dropouts=0)
-    with pytest.raises(RoundDiscarded, match=r"2 of the round's 5 hospitals .* privacy\.max_dropouts=1"):
+    expected = (r"^2 of the round's 5 hospitals .* privacy\.max_dropouts=1: .* stays as it was\. Raise "
+                r"privacy\.max_dropouts for the next run \(each hospital then adds more noise\) if hospitals drop "
+                r"this often\.$")
+    with pytest.raises(RoundDiscarded, match=expected):
         check_participation(sampled=5, active=3, max_dropouts=1)
