@@ -26,6 +26,7 @@ In a real deployment every configuration tried on the hospitals' data spends pri
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import math
@@ -82,6 +83,14 @@ def _norm_groups(j: int, l: int, norm: str) -> list[list[int]]:
     return list(groups.values())
 
 
+@functools.cache
+def _reference_stats(model: torch.nn.Module, pool: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and deviation per feature of :func:`_reference_images`' log-pooled features: constants of the transform
+    at this pool and image side, computed once (not again for every hospital and split)."""
+    ref = _log_pooled(model, _reference_images(REFERENCE_IMAGES, side), pool)
+    return ref.mean(dim=0), ref.std(dim=0)
+
+
 def _features(model: torch.nn.Module, images: np.ndarray, pool: int, norm: str = "default") -> torch.Tensor:
     """Pooled features of ``images``: the model's own (``default``, per-image GroupNorm over triples of maps), a
     per-image normalisation over other groups of maps, or (``reference``) the log of the raw pooled maps
@@ -91,8 +100,8 @@ def _features(model: torch.nn.Module, images: np.ndarray, pool: int, norm: str =
     with torch.no_grad():
         x = torch.from_numpy(images)
         if norm.startswith("reference"):
-            ref = _log_pooled(model, _reference_images(REFERENCE_IMAGES, x.shape[-1]), pool)
-            z = (_log_pooled(model, images, pool) - ref.mean(dim=0)) / ref.std(dim=0)
+            mean, std = _reference_stats(model, pool, x.shape[-1])
+            z = (_log_pooled(model, images, pool) - mean) / std
             return z / z.norm(dim=1, keepdim=True) if norm == "reference-unit" else z
         if norm == "default":
             f = model.front_features(x)

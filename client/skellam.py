@@ -250,11 +250,12 @@ class IntegerTransport:
 
     def encode(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(the floats to hand the SecAgg+ mod, how many values lay outside the range and were clipped)."""
-        ints = np.asarray(values)
-        if ints.dtype.kind not in "iu":
-            raise TypeError(f"the transport carries integers, not {ints.dtype}.")
-        overflow = int(np.count_nonzero(np.abs(ints.astype(np.int64)) > self.bound))
-        return np.clip(ints.astype(np.int64), -self.bound, self.bound).astype(np.float64), overflow
+        given = np.asarray(values)
+        if given.dtype.kind not in "iu":
+            raise TypeError(f"the transport carries integers, not {given.dtype}.")
+        ints = given.astype(np.int64)
+        overflow = int(np.count_nonzero(np.abs(ints) > self.bound))
+        return np.clip(ints, -self.bound, self.bound).astype(np.float64), overflow
 
     def decode(self, mean: np.ndarray, active: int) -> np.ndarray:
         """The integer sum over the ``active`` hospitals of what they encoded, from the mean the coordinator gets."""
