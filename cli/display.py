@@ -225,5 +225,15 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
             if privacy
             else ""
         )
+        + _assumptions((privacy or {}).get("assumptions"))
     )
     return table
+
+
+def _assumptions(assumed: Mapping[str, Any] | None) -> str:
+    """Distributed DP: what every epsilon above rests on, in one clause."""
+    if not assumed:
+        return ""
+    return (f"; distributed DP: noise multiplier {fmt(assumed.get('noise_multiplier'), 3)} in the SecAgg+ sum of "
+            f"{assumed.get('hospitals')} hospitals, shares sized for <= {assumed.get('max_dropouts')} missing and "
+            f"<= {assumed.get('max_colluding')} colluding")

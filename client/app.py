@@ -37,10 +37,12 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.client.distributed_round import SecAggSettings, distributed_round
 from medfed.client.evaluation import FinalStage, evaluate_round, final_stage
 from medfed.client.local_round import train_round
 from medfed.client.node import NodeEnv
@@ -256,6 +258,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg, env, server_round = request.cfg, request.env, request.server_round
     env.policy.admit_train(cfg)  # the site's policy first: a refused round reads and spends nothing
     site, model = _load(msg, request)
+    if cfg.privacy.name == "distributed_dp":  # integers plus a noise share, only ever through SecAgg+
+        contribution = distributed_round(cfg, site, model, env, _ContextState(context), run_id=msg.metadata.run_id,
+                                         server_round=server_round, secagg=_secagg_settings(msg, context),
+                                         feature_cache=env.state_dir / "features")
+        return _reply(msg, site, contribution.metrics, {"sum": torch.from_numpy(contribution.values)})
     config = msg.content.config_records.get(keys.CONFIG)
     mu = _number(config, keys.PROXIMAL_MU, 0.0)  # FedProx's, from the strategy
     result = train_round(cfg, site, model, env, _ContextState(context), run_id=msg.metadata.run_id,
@@ -282,6 +289,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     env.policy.admit_evaluate(cfg, state, run_id=run_id, server_round=server_round)
     site, model = _load(msg, request)
     return _reply(msg, site, evaluate_round(cfg, site, model, env, state, server_round, run_id), None)
+
+
+def _secagg_settings(msg: Message, context: Context) -> SecAggSettings | None:
+    """What Flower's SecAgg+ mod was set up with for this round, when this message came through it (the mod
+    calls the handler only at its masking stage, and masks the reply); None for a message outside the protocol."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records or RECORD_KEY_STATE not in context.state.config_records:
+        return None
+    state = SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE])
+    return SecAggSettings(sample_num=int(state.sample_num), peers=len(state.public_keys_dict),
+                          clipping_range=float(state.clipping_range), target_range=int(state.target_range),
+                          mod_range=int(state.mod_range), max_weight=float(state.max_weight))
 
 
 def _final_request(config: ConfigRecord) -> FinalStage:

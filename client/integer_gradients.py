@@ -4,7 +4,7 @@ rounded to integers one by one, summed, plus its share of Skellam noise.
 The per-sample gradients come from Opacus' ``GradSampleModule`` (the hooks ``privacy=dp`` trains with, including
 this project's faster convolution sampler). Each image's gradient over the trainable parameters is clipped to L2
 norm ``clip``, multiplied by ``scale`` and rounded to the nearest integers *before* the sum, so that one image moves
-the sum by at most :func:`medfed.client.skellam.rounded_sensitivity` whatever the others are; the arithmetic after
+the sum by at most :func:`medfed.common.skellam.rounded_sensitivity` whatever the others are; the arithmetic after
 the scaling is in float64 and int64, exact for the magnitudes a run allows.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from medfed.client.skellam import IntegerTransport, skellam_share
+from medfed.common.skellam import IntegerTransport, PoissonSource, skellam_share
 from torch import nn
 
 __all__ = ["IntegerSum", "integer_gradient_sum", "noised_contribution"]
@@ -35,6 +35,17 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch's summed cross-entropy; for per-view logits ``(B, V, classes)`` each image's loss is the mean of
+    its views' (one gradient per image, as :class:`~medfed.client.frozen_features.ViewMeanCrossEntropy`)."""
+    if logits.ndim == 3:
+        views = logits.shape[1]
+        each = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat_interleave(views),
+                                           reduction="none")
+        return each.reshape(-1, views).mean(dim=1).sum()
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
 def integer_gradient_sum(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, clip: float,
                          scale: float) -> IntegerSum:
     """The sum over ``images`` of each one's cross-entropy gradient, clipped to L2 norm ``clip``, times ``scale``,
@@ -50,7 +61,7 @@ def integer_gradient_sum(model: nn.Module, images: torch.Tensor, labels: torch.T
     wrapped = GradSampleModule(model, loss_reduction="sum")  # the loss below is a sum, not a mean
     try:
         wrapped.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(wrapped(images), labels, reduction="sum")
+        loss = _summed_loss(wrapped(images), labels)
         loss.backward()
         samples = [p.grad_sample for p in params]  # type: ignore[attr-defined]  # set by Opacus' hooks
         per_sample = torch.cat([s.reshape(len(images), -1) for s in samples], dim=1).double()
@@ -64,7 +75,7 @@ def integer_gradient_sum(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 def noised_contribution(total: IntegerSum, share_variance: float, transport: IntegerTransport,
-                        rng: np.random.Generator) -> tuple[np.ndarray, int]:
+                        rng: PoissonSource) -> tuple[np.ndarray, int]:
     """What the hospital hands SecAgg+: its integer sum plus its Skellam share, encoded for the transport; and how
     many coordinates lay outside the transport's range (clipped there, counted here)."""
     noised = total.values + skellam_share(total.values.shape, share_variance, rng)

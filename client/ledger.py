@@ -29,6 +29,7 @@ from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 
 __all__ = [
     "LEDGER_VERSION",
+    "SKELLAM",
     "LedgerEntry",
     "PrivacyLedger",
     "absorb_older",
@@ -43,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
+SKELLAM = "skellam"  # the mechanism of a distributed-DP round's entry (LedgerEntry.mechanism)
 
 
 def ledger_key(site: SiteData) -> str:
@@ -92,14 +94,20 @@ class LedgerEntry:
     period: int = 1
     batch_size: int = 0
     local_epochs: int = 0
+    # the noise: "gaussian" (DP-SGD, noised releases), or "skellam" (a distributed-DP round: integer noise of
+    # standard deviation noise_multiplier * l2 in the sum, with one image's L2 and L1 sensitivities l2 and l1)
+    mechanism: str = "gaussian"
+    l2: float = 0.0
+    l1: float = 0.0
 
     @staticmethod
     def new(
         run_id: int, server_round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = "train",
-        period: int = 1, batch_size: int = 0, local_epochs: int = 0,
+        period: int = 1, batch_size: int = 0, local_epochs: int = 0, mechanism: str = "gaussian", l2: float = 0.0,
+        l1: float = 0.0,
     ) -> LedgerEntry:
         return LedgerEntry(uuid.uuid4().hex, run_id, server_round, noise_multiplier, sample_rate, steps, time.time(),
-                           kind, period, batch_size, local_epochs)
+                           kind, period, batch_size, local_epochs, mechanism, l2, l1)
 
 
 class PrivacyLedger:

@@ -2,7 +2,9 @@
 
 The coordinator's recipe is a request. The hospital's site config decides:
 
-- ``require_dp``: it trains only under ``privacy=dp`` (its own DP-SGD, charged to its ledger). A run config with
+- ``require_dp``: it trains only under ``privacy=dp`` (its own DP-SGD, charged to its ledger) or
+  ``privacy=distributed_dp`` (its own clipping and noise share, charged to its ledger under the run's trust
+  assumption). A run config with
   ``privacy=none`` or ``privacy=central_dp`` (noise added by the coordinator, whom this protects against) is
   refused.
 - ``require_secure_aggregation``: it trains only when its update is masked by SecAgg+.
@@ -124,10 +126,11 @@ class SitePolicy:
     def admit_train(self, cfg: Config) -> None:
         """Refuse a training round the site's policy does not allow (before anything is read or spent)."""
         self._stage("ssl" if cfg.task == "ssl" else "train")
-        if self.require_dp and cfg.privacy.name != "dp":
+        if self.require_dp and cfg.privacy.name not in ("dp", "distributed_dp"):
             raise PolicyRefusal(
                 f"This hospital trains only with its own differential privacy (require_dp in its site config), "
-                f"but the run asks for privacy={cfg.privacy.name}; launch the run with privacy=dp."
+                f"but the run asks for privacy={cfg.privacy.name}; launch the run with privacy=dp (or "
+                "privacy=distributed_dp)."
             )
         if self.require_secure_aggregation and not cfg.privacy.secure_aggregation:
             raise PolicyRefusal(

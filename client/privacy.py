@@ -12,19 +12,20 @@ raises :class:`~common.errors.PrivacyBudgetExceeded` with a PHI-free reason and 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed.client.ledger import LedgerEntry
+from medfed.client.ledger import SKELLAM, LedgerEntry
 from medfed.common import keys
 from medfed.common.config import DPConfig, FederationConfig
 from medfed.common.errors import ConfigError, PrivacyBudgetExceeded, SitOut
+from medfed.common.accounting import MAX_NOISE, epsilon_of, release_noise_for
+from medfed.common.noise_search import least_noise as _least_noise
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAX_NOISE = 1e4
+_MAX_NOISE = MAX_NOISE
 
 
 # pragma: no mutate start  (the site's environment, not its privacy accounting: outside `make mutate`'s scope)
@@ -148,87 +149,23 @@ def costed(noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEnt
     return LedgerEntry("plan", 0, 0, noise_multiplier, sample_rate, steps, 0.0)  # pragma: no mutate (id, run, time)
 
 
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """Opacus' RDP of one subsampled Gaussian step at its default orders (~0.1 s each, so kept per process)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp
-
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    return tuple(float(x) for x in rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                                    orders=orders))
-
-
 def epsilon_spent(entries: Iterable[LedgerEntry], delta: float) -> float:
-    """Cumulative epsilon of every entry (sequential composition) at ``delta``, by Opacus' accountant.
+    """Cumulative epsilon of every entry (sequential composition) at ``delta``, by Opacus' accountant
+    (:func:`medfed.common.accounting.epsilon_of`).
 
-    Entries with the same noise and sampling rate are composed as one (their steps add up), which is exact.
+    Entries with the same noise and sampling rate are composed as one (their steps add up), which is exact. A
+    ledger holding distributed-DP rounds (``mechanism == "skellam"``) is composed at the integer orders where the
+    Skellam bound holds.
     """
     steps: dict[tuple[float, float], int] = {}
+    skellam: dict[tuple[float, float, float, float], int] = {}
     for e in entries:
-        if e.steps > 0:
+        if e.steps > 0 and e.mechanism == SKELLAM:
+            key = (e.noise_multiplier, e.sample_rate, e.l2, e.l1)
+            skellam[key] = skellam.get(key, 0) + e.steps
+        elif e.steps > 0:
             steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
-    if not steps:
-        return 0.0
-    if any(sigma <= 0 for sigma, _ in steps):  # pragma: no mutate (<= or <: Opacus' RDP at zero noise is inf too)
-        return math.inf
-    import numpy as np
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp
-
-    total = sum(np.asarray(_rdp_per_step(sigma, q)) * n for (sigma, q), n in steps.items())
-    eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
-    return math.inf if math.isnan(eps) else float(eps)  # NaN (numerical overflow) never counts as "fits"
-
-
-@functools.lru_cache(maxsize=256)
-def release_noise_for(epsilon: float, delta: float, releases: int) -> float:
-    """The least noise multiplier (to 0.1 %) with which ``releases`` Gaussian releases (sampling rate 1), composed
-    on their own, spend at most ``epsilon`` at ``delta``; data-independent, so every site of a run finds the same."""
-    def eps(sigma: float) -> float:
-        return epsilon_spent([costed(sigma, 1.0, max(1, releases))], delta)
-
-    return min(_least_noise(eps, epsilon, _MAX_NOISE), _MAX_NOISE)
-
-
-def _least_noise(eps: Callable[[float], float], target: float, ceiling: float) -> float:
-    """The least noise multiplier up to ``ceiling`` (to 0.1 %) whose ``eps`` is at most ``target``; ``inf`` when
-    even ``ceiling`` does not fit.
-
-    Every look narrows a bracket (low, high] with eps(low) > target >= eps(high), and the answer is its top once it
-    is 0.1 % wide, as plain halving finds it. Epsilon falls smoothly with the noise, so where to look next is the
-    secant of log epsilon against log noise through the last two looks (halving where it cannot say), and a step
-    just across once it points where the last look was: about half the looks of halving (each ~0.3 s of Opacus'
-    RDP at a sampling rate below 1).
-    """
-    e = eps(ceiling)
-    if e > target:
-        return math.inf
-    low, high = 0.0, ceiling
-    looks = [(ceiling, e)]
-    x = ceiling * e / target  # epsilon falls about as 1 / noise
-    while high - low > 1e-3 * high:  # pragma: no mutate (> or >=: a float width is never exactly 0.1 %)
-        if not low < x < high:  # pragma: no mutate (< or <=: a look exactly at an end would only repeat it)
-            x = (low + high) / 2
-        x = max(x, high / 64)  # never far below the least noise seen to fit: RDP's arithmetic fails near 0
-        e = eps(x)
-        low, high = (x, high) if e > target else (low, x)
-        looks.append((x, e))
-        x = _secant(looks[-2], looks[-1], target)
-        close = 4e-4 * high  # where it points is where we are: step across to close the bracket
-        if abs(x - looks[-1][0]) < close:  # pragma: no mutate (< or <=: a float distance is never exactly that)
-            x = looks[-1][0] * (1 + 8e-4 if e > target else 1 - 8e-4)
-    return high
-
-
-def _secant(a: tuple[float, float], b: tuple[float, float], target: float) -> float:
-    """Where log epsilon reaches log ``target`` on the line through two looks (noise, epsilon); NaN when the line
-    says nothing (an infinite or zero epsilon, one noise twice, epsilon not falling)."""
-    (xa, ea), (xb, eb) = a, b
-    if xa == xb or not all(0 < e < math.inf for e in (ea, eb)):
-        return math.nan
-    slope = (math.log(eb) - math.log(ea)) / (math.log(xb) - math.log(xa))
-    return xb * math.exp((math.log(target) - math.log(eb)) / slope) if slope < 0 else math.nan
+    return epsilon_of(steps, skellam, delta)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ __all__ = [
     "ENSEMBLE_PREFIX",
     "ENSEMBLE_TEST_PREFIX",
     "GRADCAM_SAVED",
+    "INTEGER_OVERFLOW",
     "RELIABILITY_AFTER",
     "RELIABILITY_BEFORE",
     "NLL_SUMS",
@@ -130,6 +131,7 @@ DP_CLASSES = "dp-classes"  # the class count that fixes their layout (data-indep
 VAL_STAT_PREFIX = "exact-stat-"
 EVAL_NOISE = "eval-noise-multiplier"  # the noise multiplier of a metered release
 NOISED_COUNT = "noised-count"  # final stages and SSL under DP: the noised number of validation images
+INTEGER_OVERFLOW = "integer-overflow"  # distributed DP: values of a site's integer sum the SecAgg+ range clipped
 NOISED_TRAIN_COUNT = "noised-n-train"  # metered train reply, once per run: the training split's noised size
 NOISED_SSL_LOSS = "noised-ssl-loss-sum"  # SSL under DP: the noised sum of per-image pretext losses (clipped)
 

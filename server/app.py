@@ -339,6 +339,7 @@ def _train(
             num_rounds=remaining,
             start_round=start_round,
             evaluate_test=rounds.evaluate_test,
+            trainable=[name for name, p in model.named_parameters() if p.requires_grad],
         )
     if remaining > 0:
         strategy.start(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["RoundDiscarded", "apply_integer_sum", "check_participation"]
+__all__ = ["RoundDiscarded", "apply_integer_sum", "apply_step", "check_participation"]
 
 
 class RoundDiscarded(RuntimeError):
@@ -42,11 +42,20 @@ def apply_integer_sum(weights: Mapping[str, np.ndarray], trainable: list[str], t
         raise ValueError(f"the sum has {total.size} values, the trainable weights {sum(sizes)}.")
     if scale <= 0 or expected_images <= 0:
         raise ValueError(f"scale ({scale!r}) and expected_images ({expected_images!r}) must be positive.")
-    gradient = total.astype(np.float64) / (scale * expected_images)
+    return apply_step(weights, trainable, total.astype(np.float64) / (scale * expected_images), lr=lr)
+
+
+def apply_step(weights: Mapping[str, np.ndarray], trainable: list[str], direction: np.ndarray, *,
+               lr: float) -> dict[str, np.ndarray]:
+    """The weights after a step of ``lr`` against ``direction`` (flattened over the ``trainable`` names in order);
+    other weights (frozen layers, buffers) are kept (as copies: nothing returned shares the caller's memory)."""
+    sizes = [weights[name].size for name in trainable]
+    if direction.shape != (sum(sizes),):
+        raise ValueError(f"the step has {direction.size} values, the trainable weights {sum(sizes)}.")
     out = {name: np.array(value, copy=True) for name, value in weights.items()}
     start = 0
     for name, size in zip(trainable, sizes, strict=True):
-        step = gradient[start:start + size].reshape(weights[name].shape)
+        step = direction[start:start + size].reshape(weights[name].shape)
         out[name] = (weights[name] - lr * step).astype(weights[name].dtype)
         start += size
     return out

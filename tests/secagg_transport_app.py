@@ -1,5 +1,5 @@
 """A minimal Flower app pair that sends integer vectors through Flower's real SecAgg+ protocol with the settings of
-:class:`medfed.client.skellam.IntegerTransport` (tests/e2e/test_skellam_transport.py): each node sends known
+:class:`medfed.common.skellam.IntegerTransport` (tests/e2e/test_skellam_transport.py): each node sends known
 integers, and the ServerApp keeps the mean the workflow hands its strategy, so that the test can check the decoded
 integer sum against the exact one."""
 
@@ -19,7 +19,7 @@ from flwr.server.compat import LegacyContext
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
-from medfed.client.skellam import IntegerTransport
+from medfed.common.skellam import IntegerTransport
 
 HOSPITALS = 3
 MAX_WEIGHT = 100.0

@@ -57,7 +57,7 @@ from medfed.common.config.dataset import DatasetConfig, FolderConfig, MedMNISTCo
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
 from medfed.common.config.federation import FederationConfig
 from medfed.common.config.model import ModelConfig, PersonalizeConfig, ScatterNetConfig
-from medfed.common.config.privacy import CentralDPConfig, DPConfig, PrivacyConfig
+from medfed.common.config.privacy import CentralDPConfig, DistributedDPConfig, DPConfig, PrivacyConfig
 from medfed.common.config.registry import CONF_DIR
 from medfed.common.config.run_config import RUN_CONFIG_OVERRIDES, overrides_from_run_config, run_config_from_overrides
 from medfed.common.config.schema import Config
@@ -98,6 +98,7 @@ __all__ = [
     "ClassWeighting",
     "Config",
     "DPConfig",
+    "DistributedDPConfig",
     "DatasetConfig",
     "EvaluateConfig",
     "FederationConfig",

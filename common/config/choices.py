@@ -137,6 +137,7 @@ class PrivacyMechanism(StrEnum):
     none = "none"
     dp = "dp"
     central_dp = "central_dp"
+    distributed_dp = "distributed_dp"
 
 
 class Accountant(StrEnum):

@@ -1,4 +1,5 @@
-"""Schemas of the ``privacy`` group: none, sample-level DP-SGD (``dp``) and client-level DP (``central_dp``)."""
+"""Schemas of the ``privacy`` group: none, sample-level DP-SGD (``dp``), client-level DP (``central_dp``) and
+sample-level DP with the noise shared among the hospitals under SecAgg+ (``distributed_dp``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from medfed.common.errors import ConfigError
 __all__ = [
     "CentralDPConfig",
     "DPConfig",
+    "DistributedDPConfig",
     "PrivacyConfig",
 ]
 
@@ -120,3 +122,46 @@ class CentralDPConfig(PrivacyConfig):
                 "wrapper and SecAgg+ live in different workflows); use privacy=dp with secure aggregation instead."
             )
         require_fraction("privacy.delta", self.delta, high_open=True)
+
+
+@dataclass
+class DistributedDPConfig(DPConfig):
+    """Sample-level DP whose noise the hospitals add together: each round every hospital sums its clipped per-sample
+    gradients as integers, adds a share of Skellam noise and sends the result through Flower's SecAgg+; the sum
+    carries the whole noise, and the coordinator takes one SGD step with it (DP-FedSGD; docs/privacy.md,
+    "Distributed DP").
+
+    The noise in the sum is planned for ``target_epsilon`` over ``train.rounds`` steps at Poisson rate
+    ``sample_rate`` (the same at every hospital, so the sum samples the union of the data as one pooled DP-SGD run
+    would), and each hospital's share is sized for the worst case the run allows: ``max_dropouts`` hospitals
+    missing from a round's sum and ``max_colluding`` handing their shares to the coordinator. A round with more
+    hospitals missing is discarded. Evaluations are metered as under ``privacy=dp`` (``eval_share``).
+    """
+
+    name: PrivacyMechanism = PrivacyMechanism.distributed_dp
+    secure_aggregation: bool = True  # always: the coordinator must see the sum only
+    sample_rate: float = 1.0  # each hospital's Poisson sampling rate per round (1: every training image, DP-GD)
+    max_dropouts: int = 0  # hospitals that may be missing from a round's sum with the round still applied
+    max_colluding: int = 0  # hospitals that may hand their noise shares to the coordinator
+    modulus_bits: int = 32  # SecAgg+'s modulus is 2**modulus_bits (Flower's default: 32)
+    max_site_images: int = 10000  # the most images one hospital sums in a round; sizes the integer scale
+    # the noise in the sum is measured against all hospitals' gradients together, so a multiplier far above
+    # privacy=dp's still trains; the plan refuses above this
+    max_noise_multiplier: float = 1000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.secure_aggregation:
+            raise ConfigError("privacy=distributed_dp needs privacy.secure_aggregation=true: each hospital adds only "
+                              "a share of the noise, so the coordinator may see the sum only. Leave it true, or use "
+                              "privacy=dp (each hospital adds all its noise).")
+        require_fraction("privacy.sample_rate", self.sample_rate, low_open=True)
+        for key in ("max_dropouts", "max_colluding"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"privacy.{key}={value!r} is out of range; it is a number of hospitals, 0 or more.")
+        if not 2 <= self.modulus_bits <= 32:
+            raise ConfigError(f"privacy.modulus_bits={self.modulus_bits!r} is out of range; Flower's SecAgg+ "
+                              "modulus is 2**bits with bits in 2..32.")
+        if self.max_site_images < 1:
+            raise ConfigError(f"privacy.max_site_images={self.max_site_images!r} is out of range; it must be >= 1.")

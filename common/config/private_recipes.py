@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from medfed.common.config.schema import Config
 
-__all__ = ["HEAD_DP_RECIPE", "with_private_recipe"]
+__all__ = ["DISTRIBUTED_DP_RECIPE", "HEAD_DP_RECIPE", "with_private_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +37,42 @@ HEAD_DP_RECIPE: dict[str, Any] = {
 """``train.*`` defaults of a DP run whose head alone trains (model=scatternet, model.finetune=linear_probe)."""
 
 
+DISTRIBUTED_DP_RECIPE: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 1.0,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "rounds": 20,
+    "local_epochs": 1,
+}
+"""``train.*`` defaults of ``privacy=distributed_dp`` (any model): the coordinator's step along each round's noised
+mean gradient is SGD with momentum (one step per round, so few rounds: each spends privacy)."""
+
+
 def _named_keys(overrides: Iterable[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
 
 
 def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
     """``cfg`` with :data:`HEAD_DP_RECIPE` for every ``train`` key the overrides leave at its default, when the run
-    is ``privacy=dp`` over a head-only model; ``cfg`` itself otherwise."""
+    is ``privacy=dp`` over a head-only model, or with :data:`DISTRIBUTED_DP_RECIPE` under ``privacy=distributed_dp``;
+    ``cfg`` itself otherwise."""
     from medfed.common.config.choices import Optimizer
 
     head_only = cfg.model.name == "scatternet" or cfg.model.finetune == "linear_probe"
-    if cfg.privacy.name != "dp" or not head_only or cfg.task != "classify":
+    if cfg.privacy.name == "distributed_dp":
+        recipe = DISTRIBUTED_DP_RECIPE
+    elif cfg.privacy.name == "dp" and head_only and cfg.task == "classify":
+        recipe = HEAD_DP_RECIPE
+    else:
         return cfg
     named = _named_keys(overrides)
     if "train" in named:  # a whole train group chosen by name: its values stand
         return cfg
-    changes = {k: v for k, v in HEAD_DP_RECIPE.items() if f"train.{k}" not in named}
+    changes = {k: v for k, v in recipe.items() if f"train.{k}" not in named}
     if "optimizer" in changes:
         changes["optimizer"] = Optimizer(changes["optimizer"])
     if not changes:
         return cfg
-    logger.debug("privacy=dp recipe for a head-only model: %s", changes)
+    logger.debug("privacy=%s recipe: %s", cfg.privacy.name, changes)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))

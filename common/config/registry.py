@@ -18,7 +18,7 @@ from typing import Any
 from medfed.common.config.dataset import FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.config.federation import FederationConfig
 from medfed.common.config.model import ModelConfig, ScatterNetConfig
-from medfed.common.config.privacy import CentralDPConfig, DPConfig, PrivacyConfig
+from medfed.common.config.privacy import CentralDPConfig, DistributedDPConfig, DPConfig, PrivacyConfig
 from medfed.common.config.strategy import (
     AdaptiveMomentsConfig,
     KrumConfig,
@@ -115,7 +115,8 @@ GROUPS: Mapping[str, SchemaGroup] = MappingProxyType({
     "strategy": SchemaGroup("strategy", _STRATEGIES, selector="name", what="strategy"),
     "federation": SchemaGroup("federation", {"default": FederationConfig}),
     "train": SchemaGroup("train", {"default": TrainConfig}),
-    "privacy": SchemaGroup("privacy", {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig},
+    "privacy": SchemaGroup("privacy", {"none": PrivacyConfig, "dp": DPConfig, "central_dp": CentralDPConfig,
+                                      "distributed_dp": DistributedDPConfig},
                            selector="name", what="privacy mechanism"),
 })
 """Every Hydra group by name. Adding an option: its YAML file, and its schema here."""

@@ -32,6 +32,7 @@ __all__ = [
     "no_fedprox_with_dp",
     "no_personalization_with_privacy",
     "secure_aggregation_needs_fedavg",
+    "distributed_dp_trains_a_classifier_with_every_hospital",
     "ssl_dp_needs_hooks",
     "ssl_has_no_predictions",
     "ssl_no_personalization",
@@ -147,6 +148,25 @@ def no_fedprox_with_dp(cfg: Config) -> None:
         )
 
 
+def distributed_dp_trains_a_classifier_with_every_hospital(cfg: Config) -> None:
+    """Distributed DP plans its noise shares for every hospital in every round, and steps with one gradient."""
+    if cfg.privacy.name != "distributed_dp":
+        return
+    if cfg.task != "classify":
+        raise ConfigError("privacy=distributed_dp trains classifiers only (task=classify); self-supervised "
+                          "pretraining runs with privacy=dp.")
+    if cfg.strategy.fraction_train < 1.0:
+        raise ConfigError(
+            f"privacy=distributed_dp sizes each hospital's noise share for all {cfg.federation.hospitals} hospitals "
+            f"in every round's sum, but strategy.fraction_train={cfg.strategy.fraction_train} samples fewer; set "
+            "strategy.fraction_train=1.0 (privacy.sample_rate samples the images instead).")
+    if cfg.train.class_weighting != "none":
+        raise ConfigError(
+            f"train.class_weighting={cfg.train.class_weighting} cannot run with privacy=distributed_dp: each image's "
+            "gradient is clipped and summed on its own, with the plain cross-entropy loss. Use "
+            "train.class_weighting=none.")
+
+
 def no_class_weighting_with_dp(cfg: Config) -> None:
     """Class weights computed from a hospital's labels couple every image's loss to the others' labels."""
     if cfg.privacy.name == "dp" and cfg.train.class_weighting != "none":
@@ -246,6 +266,7 @@ RULES: tuple[Rule, ...] = (
     secure_aggregation_needs_fedavg,
     no_fedprox_with_dp,
     no_class_weighting_with_dp,
+    distributed_dp_trains_a_classifier_with_every_hospital,
     folder_roots_match_hospitals,
     min_train_nodes_within_hospitals,
     scatternet_fits,

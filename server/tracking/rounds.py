@@ -36,6 +36,7 @@ class SiteRound:
     test: dict[str, float] | None = None  # only for the local-only baseline (each site's own model)
     epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
     delta: float | None = None
+    integer_overflow: int | None = None  # distributed DP: values of the site's integer sum the range clipped
     # personalisation: the site's personalised model (global + its own layers) and, after the last round, its
     # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
     personal: dict[str, dict[str, float]] | None = None
@@ -60,6 +61,8 @@ class SiteRound:
             record["test"] = dict(self.test)
         if self.epsilon is not None:
             record["epsilon"], record["delta"] = self.epsilon, self.delta
+        if self.integer_overflow is not None:
+            record["integer_overflow"] = self.integer_overflow
         if self.personal is not None:
             record["personal"] = self.personal
         if self.finetuned is not None:
@@ -93,6 +96,8 @@ def site_rounds(
         site.train_s = metrics.get(keys.TRAIN_TIME_S, 0.0)
         site.epsilon = metrics.get(keys.EPSILON)
         site.delta = metrics.get(keys.DELTA)
+        if keys.INTEGER_OVERFLOW in metrics:
+            site.integer_overflow = int(metrics[keys.INTEGER_OVERFLOW])
     for site_id, metrics in evaluate.items():
         site = sites.setdefault(site_id, SiteRound())
         site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)
@@ -204,7 +209,7 @@ def round_record(
     round_compute_s: float,
     compute_s: float,
     elapsed_s: float,
-    run_privacy: Mapping[str, float] | None,
+    run_privacy: Mapping[str, Any] | None,
     extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The round's line of ``metrics.jsonl``: global train loss, weighted validation, test, per-site records,

@@ -123,6 +123,8 @@ class TrackerState:
     # central DP: Flower's accountant state (JSON), checkpointed so a resumed run keeps counting
     accountant_state: dict[str, Any] | None = None
     run_privacy: RunPrivacy | None = None
+    # distributed DP: the plan and trust assumptions every site's epsilon rests on
+    privacy_assumptions: dict[str, Any] | None = None
     # personalisation: the round with the best weighted personalised (and ensemble) validation AUC, each site's
     # metrics in it, and the fine-tuned metrics of the last round that had any
     personal_best: PartSelection | None = None
@@ -158,6 +160,7 @@ class TrackerState:
             "finetuned": _optional(self.finetuned, PartSelection.as_dict),
             "mode": mode,
             "noised_auc_max": self.noised_auc_max,
+            "privacy_assumptions": self.privacy_assumptions,
         }
 
     @classmethod
@@ -175,6 +178,7 @@ class TrackerState:
             dropped_total=int(data.get("dropped_total", 0)),
             accountant_state=data.get("accountant_state"),
             run_privacy=_optional(data.get("run_privacy"), RunPrivacy.from_dict),
+            privacy_assumptions=data.get("privacy_assumptions"),
             personal_best=_optional(data.get("personal_best"), PartSelection.from_dict),
             ensemble_best=_optional(data.get("ensemble_best"), PartSelection.from_dict),
             finetuned=_optional(data.get("finetuned"), PartSelection.from_dict),

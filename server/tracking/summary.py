@@ -71,6 +71,8 @@ class FederatedSummary:
             }
         if state.run_privacy is not None:
             summary["privacy"] = {**summary.get("privacy", {}), **state.run_privacy.as_dict()}
+        if state.privacy_assumptions is not None:
+            summary["privacy"] = {**summary.get("privacy", {}), "assumptions": state.privacy_assumptions}
         if state.personal_best is not None:
             summary["personalized"] = _part_summary(state.personal_best)
         if state.finetuned is not None:

@@ -91,6 +91,10 @@ class RunTracker:
         self.state.run_privacy = RunPrivacy(run_epsilon=epsilon, delta=delta)
         self.state.accountant_state = accountant_state
 
+    def note_distributed_privacy(self, assumptions: Mapping[str, Any]) -> None:
+        """Distributed DP: the plan and the trust assumptions every site's epsilon rests on (summary, report)."""
+        self.state.privacy_assumptions = dict(assumptions)
+
     # --- rounds --------------------------------------------------------------------------------------------------
     def record_round(
         self,
@@ -115,7 +119,7 @@ class RunTracker:
         record = round_record(
             server_round, mode=self.mode, sites=sites, val=val, test=test, dropped=dropped,
             round_compute_s=round_compute, compute_s=state.compute_s, elapsed_s=self.wall_s(),
-            run_privacy=state.run_privacy.as_dict() if state.run_privacy is not None else None, extra=extra,
+            run_privacy=_run_privacy(state), extra=extra,
         )
         state.note_sites(sites)
         select_sites(state, server_round, sites)
@@ -151,3 +155,11 @@ class RunTracker:
         """Close every sink (the TensorBoard writer, if one was opened)."""
         for sink in self._sinks:
             sink.close()
+
+
+def _run_privacy(state: TrackerState) -> dict[str, Any] | None:
+    """The run-level privacy of a round's line: central DP's epsilon, distributed DP's assumptions."""
+    out: dict[str, Any] = state.run_privacy.as_dict() if state.run_privacy is not None else {}
+    if state.privacy_assumptions is not None:
+        out["assumptions"] = state.privacy_assumptions
+    return out or None

@@ -1,5 +1,5 @@
 """Integers ride Flower's real SecAgg+ unchanged (issue 20): three simulated nodes send known integer vectors with
-the settings of :class:`medfed.client.skellam.IntegerTransport` through Flower's client mod and server workflow;
+the settings of :class:`medfed.common.skellam.IntegerTransport` through Flower's client mod and server workflow;
 the coordinator's decoded sum is the exact integer sum, at the edges of the range too, and what lay outside the range
 was clipped and counted, not wrapped around the modulus."""
 

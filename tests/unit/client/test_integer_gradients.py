@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from medfed.client.integer_gradients import IntegerSum, integer_gradient_sum, noised_contribution
-from medfed.client.skellam import IntegerTransport, rounded_sensitivity, skellam_share
+from medfed.common.skellam import IntegerTransport, rounded_sensitivity, skellam_share
 from torch import nn
 
 
@@ -102,3 +102,19 @@ def test_the_contribution_adds_the_share_and_counts_what_the_transport_clips():
     noised = np.stack([noised_contribution(total, 50.0, transport, np.random.default_rng(k))[0] for k in range(400)])
     assert noised[:, [0, 1, 3]].var(axis=0) == pytest.approx([50.0] * 3, rel=0.25)
     assert noised[:, 0].mean() == pytest.approx(5.0, abs=1.5)
+
+
+def test_per_view_logits_give_each_image_the_mean_of_its_views_losses():
+    torch.manual_seed(0)
+    head = nn.Linear(5, 2)  # features (B, V, F) -> logits (B, V, classes), as a fixed front end's head gives
+    features = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 1, 0])
+    scale = 2.0**14
+
+    total = integer_gradient_sum(head, features, labels, clip=1e6, scale=scale)
+
+    reference = copy.deepcopy(head)
+    losses = [nn.functional.cross_entropy(reference(f), labels[i].repeat(3)) for i, f in enumerate(features)]
+    torch.stack(losses).sum().backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()]).double().numpy()
+    assert np.abs(total.values / scale - expected).max() <= 4 * 0.5 / scale + 1e-6

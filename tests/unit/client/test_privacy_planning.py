@@ -18,7 +18,6 @@ from medfed.client.privacy import (
     SiteCap,
     SitOut,
     _candidates,
-    _least_noise,
     _node_bool,
     _node_float,
     _noise_for,
@@ -26,11 +25,12 @@ from medfed.client.privacy import (
     plan_release,
     plan_round,
     release_noise_for,
-    _secant,
     sampling,
     site_cap,
 )
 from medfed.common import keys
+from medfed.common.noise_search import least_noise as _least_noise
+from medfed.common.noise_search import secant as _secant
 from medfed.common.config import DPConfig, FederationConfig
 from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 

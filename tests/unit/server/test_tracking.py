@@ -294,7 +294,7 @@ def test_tracker_state_round_trips_through_the_checkpoint_format(tmp_path):
     # Assert: the same mapping comes back (nan as None: checkpoint metadata is strict JSON), with its types
     assert list(meta["tracker"]) == ["compute_s", "wall_s", "best", "site_best", "site_sizes", "last", "dropped_total",
                                      "site_privacy", "accountant_state", "run_privacy", "personal_best",
-                                     "ensemble_best", "finetuned", "mode", "noised_auc_max"]
+                                     "ensemble_best", "finetuned", "mode", "noised_auc_max", "privacy_assumptions"]
     assert restored.to_checkpoint(wall_s=meta["tracker"]["wall_s"], mode="fedavg") == meta["tracker"]
     assert restored.best.server_round == 1 and restored.last.val["auc"] is None
     assert restored.run_privacy.run_epsilon == pytest.approx(1.0) and restored.accountant_state == {"steps": 2}

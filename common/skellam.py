@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from medfed.common.errors import ConfigError
@@ -51,7 +52,9 @@ from medfed.common.errors import ConfigError
 __all__ = [
     "ORDERS",
     "IntegerTransport",
+    "PoissonSource",
     "SkellamStep",
+    "epsilon_from_rdp",
     "noise_for_target",
     "plan_scale",
     "rounded_sensitivity",
@@ -129,12 +132,16 @@ def skellam_epsilon(steps: Sequence[SkellamStep], delta: float) -> float:
     """Epsilon at ``delta`` of these steps composed (their RDP adds, order by order), by Opacus' conversion."""
     if not steps:
         return 0.0
+    return epsilon_from_rdp(ORDERS, [sum(step.rdp(order) for step in steps) for order in ORDERS], delta)
+
+
+def epsilon_from_rdp(orders: Sequence[float], rdp_values: Sequence[float] | np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve by Opacus' conversion (the one every ledger uses): the least over the
+    orders, an infinite order never chosen; ``inf`` when the conversion gives NaN (a NaN never counts as "fits")."""
+    values = np.asarray(rdp_values, dtype=np.float64)
     from opacus.accountants.analysis import rdp
 
-    total = [sum(step.rdp(order) for step in steps) for order in ORDERS]
-    if not all(math.isfinite(x) for x in total):
-        return math.inf
-    eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=np.asarray(total), delta=delta)
+    eps, _ = rdp.get_privacy_spent(orders=list(orders), rdp=values, delta=delta)
     return math.inf if math.isnan(eps) else float(eps)
 
 
@@ -152,7 +159,7 @@ def noise_for_target(target: float, delta: float, *, sample_rate: float, steps: 
     """The least noise multiplier ``z`` (to 0.1 %; ``inf`` above ``ceiling``) with which ``steps`` Skellam steps
     of variance ``(z * l2) ** 2`` in the sum, at this sampling rate, spend at most ``target`` epsilon at ``delta``
     (``l2``, ``l1``: :func:`rounded_sensitivity` of ``clip``, ``scale`` and ``dim``)."""
-    from medfed.client.privacy import _least_noise
+    from medfed.common.noise_search import least_noise as _least_noise
 
     l2, l1 = rounded_sensitivity(clip, scale, dim)
 
@@ -206,7 +213,14 @@ def share_variance(variance: float, *, hospitals: int, max_dropouts: int, max_co
     return variance / honest
 
 
-def skellam_share(shape: tuple[int, ...], variance: float, rng: np.random.Generator) -> np.ndarray:
+class PoissonSource(Protocol):
+    """Where Poisson variates come from: numpy's ``Generator`` or :class:`medfed.client.secure_random.SecureRandom`
+    (the operating system's CSPRNG, which every distributed-DP round uses)."""
+
+    def poisson(self, lam: float, size: tuple[int, ...]) -> Any: ...
+
+
+def skellam_share(shape: tuple[int, ...], variance: float, rng: PoissonSource) -> np.ndarray:
     """Integer Skellam noise of per-coordinate ``variance``: ``Poisson(variance / 2) - Poisson(variance / 2)``."""
     if variance < 0 or not math.isfinite(variance):
         raise ValueError(f"a noise variance is finite and >= 0, not {variance!r}.")

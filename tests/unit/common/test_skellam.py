@@ -1,4 +1,4 @@
-"""The distributed Skellam mechanism's arithmetic (client/skellam.py, issue 20): the paper's bound at hand-computed
+"""The distributed Skellam mechanism's arithmetic (common/skellam.py, issue 20): the paper's bound at hand-computed
 values, Poisson subsampling against Opacus' exact sampled Gaussian, composition, noise shares and their variance,
 and the sensitivity of rounded per-sample gradients."""
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from medfed.client.skellam import (
+from medfed.common.skellam import (
     ORDERS,
     SkellamStep,
     rounded_sensitivity,
@@ -158,7 +158,7 @@ def test_one_image_moves_the_rounded_integer_sum_by_at_most_the_sensitivity():
 
 
 def test_the_integer_transport_fits_the_sum_below_flowers_modulus():
-    from medfed.client.skellam import IntegerTransport
+    from medfed.common.skellam import IntegerTransport
 
     five = IntegerTransport(5)
     assert five.quantization_range == 2**29 and five.clipping_range == 2.0**28 and five.bound == 2**28
@@ -178,7 +178,7 @@ def test_the_integer_transport_fits_the_sum_below_flowers_modulus():
 
 
 def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
-    from medfed.client.skellam import IntegerTransport
+    from medfed.common.skellam import IntegerTransport
 
     transport = IntegerTransport(3, modulus_range=2**12)  # R = 2**10: integers within +-512
     floats, overflow = transport.encode(np.array([-600, -512, 0, 511, 512, 513, 9000]))
@@ -193,7 +193,7 @@ def test_the_transport_counts_what_it_clips_and_decodes_the_sum():
 
 
 def test_the_noise_for_a_target_is_the_least_that_fits():
-    from medfed.client.skellam import noise_for_target
+    from medfed.common.skellam import noise_for_target
 
     plan = {"sample_rate": 0.1, "steps": 50, "clip": 1.0, "scale": 2.0**16, "dim": 1000}
     z = noise_for_target(3.0, 1e-5, **plan)
@@ -208,7 +208,7 @@ def test_the_noise_for_a_target_is_the_least_that_fits():
 
 
 def test_the_scale_is_the_largest_power_of_two_whose_sums_stay_in_range():
-    from medfed.client.skellam import IntegerTransport, plan_scale
+    from medfed.common.skellam import IntegerTransport, plan_scale
 
     transport = IntegerTransport(5)  # +-2**28
     plan = {"clip": 1.0, "dim": 50_000, "noise": 1.2, "honest": 3, "max_batch": 120, "transport": transport}
