@@ -2,23 +2,37 @@
 
 * centralized: every hospital's training split pooled into one model; ``train.rounds x train.local_epochs``
   epochs; one "round" = ``local_epochs`` epochs; evaluated after each round on every hospital's validation split
-  (selection) and on the global test set (report).
-* local: each hospital alone, the same number of epochs, its own model selected on its own validation split.
+  (selection) and on the global test set (report). Under ``privacy=dp`` (and ``distributed_dp``) it is pooled
+  DP-SGD: Opacus on the union of the data, its noise planned as one hospital holding all of it would plan its run
+  (:func:`medfed.client.privacy.plan_round`: ``privacy.target_epsilon`` over the whole run, no cap, no
+  evaluations reserved: the pooled reference evaluates exactly), its epsilon reported per round.
+* local: each hospital alone, the same number of epochs, its own model selected on its own validation split (under
+  ``privacy=dp``: DP-SGD at each hospital on its own data, planned the same way).
 
 Both write the same files as ``medfed simulate`` (server.runs), so results compare side by side.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medfed.client.training import configure_threads, derive_seed, make_optimizer, select_device, train_epochs
-from medfed.common.config import Config
+from medfed.client.privacy import RoundPlan, SiteCap, costed, epsilon_spent, plan_round
+from medfed.client.training import (
+    DPTraining,
+    configure_threads,
+    derive_seed,
+    make_optimizer,
+    select_device,
+    train_epochs,
+)
+from medfed.common.config import Config, DPConfig, TrainConfig
 from medfed.common.data import ArrayDataset, DatasetInfo, SiteData, load_site, load_test_set
 from medfed.common.inference import evaluate
 from medfed.common.models import build_model
@@ -55,26 +69,69 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     device = select_device()
     model = initial_model(cfg, info).to(device)
     optimizer = make_optimizer(model, cfg.train)
+    private = _pooled_dp(cfg, len(pooled))
     cfg.tracking.require_runtime()
     tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0,
                          tensorboard=cfg.tracking.tensorboard)
+    recipe = private.recipe(cfg.train) if private is not None else cfg.train
+    trained_rounds = 0
     for server_round in range(1, cfg.train.rounds + 1):
-        result = train_epochs(
-            model, pooled, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
-            spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, "centralized"),
-            lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
-        )
+        result = None
+        if private is None or (server_round - 1) % private.plan.period == 0:
+            result = train_epochs(
+                model, pooled, recipe, epochs=recipe.local_epochs, n_classes=info.n_classes,
+                spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, "centralized"),
+                lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
+                privacy=private.training if private is not None else None,
+            )
+            trained_rounds += 1
+        epsilon = private.epsilon(trained_rounds) if private is not None else None
         rounds: dict[str, SiteRound] = {}
         for site in sites:
             val, eval_s = _timed_eval(model, site.val, cfg)
             rounds[site.site_id] = SiteRound(
-                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss, eval_s=eval_s, val=val
+                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss if result else None,
+                eval_s=eval_s, val=val, epsilon=epsilon, delta=private.plan.delta if private is not None else None,
             )
         test, test_s = _timed_eval(model, test_set, cfg)
         tracker.record_round(
-            server_round, sites=rounds, test=test, arrays=_numpy_state(model), server_s=result.seconds + test_s
+            server_round, sites=rounds, test=test, arrays=_numpy_state(model),
+            server_s=(result.seconds if result else 0.0) + test_s,
         )
     return tracker.finish(_numpy_state(model))
+
+
+@dataclass(frozen=True)
+class _PooledDP:
+    """Pooled DP-SGD's plan: the noise and steps one hospital holding the union of the data would plan."""
+
+    plan: RoundPlan
+    training: DPTraining
+
+    def recipe(self, train: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(train, batch_size=self.plan.batch_size or train.batch_size,
+                                   local_epochs=self.plan.local_epochs)
+
+    def epsilon(self, trained_rounds: int) -> float:
+        """Epsilon after ``trained_rounds`` rounds of the plan."""
+        return epsilon_spent([costed(self.plan.noise_multiplier, self.plan.sample_rate,
+                                     self.plan.steps * trained_rounds)], self.plan.delta)
+
+
+def _pooled_dp(cfg: Config, n_train: int) -> _PooledDP | None:
+    """The DP plan of ``n_train`` images trained on in one place (the pooled data, or one hospital's in the local
+    baseline) under ``privacy=dp`` / ``distributed_dp``; None without DP."""
+    dp = cfg.privacy
+    if not isinstance(dp, DPConfig):
+        return None
+    plan = plan_round(dp, SiteCap(max_delta=dp.delta), n_train=n_train, batch_size=cfg.train.batch_size,
+                      local_epochs=cfg.train.local_epochs, rounds_left=cfg.train.rounds, entries=[], run_id=0,
+                      reserved=[], server_round=1)
+    logger.info("pooled DP-SGD: noise multiplier %.4g, sampling rate %.4g, %d steps per round, every %d round(s)",
+                plan.noise_multiplier, plan.sample_rate, plan.steps, plan.period)
+    return _PooledDP(plan, DPTraining(noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                      max_physical_batch_size=dp.max_physical_batch_size,
+                                      grad_sample_mode=dp.grad_sample_mode, secure_mode=dp.secure_mode))
 
 
 def initial_model(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
@@ -98,22 +155,32 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
         model = initial_model(cfg, info).to(device)  # every hospital starts from the same model, as in FedAvg
         models.append(model)
         optimizers.append(make_optimizer(model, cfg.train))
+    privates = [_pooled_dp(cfg, len(site.train)) for site in sites]  # each hospital's own DP-SGD plan
+    trained = [0] * len(sites)
     cfg.tracking.require_runtime()
     tracker = RunTracker(run_dir, mode="local", total_rounds=cfg.train.rounds, t0=t0,
                          tensorboard=cfg.tracking.tensorboard)
     for server_round in range(1, cfg.train.rounds + 1):
         rounds: dict[str, SiteRound] = {}
-        for site, model, optimizer in zip(sites, models, optimizers, strict=True):
-            result = train_epochs(
-                model, site.train, cfg.train, epochs=cfg.train.local_epochs, n_classes=info.n_classes,
-                spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, site.site_id),
-                lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
-            )
+        for index, (site, model, optimizer) in enumerate(zip(sites, models, optimizers, strict=True)):
+            private = privates[index]
+            recipe = private.recipe(cfg.train) if private is not None else cfg.train
+            result = None
+            if private is None or (server_round - 1) % private.plan.period == 0:
+                result = train_epochs(
+                    model, site.train, recipe, epochs=recipe.local_epochs, n_classes=info.n_classes,
+                    spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, site.site_id),
+                    lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
+                    privacy=private.training if private is not None else None,
+                )
+                trained[index] += 1
             val, eval_s = _timed_eval(model, site.val, cfg)
             test, test_s = _timed_eval(model, test_set, cfg)
             rounds[site.site_id] = SiteRound(
-                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss,
-                train_s=result.seconds, eval_s=eval_s + test_s, val=val, test=test,
+                n_train=len(site.train), n_val=len(site.val), train_loss=result.loss if result else None,
+                train_s=result.seconds if result else 0.0, eval_s=eval_s + test_s, val=val, test=test,
+                epsilon=private.epsilon(trained[index]) if private is not None else None,
+                delta=private.plan.delta if private is not None else None,
             )
         mean_test = {}
         for key in ("auc", "acc"):

@@ -444,3 +444,44 @@ def test_federated_ssl_pretraining_in_a_deployment(tmp_path: Path) -> None:
 
     arrays, _ = load_checkpoint(run_dir / "best_model.pt")
     assert any(k.startswith("decoder.") for k in arrays) and any(k.startswith("encoder.") for k in arrays)
+
+
+def test_distributed_dp_over_tls_with_three_hospitals(tmp_path: Path) -> None:
+    """privacy=distributed_dp in a real deployment: 3 hospitals send integer sums with Skellam shares through SecAgg+
+    over TLS; each ledger records the Skellam rounds; the train replies carry masked integers and scalars only."""
+    with _deploy(tmp_path, [True, True, True]) as dep:
+        # Execute: 2 rounds, every hospital in every sum
+        run_dir = tmp_path / "run"
+        _medfed(["train", "--dir", str(dep.coord), "--run-dir", str(run_dir), *RECIPE, "privacy=distributed_dp",
+                 "privacy.target_epsilon=4", "train.rounds=2", "strategy.min_available_nodes=3"], dep.env)
+        _wait_for(run_dir / "summary.json", 600, dep.processes)
+
+        # Assert: both rounds applied, every hospital charged, the assumptions stated
+        lines = _rounds(run_dir)
+        assert [line["round"] for line in lines] == [1, 2]
+        assert not [d for line in lines for d in line["dropped"]], [line["dropped"] for line in lines]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assumptions = summary["privacy"]["assumptions"]
+        assert (assumptions["hospitals"], assumptions["max_dropouts"], assumptions["max_colluding"]) == (3, 0, 0)
+        for name in ("hospital-a", "hospital-b", "hospital-c"):
+            eps = [line["sites"][name]["epsilon"] for line in lines]
+            assert 0 < eps[0] < eps[1] <= 4.0, eps
+        from medfed.client.gate import read_audit
+        from medfed.client.ledger import SKELLAM, site_ledgers
+
+        for site in dep.sites:
+            [ledger] = site_ledgers(site / "state")
+            rounds = [e for e in ledger.entries() if e.mechanism == SKELLAM]
+            assert [e.server_round for e in rounds] == [1, 2]
+            assert {e.noise_multiplier for e in rounds} == {assumptions["noise_multiplier"]}
+            sent = [e for e in read_audit(site / "state") if e["event"] == "sent" and e["type"] == "train"]
+            assert len(sent) == 2 * 4, sent  # SecAgg+'s four stages per round
+            for entry in sent:
+                assert entry["error"] is None
+                for rec in entry["records"].values():
+                    # the mod empties the fit reply's weights; the masked integers travel as bytes in its configs
+                    assert rec["kind"] in {"ConfigRecord", "MetricRecord", "ArrayRecord"}
+                    if rec["kind"] == "ArrayRecord":
+                        assert rec["elements"] == 0, rec
+            masked = [e for e in sent if any("masked" in k for r in e["records"].values() for k in r.get("keys", []))]
+            assert len(masked) == 2, sent

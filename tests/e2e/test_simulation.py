@@ -188,6 +188,27 @@ def test_baselines_write_the_same_outputs(tmp_path, kind):
         assert all("test" in s for s in summary["sites"].values())
 
 
+@pytest.mark.parametrize("kind", ["centralized", "local"])
+def test_baselines_under_dp_train_with_dp_sgd_within_the_target(tmp_path, kind):
+    # Execute: the same baseline without and with privacy=dp
+    common = ["--cache-dir", "cache", *FAST, "train.rounds=2", "train.batch_size=64"]
+    plain = _medfed(["baseline", kind, "--run-dir", "plain", *common], tmp_path)
+    private = _medfed(["baseline", kind, "--run-dir", "dp", *common, "privacy=dp", "privacy.target_epsilon=2"],
+                      tmp_path)
+
+    # Assert: every site row states an epsilon that grows to at most the target, and the results differ
+    assert plain.returncode == 0 and private.returncode == 0, private.stdout[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    for site in ("hospital-0", "hospital-1", "hospital-2"):
+        eps = [line["sites"][site]["epsilon"] for line in lines]
+        assert 0 < eps[0] < eps[1] <= 2.0 and eps[1] >= 0.99 * 2.0, eps  # the plan spends the target
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["privacy"]["max_epsilon"] <= 2.0
+    reference = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert "privacy" not in reference
+    assert summary["final"]["test"] != reference["final"]["test"]  # DP-SGD's noise and clipping, not plain SGD
+
+
 def test_3d_colour_federation_runs(tmp_path):
     # Execute: synthetic 3D RGB volumes, 2 hospitals, 1 round of the ResNet-18-style encoder
     result = _medfed(
