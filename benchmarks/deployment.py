@@ -75,8 +75,9 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_deployment(work: Path, recipe: list[str]) -> tuple[Path, float]:
-    """A coordinator and two hospitals on 127.0.0.1; returns the run directory and `medfed train --wait` seconds."""
+def run_deployment(work: Path, recipe: list[str], hospitals: int = 2) -> tuple[Path, float]:
+    """A coordinator and ``hospitals`` hospitals on 127.0.0.1 (site folders ``work/site-I``, each with its state
+    directory and audit log); returns the run directory and `medfed train --wait` seconds."""
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     coord, address = work / "coord", f"127.0.0.1:{_free_port()}"
@@ -84,7 +85,7 @@ def run_deployment(work: Path, recipe: list[str]) -> tuple[Path, float]:
     try:
         _medfed(["coordinator", "init", "--dir", str(coord), "--host", "127.0.0.1", "--address", address], env)
         processes.append(_spawn(["coordinator", "start", "--dir", str(coord)], env, work / "coordinator.log"))
-        for index in range(2):
+        for index in range(hospitals):
             site, data = work / f"site-{index}", work / f"data-{index}.npz"
             _medfed(["hospital", "export-demo", "--index", str(index), "--out", str(data), *recipe], env)
             _medfed(["hospital", "init", "--dir", str(site), "--site-id", f"hospital-{index}", "--data-path", str(data),

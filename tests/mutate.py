@@ -36,9 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "build" / "mutate"
-# modules where a surviving mutant fails the run: the privacy ledger and the privacy planning and site caps (every
-# mutant of each killed, 2026-12-06; docs/benchmarks.md)
-MUST_BE_CLEAN = ("medfed/client/ledger.py", "medfed/client/privacy.py")
+# modules where a surviving mutant fails the run: the privacy ledger, the privacy planning and site caps, and the
+# accountant and noise search they use (every mutant of each killed, 2026-12-06/07; docs/benchmarks.md)
+MUST_BE_CLEAN = ("medfed/client/ledger.py", "medfed/client/privacy.py", "medfed/common/accounting.py",
+                 "medfed/common/noise_search.py")
 # mutmut's exit codes of a checked mutant, as its own `results` names them
 SPINNER = tuple("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # the first character of mutmut's progress lines
 STATUS = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",

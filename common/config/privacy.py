@@ -128,8 +128,7 @@ class CentralDPConfig(PrivacyConfig):
 class DistributedDPConfig(DPConfig):
     """Sample-level DP whose noise the hospitals add together: each round every hospital sums its clipped per-sample
     gradients as integers, adds a share of Skellam noise and sends the result through Flower's SecAgg+; the sum
-    carries the whole noise, and the coordinator takes one SGD step with it (DP-FedSGD; docs/privacy.md,
-    "Distributed DP").
+    carries the whole noise, and the coordinator takes one SGD step with it (DP-FedSGD; README, "Distributed DP").
 
     The noise in the sum is planned for ``target_epsilon`` over ``train.rounds`` steps at Poisson rate
     ``sample_rate`` (the same at every hospital, so the sum samples the union of the data as one pooled DP-SGD run
