@@ -44,9 +44,11 @@ def site_plans(cfg: Config, cache_dir: Path | None, state_dir: Path | None) -> l
     from medfed.common import keys
     from medfed.common.config import DPConfig
 
-    if not isinstance(cfg.privacy, DPConfig):
-        raise ConfigError(f"medfed privacy plan needs privacy=dp; this config has privacy={cfg.privacy.name}. "
-                          "Add privacy=dp to the overrides.")
+    if not isinstance(cfg.privacy, DPConfig) or cfg.privacy.name == "distributed_dp":
+        raise ConfigError(f"medfed privacy plan shows each hospital's privacy=dp plan; this config has "
+                          f"privacy={cfg.privacy.name}. Add privacy=dp to the overrides (a privacy=distributed_dp run "
+                          "has one plan for every hospital: the coordinator logs it at the start and summary.json's "
+                          "privacy.assumptions holds it).")
     run_config: dict[str, str] = {}
     if cache_dir is not None:
         run_config[keys.RUN_CACHE_DIR] = str(cache_dir.resolve())

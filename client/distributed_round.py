@@ -88,6 +88,11 @@ def _check_secagg(secagg: SecAggSettings | None, plan: DistributedPlan, dp: Dist
             f"SecAgg+ was set up to sum {secagg.sample_num} hospitals ({secagg.peers} keys received), fewer than the "
             f"{least} this run's noise shares need (federation.hospitals={plan.hospitals}, privacy.max_dropouts="
             f"{dp.max_dropouts}); the hospital does not send its share.")
+    if secagg.sample_num > plan.hospitals:
+        raise ConfigError(
+            f"SecAgg+ was set up to sum {secagg.sample_num} hospitals, more than the {plan.hospitals} this run's "
+            "integer range is planned for (federation.hospitals): the sum could wrap around the modulus. The "
+            "coordinator must set federation.hospitals to the number of hospitals in the run.")
     transport = plan.transport
     expected = (transport.clipping_range, transport.quantization_range, transport.modulus_range, 1.0)
     got = (secagg.clipping_range, secagg.target_range, secagg.mod_range, secagg.max_weight)
@@ -144,6 +149,10 @@ def distributed_round(
                 "smaller target_epsilon or fewer rounds.")
         entry = _entry(plan, run_id, server_round, noise=noise)
         after = epsilon_spent(_record(ledger, state, [entry]), delta)
+    if len(site.train) * plan.sample_rate > dp.max_site_images:  # (the count stays in the site's own log)
+        logger.warning("about %d images per round here, more than privacy.max_site_images=%d that the integer "
+                       "scale was planned for: values may lie outside the SecAgg+ range (they are clipped and "
+                       "counted)", round(len(site.train) * plan.sample_rate), dp.max_site_images)
     rng = SecureRandom()
     total = _integer_sum(cfg, site, model, plan, _sampled(len(site.train), plan.sample_rate, rng), feature_cache)
     values, overflow = noised_contribution(total, share, plan.transport, rng)

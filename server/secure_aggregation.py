@@ -113,10 +113,15 @@ class _DistributedDPStep(_RecordingFedAvg):
                 self.counts[site_id] = max(1.0, count)
         overflow = sum(int(m.get(keys.INTEGER_OVERFLOW, 0)) for _, m in sites)
         if overflow:
-            logger.warning("round %d: %d values lay outside the SecAgg+ integer range and were clipped (raise "
-                           "privacy.max_site_images' headroom by lowering it only if sites are smaller)",
+            logger.warning("round %d: %d values lay outside the SecAgg+ integer range and were clipped; a larger "
+                           "privacy.max_site_images plans a coarser scale whose sums fit",
                            server_round + self.start_round, overflow)
         try:
+            if len(results) > self.plan.hospitals:
+                raise RoundDiscarded(
+                    f"{len(results)} hospitals are in the sum, more than federation.hospitals={self.plan.hospitals} "
+                    "that the integer range and the noise shares were planned for; the round is discarded. Set "
+                    "federation.hospitals to the number of hospitals in the run.")
             check_participation(sampled=self.plan.hospitals, active=len(results), max_dropouts=self.max_dropouts)
             expected = self._expected_images([site_id for site_id, _ in sites])
             mean = parameters_to_ndarrays(results[0][1].parameters)[0]

@@ -64,9 +64,10 @@ def test_a_site_whose_cap_fits_not_even_one_step_refuses_in_the_plan(tmp_path):
     assert capped["noise_multiplier"] is None and all(p["refusal"] is None for p in others)
 
 
-def test_a_plan_without_dp_is_refused_with_the_fix():
-    shown = CliRunner().invoke(cli, ["privacy", "plan", "federation.hospitals=2"])
+@pytest.mark.parametrize("privacy", [[], ["privacy=distributed_dp"]])
+def test_a_plan_without_dp_is_refused_with_the_fix(privacy):
+    shown = CliRunner().invoke(cli, ["privacy", "plan", "federation.hospitals=2", *privacy])
 
     assert shown.exit_code != 0
     text = " ".join(shown.output.split())  # the console wraps long lines
-    assert "needs privacy=dp" in text and "Add privacy=dp to the overrides" in text
+    assert "shows each hospital's privacy=dp plan" in text and "Add privacy=dp to the overrides" in text

@@ -137,6 +137,7 @@ def test_a_metered_round_sends_the_training_splits_noised_size_once_per_run(tmp_
 @pytest.mark.parametrize(("changes", "why"), [
     (None, "did not come through SecAgg\\+"),
     ({"sample_num": 1}, "sum 1 hospitals"),
+    ({"sample_num": 4, "peers": 4}, "more than the 3 this run's integer range is planned for"),
     ({"peers": 2}, "2 keys received"),
     ({"target_range": 2**22}, "travel exactly"),
     ({"max_weight": 100.0}, "travel exactly"),
@@ -222,3 +223,19 @@ def test_an_older_ledger_entry_without_a_mechanism_reads_as_gaussian(tmp_path):
     [entry] = ledger.entries()
 
     assert (entry.mechanism, entry.l2, entry.l1) == ("gaussian", 0.0, 0.0)
+
+
+def test_the_composition_adds_every_entrys_rdp_order_by_order_and_converts_once():
+    from opacus.accountants.analysis import rdp
+
+    from medfed.common.skellam import ORDERS, skellam_rdp
+
+    entries = [LedgerEntry("a", 1, 1, 2.0, 0.5, 7, 0.0), LedgerEntry("b", 1, 1, 5.0, 1.0, 3, 0.0, "evaluate"),
+               LedgerEntry("c", 1, 1, 6.0, 1.0, 4, 0.0, mechanism=SKELLAM, l2=300.0, l1=3000.0)]
+
+    curve = (rdp.compute_rdp(q=0.5, noise_multiplier=2.0, steps=7, orders=list(ORDERS))
+             + rdp.compute_rdp(q=1.0, noise_multiplier=5.0, steps=3, orders=list(ORDERS))
+             + 4 * np.asarray([skellam_rdp(a, variance=(6.0 * 300.0) ** 2, l2=300.0, l1=3000.0) for a in ORDERS]))
+    expected, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=1e-5)
+    assert epsilon_spent(entries, 1e-5) == pytest.approx(expected, rel=1e-9)
+    assert epsilon_spent(entries[:2], 1e-5) < epsilon_spent(entries, 1e-5)  # (Gaussian alone: Opacus' own orders)
