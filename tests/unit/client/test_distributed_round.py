@@ -239,3 +239,21 @@ def test_the_composition_adds_every_entrys_rdp_order_by_order_and_converts_once(
     expected, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=1e-5)
     assert epsilon_spent(entries, 1e-5) == pytest.approx(expected, rel=1e-9)
     assert epsilon_spent(entries[:2], 1e-5) < epsilon_spent(entries, 1e-5)  # (Gaussian alone: Opacus' own orders)
+
+
+def test_a_frozen_encoder_sends_the_sum_of_its_heads_gradients_only(tmp_path):
+    from medfed.common.models.ssl import build_task_model
+
+    cfg = compose_config([*DDP, "model.finetune=linear_probe", "privacy.exact_metrics=true"])
+    torch.manual_seed(0)
+    model = build_task_model(cfg, spatial_dims=2, in_channels=1, n_classes=2)
+    head = sum(p.numel() for p in model.head.parameters())
+    assert trainable_dim(model) == head < sum(p.numel() for p in model.parameters())
+    site = _site()
+
+    out = distributed_round(cfg, site, model, _env(tmp_path), _State(), run_id=7, server_round=1,
+                            secagg=_secagg(cfg, trainable_dim(model)))
+
+    assert out.values.shape == (head,)
+    [entry] = _ledger(tmp_path, site)
+    assert (entry.l2, entry.l1) == plan_distributed(cfg, head).sensitivity
