@@ -257,3 +257,17 @@ def test_a_frozen_encoder_sends_the_sum_of_its_heads_gradients_only(tmp_path):
     assert out.values.shape == (head,)
     [entry] = _ledger(tmp_path, site)
     assert (entry.l2, entry.l1) == plan_distributed(cfg, head).sensitivity
+
+
+@pytest.mark.parametrize("overrides", [[], ["evaluate.calibrate=false", "evaluate.gradcam_samples=0"]])
+def test_the_plan_reserves_exactly_the_releases_a_hospital_will_make(tmp_path, overrides):
+    from medfed.client.dp_round import planned_evaluations, release_noise
+
+    cfg = compose_config([*DDP, *overrides])
+    env = _env(tmp_path)
+
+    [((noise, rate), count)] = run_releases(cfg, cfg.privacy).items()
+
+    planned = planned_evaluations(cfg, cfg.privacy, env, run_id=1, server_round=1, entries=[])
+    assert (noise, rate) == (release_noise(cfg.privacy, env, cfg), 1.0)
+    assert count == len(planned) and {(e.noise_multiplier, e.sample_rate, e.steps) for e in planned} == {(noise, 1.0, 1)}

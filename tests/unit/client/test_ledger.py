@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from medfed.cli.main import app as cli
 from medfed.client.dp_round import start_private_round
 from medfed.client.gate import read_audit
-from medfed.client.ledger import LedgerEntry, PrivacyLedger, dataset_fingerprint, site_ledgers
+from medfed.client.ledger import SKELLAM, LedgerEntry, PrivacyLedger, dataset_fingerprint, site_ledgers
 from medfed.client.node import NodeEnv
 from medfed.client.privacy import epsilon_spent
 from medfed.client.site import SiteConfig, write_site_config
@@ -296,3 +296,16 @@ def test_the_ledgers_lock_excludes_every_other_holder_until_released_and_is_re_e
             assert not free()  # the inner exit keeps the outer hold
             ledger.record([LedgerEntry.new(1, 1, 1.0, 0.1, 5)])  # record takes the lock too
         assert free()
+
+
+def test_a_new_entry_is_gaussian_unless_told_and_keeps_the_skellam_fields_it_is_given(tmp_path):
+    gaussian = LedgerEntry.new(3, 2, 1.5, 0.25, 4)
+    skellam = LedgerEntry.new(3, 2, 6.0, 1.0, 1, mechanism=SKELLAM, l2=300.5, l1=4000.25)
+
+    assert (gaussian.mechanism, gaussian.l2, gaussian.l1) == ("gaussian", 0.0, 0.0)
+    assert (skellam.mechanism, skellam.l2, skellam.l1, skellam.noise_multiplier) == (SKELLAM, 300.5, 4000.25, 6.0)
+    ledger = PrivacyLedger(tmp_path, "k")
+    ledger.record([gaussian, skellam])
+    written = {e["id"]: e for e in json.loads(ledger.path.read_text())["entries"]}
+    assert written[gaussian.id]["mechanism"] == "gaussian" and written[skellam.id]["mechanism"] == "skellam"
+    assert sorted(e.id for e in ledger.entries()) == sorted([gaussian.id, skellam.id])

@@ -54,3 +54,10 @@ def test_the_shares_of_three_hospitals_sum_to_skellam_noise_of_the_planned_varia
     assert abs(total.mean()) < 5 * math.sqrt(planned / total.size)
     assert total.var() / planned == pytest.approx(1.0, abs=0.02)
     assert stats.kurtosis(total) == pytest.approx(0.0, abs=0.05)  # Skellam of large mean: Gaussian-shaped
+
+
+def test_a_single_draw_is_a_draw():
+    draws = [int(SecureRandom().poisson(5.0, 1)[0]) for _ in range(50)]
+
+    assert len(set(draws)) > 3 and all(d >= 0 for d in draws)
+    assert SecureRandom().poisson(5.0, (0, 3)).shape == (0, 3)
