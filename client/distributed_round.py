@@ -154,7 +154,8 @@ def distributed_round(
                        "scale was planned for: values may lie outside the SecAgg+ range (they are clipped and "
                        "counted)", round(len(site.train) * plan.sample_rate), dp.max_site_images)
     rng = SecureRandom()
-    total = _integer_sum(cfg, site, model, plan, _sampled(len(site.train), plan.sample_rate, rng), feature_cache)
+    total = _integer_sum(cfg, site, model, plan, _sampled(len(site.train), plan.sample_rate, rng), feature_cache,
+                         batch=dp.max_physical_batch_size)
     values, overflow = noised_contribution(total, share, plan.transport, rng)
     if overflow:
         logger.warning("%d values of this round's sum lay outside the SecAgg+ range and were clipped", overflow)
@@ -179,27 +180,25 @@ def distributed_round(
 
 
 def _integer_sum(cfg: Config, site: SiteData, model: torch.nn.Module, plan: DistributedPlan, chosen: np.ndarray,
-                 feature_cache: Path | None) -> IntegerSum:
-    """The sampled images' integer gradient sum, on the cached features when the model has a fixed front end."""
+                 feature_cache: Path | None, *, batch: int) -> IntegerSum:
+    """The sampled images' integer gradient sum, on the cached features when the model has a fixed front end,
+    ``batch`` images per backward pass (memory only: the sample is ``chosen``)."""
     module, data = model, site.train
     frozen = frozen_head(model, site.train, views=cfg.train.aug_views, augment=cfg.train.augment,
                          spatial_dims=site.info.spatial_dims, seed=derive_seed(cfg.train.seed, "views"),
-                         cache_dir=feature_cache,
-                         device=select_device())
+                         cache_dir=feature_cache, device=select_device())
     if frozen is not None:
         module, data = frozen.head, frozen.data
     module.train()
     values = np.zeros(plan.dim, dtype=np.int64)
     images = clipped = 0
-    assert isinstance(cfg.privacy, DistributedDPConfig)
-    step = cfg.privacy.max_physical_batch_size  # images per backward pass (memory), never the sampling
-    for start in range(0, len(chosen), step):
-        part = chosen[start:start + step]
-        batch = integer_gradient_sum(module, torch.from_numpy(np.asarray(data.images[part], dtype=np.float32)),
-                                     torch.from_numpy(np.asarray(data.labels[part])).long(), clip=plan.clip,
-                                     scale=plan.scale)
-        values += batch.values
-        images += batch.images
-        clipped += batch.clipped
+    for start in range(0, len(chosen), batch):
+        part = chosen[start:start + batch]
+        summed = integer_gradient_sum(module, torch.from_numpy(np.asarray(data.images[part], dtype=np.float32)),
+                                      torch.from_numpy(np.asarray(data.labels[part])).long(), clip=plan.clip,
+                                      scale=plan.scale)
+        values += summed.values
+        images += summed.images
+        clipped += summed.clipped
     logger.info("distributed-DP round: %d images summed, %d of them clipped", images, clipped)
     return IntegerSum(values, images, clipped)

@@ -47,6 +47,8 @@ __all__ = [
     "RunPreview",
     "charge_release",
     "metered",
+    "plan_recipe",
+    "plan_training",
     "planned_evaluations",
     "preview_run",
     "release_train_count",
@@ -70,19 +72,11 @@ class PrivateRound:
 
     def training(self) -> DPTraining:
         """The DP-SGD settings of this round's local training."""
-        return DPTraining(
-            noise_multiplier=self.plan.noise_multiplier,
-            max_grad_norm=self.dp.max_grad_norm,
-            max_physical_batch_size=self.dp.max_physical_batch_size,
-            grad_sample_mode=self.dp.grad_sample_mode,
-            secure_mode=self.secure_rng,
-        )
+        return plan_training(self.plan, self.dp, secure_mode=self.secure_rng)
 
     def recipe(self, train: TrainConfig) -> TrainConfig:
-        """The recipe this round trains with: the run's, with the batch size and local epochs of the site's plan
-        (full-batch, fewer steps for a site whose cap does not fit the run's own)."""
-        return dataclasses.replace(train, batch_size=self.plan.batch_size or train.batch_size,
-                                   local_epochs=self.plan.local_epochs)
+        """The recipe this round trains with (:func:`plan_recipe`)."""
+        return plan_recipe(self.plan, train)
 
     def epsilon_after(self, steps_taken: int) -> float:
         """The site's cumulative epsilon once the round has trained ``steps_taken`` steps; steps beyond the plan
@@ -93,6 +87,23 @@ class PrivateRound:
         excess = LedgerEntry.new(self.run_id, self.server_round, self.plan.noise_multiplier, self.plan.sample_rate,
                                  steps_taken - self.plan.steps)
         return epsilon_spent(_record(self.ledger, self.state, [excess]), self.plan.delta)
+
+
+def plan_training(plan: RoundPlan, dp: DPConfig, *, secure_mode: bool) -> DPTraining:
+    """The DP-SGD settings of training under ``plan`` (its noise; the run's clip, memory and per-sample mode)."""
+    return DPTraining(
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        max_physical_batch_size=dp.max_physical_batch_size,
+        grad_sample_mode=dp.grad_sample_mode,
+        secure_mode=secure_mode,
+    )
+
+
+def plan_recipe(plan: RoundPlan, train: TrainConfig) -> TrainConfig:
+    """The recipe ``plan`` trains with: the run's, with the plan's batch size and local epochs (full-batch, fewer
+    steps for a site whose cap does not fit the run's own)."""
+    return dataclasses.replace(train, batch_size=plan.batch_size or train.batch_size, local_epochs=plan.local_epochs)
 
 
 def _record(ledger: PrivacyLedger, state: NodeState, entries: list[LedgerEntry]) -> list[LedgerEntry]:

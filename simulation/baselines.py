@@ -14,7 +14,6 @@ Both write the same files as ``medfed simulate`` (server.runs), so results compa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfed.client.dp_round import plan_recipe, plan_training
 from medfed.client.privacy import RoundPlan, SiteCap, costed, epsilon_spent, plan_round
 from medfed.client.training import (
     DPTraining,
@@ -109,8 +109,7 @@ class _PooledDP:
     training: DPTraining
 
     def recipe(self, train: TrainConfig) -> TrainConfig:
-        return dataclasses.replace(train, batch_size=self.plan.batch_size or train.batch_size,
-                                   local_epochs=self.plan.local_epochs)
+        return plan_recipe(self.plan, train)
 
     def epsilon(self, trained_rounds: int) -> float:
         """Epsilon after ``trained_rounds`` rounds of the plan."""
@@ -129,9 +128,7 @@ def _pooled_dp(cfg: Config, n_train: int) -> _PooledDP | None:
                       reserved=[], server_round=1)
     logger.info("pooled DP-SGD: noise multiplier %.4g, sampling rate %.4g, %d steps per round, every %d round(s)",
                 plan.noise_multiplier, plan.sample_rate, plan.steps, plan.period)
-    return _PooledDP(plan, DPTraining(noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                      max_physical_batch_size=dp.max_physical_batch_size,
-                                      grad_sample_mode=dp.grad_sample_mode, secure_mode=dp.secure_mode))
+    return _PooledDP(plan, plan_training(plan, dp, secure_mode=dp.secure_mode))
 
 
 def initial_model(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
