@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -qq --disable-pip-version-check -e ".[test]"  # -qq: errors only (no index or build warnings)
 	touch $@
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/medfed simulate
+demo: $(VENV)/.installed  # local-only vs FedAvg vs FedAvg + DP on the BreastMNIST shipped with medfed (README)
+	$(VENV)/bin/medfed demo
 
 test: $(VENV)/.installed
 	$(PY) tests/typecheck.py

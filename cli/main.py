@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from medfed.cli.demo import demo
 from medfed.cli.deploy import register_commands
 from medfed.cli.display import RoundFollower, fail, make_console, print_summary
 from medfed.cli.privacy_plan import print_plans, privacy_app, site_plans
@@ -42,6 +43,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(weights_app, name="weights")
 app.add_typer(privacy_app, name="privacy")
 register_commands(app)
+app.command()(demo)
 
 console = make_console()
 err_console = make_console(stderr=True)

@@ -94,6 +94,10 @@ def test_wheel_installs_only_medfed(tmp_path):
     assert "medfed = medfed.cli.main:main" in entry_points
     assert "medfed-clientapp = medfed.client.gate:main" in entry_points
     # the installed package imports (its dependencies come from this environment) from the fresh venv alone
+    demo_data = Path(site) / "medfed" / "common" / "data" / "demo"  # `medfed demo`'s BreastMNIST and its licence
+    assert {"breastmnist.npz", "ATTRIBUTION.txt"} <= set(os.listdir(demo_data))
+    with zipfile.ZipFile(wheel) as archive:  # the data's CC BY 4.0 attribution travels as a licence file
+        assert "ATTRIBUTION.txt" in {Path(n).name for n in archive.namelist() if ".dist-info/licenses/" in n}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))}
     out = subprocess.run([python, "-c", "import medfed.common.keys as k, medfed.client.app as a; "
                           "print(k.__file__); print(a.__file__)"], cwd=tmp_path, env=env, check=True,
