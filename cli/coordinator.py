@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +16,7 @@ from rich.table import Table
 
 from medfed.cli.coordination import CoordDir, check_listen_address, launch_run, open_coordinator, save_settings
 from medfed.cli.display import fail, folded, make_console
+from medfed.cli.web import HostOpt, TlsCertOpt, TlsKeyOpt
 from medfed.common.errors import MedfedError
 
 __all__ = ["coordinator_app", "hospitals_app", "resume_interrupted"]
@@ -100,6 +103,29 @@ def resume_interrupted(directory: Path) -> None:
                       f"{run.run_dir}")
 
 
+COORDINATOR_CONSOLE_PORT = 8480
+
+
+@coordinator_app.command("console")
+def coordinator_console(
+    directory: CoordDir,
+    host: HostOpt = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the console.")] = COORDINATOR_CONSOLE_PORT,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """The coordinator's web console: hospitals, runs with live rounds and per-site epsilon, start and stop runs,
+    logs. Prints the login token; serves until Ctrl-C."""
+    from medfed.console.coordinator import create_coordinator_app
+    from medfed.cli.web import serve_console
+
+    try:
+        app, web = create_coordinator_app(directory)
+        serve_console(app, web, host, port, tls_cert, tls_key)
+    except MedfedError as exc:
+        fail(exc)
+
+
 @coordinator_app.command("start")
 def coordinator_start(
     directory: CoordDir,
@@ -109,6 +135,10 @@ def coordinator_start(
     insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
     resume: Annotated[bool, typer.Option(
         help="Resume the runs an earlier stop or crash of the coordinator cut off, from their last checkpoint.")] = True,
+    with_console: Annotated[bool, typer.Option(
+        "--console", help="Also serve the coordinator console (127.0.0.1, its own process: a console crash never "
+                          "stops the SuperLink; it stops with the coordinator).")] = False,
+    console_port: Annotated[int, typer.Option(help="Port of --console.")] = COORDINATOR_CONSOLE_PORT,
 ) -> None:
     """Run the SuperLink in the foreground until Ctrl-C / SIGTERM (TLS and SuperNode authentication on)."""
     from medfed.common.processes import stop_tree
@@ -135,12 +165,23 @@ def coordinator_start(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    web = None
     try:
         if resume:
             resume_interrupted(directory)
+        if with_console:  # a process of its own, stopped by its pid with the SuperLink's
+            web = subprocess.Popen([sys.executable, "-m", "medfed.cli.main", "coordinator", "console", "--dir",
+                                    str(directory), "--port", str(console_port)])
+            console.print(f"console pid {web.pid}")
         while not stopping["now"] and process.poll() is None:
+            if web is not None and web.poll() is not None:
+                err_console.print(f"[yellow]warning:[/] the console (pid {web.pid}) exited with {web.returncode}; "
+                                  f"the SuperLink goes on (`medfed coordinator console --dir {directory}`)")
+                web = None
             time.sleep(0.5)
     finally:  # the SuperLink, its SuperExec and every ServerApp it started: none may outlive the coordinator
+        if web is not None and web.poll() is None:
+            stop_tree(web.pid, timeout=10)
         crashed = process.poll() is not None  # then its pid may be reused: nothing to signal (its SuperExec
         if not crashed:  # watches the SuperLink's pid and stops by itself)
             stop_tree(process.pid)

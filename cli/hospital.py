@@ -4,9 +4,9 @@ daemon, its audit log and the check of its data. The local tools (explain, rank,
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from medfed.cli.display import fail, folded, make_console
+from medfed.cli.web import HostOpt, TlsCertOpt, TlsKeyOpt
 from medfed.cli.hospital_tools import add_local_tools
 from medfed.client.policy import DEFAULT_STAGES, parse_stages
 from medfed.common.errors import ConfigError, MedfedError
@@ -140,25 +141,69 @@ def hospital_approve(
     config: SiteOpt,
     sha256: Annotated[str | None, typer.Option(help="A bundle hash to approve (default: this installation's).")] = None,
 ) -> None:
-    """Approve an app bundle: the site runs only bundles listed in its site config."""
+    """Approve an app bundle: the site runs only bundles listed in its site config (audited)."""
     from medfed.cli.bundle import bundle_hash
-    from medfed.client.site import load_site_config, write_site_config
+    from medfed.client.approvals import set_approval, valid_hash
 
     try:
-        site = load_site_config(config)
-        digest = (sha256 or bundle_hash()).lower()
-        if digest not in site.approved_apps:
-            write_site_config(dataclasses.replace(site, approved_apps=[*site.approved_apps, digest]), config)
+        digest = valid_hash(sha256 or bundle_hash())
+        set_approval(config, digest, approve=True, via="cli")
     except MedfedError as exc:
         fail(exc)
         return
     console.print(f"approved app bundle {digest}")
 
 
+@hospital_app.command("revoke")
+def hospital_revoke(
+    config: SiteOpt,
+    sha256: Annotated[str, typer.Option(help="The bundle hash to take off the approved list.")],
+) -> None:
+    """Revoke an app bundle: runs of it are refused from the next message on (audited)."""
+    from medfed.client.approvals import set_approval, valid_hash
+
+    try:
+        digest = valid_hash(sha256)
+        changed = set_approval(config, digest, approve=False, via="cli")
+    except MedfedError as exc:
+        fail(exc)
+        return
+    console.print(f"revoked app bundle {digest}" if changed else f"{digest} was not approved: nothing changed")
+
+
+HOSPITAL_CONSOLE_PORT = 8470
+
+
+@hospital_app.command("console")
+def hospital_console(
+    config: SiteOpt,
+    host: HostOpt = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the console.")] = HOSPITAL_CONSOLE_PORT,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """The hospital's web console: connection, runs and what left the site, privacy ledger, approved code, data
+    check, Grad-CAM maps. Prints the login token; serves until Ctrl-C."""
+    from medfed.client.site import load_site_config
+    from medfed.console.hospital import create_hospital_app
+    from medfed.cli.web import serve_console
+
+    try:
+        load_site_config(config)  # a bad site config fails here, with its message
+        app, web = create_hospital_app(config)
+        serve_console(app, web, host, port, tls_cert, tls_key)
+    except MedfedError as exc:
+        fail(exc)
+
+
 @hospital_app.command("start")
 def hospital_start(
     config: SiteOpt,
     insecure: Annotated[bool, typer.Option(help="No TLS: local experiments only.")] = False,
+    with_console: Annotated[bool, typer.Option(
+        "--console", help="Also serve the hospital console (127.0.0.1, its own process: a console crash never stops "
+                          "training; it stops with the daemon).")] = False,
+    console_port: Annotated[int, typer.Option(help="Port of --console.")] = HOSPITAL_CONSOLE_PORT,
 ) -> None:
     """Run the hospital daemon (SuperNode + gate) in the foreground until Ctrl-C / SIGTERM."""
     from medfed.client.daemon import HospitalDaemon
@@ -184,7 +229,9 @@ def hospital_start(
                 if not check.ok:
                     err_console.print(f"warning: {check.name}: {check.message} The daemon keeps trying.",
                                       highlight=False)
-        daemon = HospitalDaemon(site, insecure=insecure)
+        web = [sys.executable, "-m", "medfed.cli.main", "hospital", "console", "--config", str(site.source),
+               "--port", str(console_port)] if with_console else None
+        daemon = HospitalDaemon(site, insecure=insecure, console=web)
     except MedfedError as exc:
         fail(exc)
         return
@@ -293,26 +340,6 @@ budget_app = typer.Typer(help="This site's privacy budget: spent, cap and remain
 hospital_app.add_typer(budget_app, name="budget")
 
 
-def _budget_rows(site: Any) -> list[dict[str, Any]]:
-    from medfed.client.ledger import site_ledgers
-    from medfed.client.privacy import epsilon_spent
-
-    rows = []
-    for ledger in site_ledgers(site.state_path):
-        entries = ledger.entries()
-        delta = float(site.max_delta)
-        spent = epsilon_spent(entries, delta)
-        training = [e for e in entries if e.kind == "train"]
-        releases = [e for e in entries if e.kind != "train"]
-        rows.append({"ledger": ledger.fingerprint, "rounds": len(training), "steps": sum(e.steps for e in training),
-                     "evaluations": len(releases), "spent": spent,
-                     # what the noised evaluations add: the total less the training rounds composed alone
-                     "evaluation_share": (1 - epsilon_spent(training, delta) / spent) if spent > 0 else 0.0,
-                     "cap": float(site.max_epsilon), "delta": delta,
-                     "remaining": max(0.0, float(site.max_epsilon) - spent)})
-    return rows
-
-
 @budget_app.callback()
 def hospital_budget(
     ctx: typer.Context,
@@ -325,10 +352,11 @@ def hospital_budget(
         return
     import json
 
+    from medfed.client.privacy import budget_rows
     from medfed.client.site import load_site_config
 
     try:
-        rows = _budget_rows(load_site_config(config))
+        rows = budget_rows(load_site_config(config))
     except MedfedError as exc:
         fail(exc)
         return
@@ -356,11 +384,12 @@ def hospital_budget_reset(
 
     from medfed.client.gate import AUDIT_FILE, append_audit
     from medfed.client.ledger import archive_ledger
+    from medfed.client.privacy import budget_rows
     from medfed.client.site import load_site_config
 
     try:
         site = load_site_config(ctx.obj)
-        rows = {row["ledger"]: row for row in _budget_rows(site)}
+        rows = {row["ledger"]: row for row in budget_rows(site)}
         if ledger is None and len(rows) != 1:
             raise ConfigError(f"this site has {len(rows)} ledgers; name one with --ledger ({', '.join(rows) or '-'}).")
         key = ledger or next(iter(rows))
@@ -396,6 +425,7 @@ def hospital_check(
     try:
         wanted = classes.split(",") if classes else None
         data_path = _data_path(data_path, data)
+        site = None
         if config is not None:
             from medfed.client.site import load_site_config
 
@@ -407,6 +437,10 @@ def hospital_check(
             raise ConfigError("give the site's folder with --data-path DIR, or its site config with --config "
                               "site.yaml.")
         report = check_site(data_path, labels, wanted)
+        if site is not None:
+            from medfed.client.site_checks import save_data_check
+
+            save_data_check(site, report)  # the site's latest check, shown by the hospital console
     except MedfedError as exc:
         fail(exc)
         return

@@ -120,9 +120,11 @@ class HospitalDaemon:
     """Starts and watches a hospital's SuperNode and SuperExec; restarts the SuperNode after a back-off when it
     exits; stops both by PID."""
 
-    def __init__(self, site: SiteConfig, *, insecure: bool = False) -> None:
+    def __init__(self, site: SiteConfig, *, insecure: bool = False, console: Sequence[str] | None = None) -> None:
         self.site = site
         self.insecure = insecure
+        self.console_command = list(console) if console else None  # the hospital console, a process of its own
+        self.console: subprocess.Popen[bytes] | None = None
         self.supernode: subprocess.Popen[bytes] | None = None
         self.superexec: subprocess.Popen[bytes] | None = None
         self._tail: _Tail | None = None
@@ -181,6 +183,9 @@ class HospitalDaemon:
             "--runtime-api-address", f"127.0.0.1:{self.site.runtime_port}", "--parent-pid", str(os.getpid()),
         ], env=child_environment(self.site))
         (state / PID_FILE).write_text(str(os.getpid()), encoding="utf-8")
+        if self.console_command:  # a process of its own: its crash never stops training
+            self.console = subprocess.Popen(self.console_command, env=child_environment(self.site))
+            logger.info("hospital %s: console pid %d", self.site.site_id, self.console.pid)
         assert self.supernode is not None
         logger.info("hospital %s: SuperNode pid %d, SuperExec pid %d", self.site.site_id, self.supernode.pid,
                     self.superexec.pid)
@@ -188,7 +193,7 @@ class HospitalDaemon:
     def stop(self, *_: object) -> None:
         """Stop both children and every ClientApp process the SuperExec started (each by its PID)."""
         self._stopping = True
-        for child in self.children:
+        for child in [*self.children, *([self.console] if self.console is not None else [])]:
             if child.poll() is None:
                 stop_tree(child.pid, timeout=10)
             child.wait()
@@ -233,6 +238,11 @@ class HospitalDaemon:
                     if not self._stopping:
                         self._start_supernode()
                     continue
+                if self.console is not None and (code := self.console.poll()) is not None:
+                    logger.error("hospital %s: the console (pid %d) exited with %d; training goes on (start it "
+                                 "again with `medfed hospital console --config %s`)", self.site.site_id,
+                                 self.console.pid, code, self.site.source)
+                    self.console = None
                 self.check_config()
                 time.sleep(0.5)
             return 0

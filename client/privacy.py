@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medfed.client.ledger import SKELLAM, LedgerEntry
 from medfed.common import keys
@@ -30,11 +30,14 @@ from medfed.common.noise_search import least_noise as _least_noise
 if TYPE_CHECKING:
     import torch
 
+    from medfed.client.site import SiteConfig
+
 __all__ = [
     "TORCHCSPRNG_SOURCE",
     "RoundPlan",
     "SitOut",
     "SiteCap",
+    "budget_rows",
     "costed",
     "default_state_dir",
     "epsilon_spent",
@@ -147,6 +150,27 @@ def secure_rng_problem(device: torch.device) -> str | None:
 def costed(noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
     """A release that is only costed, never recorded: the accountant reads its noise, sampling rate and steps."""
     return LedgerEntry("plan", 0, 0, noise_multiplier, sample_rate, steps, 0.0)  # pragma: no mutate (id, run, time)
+
+
+def budget_rows(site: SiteConfig) -> list[dict[str, Any]]:
+    """Spent, cap and remaining epsilon of every ledger of a site, at the site's max_delta (what `medfed hospital
+    budget` prints and the hospital console shows)."""
+    from medfed.client.ledger import site_ledgers
+
+    rows = []
+    for ledger in site_ledgers(site.state_path):
+        entries = ledger.entries()
+        delta = float(site.max_delta)
+        spent = epsilon_spent(entries, delta)
+        training = [e for e in entries if e.kind == "train"]
+        releases = [e for e in entries if e.kind != "train"]
+        rows.append({"ledger": ledger.fingerprint, "rounds": len(training), "steps": sum(e.steps for e in training),
+                     "evaluations": len(releases), "spent": spent,
+                     # what the noised evaluations add: the total less the training rounds composed alone
+                     "evaluation_share": (1 - epsilon_spent(training, delta) / spent) if spent > 0 else 0.0,
+                     "cap": float(site.max_epsilon), "delta": delta,
+                     "remaining": max(0.0, float(site.max_epsilon) - spent)})
+    return rows
 
 
 def epsilon_spent(entries: Iterable[LedgerEntry], delta: float) -> float:

@@ -13,23 +13,33 @@ reads that answer and says what it means (:func:`explain_supernode_exit`).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
+import time
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medfed.client.site import SiteConfig
+from medfed.common.atomic import atomic_write
 from medfed.common.errors import MedfedError
 from medfed.common.processes import split_address
 
 __all__ = [
+    "LAST_CHECK",
     "Check",
+    "check_site_data",
+    "last_data_check",
+    "save_data_check",
     "explain_supernode_exit",
     "local_checks",
     "network_checks",
     "probe_coordinator",
     "readiness_checks",
 ]
+
+LAST_CHECK = "last-check.json"  # under the state directory: the latest `hospital check` of the site's data
 
 # Flower's SuperNode exit codes (flwr.supercore.exit.ExitCode) that retrying cannot fix
 _FATAL_EXIT = {302: "its auth_key is not an elliptic-curve private key", 303: "node authentication needs TLS"}
@@ -198,3 +208,33 @@ def explain_supernode_exit(code: int, output: str, site: SiteConfig, fingerprint
         return ("The SuperNode could not connect to the coordinator, though a TLS handshake with it succeeds now; "
                 "see the SuperNode's lines above.", True)
     return f"The SuperNode exited with code {code}; see its lines above.", True
+
+
+def check_site_data(site: SiteConfig) -> Any:
+    """`medfed hospital check --config` of a site's own folder (a CheckReport), saved as its latest check."""
+    from medfed.common.data.site_folder import check_site
+
+    report = check_site(site.path(site.data_path), site.path(site.labels) if site.labels else None,
+                        list(site.classes) or None)
+    save_data_check(site, report)
+    return report
+
+
+def save_data_check(site: SiteConfig, report: Any) -> None:
+    """Keep ``report`` (a CheckReport of the site's folder) as the site's latest data check in its state directory
+    (the hospital console shows it; it stays on the site's disk)."""
+    site.state_path.mkdir(parents=True, exist_ok=True)
+    with atomic_write(site.state_path / LAST_CHECK, binary=False) as handle:
+        json.dump({"time": time.time(), "data_path": str(site.path(site.data_path)), "report": report.as_dict()},
+                  handle, indent=1)
+
+
+def last_data_check(site: SiteConfig) -> dict[str, Any] | None:
+    """The site's latest saved data check (time, folder, report), or None before the first."""
+    path = site.state_path / LAST_CHECK
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None

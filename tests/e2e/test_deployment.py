@@ -83,22 +83,25 @@ class Deployment:
     coordinator: subprocess.Popen[bytes] | None = None
     listen: str = ""  # where the SuperLink listens, when not at ``address``
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> Path:
+        """``coordinator start [EXTRA...]``, waiting until its SuperLink answers; returns its log file."""
         from medfed.server.coordinator import Coordinator
 
         log = self.root / f"coordinator-{len(self.processes)}.log"
-        self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord)], log)
+        self.coordinator = self.spawn(["coordinator", "start", "--dir", str(self.coord), *extra], log)
         try:
             Coordinator(self.coord, address=self.listen or self.address).wait_ready(self.coordinator, timeout=90)
         except ServiceUnavailable:
             if IN_USE in log.read_text(errors="replace"):
                 raise PortTaken(log.read_text(errors="replace")) from None
             raise
+        return log
 
-    def start_hospital(self, site: Path) -> None:
-        """``hospital start``, waiting until its daemon has started (its PID file) or exited."""
+    def start_hospital(self, site: Path, *extra: str) -> Path:
+        """``hospital start [EXTRA...]``, waiting until its daemon has started (its PID file) or exited; returns
+        the daemon's log file."""
         log = self.root / f"{site.name}-{len(self.processes)}.log"
-        daemon = self.spawn(["hospital", "start", "--config", str(site / "site.yaml")], log)
+        daemon = self.spawn(["hospital", "start", "--config", str(site / "site.yaml"), *extra], log)
         pid_file = site / "state" / PID_FILE
         deadline = time.monotonic() + 60
         while not (pid_file.is_file() and pid_file.read_text().strip() == str(daemon.pid)):
@@ -108,6 +111,7 @@ class Deployment:
             assert time.monotonic() < deadline, f"hospital start did not start its daemon:\n{log.read_text()}"
             time.sleep(0.2)
         self.daemons.append(daemon)
+        return log
 
     def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         process = subprocess.Popen([MEDFED, *args], env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT,

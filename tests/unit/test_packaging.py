@@ -18,14 +18,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["cli", "client", "common", "server", "simulation", "strategies"]
+PACKAGES = ["cli", "client", "common", "console", "server", "simulation", "strategies"]
 FORBIDDEN = {
-    "common": {"client", "server", "strategies", "cli", "flwr"},
-    "strategies": {"client", "server", "cli"},
-    "server": {"client", "cli"},
-    "client": {"server", "strategies", "cli"},
+    "common": {"client", "server", "strategies", "cli", "console", "flwr"},
+    "strategies": {"client", "server", "cli", "console"},
+    "server": {"client", "cli", "console"},
+    "client": {"server", "strategies", "cli", "console"},
     # a composition root below cli (the launcher and the baselines): it may import every part but cli
-    "simulation": {"cli", "flwr"},
+    "simulation": {"cli", "console", "flwr"},
+    # the web consoles: a composition root like cli (which starts them); no Flower types
+    "console": {"flwr"},
 }
 # the apps, the hospital's process wrappers around Flower's SuperNode and ClientApp runner, the coordinator's
 # message plumbing, the simulation launcher and the bundle builder (README "Dependency rule" lists the same files)
@@ -56,9 +58,14 @@ def test_wheel_lists_every_package():
     on_disk = {"medfed." + p for p in on_disk if p.split(".")[0] in PACKAGES}
     conf = {"medfed." + str(d.relative_to(ROOT)).replace("/", ".") for d in [ROOT / "common" / "conf",
                                                                               *(ROOT / "common" / "conf").glob("*/")]}
-    assert on_disk | conf | {"medfed"} == listed  # Hydra's config folders hold YAML only
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    web = {"medfed." + str(d.relative_to(ROOT)).replace("/", ".") for d in (ROOT / "console").rglob("*")
+           if d.is_dir() and d.name != "__pycache__"}
+    assert on_disk | conf | web | {"medfed"} == listed  # Hydra's config folders hold YAML only, the console's
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]  # the rest
     assert all(data[c] == ["*.yaml"] for c in conf)
+    for folder in web:  # every template, stylesheet and script of the consoles is shipped
+        suffixes = {p.suffix for p in (ROOT / folder.removeprefix("medfed.").replace(".", "/")).iterdir() if p.is_file()}
+        assert {f"*{suffix}" for suffix in suffixes} <= set(data[folder]), folder
     assert setuptools["package-dir"] == {"medfed": "medfed", **{f"medfed.{name}": name for name in PACKAGES}}
 
 
@@ -87,17 +94,19 @@ def test_wheel_installs_only_medfed(tmp_path):
     new = set(os.listdir(site)) - before
     assert {n for n in new if not n.endswith(".dist-info")} == {"medfed"}
     assert (Path(site) / "medfed" / "common" / "conf" / "config.yaml").is_file()
+    demo_data = Path(site) / "medfed" / "common" / "data" / "demo"  # `medfed demo`'s BreastMNIST and its licence
+    assert {"breastmnist.npz", "ATTRIBUTION.txt"} <= set(os.listdir(demo_data))
+    with zipfile.ZipFile(wheel) as archive:  # the data's CC BY 4.0 attribution travels as a licence file
+        assert "ATTRIBUTION.txt" in {Path(n).name for n in archive.namelist() if ".dist-info/licenses/" in n}
     assert (Path(site) / "medfed" / "client" / "app.py").is_file()
+    assert (Path(site) / "medfed" / "console" / "templates" / "hospital" / "approvals.html").is_file()
+    assert (Path(site) / "medfed" / "console" / "static" / "console.js").is_file()
     assert {"medfed", "medfed-clientapp"} <= set(os.listdir(tmp_path / "venv" / "bin"))
     with zipfile.ZipFile(wheel) as archive:
         entry_points = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("entry_points.txt"))
     assert "medfed = medfed.cli.main:main" in entry_points
     assert "medfed-clientapp = medfed.client.gate:main" in entry_points
     # the installed package imports (its dependencies come from this environment) from the fresh venv alone
-    demo_data = Path(site) / "medfed" / "common" / "data" / "demo"  # `medfed demo`'s BreastMNIST and its licence
-    assert {"breastmnist.npz", "ATTRIBUTION.txt"} <= set(os.listdir(demo_data))
-    with zipfile.ZipFile(wheel) as archive:  # the data's CC BY 4.0 attribution travels as a licence file
-        assert "ATTRIBUTION.txt" in {Path(n).name for n in archive.namelist() if ".dist-info/licenses/" in n}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))}
     out = subprocess.run([python, "-c", "import medfed.common.keys as k, medfed.client.app as a; "
                           "print(k.__file__); print(a.__file__)"], cwd=tmp_path, env=env, check=True,
