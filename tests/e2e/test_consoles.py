@@ -45,6 +45,10 @@ def _line(log: Path, pattern: str, timeout: float = 60) -> re.Match[str]:
     raise AssertionError(f"{pattern!r} not in {log}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+def _newest(folder: Path, pattern: str) -> Path:
+    return max(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+
+
 def _not_blank(png: bytes, where: Path | None, name: str) -> None:
     from PIL import Image
 
@@ -73,17 +77,12 @@ def test_both_consoles_during_a_real_dp_deployment(tmp_path: Path) -> None:
 
     executable = _chromium()
     shots = Path(os.environ["MEDFED_CONSOLE_SCREENSHOTS"]) if os.environ.get("MEDFED_CONSOLE_SCREENSHOTS") else None
-    with _deploy(tmp_path, [True, True]) as dep:
-        # Prepare: the coordinator and both hospitals started again, each with its console
-        for daemon in [*dep.daemons, dep.coordinator]:
-            dep.stop(daemon)
-        dep.daemons = []
-        coordinator_port = _free_port()
-        coordinator_log = dep.start_coordinator("--console", "--console-port", str(coordinator_port))
-        ports, logs = [], []
-        for site in dep.sites:
-            ports.append(_free_port())
-            logs.append(dep.start_hospital(site, "--console", "--console-port", str(ports[-1])))
+    coordinator_port, ports = _free_port(), [_free_port(), _free_port()]
+    with _deploy(tmp_path, [True, True], coordinator_args=["--console", "--console-port", str(coordinator_port)],
+                 hospital_args=lambda index: ["--console", "--console-port", str(ports[index])]) as dep:
+        # Prepare: the coordinator and both hospitals run with their consoles, each a process of its own
+        coordinator_log = _newest(tmp_path, "coordinator-*.log")  # the last start: a taken port retries it
+        logs = [_newest(tmp_path, f"site-{index}-*.log") for index in range(2)]
         hospital_console = [int(_line(log, r"console pid (\d+)").group(1)) for log in logs]
         coordinator_token = _line(coordinator_log, r"login token: (\S+)").group(1)
         coordinator_console = int(_line(coordinator_log, r"console pid (\d+)").group(1))

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +133,14 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_all: bool = False
+def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_all: bool = False,
+            coordinator_args: Sequence[str] = (), hospital_args: Callable[[int], list[str]] | None = None,
             ) -> Iterator[Deployment]:
     """A coordinator and one hospital per entry of ``approved`` (whether it approves this installation's bundle),
     all started through the CLI; every process stopped by PID afterwards. ``host``: the name the coordinator's
     certificate is issued for (the hospitals here still dial 127.0.0.1); ``listen_all``: the SuperLink listens on
-    0.0.0.0, as in the compose and systemd set-ups."""
+    0.0.0.0, as in the compose and systemd set-ups; ``coordinator_args`` and ``hospital_args(index)``: more options
+    of `coordinator start` and of each `hospital start`."""
     home = root / "flwr-home"
     env = _env(home)
     dep = Deployment(root, root / "coord", "", env)
@@ -149,7 +151,7 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
         shutil.rmtree(dep.coord, ignore_errors=True)
         _medfed(["coordinator", "init", "--dir", str(dep.coord), "--host", host, "--address",
                  dep.listen or dep.address], env)
-        dep.start_coordinator()
+        dep.start_coordinator(*coordinator_args)
 
     try:
         _retried(start_coordinator, "the coordinator")
@@ -174,7 +176,7 @@ def _deploy(root: Path, approved: list[bool], host: str = "127.0.0.1", listen_al
                 if attempt > 1:  # the port hospital init wrote was taken: another one
                     text = config.read_text()
                     config.write_text(re.sub(r"(?m)^runtime_port: \d+$", f"runtime_port: {_free_port()}", text))
-                dep.start_hospital(site)
+                dep.start_hospital(site, *(hospital_args(index) if hospital_args else []))
 
             _retried(start_hospital, f"hospital {index}")
             dep.sites.append(site)
