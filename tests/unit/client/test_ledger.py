@@ -148,6 +148,25 @@ def test_budget_shows_how_much_of_the_spend_the_noised_evaluations_add(tmp_path)
     assert row["evaluation_share"] == pytest.approx(1 - training_alone / row["spent"])
 
 
+def test_budget_rows_count_steps_and_clamp_what_remains(tmp_path):
+    from medfed.client.privacy import budget_rows
+
+    site = SiteConfig(site_id="st-marys", data_path="x.npz", n_classes=2, max_epsilon=0.5, max_delta=1e-6,
+                      source=tmp_path / "site.yaml")
+    PrivacyLedger(tmp_path / "state", "a" * 32).record([LedgerEntry.new(1, 1, 0.8, 0.2, 30),
+                                                         LedgerEntry.new(1, 2, 0.8, 0.2, 12)])
+    PrivacyLedger(tmp_path / "state", "b" * 32).path.parent.mkdir(parents=True, exist_ok=True)
+    PrivacyLedger(tmp_path / "state", "b" * 32).record([])  # a ledger with nothing spent yet
+
+    over, empty = budget_rows(site)
+
+    assert (over["ledger"], over["rounds"], over["steps"], over["evaluations"]) == ("a" * 32, 2, 42, 0)
+    assert over["spent"] == pytest.approx(epsilon_spent(PrivacyLedger(tmp_path / "state", "a" * 32).entries(), 1e-6))
+    assert over["spent"] > 0.5 and over["remaining"] == 0.0  # over the cap: nothing remains, never a negative
+    assert (over["cap"], over["delta"], over["evaluation_share"]) == (0.5, 1e-6, pytest.approx(0.0))
+    assert (empty["spent"], empty["evaluation_share"], empty["remaining"], empty["steps"]) == (0.0, 0.0, 0.5, 0)
+
+
 # --- the ledger file itself: each test below fails on a change to client/ledger.py that survived without it ------
 def test_a_new_entry_keeps_every_field_it_is_given(monkeypatch):
     from medfed.client import ledger as ledger_module
