@@ -121,7 +121,7 @@ def coordinator_console(
 
     try:
         app, web = create_coordinator_app(directory)
-        serve_console(app, web, host, port, tls_cert, tls_key)
+        serve_console(app, web, host, port, tls_cert, tls_key, Path(directory) / "console.token")
     except MedfedError as exc:
         fail(exc)
 

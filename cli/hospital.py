@@ -96,7 +96,7 @@ def hospital_init(
     data: DeprecatedDataOpt = None,
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
-    from medfed.client.site import SiteConfig, write_site_config
+    from medfed.client.site import SiteConfig, load_site_config, write_site_config
     from medfed.client.site_checks import local_checks
     from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
 
@@ -125,6 +125,10 @@ def hospital_init(
         _require_checks(local_checks(site, keys=False), "medfed hospital init")  # before any file is written
         _, pub = create_node_keys(directory, force=force)
         write_site_config(site, config_path)
+        if approved:  # audited like every approval (who, through what, when)
+            from medfed.client.approvals import audit_approval
+
+            audit_approval(load_site_config(config_path), approved[0], approve=True, via="init")
         fingerprint = public_key_fingerprint(pub.read_bytes())
     except MedfedError as exc:
         fail(exc)
@@ -189,9 +193,9 @@ def hospital_console(
     from medfed.cli.web import serve_console
 
     try:
-        load_site_config(config)  # a bad site config fails here, with its message
+        site = load_site_config(config)  # a bad site config fails here, with its message
         app, web = create_hospital_app(config)
-        serve_console(app, web, host, port, tls_cert, tls_key)
+        serve_console(app, web, host, port, tls_cert, tls_key, site.state_path / "console.token")
     except MedfedError as exc:
         fail(exc)
 

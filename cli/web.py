@@ -23,11 +23,11 @@ TlsKeyOpt = Annotated[Path | None, typer.Option(help="The private key of --tls-c
 
 
 def serve_console(app: FastAPI, web: Console, host: str, port: int, tls_cert: Path | None,
-                  tls_key: Path | None) -> None:
-    """Serve a console until Ctrl-C, printing its address and login token first (a ConfigError for a non-loopback
-    host without TLS)."""
+                  tls_key: Path | None, token_file: Path) -> None:
+    """Serve a console until Ctrl-C, printing its address and login token first and writing the token to
+    ``token_file`` (0600) (a ConfigError for a non-loopback host without TLS)."""
     from medfed.console.web import serve
 
     out = make_console()
     serve(app, web, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
-          announce=lambda line: out.print(line, highlight=False, soft_wrap=True))
+          announce=lambda line: out.print(line, highlight=False, soft_wrap=True), token_file=token_file)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from medfed.client.gate import AUDIT_FILE, append_audit, read_audit
-from medfed.client.site import load_site_config, write_site_config
+from medfed.client.site import SiteConfig, load_site_config, write_site_config
 from medfed.common.errors import ConfigError
 
-__all__ = ["APPROVED", "REVOKED", "approval_history", "set_approval", "valid_hash"]
+__all__ = ["APPROVED", "REVOKED", "approval_history", "audit_approval", "set_approval", "valid_hash"]
 
 APPROVED, REVOKED = "app-approved", "app-revoked"
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -41,10 +41,15 @@ def set_approval(config: Path, digest: str, *, approve: bool, via: str, by: str 
         return False
     apps = [*site.approved_apps, value] if approve else [a for a in site.approved_apps if a != value]
     write_site_config(dataclasses.replace(site, approved_apps=apps), config)
-    append_audit(site.state_path / AUDIT_FILE, {
-        "time": time.time(), "event": APPROVED if approve else REVOKED, "site": site.site_id, "sha256": value,
-        "by": by or _user(), "via": via})
+    audit_approval(site, value, approve=approve, via=via, by=by)
     return True
+
+
+def audit_approval(site: SiteConfig, digest: str, *, approve: bool, via: str, by: str | None = None) -> None:
+    """The audit line of an approval or revocation written to ``site``'s config."""
+    append_audit(site.state_path / AUDIT_FILE, {
+        "time": time.time(), "event": APPROVED if approve else REVOKED, "site": site.site_id, "sha256": digest,
+        "by": by or _user(), "via": via})
 
 
 def approval_history(state_dir: Path) -> dict[str, dict[str, Any]]:

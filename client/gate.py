@@ -59,11 +59,20 @@ def append_audit(path: Path, entry: dict[str, Any]) -> None:
 
 
 def read_audit(state_dir: Path) -> list[dict[str, Any]]:
-    """Every entry of a site's audit log, oldest first."""
+    """Every entry of a site's audit log, oldest first (a line that is not JSON, e.g. torn by a crash mid-write, is
+    skipped with a warning naming its line number)."""
     path = Path(state_dir) / AUDIT_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not a JSON entry (torn by a crash?): skipped", AUDIT_FILE, number)
+    return entries
 
 
 def _layout(message: Any) -> dict[str, Any]:

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 REFRESH_S = 5.0  # how often the SuperLink is asked for its nodes and runs (each answer is a `flwr` process)
 RECIPE_BYTES = 64 * 1024
+MAX_OVERRIDES = 500
+LOG_TAIL = 40_000  # bytes of a log a page shows
+# a run's report.html: a sandbox (an origin of its own, no access to the console) with its inline style and script
+REPORT_POLICY = "sandbox allow-scripts; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
 class CoordinatorView:
@@ -145,14 +149,18 @@ class CoordinatorView:
 
         if run_id is None:
             path = self.dir / "superlink.log"
-            return path.read_text(encoding="utf-8", errors="replace")[-20000:] if path.is_file() else "(no log yet)"
+            if not path.is_file():
+                return "(no log yet)"
+            with path.open("rb") as handle:  # the tail only: the log grows for as long as the coordinator runs
+                handle.seek(max(0, path.stat().st_size - LOG_TAIL))
+                return handle.read().decode("utf-8", errors="replace")
         try:
             done = subprocess.run([script("flwr"), "log", str(run_id), CONNECTION, "--show"],
                                   env=self.coordinator.environment(), capture_output=True, text=True, timeout=30,
                                   cwd=self.dir)
         except subprocess.TimeoutExpired:
             return "(the SuperLink did not answer within 30 s)"
-        return (done.stdout + done.stderr)[-40000:]
+        return (done.stdout + done.stderr)[-LOG_TAIL:]
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -196,6 +204,9 @@ def recipe_overrides(text: str) -> list[str]:
     from medfed.common.errors import ConfigError
 
     try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise ConfigError("a recipe file may not use YAML anchors and aliases (&name, *name): write each value "
+                              "out.")
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         data = None
@@ -211,13 +222,21 @@ def recipe_overrides(text: str) -> list[str]:
                 flat.append(f"{prefix}={rendered.lower() if isinstance(value, bool) else rendered}")
 
         walk("", data)
-        return flat
+        return _capped(flat)
     lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     overrides = [line for line in lines if line]
     bad = [line for line in overrides if "=" not in line]
     if bad:
         raise ConfigError(f"recipe line {bad[0][:80]!r} is not key=value: give one Hydra override per line (e.g. "
                           "train.rounds=20) or a YAML mapping (train: {rounds: 20}).")
+    return _capped(overrides)
+
+
+def _capped(overrides: list[str]) -> list[str]:
+    from medfed.common.errors import ConfigError
+
+    if len(overrides) > MAX_OVERRIDES:
+        raise ConfigError(f"a recipe holds at most {MAX_OVERRIDES} overrides; this one has {len(overrides)}.")
     return overrides
 
 
@@ -271,7 +290,7 @@ def create_coordinator_app(directory: Path, console: Console | None = None, *, r
         if len(recipe.encode()) > RECIPE_BYTES:
             raise HTTPException(status_code=400, detail=f"a recipe file is at most {RECIPE_BYTES // 1024} KiB")
         try:
-            overrides = recipe_overrides(recipe)
+            overrides = await run_in_threadpool(recipe_overrides, recipe)
             run_dir = Path(form["run_dir"]).expanduser() if form.get("run_dir", "").strip() else None
             run_id, _, _ = await run_in_threadpool(launch_run, view.dir, overrides, run_dir)  # a bundle build
             # and a `flwr run`: seconds, off the event loop
@@ -317,7 +336,8 @@ def create_coordinator_app(directory: Path, console: Console | None = None, *, r
                 page = write_report(run_dir)
             except MedfedError as exc:
                 raise HTTPException(status_code=400, detail=str(exc)) from exc
-        return FileResponse(page, media_type="text/html")
+        # the page comes from a run directory: served in a sandbox (its own origin, no access to the console)
+        return FileResponse(page, media_type="text/html", headers={"Content-Security-Policy": REPORT_POLICY})
 
     @app.get("/runs/{run_id}/logs", response_class=HTMLResponse)
     def run_logs(request: Request, run_id: int, session: Session = auth) -> HTMLResponse:

@@ -5,8 +5,10 @@ which never leave the site: this console is the only page that shows the site's 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -99,21 +101,21 @@ class HospitalView:
 
     def budget_plot(self) -> bytes:
         """A PNG of each ledger's cumulative epsilon over time against the site's cap."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         from datetime import datetime
 
         import matplotlib.dates as mdates
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: its global state is not thread-safe
 
         from medfed.client.ledger import site_ledgers
         from medfed.client.privacy import epsilon_spent
 
         site = self.site()
-        fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+        fig = Figure(figsize=(7, 3.2), dpi=100)
+        ax = fig.subplots()
         for ledger in site_ledgers(site.state_path):
             entries = sorted(ledger.entries(), key=lambda e: e.recorded_at)
+            if not entries:  # a ledger file written before its first release
+                continue
             step = max(1, len(entries) // PLOT_POINTS)  # a long ledger: every step-th release, and the last
             points = sorted({*range(step - 1, len(entries), step), len(entries) - 1})
             times = [datetime.fromtimestamp(entries[i].recorded_at) for i in points]
@@ -128,7 +130,6 @@ class HospitalView:
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
-        plt.close(fig)
         return buffer.getvalue()
 
     def approvals(self) -> dict[str, Any]:
@@ -171,6 +172,11 @@ def create_hospital_app(config: Path, console: Console | None = None) -> tuple[F
     console.install(app)
     auth = Depends(console.require)
     bundle: dict[str, str | None] = {}
+    checking = asyncio.Lock()
+
+    @app.exception_handler(MedfedError)  # an unreadable ledger or site config: said on the page, not a bare 500
+    async def site_error(request: Request, exc: MedfedError) -> Response:
+        return console.page(request, "error.html", console.session(request), status=500, message=str(exc))
 
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request, session: Session = auth) -> HTMLResponse:
@@ -211,9 +217,14 @@ def create_hospital_app(config: Path, console: Console | None = None) -> tuple[F
         return Response(view.budget_plot(), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.get("/approvals", response_class=HTMLResponse)
-    def approvals(request: Request, session: Session = auth, message: str = "") -> HTMLResponse:
+    def approvals(request: Request, session: Session = auth, done: str = "", h: str = "") -> HTMLResponse:
         if "hash" not in bundle:
             bundle["hash"] = view.installed_bundle()
+        message = ""  # fixed words only: a link cannot put text of its own on this page
+        if done in ("approved", "revoked") and re.fullmatch(r"[0-9a-f]{16}", h):
+            message = f"{done} {h}..."
+        elif done == "unchanged":
+            message = "nothing changed"
         return console.page(request, "hospital/approvals.html", session, a=view.approvals(),
                             installed=bundle["hash"], message=message)
 
@@ -222,12 +233,14 @@ def create_hospital_app(config: Path, console: Console | None = None) -> tuple[F
         if form.get("confirm") != "yes":
             raise HTTPException(status_code=400, detail="confirm the change (tick the box) before it is written")
         try:
-            changed = set_approval(view.config, form.get("sha256", ""), approve=approve, via="console")
+            changed = await run_in_threadpool(
+                lambda: set_approval(view.config, form.get("sha256", ""), approve=approve, via="console"))
         except MedfedError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
-        verb = "approved" if approve else "revoked"
-        note = f"{verb} {form['sha256'].strip().lower()[:16]}..." if changed else "nothing changed"
-        return RedirectResponse(f"/approvals?message={note}", status_code=303)
+        if not changed:
+            return RedirectResponse("/approvals?done=unchanged", status_code=303)
+        digest = form["sha256"].strip().lower()[:16]
+        return RedirectResponse(f"/approvals?done={'approved' if approve else 'revoked'}&h={digest}", status_code=303)
 
     @app.post("/approvals/approve")
     async def approve(request: Request, session: Session = auth) -> Response:
@@ -248,8 +261,11 @@ def create_hospital_app(config: Path, console: Console | None = None) -> tuple[F
         from medfed.client.site_checks import check_site_data
 
         await console.check_csrf(request, session)
+        if checking.locked():
+            raise HTTPException(status_code=409, detail="a check of the site's data is already running")
         try:
-            await run_in_threadpool(check_site_data, view.site())  # reads every file of the folder
+            async with checking:  # one at a time: a check reads every file of the folder
+                await run_in_threadpool(lambda: check_site_data(view.site()))
         except MedfedError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
         return RedirectResponse("/check", status_code=303)

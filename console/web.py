@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -28,13 +29,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medfed.common.errors import ConfigError
 
-__all__ = ["COOKIE", "Console", "Session", "serve", "tls_required"]
+__all__ = ["COOKIE", "Console", "Session", "configure", "serve", "tls_required"]
 
 logger = logging.getLogger(__name__)
 
-COOKIE = "medfed_console"
+COOKIE = "medfed_console"  # the session cookie's name, per console kind and port (cookies are not per port)
 HERE = Path(__file__).resolve().parent
 SESSION_HOURS = 12
+MAX_BODY = 128 * 1024  # the largest request body a console reads (a recipe file is at most 64 KiB)
+HEADERS = {  # every answer: no framing, no foreign origin, nothing cached, no referrer
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store"}
 
 
 @dataclass
@@ -53,8 +60,10 @@ class Console:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     secure_cookie: bool = False  # True when served over TLS
     sessions: dict[str, Session] = field(default_factory=dict)
+    cookie: str = ""
 
     def __post_init__(self) -> None:
+        self.cookie = self.cookie or f"{COOKIE}_{self.kind}"
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["when"] = _when
         self.templates.env.filters["num"] = _num
@@ -76,7 +85,7 @@ class Console:
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer ") and self.token_ok(header[7:].strip()):
             return Session(csrf="", expires=time.time() + 60)
-        found = self.sessions.get(request.cookies.get(COOKIE, ""))
+        found = self.sessions.get(request.cookies.get(self.cookie, ""))
         if found is None or found.expires < time.time():
             return None
         return found
@@ -100,12 +109,25 @@ class Console:
     def page(self, request: Request, template: str, session: Session | None, *, status: int = 200,
              **context: Any) -> HTMLResponse:
         return self.templates.TemplateResponse(
-            request, template, {"console": self, "csrf": session.csrf if session else "", "signed_in": bool(session),
+            request, template, {"console": {"title": self.title if session else "console", "kind": self.kind},
+                                "csrf": session.csrf if session else "", "signed_in": bool(session), "code": status,
                                 **context}, status_code=status)
 
     def install(self, app: FastAPI) -> None:
         """Static files, the login and logout routes and the 401/403 pages."""
         app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+        @app.middleware("http")
+        async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
+            declared = request.headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > MAX_BODY or (
+                    request.method == "POST" and "content-length" not in request.headers):
+                return Response(f"a console request body is at most {MAX_BODY // 1024} KiB, with its length "
+                                "declared", status_code=413, headers=HEADERS)
+            response: Response = await call_next(request)
+            for key, value in HEADERS.items():
+                response.headers.setdefault(key, value)
+            return response
 
         @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's (404, 405) alike
         async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -123,12 +145,12 @@ class Console:
 
         @app.post("/login")
         async def login(request: Request) -> Response:
-            form = await request.form()
+            form = await request.form(max_files=0, max_fields=4, max_part_size=4096)
             if not self.token_ok(str(form.get("token", ""))):
                 return self.page(request, "login.html", None, status=401,
                                  message="wrong token: use the one the console printed when it started")
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(COOKIE, self.new_session(), httponly=True, samesite="strict",
+            response.set_cookie(self.cookie, self.new_session(), httponly=True, samesite="strict",
                                 secure=self.secure_cookie, max_age=SESSION_HOURS * 3600)
             return response
 
@@ -136,9 +158,9 @@ class Console:
         async def logout(request: Request) -> Response:
             session = self.require(request)
             await self.check_csrf(request, session)
-            self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+            self.sessions.pop(request.cookies.get(self.cookie, ""), None)
             response = RedirectResponse("/login", status_code=303)
-            response.delete_cookie(COOKIE)
+            response.delete_cookie(self.cookie)
             return response
 
 
@@ -180,11 +202,13 @@ def tls_required(host: str) -> bool:
         return True  # a name: it may resolve to anything
 
 
-def serve(app: FastAPI, console: Console, *, host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
-          announce: Callable[[str], None]) -> None:
-    """Run the console in the foreground (uvicorn) until Ctrl-C / SIGTERM. Refuses a non-loopback ``host``
-    without TLS; prints the address and the login token through ``announce``."""
-    import uvicorn
+def configure(app: FastAPI, console: Console, *, host: str, port: int, tls_cert: Path | None,
+              tls_key: Path | None, token_file: Path | None = None) -> str:
+    """Check where a console may serve and set it up for there: refuses a non-loopback ``host`` without TLS; one
+    session cookie per console and port; only this host's names accepted (DNS rebinding); the token written to
+    ``token_file`` (mode 0600: whoever can read the daemon's log may not be whoever may log in). Returns the line
+    that announces the address and the token."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("give both --tls-cert and --tls-key (the console's certificate and its private key), or "
@@ -197,8 +221,28 @@ def serve(app: FastAPI, console: Console, *, host: str, port: int, tls_cert: Pat
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"TLS file {path} does not exist: give the certificate (PEM) and its key.")
     console.secure_cookie = tls_cert is not None
+    # one cookie per console (two consoles on one host share cookies whatever their ports); __Host-: TLS only
+    console.cookie = f"{'__Host-' if tls_cert is not None else ''}{COOKIE}_{console.kind}_{port}"
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1", host])
+    if token_file is not None:
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(console.token + "\n")
+        os.chmod(token_file, 0o600)  # an older file keeps its mode through O_TRUNC
     scheme = "https" if tls_cert is not None else "http"
     shown = f"[{host}]" if ":" in host else host
-    announce(f"{console.kind} console: {scheme}://{shown}:{port}/  login token: {console.token}")
+    where = f" (also in {token_file})" if token_file is not None else ""
+    return f"{console.kind} console: {scheme}://{shown}:{port}/  login token: {console.token}{where}"
+
+
+def serve(app: FastAPI, console: Console, *, host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
+          announce: Callable[[str], None], token_file: Path | None = None) -> None:
+    """Run the console in the foreground (uvicorn) until Ctrl-C / SIGTERM, after :func:`configure`; prints the
+    address and the login token through ``announce``."""
+    import uvicorn
+
+    announce(configure(app, console, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
+                       token_file=token_file))
     uvicorn.run(app, host=host, port=port, log_level="warning",
                 ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)

@@ -94,9 +94,10 @@ def test_demo_runs_offline_on_the_shipped_breastmnist_and_prints_every_row(tmp_p
     )
     run_dir = tmp_path / "demo"
 
-    # Execute: the demo as `make demo` runs it, with fewer rounds (every row keeps its model and federation)
+    # Execute: the demo as `make demo` runs it, 2 rounds of 1 local epoch (every row keeps its model and federation)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medfed.cli.main", "demo", "--run-dir", str(run_dir), "train.rounds=2"],
+        [sys.executable, "-m", "medfed.cli.main", "demo", "--run-dir", str(run_dir), "train.rounds=2",
+         "train.local_epochs=1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:

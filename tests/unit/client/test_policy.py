@@ -222,6 +222,15 @@ def test_no_path_of_the_hospital_leaves_in_an_error(tmp_path):
         ("set secure_rng: false in site.yaml (see https://example.org/a/b)",
          "set secure_rng: false in site.yaml (see https://example.org/a/b)"),
         ("epsilon 2.998 of its cap 3 (delta 1e-05)", "epsilon 2.998 of its cap 3 (delta 1e-05)"),
+        # names with spaces: a quoted span goes whole, and so do the words inside one path
+        ("/data/Doe John (1958)/CT 2.dcm", "<path> <file>"),
+        ("C:\\Daten\\Patient Anna Schmidt\\x.dcm", "<path><file>"),
+        ("cannot read 'Patient Anna Schmidt.npz'", "cannot read '<file>'"),
+        ("No such file or directory: '/srv/Smith, Jane/img 1.png'", "No such file or directory: '<path>'"),
+        ('the manifest /data/labels.csv row 3 names "Doe^John/ct.dcm", missing',
+         'the manifest <path> row 3 names "<path>", missing'),
+        ("see /a/b and /c/d for details; 'fix it' in site.yaml",
+         "see <path> and <path> for details; 'fix it' in site.yaml"),
     ],
 )
 def test_public_text_drops_paths_and_file_names_and_keeps_the_rest(text, public):

@@ -117,6 +117,10 @@ def test_doctor_reports_every_check_of_a_site_that_is_not_running(tmp_path: Path
         "--data-path", str(_data(tmp_path / "d.npz")), "--superlink", f"127.0.0.1:{_closed_port()}",
         "--ca", str(tmp_path / "ca.crt"), "--approve-installed", "--no-secure-rng"])
     assert init.exit_code == 0, init.output
+    from medfed.client.gate import read_audit
+
+    (approval,) = read_audit(tmp_path / "site" / "state")  # the approval at init is audited like any other
+    assert (approval["event"], approval["via"], len(approval["sha256"])) == ("app-approved", "init", 64)
 
     result = CliRunner().invoke(cli, ["hospital", "doctor", "--config", str(tmp_path / "site" / "site.yaml"),
                                       "--timeout", "1"])

@@ -75,6 +75,11 @@ def test_recipe_files_are_overrides_or_yaml() -> None:
         "privacy=dp", "train.rounds=4", "train.lr=0.01", "evaluate.calibrate=false"]
     with pytest.raises(ConfigError, match="not key=value"):
         recipe_overrides("train.rounds=3\nrounds 4\n")
+    bomb = "a0: &a0 {x: 1}\n" + "".join(f"a{i}: &a{i} {{p: *a{i - 1}, q: *a{i - 1}}}\n" for i in range(1, 30))
+    with pytest.raises(ConfigError, match="anchors and aliases"):  # 2^29 overrides from 1 KiB
+        recipe_overrides(bomb)
+    with pytest.raises(ConfigError, match="at most 500 overrides"):
+        recipe_overrides("".join(f"k{i}=1\n" for i in range(501)))
 
 
 def test_runs_show_live_progress_per_site_epsilon_and_drops(coord: Path) -> None:

@@ -48,13 +48,14 @@ def client(site: Path) -> TestClient:
     app, web = create_hospital_app(site)
     client = TestClient(app)
     client.token = web.token  # type: ignore[attr-defined]
+    client.cookie_name = web.cookie  # type: ignore[attr-defined]
     return client
 
 
 def _login(client: TestClient) -> str:
     """Log in with the token; returns the CSRF token a page carries."""
     reply = client.post("/login", data={"token": client.token}, follow_redirects=False)  # type: ignore[attr-defined]
-    assert reply.status_code == 303 and "medfed_console" in reply.cookies
+    assert reply.status_code == 303 and client.cookie_name in reply.cookies  # type: ignore[attr-defined]
     page = client.get("/runs")  # every page's log-out form carries it
     return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
 
@@ -64,7 +65,7 @@ def _login(client: TestClient) -> str:
 def test_every_page_needs_the_token(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 401
     assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    client.cookies.set("medfed_console", "forged-session")
+    client.cookies.set(client.cookie_name, "forged-session")  # type: ignore[attr-defined]
     assert client.get(path).status_code == 401
 
 
@@ -184,3 +185,52 @@ def test_the_data_check_is_kept_and_shown(client: TestClient, site: Path, tmp_pa
 def test_serving_elsewhere_than_loopback_needs_tls(site: Path) -> None:
     result = CliRunner().invoke(cli, ["hospital", "console", "--config", str(site), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "must use TLS" in " ".join(result.output.split())
+
+
+def test_answers_forbid_framing_and_caching_and_big_bodies_are_refused(client: TestClient) -> None:
+    page = client.get("/login")
+    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
+        "content-security-policy"]
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-content-type-options"] == "nosniff"
+    huge = client.post("/login", data={"token": "x" * (200 * 1024)})
+    assert huge.status_code == 413
+
+
+def test_the_approvals_page_shows_fixed_words_only(client: TestClient) -> None:
+    _login(client)
+    assert "approved 0123456789abcdef..." in client.get("/approvals?done=approved&h=0123456789abcdef").text
+    forged = client.get("/approvals?done=approved&h=Verified by IT&message=Verified").text
+    assert "Verified" not in forged
+
+
+def test_an_empty_ledger_a_torn_audit_line_and_a_broken_ledger_are_shown_not_crashed(client: TestClient,
+                                                                                      site: Path) -> None:
+    state = site.parent / "state"
+    PrivacyLedger(state, "e" * 32).record([])  # a ledger file written before its first release
+    append_audit(state / AUDIT_FILE, {"time": 1.0e9, "event": "sent", "run": 4, "round": 1, "stage": "train"})
+    with (state / AUDIT_FILE).open("a") as handle:
+        handle.write('{"time": 1.0e9, "event": "se')  # torn by a crash mid-write
+    _login(client)
+    assert client.get("/privacy/plot.png").status_code == 200
+    assert 'href="/runs/4">4</a>' in client.get("/live/runs").text
+    (state / "privacy" / ("e" * 32 + ".json")).write_text("{not json")
+    broken = client.get("/privacy")
+    assert broken.status_code == 500 and "unreadable" in broken.text and "Error 500" in broken.text
+
+
+def test_configure_refuses_other_hosts_without_tls_and_keeps_the_token_private(site: Path, tmp_path: Path) -> None:
+    import stat
+
+    from medfed.common.errors import ConfigError
+    from medfed.console.web import configure
+
+    app, web = create_hospital_app(site)
+    with pytest.raises(ConfigError, match="must use TLS"):
+        configure(app, web, host="0.0.0.0", port=8470, tls_cert=None, tls_key=None)
+    token_file = tmp_path / "state" / "console.token"
+    line = configure(app, web, host="127.0.0.1", port=8471, tls_cert=None, tls_key=None, token_file=token_file)
+    assert web.token in line and "http://127.0.0.1:8471/" in line
+    assert token_file.read_text().strip() == web.token and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert web.cookie == "medfed_console_hospital_8471"  # another console on this host keeps its own session
+    client = TestClient(app, base_url="http://attacker.example")  # a rebound DNS name for 127.0.0.1
+    assert client.get("/login").status_code == 400
