@@ -19,7 +19,8 @@ _KEPT = {"site.yaml", "config.yaml", "node.key", "node.pub", "ca.crt", "audit.js
 _URL = re.compile(r"https?://\S+")
 _WINDOWS = re.compile(r"\b[A-Za-z]:\\[^\s'\"<>|]*")
 _PATH = re.compile(r"(?:~|\.{1,2})?/?(?:[\w.@+-]+/)+[\w.@+-]*|(?<![\w.])/[\w.@+-]+")
-_QUOTED = re.compile(r"""(['"])([^'"\n]{1,400})\1""")
+# a quoted span: the quote opens and closes outside a word (the apostrophe of "hospital's" is no quote)
+_QUOTED = re.compile(r"""(?<!\w)(['"])([^'"\n]{1,400})\1(?!\w)""")
 _BACKSLASH = re.compile(r"[^\s<>'\"]*\\[^\s<>'\"]*")
 # a path piece, then words without sentence punctuation, then a path piece that starts right after them (no space):
 # `<path> John (1958)<path>` is one path, `<path> and <path>` two
