@@ -233,6 +233,8 @@ def test_no_path_of_the_hospital_leaves_in_an_error(tmp_path):
          "see <path> and <path> for details; 'fix it' in site.yaml"),
         ("this hospital's site config (see docs/operations.md, 'A secure RNG for DP'); don't",
          "this hospital's site config (see <path>, 'A secure RNG for DP'); don't"),
+        ("no series in 'C:\\Users\\Anna Smith\\scan 1'", "no series in '<path>'"),
+        ("reading Doe\\ct failed", "reading <path> failed"),
     ],
 )
 def test_public_text_drops_paths_and_file_names_and_keeps_the_rest(text, public):
