@@ -96,7 +96,7 @@ def hospital_init(
     data: DeprecatedDataOpt = None,
 ) -> None:
     """Write the site config and the SuperNode key pair; send node.pub (only) to the coordinator."""
-    from medfed.client.site import SiteConfig, load_site_config, write_site_config
+    from medfed.client.site import SiteConfig, write_site_config
     from medfed.client.site_checks import local_checks
     from medfed.common.pki import KeyExists, create_node_keys, public_key_fingerprint
 
@@ -128,7 +128,7 @@ def hospital_init(
         if approved:  # audited like every approval (who, through what, when)
             from medfed.client.approvals import audit_approval
 
-            audit_approval(load_site_config(config_path), approved[0], approve=True, via="init")
+            audit_approval(site, approved[0], approve=True, via="init")
         fingerprint = public_key_fingerprint(pub.read_bytes())
     except MedfedError as exc:
         fail(exc)

@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from medfed.console.web import Console, Session
+from medfed.server.runs import RunDirectory
 
 __all__ = ["CoordinatorView", "create_coordinator_app", "recipe_overrides"]
 
@@ -120,7 +121,7 @@ class CoordinatorView:
 
     @staticmethod
     def _read_progress(run_dir: Path) -> dict[str, Any]:
-        records = _metrics(run_dir)
+        records = RunDirectory(run_dir).read_metrics()  # a torn last line while the run writes is skipped
         last = records[-1] if records else {}
         sites = (last.get("sites") or {}).values()
         epsilons = [s["epsilon"] for s in sites if (s or {}).get("epsilon") is not None]
@@ -131,7 +132,7 @@ class CoordinatorView:
     def run_detail(self, run_id: int) -> dict[str, Any]:
         entry = self.run_entry(run_id)
         run_dir = Path(str(entry.get("run-dir", "")))
-        records = _metrics(run_dir)
+        records = RunDirectory(run_dir).read_metrics()  # a torn last line while the run writes is skipped
         last = records[-1] if records else {}
         summary = _json(run_dir / "summary.json")
         with self._lock:
@@ -176,18 +177,6 @@ def _json(path: Path) -> dict[str, Any] | None:
         return dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a torn last line while the run writes
-                continue
-    return out
 
 
 def _planned_rounds(run_dir: Path) -> int | None:

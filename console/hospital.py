@@ -34,6 +34,7 @@ class HospitalView:
     def __init__(self, config: Path) -> None:
         self.config = Path(config).resolve()
         self._probe: tuple[float, bool, str] | None = None
+        self._audit: tuple[tuple[str, int, int], list[dict[str, Any]]] | None = None
 
     def site(self) -> Any:
         from medfed.client.site import load_site_config
@@ -41,9 +42,19 @@ class HospitalView:
         return load_site_config(self.config)
 
     def audit(self) -> list[dict[str, Any]]:
-        from medfed.client.gate import read_audit
+        """The audit log, read again only when the file changed (a live page asks for it every 2 s, and twice per
+        refresh of the overview)."""
+        from medfed.client.gate import AUDIT_FILE, read_audit
 
-        return read_audit(self.site().state_path)
+        state = self.site().state_path
+        try:
+            stat = (state / AUDIT_FILE).stat()
+            stamp = (str(state), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            return []
+        if self._audit is None or self._audit[0] != stamp:
+            self._audit = (stamp, read_audit(state))
+        return self._audit[1]
 
     def connection(self) -> dict[str, Any]:
         """The daemon's process, the coordinator's address and whether its TLS handshake works (probed at most every
