@@ -106,10 +106,10 @@ def cnn_learner(
         torch.manual_seed(seed)  # the same initial weights at every step and for every method
         model = build_model(model_cfg, spatial_dims=spatial_dims, in_channels=site.images.shape[1],
                             n_classes=n_classes)
-        train_epochs(model, ArrayDataset(site.images[labelled], site.labels[labelled]), cfg, epochs=epochs,
+        train_epochs(model, site.subset(labelled), cfg, epochs=epochs,
                      n_classes=n_classes, spatial_dims=spatial_dims, seed=seed, device=torch.device("cpu"))
         metrics = classification_metrics(test.labels, predict_proba(model, test.images))
-        return (lambda indices: predict_proba(model, site.images[indices])), {"auc": metrics["auc"],
-                                                                             "acc": metrics["acc"]}
+        return (lambda indices: predict_proba(model, site.subset(indices).images)), {"auc": metrics["auc"],
+                                                                                    "acc": metrics["acc"]}
 
     return learn

@@ -27,6 +27,7 @@ import torch
 from medfed.common.atomic import atomic_write
 from medfed.common.config import AugmentConfig
 from medfed.common.data import ArrayDataset, build_augmentation
+from medfed.common.data.image_files import iter_chunks
 from medfed.common.models.scatternet import ScatterNet
 from medfed.common.models.smallcnn import PooledClassifier
 from torch import nn
@@ -163,7 +164,8 @@ def frozen_head(
         digest = hashlib.sha256()
         for part in (front, str(views), str(seed), repr(augment) if views > 1 else "", str(data.images.shape)):
             digest.update(part.encode())
-        digest.update(np.ascontiguousarray(data.images).tobytes())
+        for chunk in iter_chunks(data.images):  # (a chunk at a time: the images may be on disk)
+            digest.update(chunk.tobytes())
         path = cache_dir / f"features-{digest.hexdigest()[:24]}.npy"
     if path is not None and path.is_file():
         try:
@@ -178,7 +180,7 @@ def frozen_head(
     per_view = []
     with torch.no_grad():
         for images in _views(data, views, augment, spatial_dims, seed):
-            chunks = [_features(model, torch.from_numpy(images[i:i + _BATCH]).to(device)).cpu()
+            chunks = [_features(model, torch.from_numpy(np.ascontiguousarray(images[i:i + _BATCH])).to(device)).cpu()
                       for i in range(0, len(images), _BATCH)]
             per_view.append(torch.cat(chunks).numpy().astype(np.float32))
     model.train(was_training)

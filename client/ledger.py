@@ -25,6 +25,7 @@ from typing import IO
 
 from medfed.common.atomic import atomic_write
 from medfed.common.data import SiteData
+from medfed.common.data.image_files import iter_chunks
 from medfed.common.errors import ConfigError, PrivacyBudgetExceeded
 
 __all__ = [
@@ -68,7 +69,8 @@ def dataset_fingerprint(site: SiteData) -> str:
     digest = hashlib.sha256()
     for array in (site.train.images, site.train.labels):
         digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
+        for chunk in iter_chunks(array):  # (a chunk at a time: the images may be on disk)
+            digest.update(chunk.tobytes())
     value = digest.hexdigest()[:32]
     _FINGERPRINTS[id(site)] = value
     weakref.finalize(site, _FINGERPRINTS.pop, id(site), None)  # pragma: no mutate (the entry is always there)

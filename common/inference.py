@@ -1,4 +1,5 @@
-"""Batched inference: class probabilities and evaluation metrics of a model on an in-memory image array.
+"""Batched inference: class probabilities and evaluation metrics of a model on an image array (in memory, or a
+site's images on disk, :class:`~medfed.common.data.image_files.ImageFiles`, read a batch at a time).
 
 Images are expected already preprocessed (float, scaled the way the model was trained), shaped
 ``(N, C, H, W)`` or ``(N, C, D, H, W)``. The model runs in eval mode under ``torch.no_grad()``; the train/eval
@@ -54,7 +55,8 @@ def predict_logits(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is out of range; it must be an int >= 1.")
-    array = np.asarray(images)
+    # an array, or the site's images on disk (ImageFiles): read one batch at a time
+    array = images if hasattr(images, "image_shape") else np.asarray(images)
     if array.ndim < 3:
         raise ValueError(
             f"images must have shape (N, C, H, W) or (N, C, D, H, W); got shape {array.shape}."
@@ -70,7 +72,8 @@ def predict_logits(
                 if isinstance(module, nn.modules.dropout._DropoutNd):
                     module.train()
         for start in range(0, array.shape[0], batch_size):
-            batch = torch.as_tensor(array[start : start + batch_size], dtype=torch.float32, device=torch_device)
+            batch = torch.as_tensor(np.asarray(array[start : start + batch_size]), dtype=torch.float32,
+                                    device=torch_device)
             outputs.append(model(batch).double().cpu().numpy())
     return np.concatenate(outputs, axis=0)
 
@@ -116,7 +119,8 @@ def evaluate(
         ValueError: the number of labels differs from the number of images, or any error of the two functions.
     """
     labels_array = np.asarray(labels).reshape(-1)
-    n_images = int(np.asarray(images).shape[0]) if np.ndim(images) > 0 else 0
+    n_images = len(images) if hasattr(images, "image_shape") else (
+        int(np.asarray(images).shape[0]) if np.ndim(images) > 0 else 0)
     if labels_array.size != n_images:
         raise ValueError(f"labels has {labels_array.size} entries but images has {n_images}; they must match.")
     probs = predict_proba(model, images, batch_size=batch_size, device=device)

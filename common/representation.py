@@ -94,7 +94,7 @@ def representation_quality(
     labels = np.asarray(labels).reshape(-1)
     if labels.size > max_images:
         chosen = np.sort(np.random.default_rng(0).choice(labels.size, size=max_images, replace=False))
-        images, labels = np.asarray(images)[chosen], labels[chosen]
+        images, labels = images[chosen], labels[chosen]
     features = embed(encoder, images)
     result: dict[str, Any] = {"silhouette": silhouette(features, labels),
                               "davies_bouldin": davies_bouldin(features, labels), "n": int(labels.size),

@@ -50,14 +50,15 @@ def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in arrays.to_torch_state_dict().items()}
 
 
-def _test_set(cfg: Config, simulation: bool) -> tuple[DatasetInfo, ArrayDataset]:
+def _test_set(cfg: Config, simulation: bool, cache_dir: Path) -> tuple[DatasetInfo, ArrayDataset]:
     """The dataset's description and global test split: the model is built from it and evaluated on it.
 
     In deployment the coordinator holds no hospital's images; it needs the task's public test split (a MedMNIST
-    test split under ``dataset.data_path``, or the generated synthetic one).
+    test split under ``dataset.data_path``, the generated synthetic one, or a test folder). A test folder's images
+    are decoded once into ``cache_dir`` and read from there a batch at a time (memory bounded by the batch).
     """
     try:
-        return load_test_set(cfg)
+        return load_test_set(cfg, cache_dir=cache_dir)
     except DatasetUnavailableError as exc:
         if simulation:
             raise
@@ -149,7 +150,9 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     grid = _faster_grid(grid, simulation)
     run_dir.write_environment(software_versions())
     cfg.tracking.require_runtime()
-    info, test_set = _test_set(cfg, simulation)
+    # decoded test images: the simulation's cache folder, in deployment the run directory's own
+    cache_dir = Path(str(context.run_config.get(keys.RUN_CACHE_DIR) or run_dir.path / "cache"))
+    info, test_set = _test_set(cfg, simulation, cache_dir)
     model = _initial_model(cfg, info, simulation, resume=bool(context.run_config.get(keys.RUN_RESUME)))
     start_round, tracker_state = _resume_point(context, cfg, overrides, run_dir, model)
     tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,

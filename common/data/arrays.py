@@ -1,8 +1,9 @@
 """In-memory image datasets as plain numpy arrays: what every loader returns and every consumer reads.
 
 Images are float32, channel-first (``(N, C, H, W)`` or ``(N, C, D, H, W)``) and scaled to ``[0, 1]``; labels are
-int64 of shape ``(N,)``. Arrays are kept as numpy so that sites can cache them cheaply and torch can wrap them
-without a copy (``torch.from_numpy``).
+int64 of shape ``(N,)``. Images are a numpy array, or, for a folder site with a cache, an
+:class:`~medfed.common.data.image_files.ImageFiles` (the decoded images on the site's disk, read when indexed):
+consumers index them a batch at a time (``images[indices]`` gives a numpy array either way).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
+from medfed.common.data.image_files import ImageFiles
 from medfed.common.errors import SiteDataError
 
 __all__ = ["ArrayDataset", "DatasetInfo", "DatasetSplits", "SiteData", "min_max_scale"]
@@ -50,7 +53,10 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Images (float32, channel-first, in ``[0, 1]``) and integer labels (int64, ``(N,)``) of one split."""
+    """Images (float32, channel-first, in ``[0, 1]``) and integer labels (int64, ``(N,)``) of one split.
+
+    ``images`` is a numpy array or an :class:`~medfed.common.data.image_files.ImageFiles` (on disk, read when
+    indexed; typed as an array because it answers the same indexing)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -71,8 +77,11 @@ class ArrayDataset:
         return int(self.labels.shape[0])
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
-        """The samples at ``indices`` (positions into this dataset), as a new dataset (a copy)."""
+        """The samples at ``indices`` (positions into this dataset), as a new dataset (a copy; images on disk stay
+        there, as a view of the same files)."""
         idx = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.images, ImageFiles):
+            return ArrayDataset(images=cast(np.ndarray, self.images.subset(idx)), labels=self.labels[idx])
         return ArrayDataset(images=self.images[idx], labels=self.labels[idx])
 
     def class_counts(self, n_classes: int) -> np.ndarray:
@@ -92,8 +101,13 @@ class ArrayDataset:
         shapes = {p.images.shape[1:] for p in parts}
         if len(shapes) != 1:
             raise SiteDataError(f"cannot concatenate datasets with different image shapes: {sorted(shapes)}.")
+        files = [cast(ImageFiles, p.images) for p in parts if isinstance(p.images, ImageFiles)]
+        if len(files) == len(parts) and len({f.folder for f in files}) == 1:  # one site cache: stays on disk
+            images = cast(np.ndarray, ImageFiles.concat(files))
+        else:
+            images = np.concatenate([np.asarray(p.images) for p in parts], axis=0)
         return ArrayDataset(
-            images=np.concatenate([p.images for p in parts], axis=0),
+            images=images,
             labels=np.concatenate([p.labels for p in parts], axis=0).astype(np.int64, copy=False),
         )
 

@@ -265,8 +265,7 @@ def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> Site
     if fraction >= 1.0 or cfg.task == "ssl":
         return site
     kept = labelled_subset(site.train.labels, fraction, seed=cfg.federation.seed * 1000 + index)
-    return SiteData(site_id=site.site_id, train=ArrayDataset(site.train.images[kept], site.train.labels[kept]),
-                    val=site.val, info=site.info)
+    return SiteData(site_id=site.site_id, train=site.train.subset(kept), val=site.val, info=site.info)
 
 
 def _load_full_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
@@ -345,8 +344,7 @@ def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None)
             "dataset=folder has no test set: set dataset.test_data_path to a folder of labelled test images, or mark "
             "test images with split=test in the hospitals' manifests."
         )
-    return ArrayDataset(images=np.concatenate([p.images for p in parts]),
-                        labels=np.concatenate([p.labels for p in parts]))
+    return ArrayDataset.concat(parts)
 
 
 def load_test_set(cfg: Config, *, cache_dir: Path | None = None) -> tuple[DatasetInfo, ArrayDataset]:

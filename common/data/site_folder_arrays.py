@@ -1,6 +1,9 @@
 """A hospital's image folder as training arrays: labelled images decoded once (cached on the site's disk),
 resized to the task's input, and split into training, validation and test data without patient leakage.
 
+With a cache folder the images stay on disk, one file each, and are read a batch at a time
+(:class:`~medfed.common.data.image_files.ImageFiles`): a site whose decoded images exceed memory trains.
+
 What is in the folder and how one entry is read live in :mod:`medfed.common.data.site_folder`.
 """
 
@@ -11,11 +14,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
 from medfed.common.atomic import atomic_write
 from medfed.common.data.arrays import ArrayDataset
+from medfed.common.data.image_files import ImageFiles, npy_layout
 from medfed.common.data.partition import stratified_split
 from medfed.common.data.site_folder import SPLITS, SiteEntry, read_resized, scan_site
 from medfed.common.errors import SiteDataError
@@ -41,27 +46,32 @@ class FolderData:
 DECODE_VERSION = 1  # bump when decoding changes, so cached images are decoded again
 
 
-def _cached(root: Path, entry: SiteEntry, cache_dir: Path | None, size: int, dims: int, channels: int) -> np.ndarray:
-    """The decoded, resized entry; decoded once per file version (the cache key includes size and mtime)."""
-    path = root / entry.path
-    if cache_dir is None:
-        return read_resized(root, entry, size, dims, channels)
+def _cache_key(path: Path, size: int, dims: int, channels: int) -> str:
+    """The cache file name of one entry, decoded at this size (the key covers the file's size and mtime)."""
     stamp = [path.resolve().as_posix(), size, dims, channels, DECODE_VERSION]
     for file in ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())):
         stat = file.stat()
         stamp += [file.name, stat.st_size, stat.st_mtime_ns]
-    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
-    target = Path(cache_dir) / "decoded" / f"{key}.npy"
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
+
+
+def _cached(root: Path, entry: SiteEntry, folder: Path, size: int, dims: int, channels: int) -> str:
+    """The cache key of the decoded, resized entry, decoding it into ``folder`` unless a whole file of the right
+    shape is there already (decoded once per file version). Nothing stays in memory."""
+    key = _cache_key(root / entry.path, size, dims, channels)
+    target = folder / f"{key}.npy"
     if target.is_file():
         try:
-            return np.load(target, allow_pickle=False)
+            if npy_layout(target) == ((channels, *(size,) * dims), np.dtype(np.float32)):
+                return key
         except (OSError, ValueError):
-            logger.warning("ignoring a damaged cache entry")
-    image = read_resized(root, entry, size, dims, channels)
-    target.parent.mkdir(parents=True, exist_ok=True)
+            pass
+        logger.warning("ignoring a damaged cache entry")
+    image = read_resized(root, entry, size, dims, channels).astype(np.float32, copy=False)
+    folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as handle:
         np.save(handle, image, allow_pickle=False)
-    return image
+    return key
 
 
 def _group_split(labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,15 +118,17 @@ def read_labelled(
     """
     root = Path(root)
     scan = scan_site(root, labels, classes)
-    images, targets, splits, patients = [], [], [], []
+    folder = Path(cache_dir) / "decoded" if cache_dir else None
+    images: list[Any] = []  # decoded arrays without a cache folder, else their cache keys
+    targets, splits, patients = [], [], []
     skipped = unlabelled = 0
     for index, entry in enumerate(scan.entries):
         if entry.label is None:
             unlabelled += 1
             continue
         try:
-            images.append(_cached(root, entry, Path(cache_dir) if cache_dir else None, image_size, spatial_dims,
-                                  channels))
+            images.append(read_resized(root, entry, image_size, spatial_dims, channels) if folder is None
+                          else _cached(root, entry, folder, image_size, spatial_dims, channels))
         except SiteDataError as exc:
             skipped += 1
             logger.warning("skipping unreadable file %d (%s): %s", index, entry.path, exc)  # site-local log only
@@ -129,7 +141,10 @@ def read_labelled(
             f"no labelled image of the site is readable ({skipped} unreadable, {unlabelled} unlabelled); run "
             "`medfed hospital check --data DIR` for the reasons."
         )
-    data = ArrayDataset(images=np.stack(images).astype(np.float32), labels=np.asarray(targets, dtype=np.int64))
+    stacked = (np.stack(images).astype(np.float32) if folder is None  # (no cache folder: the images in memory)
+               else cast(np.ndarray, ImageFiles(folder, np.asarray(images), (channels, *(image_size,) * spatial_dims),
+                                                np.float32)))
+    data = ArrayDataset(images=stacked, labels=np.asarray(targets, dtype=np.int64))
     return LabelledImages(data, splits, patients, scan.classes, skipped, unlabelled)
 
 

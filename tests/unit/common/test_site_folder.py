@@ -204,6 +204,27 @@ def test_decoded_images_come_from_the_cache_the_second_time(site, tmp_path, monk
         _load(site, cache_dir=tmp_path / "cache")
 
 
+def test_with_a_cache_the_splits_stay_on_disk_and_read_as_decoded(site, tmp_path):
+    # Prepare / Execute
+    from medfed.common.data.image_files import ImageFiles
+
+    in_memory = _load(site)
+    on_disk = _load(site, cache_dir=tmp_path / "cache")
+
+    # Assert: the splits are views of the cache files (nothing read yet), with the same pixels, labels and order
+    for split in ("train", "val"):
+        lazy, eager = getattr(on_disk, split), getattr(in_memory, split)
+        assert isinstance(lazy.images, ImageFiles) and isinstance(eager.images, np.ndarray)
+        np.testing.assert_array_equal(lazy.images[:], eager.images)
+        assert lazy.labels.tolist() == eager.labels.tolist()
+    # a torn cache file is decoded again, not read as a short image
+    torn = sorted((tmp_path / "cache" / "decoded").glob("*.npy"))[0]
+    torn.write_bytes(torn.read_bytes()[:-8])
+    again = _load(site, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.train.images[:], in_memory.train.images)
+    np.testing.assert_array_equal(again.val.images[:], in_memory.val.images)
+
+
 def test_a_patient_never_straddles_train_val_and_test(site):
     rows = ["path,label,split,patient_id"]
     unusable = ("cut.dcm", "notes.dcm", "b0_copy.dcm")  # unreadable, and a duplicate image
