@@ -31,6 +31,18 @@ def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Small tensors run fastest (and steadiest on a shared 2-core machine) on one torch thread; the count is
+    restored afterwards. Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def task_identity() -> Iterator[None]:
     """The running task's identity, which Flower stamps on every Message it builds (set by its app processes)."""
     from flwr.supercore.task_identity import TaskIdentity

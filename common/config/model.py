@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from medfed.common.config.checks import require_choice, require_fraction, require_positive
 from medfed.common.config.choices import (
@@ -19,8 +20,11 @@ from medfed.common.config.choices import (
 from medfed.common.errors import ConfigError
 
 __all__ = [
+    "RESNET_STEMS",
     "ModelConfig",
     "PersonalizeConfig",
+    "ResNetConfig",
+    "ResNetStem",
     "ScatterNetConfig",
     "require_scatter_scale",
 ]
@@ -53,6 +57,37 @@ class ModelConfig:
     def factory_options(self) -> dict[str, object]:
         """Keyword arguments the model's factory takes beyond the shared ones (none for the CNNs)."""
         return {}
+
+
+class ResNetStem(StrEnum):
+    """The first layers of ``model=resnet18`` (``model.stem``): ``small`` (3x3 stride-1 convolution, no pool: keeps
+    28-64 px images' resolution), ``imagenet`` (torchvision's 7x7 stride-2 convolution and 3x3 stride-2 max pool: the
+    blocks see 1/4 of the side, and it is the stem ImageNet weights were trained with), ``auto`` (imagenet
+    for images of 128 px or more when the model is built knowing the image size, else small)."""
+
+    auto = "auto"
+    small = "small"
+    imagenet = "imagenet"
+
+
+RESNET_STEMS: tuple[str, ...] = tuple(ResNetStem)
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    """``model=resnet18``: the shared options and ``stem`` (:class:`ResNetStem`). ImageNet weights
+    (``medfed weights fetch torchvision:resnet18``) at 128-512 px: ``model.stem=imagenet model.width=64``; their 7x7
+    stem kernel then loads as is instead of being shrunk to 3x3."""
+
+    name: str = "resnet18"
+    stem: ResNetStem = ResNetStem.auto
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("model.stem", self.stem, RESNET_STEMS)
+
+    def factory_options(self) -> dict[str, object]:
+        return {"stem": str(self.stem)}
 
 
 def require_scatter_scale(scatter_j: int, side: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from medfed.common.config.dataset import FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.config.federation import FederationConfig
-from medfed.common.config.model import ModelConfig, ScatterNetConfig
+from medfed.common.config.model import ModelConfig, ResNetConfig, ScatterNetConfig
 from medfed.common.config.privacy import CentralDPConfig, DistributedDPConfig, DPConfig, PrivacyConfig
 from medfed.common.config.strategy import (
     AdaptiveMomentsConfig,
@@ -110,7 +110,7 @@ _STRATEGIES: dict[str, type[StrategyConfig]] = {
 GROUPS: Mapping[str, SchemaGroup] = MappingProxyType({
     "dataset": SchemaGroup("dataset", {"folder": FolderConfig, "medmnist": MedMNISTConfig,
                                        "synthetic": SyntheticConfig}, selector="source", what="dataset source"),
-    "model": SchemaGroup("model", {"resnet18": ModelConfig, "scatternet": ScatterNetConfig, "smallcnn": ModelConfig},
+    "model": SchemaGroup("model", {"resnet18": ResNetConfig, "scatternet": ScatterNetConfig, "smallcnn": ModelConfig},
                          selector="name"),
     "strategy": SchemaGroup("strategy", _STRATEGIES, selector="name", what="strategy"),
     "federation": SchemaGroup("federation", {"default": FederationConfig}),

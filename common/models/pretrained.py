@@ -13,8 +13,12 @@ What is adapted, and what it costs:
   statistics too. The features shift: measured on PneumoniaMNIST (benchmarks/norm_transfer.py),
   the swap alone costs 0.150 test AUC (0.963 -> 0.813), and one epoch of fine-tuning recovers most of it (0.953
   vs 0.877 from scratch; 0.926 vs 0.912 under DP-SGD at epsilon 8).
-- **Stem kernel**: torchvision's 7x7 stride-2 stem kernel is resized to medfed's 3x3 stem (area interpolation,
-  scaled to keep each filter's sum), because medfed's stem keeps small images' resolution.
+- **Stem kernel**: a ``resnet18`` with ``model.stem=imagenet`` has torchvision's stem (7x7 stride 2, 3x3 max
+  pool), so the 7x7 kernel loads as is: no resizing (only the channel and 2D -> 3D rules below apply). The small stem
+  (``model.stem=small``, and ``auto`` unless the model is built knowing its images are >= 128 px) is a 3x3 stride-1
+  convolution that keeps small images' resolution; the 7x7 kernel is resized to 3x3 for it (area interpolation,
+  scaled to keep each filter's sum), which changes what the first layer sees, and the report says so. Use
+  ``model.stem=imagenet`` for ImageNet weights on images of 128 px or more (the 224 px they were trained at).
 - **Channels**: 3 -> 1 input channels sums the RGB kernels (a grey image seen as R=G=B gives the same response);
   1 -> 3 repeats the kernel divided by 3.
 - **2D -> 3D**: a 2D kernel is inflated to 3D by repeating it along depth divided by the depth (I3D), so a volume of
@@ -153,6 +157,17 @@ def adapt_kernel(weight: torch.Tensor, target: torch.Size) -> tuple[torch.Tensor
     return w.to(weight.dtype), ", ".join(steps)
 
 
+_STEM_KERNEL = "encoder.stem.conv.weight"
+
+
+def _stem_hint(file_kernel: tuple[int, ...], model_kernel: tuple[int, ...]) -> str:
+    """What a resized stem kernel means, and the ``model.stem`` that loads the file's kernel as is."""
+    if max(file_kernel) > max(model_kernel):
+        return ("; the model's small stem (3x3, stride 1) differs from the file's: model.stem=imagenet loads the "
+                "file's stem as is (for images of 128 px or more)")
+    return "; the model's stem is larger than the file's: model.stem=small matches a small-stem checkpoint"
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
     """Load the weights of ``path`` into ``model`` in place, adapting what can be adapted (module docstring).
 
@@ -188,13 +203,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
         adapted = adapt_kernel(value, want) if value.dim() in (4, 5) else None
         if adapted is not None and adapted[0].shape == want:
             fitted[name], report.adapted[name] = adapted
+            if name == _STEM_KERNEL and "resized" in report.adapted[name]:
+                report.adapted[name] += _stem_hint(tuple(value.shape[2:]), tuple(want[2:]))
+                logger.info("pretrained %s: stem kernel %s", Path(path).name, report.adapted[name])
             continue
         mismatched.append(f"{name}: file {tuple(value.shape)}, model {tuple(want)}")
     if mismatched:
         shown = "; ".join(mismatched[:8]) + (f"; ... ({len(mismatched) - 8} more)" if len(mismatched) > 8 else "")
         raise ConfigError(
             f"model.pretrained={Path(path).name!r} does not fit this model in {len(mismatched)} layer(s): {shown}. "
-            "Check model.name and model.width (torchvision's ResNet-18 is model=resnet18 model.width=64)."
+            "Check model.name and model.width (torchvision's ResNet-18 is model=resnet18 model.width=64, with "
+            "model.stem=imagenet to keep its 7x7 stem)."
         )
     if not fitted:
         raise ConfigError(

@@ -14,6 +14,7 @@ the model's config schema adds, :meth:`~common.config.ModelConfig.factory_option
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -101,7 +102,9 @@ def require_model(name: str) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_classes: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_classes: int, image_size: int | None = None
+) -> nn.Module:
     """Build the registered network ``cfg.name`` for images with the given geometry.
 
     Args:
@@ -109,6 +112,8 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
         spatial_dims: 2 for images ``(B, C, H, W)``, 3 for volumes ``(B, C, D, H, W)``.
         in_channels: image channels (1 grey, 3 RGB).
         n_classes: number of output logits, >= 2 (binary tasks use two logits and softmax).
+        image_size: the images' side in pixels when known; passed to factories that take it (resnet18's
+            ``model.stem=auto`` picks its stem by it).
 
     Raises:
         ConfigError: unknown model name (listing the choices) or an out-of-range argument.
@@ -117,14 +122,18 @@ def build_model(cfg: ModelConfig, *, spatial_dims: int, in_channels: int, n_clas
     _check_int("spatial_dims", spatial_dims, allowed=SPATIAL_DIMS)
     _check_int("in_channels", in_channels, minimum=1)
     _check_int("n_classes", n_classes, minimum=2)
-    model = _REGISTRY[cfg.name](
+    factory = _REGISTRY[cfg.name]
+    options = cfg.factory_options()
+    if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+        options["image_size"] = image_size
+    model = factory(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         n_classes=n_classes,
         width=cfg.width,
         dropout=cfg.dropout,
         norm=cfg.norm,
-        **cfg.factory_options(),
+        **options,
     )
     set_trainable(model, cfg.finetune)
     logger.debug(

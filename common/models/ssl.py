@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfed.common.config import Config, ModelConfig, SSLConfig
+from medfed.common.config import Config, ModelConfig, ResNetConfig, SSLConfig
 from medfed.common.errors import ConfigError
 from medfed.common.inference import eval_mode
 from medfed.common.models.registry import build_model
@@ -186,15 +186,18 @@ class MIMModel(nn.Module):
 
 
 def build_ssl_model(
-    model_cfg: ModelConfig, ssl_cfg: SSLConfig, *, spatial_dims: int, in_channels: int
+    model_cfg: ModelConfig, ssl_cfg: SSLConfig, *, spatial_dims: int, in_channels: int, image_size: int | None = None
 ) -> nn.Module:
-    """The SSL model of ``ssl_cfg.method`` around a fresh encoder of ``model_cfg.name`` (all layers train).
+    """The SSL model of ``ssl_cfg.method`` around a fresh encoder of ``model_cfg.name`` (all layers train; a
+    ResNet keeps its ``model.stem``).
 
     Raises:
         ConfigError: an unknown method.
     """
-    classifier = build_model(ModelConfig(name=model_cfg.name, width=model_cfg.width), spatial_dims=spatial_dims,
-                             in_channels=in_channels, n_classes=2)
+    encoder_cfg = (ResNetConfig(name=model_cfg.name, width=model_cfg.width, stem=model_cfg.stem)
+                   if isinstance(model_cfg, ResNetConfig) else ModelConfig(name=model_cfg.name, width=model_cfg.width))
+    classifier = build_model(encoder_cfg, spatial_dims=spatial_dims, in_channels=in_channels, n_classes=2,
+                             image_size=image_size)
     features = int(getattr(classifier, "num_features"))  # every registered network has encoder and num_features
     encoder = classifier.get_submodule("encoder")
     if ssl_cfg.method == "simclr":
@@ -206,9 +209,13 @@ def build_ssl_model(
 
 def build_task_model(cfg: Config, *, spatial_dims: int, in_channels: int, n_classes: int) -> nn.Module:
     """The network a run trains: the classifier (``task=classify``) or the SSL model (``task=ssl``)."""
+    side = getattr(cfg.dataset, "size", None) or getattr(cfg.dataset, "image_size", None)  # (every source has one)
+    image_size = side if isinstance(side, int) else None
     if cfg.task == "ssl":
-        return build_ssl_model(cfg.model, cfg.ssl, spatial_dims=spatial_dims, in_channels=in_channels)
-    return build_model(cfg.model, spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes)
+        return build_ssl_model(cfg.model, cfg.ssl, spatial_dims=spatial_dims, in_channels=in_channels,
+                               image_size=image_size)
+    return build_model(cfg.model, spatial_dims=spatial_dims, in_channels=in_channels, n_classes=n_classes,
+                       image_size=image_size)
 
 
 def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int = 0) -> float:
@@ -216,16 +223,15 @@ def ssl_loss(model: nn.Module, images: Any, *, batch_size: int = 256, seed: int 
     the global torch RNG state is restored."""
     import numpy as np
 
-    array = np.asarray(images, dtype=np.float32)
-    if array.shape[0] == 0:
+    if len(images) == 0:
         raise ValueError("ssl_loss() got no images; the pretext loss needs at least one (two for SimCLR).")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     total, count = 0.0, 0
     try:
         with eval_mode(model), torch.no_grad():
-            for start in range(0, array.shape[0], batch_size):
-                terms = model(torch.from_numpy(array[start:start + batch_size]))
+            for start in range(0, len(images), batch_size):  # (a batch at a time: images may be on disk)
+                terms = model(torch.from_numpy(np.asarray(images[start:start + batch_size], dtype=np.float32)))
                 total += float(terms.sum())
                 count += int(terms.numel())
     finally:
@@ -242,14 +248,14 @@ def ssl_image_losses(model: nn.Module, images: Any, *, seed: int = 0) -> Any:
 
     import numpy as np
 
-    array = np.asarray(images, dtype=np.float32)
-    out = np.zeros(array.shape[0], dtype=np.float64)
+    out = np.zeros(len(images), dtype=np.float64)
     state = torch.random.get_rng_state()
     try:
         with eval_mode(model), torch.no_grad():
-            for i in range(array.shape[0]):
-                torch.manual_seed((seed * 1_000_003 + zlib.crc32(array[i].tobytes())) % (2**63))
-                out[i] = float(model(torch.from_numpy(array[i:i + 1])).mean())
+            for i in range(len(images)):  # (one image at a time: images may be on disk)
+                image = np.ascontiguousarray(images[i:i + 1], dtype=np.float32)
+                torch.manual_seed((seed * 1_000_003 + zlib.crc32(image[0].tobytes())) % (2**63))
+                out[i] = float(model(torch.from_numpy(image)).mean())
     finally:
         torch.random.set_rng_state(state)
     return out

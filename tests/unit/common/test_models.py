@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -16,13 +14,7 @@ from medfed.common.models import available_models, build_model, group_norm, regi
 from medfed.common.models.resnet import ResNet18
 from medfed.common.models.smallcnn import SmallCNN
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors run fastest (and steadiest on a shared 2-core machine) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SHAPE_CASES = [

@@ -10,6 +10,7 @@ from torch import nn
 
 from medfed.client.training import make_optimizer, set_lr, train_epochs
 from medfed.common.config import ModelConfig, TrainConfig
+from medfed.common.config.model import ResNetConfig
 from medfed.common.data import ArrayDataset
 from medfed.common.errors import ConfigError
 from medfed.common.models import build_model, save_checkpoint, state_dict_to_numpy
@@ -105,6 +106,64 @@ def test_a_torchvision_resnet18_state_dict_loads_with_adaptations(tmp_path):
     assert report.missing == ["head.bias", "head.weight"]
     logits = model(torch.rand(2, 1, 28, 28))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def _imagenet_stem_model(*, channels: int, dims: int = 2, n_classes: int = 2):
+    torch.manual_seed(0)
+    return build_model(ResNetConfig(width=64, stem="imagenet"), spatial_dims=dims, in_channels=channels,
+                       n_classes=n_classes)
+
+
+def test_the_imagenet_stem_has_torchvisions_layout():
+    model = _imagenet_stem_model(channels=3, n_classes=1000)
+    tv = _TVResNet18()
+
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tv.parameters())
+    assert model.state_dict()["encoder.stem.conv.weight"].shape == tv.conv1.weight.shape == (64, 3, 7, 7)
+
+
+def test_the_imagenet_stem_takes_torchvisions_7x7_kernel_as_is(tmp_path):
+    # Prepare
+    tv, path = _torchvision_file(tmp_path)
+    model = _imagenet_stem_model(channels=3, n_classes=1000)
+
+    # Execute
+    report = load_pretrained(model, path)
+
+    # Assert: every layer has the file's shape; nothing adapted, the stem kernel bit for bit, and the 1000-class head
+    state = model.state_dict()
+    assert torch.equal(state["encoder.stem.conv.weight"], tv["conv1.weight"])
+    assert torch.equal(state["encoder.stem.norm.weight"], tv["bn1.weight"])
+    assert torch.equal(state["head.weight"], tv["fc.weight"])
+    assert report.adapted == {} and report.missing == []
+    logits = model(torch.rand(1, 3, 224, 224))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("channels", "dims", "shape", "how"), [
+    (1, 2, (64, 1, 7, 7), "RGB->grey (summed)"),
+    (3, 3, (64, 3, 7, 7, 7), "2D->3D (inflated over 7)"),
+])
+def test_the_imagenet_stem_adapts_channels_and_depth_but_never_resizes(tmp_path, channels, dims, shape, how):
+    tv, path = _torchvision_file(tmp_path)
+    model = _imagenet_stem_model(channels=channels, dims=dims)
+
+    report = load_pretrained(model, path)
+
+    stem = model.state_dict()["encoder.stem.conv.weight"]
+    assert stem.shape == shape
+    assert report.adapted["encoder.stem.conv.weight"] == how  # no "resized"
+    expected = tv["conv1.weight"].sum(dim=1, keepdim=True) if channels == 1 else tv["conv1.weight"]
+    assert torch.allclose(stem.sum(dim=2) if dims == 3 else stem, expected, atol=1e-6)
+
+
+def test_the_small_stem_report_names_the_imagenet_stem(tmp_path):
+    _, path = _torchvision_file(tmp_path)
+
+    report = load_pretrained(_model(), path)
+
+    note = report.adapted["encoder.stem.conv.weight"]
+    assert "kernel (7, 7)->(3, 3) (resized, sums kept)" in note and "model.stem=imagenet loads" in note
 
 
 def test_a_batch_norm_model_takes_the_running_statistics_too(tmp_path):
