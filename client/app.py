@@ -2,8 +2,9 @@
 
 Each handler resolves the node's environment once (:class:`~medfed.client.node.NodeEnv`: simulated partition or
 deployed site, state directory, caps, policy, output directories), has the site's policy admit the request
-(:class:`~medfed.client.policy.SitePolicy`, before any data is read), reads the model and the request out of the
-Message, and calls the job: :func:`~medfed.client.local_round.train_round`, :func:`~medfed.client.evaluation.evaluate_round`
+(:class:`~medfed.client.policy.SitePolicy`, before any data is read), checks the site's hardware
+(:mod:`~medfed.client.preflight`: its device, and a model too big for its memory refused before anything trains),
+reads the model and the request out of the Message, and calls the job: :func:`~medfed.client.local_round.train_round`, :func:`~medfed.client.evaluation.evaluate_round`
 or :func:`~medfed.client.evaluation.final_stage`. No helper below this module sees a Message or a Context; what a
 node keeps between messages reaches them through :class:`_ContextState`.
 
@@ -46,6 +47,7 @@ from medfed.client.distributed_round import SecAggSettings, distributed_round
 from medfed.client.evaluation import FinalStage, evaluate_round, final_stage
 from medfed.client.local_round import train_round
 from medfed.client.node import NodeEnv
+from medfed.client.preflight import check_hardware
 from medfed.client.privacy import SitOut
 from medfed.client.redact import public_text
 from medfed.client.site import resolve_site
@@ -165,8 +167,8 @@ class _Request:
 
 def _request(msg: Message, context: Context) -> _Request:
     """The request a message makes (nothing of the site read yet)."""
-    cfg = node_config(context)
     env = NodeEnv.resolve(context.node_config, context.run_config)
+    cfg = env.recipe(node_config(context))  # the site's hardware keys override the recipe's
     legacy = _legacy_instruction(msg)
     if legacy is not None:  # SecAgg+ runs: Flower's legacy workflow keeps the round in its own config
         return _Request(cfg, env, int(legacy.config.get(keys.SERVER_ROUND, 0)), legacy)
@@ -185,6 +187,9 @@ def _load(msg: Message, request: _Request) -> tuple[SiteData, torch.nn.Module]:
     model = build_task_model(
         cfg, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
     )
+    split = site.train if len(site.train) else site.val
+    if len(split):  # its device, and a model too big for its memory refused before anything trains
+        check_hardware(cfg, env, model, tuple(split.images.shape[1:]))
     if request.legacy is not None:  # SecAgg+ runs: Flower's legacy workflow sends the weights as an unnamed list
         set_weights(model, parameters_to_ndarrays(request.legacy.parameters))
         return site, model

@@ -80,9 +80,8 @@ def _loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def membership_audit(cfg: Config, site: SiteData, model: torch.nn.Module, *, shadows: int) -> dict[str, float]:
     """The audit's reply: per attack its AUC and TPRs (``audit-loss-auc``, ``audit-lira-tpr_at_0.01`` ...)."""
     members, others = site.train, site.val
-    device = select_device()
-    pool = ArrayDataset(np.concatenate([members.images, others.images]),
-                        np.concatenate([members.labels, others.labels]).astype(np.int64))
+    device = select_device(cfg.train.device)
+    pool = ArrayDataset.concat([members, others])  # (a folder site's images stay on its disk)
     is_member = np.concatenate([np.ones(len(members), bool), np.zeros(len(others), bool)])
     logits = predict_logits(model, pool.images, batch_size=cfg.train.eval_batch_size, device=device)
     loss = _loss_scores(logits, pool.labels)
@@ -113,10 +112,11 @@ def _offline_lira(cfg: Config, site: SiteData, model: torch.nn.Module, pool: Arr
                 reset()
         train_epochs(shadow, pool.subset(np.flatnonzero(inside)), recipe, epochs=epochs,
                      n_classes=site.info.n_classes, spatial_dims=site.info.spatial_dims,
-                     seed=derive_seed(cfg.train.seed, "shadow-train", site.site_id, k), device=select_device())
+                     seed=derive_seed(cfg.train.seed, "shadow-train", site.site_id, k),
+                     device=select_device(cfg.train.device))
         shadow.eval()
-        phi = true_class_logit(predict_logits(shadow, pool.images[~inside], batch_size=cfg.train.eval_batch_size,
-                                              device=select_device()), pool.labels[~inside])
+        phi = true_class_logit(predict_logits(shadow, pool.subset(np.flatnonzero(~inside)).images, batch_size=cfg.train.eval_batch_size,
+                                              device=select_device(cfg.train.device)), pool.labels[~inside])
         for index, value in zip(np.flatnonzero(~inside), phi, strict=True):
             out_logits[int(index)].append(float(value))
     means = np.array([np.mean(v) if v else np.nan for v in out_logits])

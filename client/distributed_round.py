@@ -186,7 +186,7 @@ def _integer_sum(cfg: Config, site: SiteData, model: torch.nn.Module, plan: Dist
     module, data = model, site.train
     frozen = frozen_head(model, site.train, views=cfg.train.aug_views, augment=cfg.train.augment,
                          spatial_dims=site.info.spatial_dims, seed=derive_seed(cfg.train.seed, "views"),
-                         cache_dir=feature_cache, device=select_device())
+                         cache_dir=feature_cache, device=select_device(cfg.train.device))
     if frozen is not None:
         module, data = frozen.head, frozen.data
     module.train()

@@ -123,7 +123,7 @@ def start_private_round(
     """
     cap = env.cap(cfg.federation)
     secure = dp.secure_mode or cap.secure_rng
-    problem = secure_rng_problem(select_device()) if secure else None
+    problem = secure_rng_problem(select_device(cfg.train.device)) if secure else None
     if problem:  # before the ledger: a refused round spends nothing
         asked = "this hospital's site config (secure_rng: true)" if cap.secure_rng else "privacy.secure_mode=true"
         fix = ("install torchcsprng, or set secure_rng: false in site.yaml for experiments" if cap.secure_rng

@@ -91,7 +91,8 @@ def _noised_evaluation(
                                   float(np.sqrt(2.0)), release.noise_multiplier, noise_rng())
         return {keys.NOISED_COUNT: float(noised[0]), keys.NOISED_SSL_LOSS: float(noised[1]) * SSL_LOSS_CLIP,
                 **_released(release)}
-    probs = (predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+    probs = (predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size,
+                           device=select_device(cfg.train.device))
              if len(site.val)
              else np.zeros((0, site.info.n_classes)))  # an empty split releases noise like any other
     stats = EvalStatistics.of(site.val.labels, probs).noised(release.noise_multiplier, noise_rng())
@@ -116,7 +117,8 @@ def evaluate_round(
         scores = {"loss": ssl_loss(model, site.val.images, batch_size=cfg.train.eval_batch_size,
                                    seed=derive_seed(cfg.train.seed, "ssl-val", site.site_id)), "n": float(len(site.val))}
     else:
-        probs = predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+        probs = predict_proba(model, site.val.images, batch_size=cfg.train.eval_batch_size,
+                              device=select_device(cfg.train.device))
         scores = classification_metrics(site.val.labels, probs)
     metrics: dict[str, float | int] = {f"{keys.EVAL_PREFIX}{k}": float(v) for k, v in scores.items()}
     if cfg.task != "ssl" and site.info.n_classes == 2:  # per-threshold counts: the coordinator's operating point
@@ -164,7 +166,8 @@ def _noised_final_stage(
     release = charge_release(cfg, dp, site, env, state, run_id=run_id, server_round=cfg.train.rounds + 1,
                              kind=request.stage)
     n_classes = site.info.n_classes
-    logits = (predict_logits(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+    logits = (predict_logits(model, site.val.images, batch_size=cfg.train.eval_batch_size,
+                             device=select_device(cfg.train.device))
               if len(site.val) else np.zeros((0, n_classes)))
     labels = np.asarray(site.val.labels).reshape(-1).astype(np.int64)
     rng = noise_rng()
@@ -213,7 +216,8 @@ def final_stage(
     started = time.perf_counter()
     if len(site.val) == 0:  # nothing to calibrate on: the coordinator counts this hospital out
         return {keys.NUM_EXAMPLES: 0, keys.N_VAL: 0, keys.EVAL_TIME_S: 0.0}
-    logits = predict_logits(model, site.val.images, batch_size=cfg.train.eval_batch_size, device=select_device())
+    logits = predict_logits(model, site.val.images, batch_size=cfg.train.eval_batch_size,
+                            device=select_device(cfg.train.device))
     labels = site.val.labels
     metrics: dict[str, float | int | list[float]] = {keys.NUM_EXAMPLES: len(site.val), keys.N_VAL: len(site.val)}
     if request.stage == keys.STAGE_CALIBRATE:
@@ -240,8 +244,8 @@ def _save_gradcam(cfg: Config, site: SiteData, model: torch.nn.Module, env: Node
     rng = np.random.default_rng(derive_seed(cfg.train.seed, "gradcam", site.site_id))
     chosen = np.sort(rng.choice(len(site.val), size=count, replace=False))
     images = site.val.images[chosen]
-    maps = gradcam_maps(model, images, device=select_device())
-    probs = predict_proba(model, images, device=select_device(), temperature=temperature)
+    maps = gradcam_maps(model, images, device=select_device(cfg.train.device))
+    probs = predict_proba(model, images, device=select_device(cfg.train.device), temperature=temperature)
     out_dir = env.explanations_dir(site.site_id, run_id)
     save_explanations(out_dir, images, maps, [f"val-{int(i):05d}" for i in chosen], probs)
     logger.info("saved %d Grad-CAM maps in %s", count, out_dir)

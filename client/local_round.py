@@ -80,7 +80,7 @@ def train_round(
         spatial_dims=site.info.spatial_dims,
         seed=derive_seed(cfg.train.seed, server_round, site.site_id),
         lr=cfg.train.round_lr(server_round),
-        device=select_device(),
+        device=select_device(cfg.train.device),
         privacy=private.training() if private is not None else None,
         proximal_mu=proximal_mu,
         criterion=MeanLoss() if cfg.task == "ssl" else None,

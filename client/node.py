@@ -10,6 +10,7 @@ personal layers) is reached through the :class:`NodeState` protocol, which the a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,13 +22,13 @@ import torch
 from medfed.client.policy import RequestLog, SitePolicy
 from medfed.client.privacy import SiteCap, default_state_dir, site_cap
 from medfed.common import keys
-from medfed.common.config import FederationConfig
+from medfed.common.config import Config, FederationConfig
 from medfed.common.errors import SiteDataError
 
 if TYPE_CHECKING:
     from medfed.client.site import SiteConfig
 
-__all__ = ["NodeEnv", "NodeState"]
+__all__ = ["NodeEnv", "NodeState", "SiteHardware"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,35 @@ def _path(value: object) -> Path:
     return Path(str(value)).expanduser()
 
 
+def _flag(value: object) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class SiteHardware:
+    """A deployed hospital's hardware, from its site config (:class:`~medfed.client.site.SiteConfig`): it overrides
+    the recipe's ``train.device``, ``train.device_memory_gb``, ``train.loader_workers`` and ``train.pin_memory``."""
+
+    device: str = "auto"
+    device_memory_gb: float = 0.0
+    loader_workers: int = 0
+    pin_memory: bool = False
+    cudnn_benchmark: bool = True
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> SiteHardware | None:
+        """The hardware a node config declares (None: a node without a device, a simulated hospital's)."""
+        if keys.NODE_DEVICE not in node_config:
+            return None
+        return cls(
+            device=str(node_config[keys.NODE_DEVICE]),
+            device_memory_gb=float(str(node_config.get(keys.NODE_DEVICE_MEMORY_GB, 0.0))),
+            loader_workers=int(float(str(node_config.get(keys.NODE_LOADER_WORKERS, 0)))),
+            pin_memory=_flag(node_config.get(keys.NODE_PIN_MEMORY, False)),
+            cudnn_benchmark=_flag(node_config.get(keys.NODE_CUDNN_BENCHMARK, True)),
+        )
+
+
 @dataclass(frozen=True)
 class NodeEnv:
     """The environment of one ClientApp: simulated partition or deployed site, and where its files go.
@@ -62,7 +92,8 @@ class NodeEnv:
     ``run_dir`` and ``cache_dir`` (None: the default cache) come from the researcher's run config in simulation;
     ``policy`` is what the hospital answers (a deployed hospital's site config; permissive in simulation);
     ``threads`` is the CPU threads a deployed hospital allows itself (None: the recipe's ``federation.threads``
-    decides).
+    decides); ``hardware`` is a deployed hospital's device, memory and loaders (None in simulation, where the
+    recipe's ``train.*`` keys decide; :meth:`recipe`).
     """
 
     partition_id: int | None
@@ -74,6 +105,7 @@ class NodeEnv:
     policy: SitePolicy
     node_config: Mapping[str, object] = field(repr=False)
     site: SiteConfig | None = field(default=None, repr=False)  # a deployed hospital's site config, read once here
+    hardware: SiteHardware | None = None
 
     @classmethod
     def resolve(cls, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> NodeEnv:
@@ -113,7 +145,23 @@ class NodeEnv:
             policy=SitePolicy.from_node_config(node_config),
             node_config=node_config,
             site=site,
+            hardware=SiteHardware.from_node_config(node_config),
         )
+
+    def recipe(self, cfg: Config) -> Config:
+        """The run's config with the train.* hardware keys the site sets (its device, its memory, its loaders):
+        the hospital decides these, whatever the coordinator's recipe says."""
+        site = self.hardware
+        if site is None:
+            return cfg
+        train = dataclasses.replace(cfg.train, device=site.device, device_memory_gb=site.device_memory_gb,
+                                    loader_workers=site.loader_workers, pin_memory=site.pin_memory)
+        return dataclasses.replace(cfg, train=train)
+
+    @property
+    def cudnn_benchmark(self) -> bool:
+        """Whether cuDNN autotunes its convolutions here (the site's choice; on in simulation)."""
+        return self.hardware is None or self.hardware.cudnn_benchmark
 
     @property
     def simulated(self) -> bool:

@@ -190,7 +190,7 @@ def personalised_metrics(
     """The personalised model's metrics (global + kept layers), after the last round the fine-tuned one's, and
     the ensemble's (the mean of the global model's and these models' probabilities); on the validation split, and in
     simulation also on the global test set (a deployed hospital has none)."""
-    device = select_device()
+    device = select_device(cfg.train.device)
     test = load_test_set(cfg, cache_dir=env.cache_dir)[1] if env.simulated else None
     members: list[tuple[np.ndarray, np.ndarray | None]] = []  # (validation, test) probabilities of each model
 

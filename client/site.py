@@ -21,6 +21,7 @@ from medfed.client.policy import DEFAULT_STAGES, SitePolicy, parse_grid, parse_s
 from medfed.common import keys
 from medfed.common.atomic import atomic_write
 from medfed.common.config import Config
+from medfed.common.config.checks import require_device_spec
 from medfed.common.data import SiteData, load_site
 from medfed.common.data.site_spec import SiteSpec, load_site_data
 from medfed.common.errors import ConfigError
@@ -41,7 +42,7 @@ _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # the site config's numeric keys and their types (YAML gives strings for typos such as "ten")
 _NUMBERS: dict[str, type] = {"val_fraction": float, "split_seed": int, "max_epsilon": float, "max_delta": float,
                              "min_noise": float, "runtime_port": int, "image_size": int, "channels": int,
-                             "spatial_dims": int}
+                             "spatial_dims": int, "device_memory_gb": float}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -67,6 +68,13 @@ class SiteConfig:
     address), ``ca_certificate`` and ``auth_key`` (TLS root and SuperNode key), ``runtime_port`` (local port of the
     SuperNode's Runtime API), ``threads`` (CPU threads for training; 0 = every core; the site decides, whatever the
     recipe says). Relative paths are relative to the file's folder.
+
+    Hardware (the site decides, whatever the recipe says; docs/operations.md "Hardware"): ``device`` (``auto``: the
+    GPU when torch sees one, else the CPU; ``cpu``; ``cuda``; ``cuda:N``) for training and evaluation,
+    ``device_memory_gb`` (the memory training may use on that device, in GiB; 0 = detect: a GPU's total memory, the
+    machine's available RAM; a model that does not fit is refused before round 1), ``loader_workers`` (DataLoader
+    worker processes; 0 = load in the training process), ``pin_memory`` (pinned host memory for batches bound for
+    a GPU), ``cudnn_benchmark`` (cuDNN picks the fastest convolution algorithm per shape; default true).
     """
 
     site_id: str
@@ -86,6 +94,12 @@ class SiteConfig:
     auth_key: str = "node.key"
     runtime_port: int = 9094  # the SuperNode's local Runtime API (127.0.0.1 only); one port per site on a machine
     threads: int = 0  # torch threads for training at this site; 0 = every core of the machine
+    # the site's hardware: overrides the recipe's train.device / device_memory_gb / loader_workers / pin_memory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device_memory_gb: float = 0.0  # GiB training may use on the device; 0 = detect
+    loader_workers: int = 0
+    pin_memory: bool = False
+    cudnn_benchmark: bool = True
     # an image folder: its label names in class order, and the model input its images are resized to
     classes: list[str] = field(default_factory=list)
     image_size: int = 28
@@ -136,6 +150,18 @@ class SiteConfig:
                 f"threads={self.threads!r} is out of range; it must be an integer >= 0 (0 = every core; on a machine "
                 "shared with other work or other sites, its share of the cores)."
             )
+        require_device_spec("device", self.device)
+        if not float(self.device_memory_gb) >= 0.0 or float(self.device_memory_gb) == float("inf"):
+            raise ConfigError(
+                f"device_memory_gb={self.device_memory_gb!r} is out of range; it must be a finite number >= 0 (GiB "
+                "that training may use on the device; 0 = detect: a GPU's total memory, or the available RAM)."
+            )
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ConfigError(f"loader_workers={self.loader_workers!r} is out of range; it must be an integer >= 0 "
+                              "(0 = load batches in the training process).")
+        for key in ("pin_memory", "cudnn_benchmark"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be true or false.")
         if self.classes and len(self.classes) != self.n_classes:
             raise ConfigError(
                 f"classes has {len(self.classes)} names but n_classes={self.n_classes}; list one label per class, in "
@@ -243,6 +269,11 @@ def node_config_for(site: SiteConfig) -> dict[str, str | float | bool]:
         keys.NODE_MIN_NOISE: float(site.min_noise),
         keys.NODE_SECURE_RNG: bool(site.secure_rng),
         keys.NODE_THREADS: float(site.threads),
+        keys.NODE_DEVICE: str(site.device),
+        keys.NODE_DEVICE_MEMORY_GB: float(site.device_memory_gb),
+        keys.NODE_LOADER_WORKERS: float(site.loader_workers),
+        keys.NODE_PIN_MEMORY: bool(site.pin_memory),
+        keys.NODE_CUDNN_BENCHMARK: bool(site.cudnn_benchmark),
         keys.NODE_REQUIRE_DP: bool(site.require_dp),
         keys.NODE_REQUIRE_SECURE_AGGREGATION: bool(site.require_secure_aggregation),
         keys.NODE_STAGES: ",".join(parse_stages(site.stages)),

@@ -25,6 +25,7 @@ from torch import nn
 from medfed.client.frozen_features import ViewMeanCrossEntropy, frozen_head, has_fixed_front_end
 from medfed.common.config import AugmentConfig, TrainConfig
 from medfed.common.data import ArrayDataset, AugmentedDataset, build_augmentation
+from medfed.common.hardware import amp_dtype, needs_grad_scaler, resolve_device, use_channels_last
 
 __all__ = [
     "DPTraining",
@@ -86,9 +87,11 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def select_device() -> torch.device:
-    """The hospital's GPU when it has one, else its CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def select_device(spec: str = "auto") -> torch.device:
+    """The device ``spec`` names (``train.device``, which a deployed hospital's site config overrides): ``auto``
+    (its GPU when it has one, else its CPU), ``cpu``, ``cuda`` or ``cuda:N``
+    (:func:`~medfed.common.hardware.resolve_device`)."""
+    return resolve_device(spec)
 
 
 def configure_threads(threads: int, parallel: int) -> int:
@@ -138,18 +141,41 @@ def _batches(
     data: ArrayDataset, cfg: TrainConfig, spatial_dims: int, generator: torch.Generator, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
-    if augment is None:
-        images = torch.from_numpy(data.images)
-        labels = torch.from_numpy(data.labels)
+    if augment is None:  # each batch read by one indexing op (from memory, or from the site's disk cache)
         order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            yield images[idx], labels[idx]
+        if cfg.loader_workers == 0 and not cfg.pin_memory:
+            labels = torch.from_numpy(data.labels)
+            for start in range(0, len(data), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                yield torch.from_numpy(np.ascontiguousarray(data.images[idx.numpy()])), labels[idx]
+            return
+        # the same batches, read ahead by worker processes and/or into pinned memory (the site's loader settings)
+        yield from torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size,
+                                               sampler=order.tolist(), collate_fn=_as_batched, **_loading(cfg))
         return
-    loader = torch.utils.data.DataLoader(
-        AugmentedDataset(data, augment), batch_size=cfg.batch_size, shuffle=True, generator=generator
+    yield from torch.utils.data.DataLoader(
+        AugmentedDataset(data, augment), batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        **_loading(cfg, augment)
     )
-    yield from loader
+
+
+def _loading(cfg: TrainConfig, augment: Any = None) -> dict[str, Any]:
+    """A DataLoader's worker and memory options from ``train.loader_workers`` / ``train.pin_memory`` (a site's
+    config sets them). Each worker reseeds its copy of the augmentation (by its id), so workers draw different
+    augmentations; the batches' membership and order never depend on the workers."""
+    # (pinned memory only speeds copies to a GPU; without one torch would warn and ignore it, at a cost)
+    options: dict[str, Any] = {"num_workers": cfg.loader_workers,
+                               "pin_memory": cfg.pin_memory and torch.cuda.is_available()}
+    if cfg.loader_workers > 0:
+        options["persistent_workers"] = False
+        if augment is not None and hasattr(augment, "set_random_state"):
+            base = derive_seed(cfg.seed, "loader")
+
+            def reseed(worker: int) -> None:
+                augment.set_random_state(seed=(base + worker) % 2**32)
+
+            options["worker_init_fn"] = reseed
+    return options
 
 
 def train_epochs(
@@ -220,6 +246,7 @@ def train_epochs(
                      else nn.CrossEntropyLoss(weight=weight, reduction="mean"))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    precision = amp_dtype(str(cfg.amp), device, dp=privacy is not None)  # (refused under DP before Opacus wraps)
     private = _make_private(trained, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy \
         else None
     forward: Callable[[torch.Tensor], Any] = private.model if private else trained
@@ -236,6 +263,12 @@ def train_epochs(
         and (frozen is not None or not has_fixed_front_end(model))  # (a fixed front end passes no image gradient)
     )
     ema = _Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # train.amp: autocast of the forward pass and the loss (a GradScaler for float16), and channels-last 2D
+    # convolutions on a GPU; neither under DP-SGD (medfed.common.hardware). Off, the step is the float32 one.
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision) else None
+    channels_last = privacy is None and use_channels_last(device, spatial_dims)
+    if channels_last:
+        trained.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (nn.Module.to takes it)
 
     summed_loss = getattr(criterion, "reduction", "mean") == "sum"  # DP-SGD's (hooks): the batch's sum, not mean
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
@@ -249,13 +282,22 @@ def train_epochs(
                 optimizer.zero_grad(set_to_none=True)
                 if per_sample_only:
                     images.requires_grad_(True)
-                loss = criterion(forward(images), labels)
+                if channels_last and images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with (torch.autocast(device_type=device.type, dtype=precision) if precision is not None
+                      else contextlib.nullcontext()):
+                    loss = criterion(forward(images), labels)
                 objective = loss + proximal_term(model, anchor, proximal_mu) if proximal_mu > 0 else loss
-                if per_sample_only:
-                    objective.backward(inputs=[images])
-                else:  # (ghost clipping's loss wrapper takes no inputs=)
-                    objective.backward()
-                optimizer.step()
+                if scaler is not None:  # float16: backward of the scaled loss; a step with an overflow is skipped
+                    scaler.scale(objective).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    if per_sample_only:
+                        objective.backward(inputs=[images])
+                    else:  # (ghost clipping's loss wrapper takes no inputs=)
+                        objective.backward()
+                    optimizer.step()
                 if ema is not None:
                     ema.update()
                 total_loss += float(loss.detach()) * (1 if summed_loss else len(labels))
@@ -267,6 +309,8 @@ def train_epochs(
         steps, sample_rate = private.steps_and_rate()
     if ema is not None:
         ema.apply()
+    if channels_last:  # the weights leave in the usual layout
+        trained.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     seconds = time.perf_counter() - started
     return LocalTrainResult(
         loss=total_loss / max(1, total_seen),
@@ -318,20 +362,21 @@ def _summed_over_batch(criterion: nn.Module) -> nn.Module:
 
 
 class _BatchedTensors(torch.utils.data.Dataset):
-    """Images and labels as tensors; the DataLoader fetches a batch's indices at once (``__getitems__``)."""
+    """Images and labels as tensors; the DataLoader fetches a batch's indices at once (``__getitems__``), from
+    memory or from the site's disk cache."""
 
     def __init__(self, data: ArrayDataset) -> None:
-        self.images, self.labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+        self.images, self.labels = data.images, torch.from_numpy(data.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+        return torch.from_numpy(np.array(self.images[index])), self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
+        index = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(self.images[index])), self.labels[torch.from_numpy(index)]
 
 
 def _as_batched(batch: Any) -> Any:
@@ -359,10 +404,10 @@ def _make_private(
     generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)
     if augment is not None:
         loader = torch.utils.data.DataLoader(AugmentedDataset(data, augment), batch_size=cfg.batch_size,
-                                             generator=generator)
+                                             generator=generator, **_loading(cfg, augment))
     else:  # whole batches by one indexing op, not image by image and stacked (as the non-DP path does)
         loader = torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size, generator=generator,
-                                             collate_fn=_as_batched)
+                                             collate_fn=_as_batched, **_loading(cfg))
     engine = PrivacyEngine(accountant="rdp", secure_mode=privacy.secure_mode)
     noise = None if privacy.secure_mode else torch.Generator().manual_seed(seed + 1)
     ghost = privacy.grad_sample_mode == "ghost"

@@ -56,6 +56,11 @@ __all__ = [
     "NODE_STAGES",
     "NODE_STATE_DIR",
     "NODE_THREADS",
+    "NODE_CUDNN_BENCHMARK",
+    "NODE_DEVICE",
+    "NODE_DEVICE_MEMORY_GB",
+    "NODE_LOADER_WORKERS",
+    "NODE_PIN_MEMORY",
     "NOISE_MULTIPLIER",
     "NOISED_COUNT",
     "NOISED_SSL_LOSS",
@@ -164,6 +169,12 @@ NODE_REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"  # deployment: tr
 NODE_STAGES = "stages"  # deployment: the stages the site answers, comma-separated (see client.policy.STAGES)
 NODE_CALIBRATION_GRID = "calibration-grid"  # deployment: the site's own temperature grid, comma-separated
 NODE_SITE_CONFIG = "site-config"  # deployment: the hospital's site config file (data, cap, approved apps)
+# deployment: the site's hardware (client.site.SiteConfig); each overrides the recipe's train.* key of its name
+NODE_DEVICE = "device"  # auto | cpu | cuda | cuda:N
+NODE_DEVICE_MEMORY_GB = "device-memory-gb"  # the memory the device offers training (GiB; 0 = detect)
+NODE_LOADER_WORKERS = "loader-workers"  # DataLoader worker processes
+NODE_PIN_MEMORY = "pin-memory"  # pinned host memory for batches bound for a GPU
+NODE_CUDNN_BENCHMARK = "cudnn-benchmark"  # cuDNN picks the fastest convolution algorithms per shape
 
 
 class SiteRefusal(StrEnum):

@@ -34,6 +34,7 @@ from medfed.client.training import (
 )
 from medfed.common.config import Config, DPConfig, TrainConfig
 from medfed.common.data import ArrayDataset, DatasetInfo, SiteData, load_site, load_test_set
+from medfed.common.hardware import configure_backend
 from medfed.common.inference import evaluate
 from medfed.common.models import build_model
 from medfed.common.models.pretrained import load_pretrained
@@ -55,7 +56,8 @@ def _numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _timed_eval(model: torch.nn.Module, data: ArrayDataset, cfg: Config) -> tuple[dict[str, float], float]:
     started = time.perf_counter()
-    metrics = evaluate(model, data.images, data.labels, batch_size=cfg.train.eval_batch_size, device=select_device())
+    metrics = evaluate(model, data.images, data.labels, batch_size=cfg.train.eval_batch_size,
+                       device=select_device(cfg.train.device))
     return metrics, time.perf_counter() - started
 
 
@@ -66,7 +68,8 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     sites = _sites(cfg, cache_dir)
     info, test_set = load_test_set(cfg)
     pooled = ArrayDataset.concat([s.train for s in sites])
-    device = select_device()
+    device = select_device(cfg.train.device)
+    configure_backend(device, cudnn_benchmark=True)
     model = initial_model(cfg, info).to(device)
     optimizer = make_optimizer(model, cfg.train)
     private = _pooled_dp(cfg, len(pooled))
@@ -146,7 +149,8 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
     configure_threads(cfg.federation.threads, 1)
     sites = _sites(cfg, cache_dir)
     info, test_set = load_test_set(cfg)
-    device = select_device()
+    device = select_device(cfg.train.device)
+    configure_backend(device, cudnn_benchmark=True)
     models, optimizers = [], []
     for site in sites:
         model = initial_model(cfg, info).to(device)  # every hospital starts from the same model, as in FedAvg

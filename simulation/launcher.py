@@ -21,8 +21,9 @@ from typing import Any
 from medfed.common import keys
 from medfed.common.config import Config, run_config_from_overrides
 from medfed.common.environment import APP_SECTION, flower_environment
+from medfed.common.errors import ConfigError
 
-__all__ = ["run_simulation"]
+__all__ = ["check_hardware", "run_simulation"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,16 @@ def run_simulation(
     t0: float | None = None,
     verbose: bool = False,
 ) -> None:
-    """Run the ServerApp and ``federation.hospitals`` ClientApps in Flower's simulation runtime (blocking)."""
+    """Run the ServerApp and ``federation.hospitals`` ClientApps in Flower's simulation runtime (blocking), after
+    :func:`check_hardware`."""
+    gpus = check_hardware(cfg, cache_dir)
     flower_environment()
     cores = os.cpu_count() or 1
     parallel = max(1, min(cfg.federation.parallel, cfg.federation.hospitals))
-    init_args: dict[str, Any] = {"num_cpus": cores, "num_gpus": 0, "include_dashboard": False}
+    init_args: dict[str, Any] = {"num_cpus": cores, "num_gpus": gpus, "include_dashboard": False}
     backend_config = {
-        "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": max(1, cores // parallel),
+                             "num_gpus": float(cfg.federation.gpus_per_hospital)},
         "init_args": init_args,
     }
     extras: dict[str, str | int | float | bool] = {
@@ -107,6 +111,61 @@ def run_simulation(
                 is_app=True,  # nodes read their run config from app_dir only when it is an app directory
                 verbose_logging=verbose,
             )
+
+
+def check_hardware(cfg: Config, cache_dir: Path) -> int:
+    """Before Flower starts: the device and the GPUs the config asks for exist, the hospitals' device can run
+    ``train.amp``, and, when ``train.device_memory_gb`` declares the device's memory, a hospital's training fits it
+    (or its share of it, with ``federation.gpus_per_hospital`` < 1). Returns the GPUs Ray is told of (0 without
+    ``federation.gpus_per_hospital``: Ray then hides every GPU from the hospitals).
+
+    Raises:
+        ConfigError: a device or GPUs this machine does not have, or a model too big for the declared memory.
+    """
+    import torch
+
+    from medfed.common.config import DPConfig
+    from medfed.common.hardware import GIB, amp_dtype, estimate_for_config, require_fits, resolve_device
+
+    device = resolve_device(str(cfg.train.device), key="train.device")
+    share = float(cfg.federation.gpus_per_hospital)
+    gpus = 0
+    if share > 0:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"federation.gpus_per_hospital={share:g} asks Ray for GPUs, but this machine has no CUDA device "
+                f"torch can use (torch {torch.__version__}, CUDA build {torch.version.cuda}); set "
+                "federation.gpus_per_hospital=0 to simulate the hospitals on the CPU."
+            )
+        gpus = torch.cuda.device_count()
+        if share > gpus:
+            raise ConfigError(f"federation.gpus_per_hospital={share:g} exceeds the {gpus} GPU(s) of this machine, so "
+                              f"Ray would never start a hospital; set it to at most {gpus} (0.5: two per GPU).")
+    elif str(cfg.train.device).startswith("cuda"):
+        raise ConfigError(
+            f"train.device={cfg.train.device} but federation.gpus_per_hospital=0: Ray hides the GPUs from simulated "
+            "hospitals that ask for none. Set federation.gpus_per_hospital (1: a GPU each, 0.5: two per GPU) or "
+            "train.device=auto."
+        )
+    elif device.type == "cuda":  # train.device=auto: the hospitals' actors see no GPU
+        logger.info("the simulated hospitals train on the CPU: set federation.gpus_per_hospital to give them the GPU")
+        device = torch.device("cpu")
+    amp_dtype(str(cfg.train.amp), device, dp=isinstance(cfg.privacy, DPConfig))  # e.g. fp16 on a CPU, refused now
+    if cfg.train.device_memory_gb > 0:
+        from medfed.common.data import load_site
+        from medfed.common.models.ssl import build_task_model
+
+        site = load_site(cfg, 0, cache_dir=cache_dir)  # the input shape (every hospital's is the same)
+        split = site.train if len(site.train) else site.val
+        model = build_task_model(cfg, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels,
+                                 n_classes=site.info.n_classes)
+        estimate = estimate_for_config(cfg, model, tuple(split.images.shape[1:]), device)
+        fraction = share if device.type == "cuda" and 0 < share < 1 else 1.0
+        available = int(cfg.train.device_memory_gb * GIB * fraction)
+        where = f"train.device_memory_gb={cfg.train.device_memory_gb:g} on {device}" + (
+            f", a hospital's share federation.gpus_per_hospital={share:g}" if fraction < 1 else "")
+        require_fits(estimate, available, where)
+    return gpus
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import logging
 
 from medfed.common.config.choices import (
     ACCOUNTANTS,
+    AMP_MODES,
     ATTACKS,
     CLASS_WEIGHTINGS,
     FINETUNE_MODES,
@@ -39,6 +40,7 @@ from medfed.common.config.choices import (
     SSL_METHODS,
     TASKS,
     Accountant,
+    AmpMode,
     Attack,
     ClassWeighting,
     FinetuneMode,
@@ -56,7 +58,7 @@ from medfed.common.config.compose import compose_config, register_schemas
 from medfed.common.config.dataset import DatasetConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
 from medfed.common.config.federation import FederationConfig
-from medfed.common.config.model import ModelConfig, PersonalizeConfig, ScatterNetConfig
+from medfed.common.config.model import ModelConfig, PersonalizeConfig, ResNetConfig, ScatterNetConfig
 from medfed.common.config.privacy import CentralDPConfig, DistributedDPConfig, DPConfig, PrivacyConfig
 from medfed.common.config.registry import CONF_DIR
 from medfed.common.config.run_config import RUN_CONFIG_OVERRIDES, overrides_from_run_config, run_config_from_overrides
@@ -76,6 +78,7 @@ from medfed.common.config.train import AugmentConfig, TrainConfig
 
 __all__ = [
     "ACCOUNTANTS",
+    "AMP_MODES",
     "ATTACKS",
     "CLASS_WEIGHTINGS",
     "CONF_DIR",
@@ -92,6 +95,7 @@ __all__ = [
     "TASKS",
     "Accountant",
     "AdaptiveMomentsConfig",
+    "AmpMode",
     "Attack",
     "AugmentConfig",
     "CentralDPConfig",
@@ -117,6 +121,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyMechanism",
     "ProxConfig",
+    "ResNetConfig",
     "SSLConfig",
     "SSLMethod",
     "ScatterNetConfig",

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 from medfed.common.errors import ConfigError
 
-__all__ = ["choice_error", "require_choice", "require_count", "require_fraction", "require_positive"]
+__all__ = [
+    "DEVICE_SPEC",
+    "choice_error",
+    "require_choice",
+    "require_count",
+    "require_device_spec",
+    "require_fraction",
+    "require_positive",
+]
 
 logger = logging.getLogger(__name__)
+
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+"""The devices a site or a recipe may name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
 
 
 def require_choice(key: str, value: object, allowed: Sequence[object]) -> None:
@@ -53,3 +65,10 @@ def require_count(key: str, value: object, *, minimum: int, meaning: str) -> Non
     """An int that is 0 (off) or at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < minimum):
         raise ConfigError(f"{key}={value!r} is out of range; it must be 0 (off) or an integer >= {minimum} ({meaning}).")
+
+
+def require_device_spec(key: str, value: object) -> None:
+    """A device name: ``auto`` (a GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(value, str) or not DEVICE_SPEC.match(value):
+        raise ConfigError(f"{key}={value!r} is not a device; use auto (a GPU when there is one, else the CPU), cpu, "
+                          "cuda or cuda:N (N: the GPU's index, e.g. cuda:1).")

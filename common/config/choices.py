@@ -16,6 +16,7 @@ from enum import StrEnum
 
 __all__ = [
     "ACCOUNTANTS",
+    "AMP_MODES",
     "ATTACKS",
     "CLASS_WEIGHTINGS",
     "FINETUNE_MODES",
@@ -30,6 +31,7 @@ __all__ = [
     "SSL_METHODS",
     "TASKS",
     "Accountant",
+    "AmpMode",
     "Attack",
     "ClassWeighting",
     "FinetuneMode",
@@ -110,6 +112,15 @@ class LRSchedule(StrEnum):
     cosine = "cosine"
 
 
+class AmpMode(StrEnum):
+    """Mixed precision of local training (``train.amp``; see :func:`medfed.common.hardware.amp_dtype`)."""
+
+    auto = "auto"  # bf16 (fp16 without bf16) on a GPU without DP; off on a CPU and under DP
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class ClassWeighting(StrEnum):
     """Weights of the classes in the loss (``train.class_weighting``)."""
 
@@ -167,6 +178,7 @@ LOCAL_LAYERS = _values(LocalLayers)
 OPTIMIZERS = _values(Optimizer)
 LR_SCHEDULES = _values(LRSchedule)
 CLASS_WEIGHTINGS = _values(ClassWeighting)
+AMP_MODES = _values(AmpMode)
 SSL_METHODS = _values(SSLMethod)
 TASKS = _values(Task)
 PRIVACY_MECHANISMS = _values(PrivacyMechanism)

@@ -30,6 +30,8 @@ class FederationConfig:
     threads: int = 0  # torch threads per hospital process; 0 = all cores / parallel
 
     parallel: int = 1  # hospitals trained at once in simulation
+    # GPUs per simulated hospital (Ray's client_resources num_gpus: 0.5 lets two share a GPU); 0 = none asked
+    gpus_per_hospital: float = 0.0
     # Each simulated hospital's own privacy cap (in deployment a hospital sets it in its node config):
     # cumulative epsilon over every run on its data, the largest delta it accepts, the least noise it accepts.
     site_max_epsilon: float = math.inf
@@ -55,6 +57,7 @@ class FederationConfig:
             raise ConfigError(f"federation.threads={self.threads!r} is out of range; use 0 (auto) or more.")
         if self.parallel < 1:
             raise ConfigError(f"federation.parallel={self.parallel!r} is out of range; it must be >= 1.")
+        require_positive("federation.gpus_per_hospital", self.gpus_per_hospital, allow_zero=True)
         for key, cap in [("federation.site_max_epsilon", self.site_max_epsilon)] + [
             (f"federation.site_max_epsilon_each[{i}]", c) for i, c in enumerate(self.site_max_epsilon_each)
         ]:

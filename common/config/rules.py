@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from medfed.common.config.schema import Config
 
 __all__ = [
+    "AMP_UNDER_DP",
     "RULES",
     "Rule",
     "check_rules",
@@ -30,6 +31,7 @@ __all__ = [
     "no_batch_norm_with_secure_aggregation",
     "no_class_weighting_with_dp",
     "no_fedprox_with_dp",
+    "no_mixed_precision_with_dp",
     "no_personalization_with_privacy",
     "secure_aggregation_needs_fedavg",
     "distributed_dp_trains_a_classifier_with_every_hospital",
@@ -44,6 +46,13 @@ logger = logging.getLogger(__name__)
 
 Rule = Callable[["Config"], None]
 """A check of a whole :class:`Config`: returns when it holds, raises :class:`ConfigError` when it does not."""
+
+AMP_UNDER_DP = (
+    "Opacus computes every image's gradient from hooks on the layers' activations and on the gradients flowing "
+    "back; under autocast both come in reduced precision, so the per-image norms it clips to max_grad_norm are "
+    "inexact and the bound on one image's influence that the epsilon rests on no longer holds exactly."
+)
+"""Why DP-SGD trains in float32 (``train.amp=bf16|fp16`` is refused under DP; ``auto`` means float32 there)."""
 
 
 # --- self-supervised pretraining (task=ssl): what it cannot be combined with, said before anything starts --------
@@ -178,6 +187,15 @@ def no_class_weighting_with_dp(cfg: Config) -> None:
         )
 
 
+def no_mixed_precision_with_dp(cfg: Config) -> None:
+    """DP-SGD's per-sample clipping needs float32 gradients (:data:`AMP_UNDER_DP`)."""
+    if cfg.privacy.name in ("dp", "distributed_dp") and cfg.train.amp in ("bf16", "fp16"):
+        raise ConfigError(
+            f"train.amp={cfg.train.amp} cannot run with privacy={cfg.privacy.name}: {AMP_UNDER_DP} Use "
+            "train.amp=auto (float32 under DP) or train.amp=off."
+        )
+
+
 def folder_roots_match_hospitals(cfg: Config) -> None:
     """dataset=folder: one image folder per simulated hospital."""
     if isinstance(cfg.dataset, FolderConfig) and len(cfg.dataset.data_paths) != cfg.federation.hospitals:
@@ -267,6 +285,7 @@ RULES: tuple[Rule, ...] = (
     no_fedprox_with_dp,
     no_class_weighting_with_dp,
     distributed_dp_trains_a_classifier_with_every_hospital,
+    no_mixed_precision_with_dp,
     folder_roots_match_hospitals,
     min_train_nodes_within_hospitals,
     scatternet_fits,

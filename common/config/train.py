@@ -6,11 +6,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from medfed.common.config.checks import require_choice, require_fraction, require_positive
+from medfed.common.config.checks import require_choice, require_device_spec, require_fraction, require_positive
 from medfed.common.config.choices import (
+    AMP_MODES,
     CLASS_WEIGHTINGS,
     LR_SCHEDULES,
     OPTIMIZERS,
+    AmpMode,
     ClassWeighting,
     LRSchedule,
     Optimizer,
@@ -70,6 +72,19 @@ class TrainConfig:
     # exponential moving average of the trained weights over a round's steps (free post-processing under DP);
     # 0 = off, else the decay per step in (0, 1)
     ema_decay: float = 0.0
+    # the hardware (medfed.common.hardware; a deployed hospital's site config overrides device, device_memory_gb,
+    # loader_workers and pin_memory): auto (a GPU when torch sees one) | cpu | cuda | cuda:N
+    device: str = "auto"
+    # mixed precision: auto (bf16, or fp16 without bf16, on a GPU without DP; off on a CPU and under DP) | off |
+    # bf16 | fp16 (not under DP: Opacus' per-sample clipping needs float32 gradients; fp16 not on a CPU)
+    amp: AmpMode = AmpMode.auto
+    # the memory the device offers training, in GiB, for the preflight before round 1; 0 = detect (a GPU's total
+    # memory, the machine's available RAM)
+    device_memory_gb: float = 0.0
+    # data loading: worker processes of the training DataLoader (0: in the training process) and pinned host memory
+    # for faster copies to a GPU
+    loader_workers: int = 0
+    pin_memory: bool = False
 
     def round_lr(self, server_round: int) -> float:
         """The learning rate of a round (1-based): constant, or cosine-decayed to ``lr * lr_min_factor``."""
@@ -96,3 +111,9 @@ class TrainConfig:
             raise ConfigError(f"train.aug_views={self.aug_views!r} is out of range; it must be an integer in [1, 64] "
                               "(1: no augmentation multiplicity).")
         require_fraction("train.ema_decay", self.ema_decay, low_open=False, high_open=True)
+        require_device_spec("train.device", self.device)
+        require_choice("train.amp", self.amp, AMP_MODES)
+        require_positive("train.device_memory_gb", self.device_memory_gb, allow_zero=True)
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ConfigError(f"train.loader_workers={self.loader_workers!r} is out of range; it must be an integer "
+                              ">= 0 (0: load batches in the training process).")

@@ -72,6 +72,14 @@ def test_two_hospitals_on_one_machine_get_their_own_flower_home(tmp_path: Path) 
         ({"runtime_port": 9094.5}, "runtime_port=9094.5 is not a whole number"),
         ({"runtime_port": 70000}, r"runtime_port=70000 is out of range; it must lie in \[1, 65535\]"),
         ({"image_size": True}, "image_size=True is not a number"),
+        ({"device": "gpu"}, "device='gpu' is not a device; use auto"),
+        ({"device": "cuda:x"}, "device='cuda:x' is not a device"),
+        ({"device_memory_gb": -1}, r"device_memory_gb=-1.0 is out of range; it must be a finite number >= 0"),
+        ({"device_memory_gb": "eight"}, "device_memory_gb='eight' is not a number"),
+        ({"loader_workers": -1}, "loader_workers=-1 is out of range; it must be an integer >= 0"),
+        ({"loader_workers": 1.5}, "loader_workers=1.5 is out of range"),
+        ({"pin_memory": "yes"}, "pin_memory='yes' must be true or false"),
+        ({"cudnn_benchmark": 1}, "cudnn_benchmark=1 must be true or false"),
     ],
 )
 def test_bad_site_config_values_name_the_key(tmp_path: Path, edit: dict[str, object], match: str) -> None:
@@ -162,3 +170,27 @@ def test_the_daemon_says_which_edits_need_a_restart(tmp_path: Path, caplog: pyte
     os.utime(path, (daemon._config_mtime + 1, daemon._config_mtime + 1))
     daemon.check_config()
     assert "is now invalid" in caplog.text and "max_epsilon='ten'" in caplog.text
+
+
+def test_the_site_decides_its_hardware_whatever_the_recipe_says(tmp_path: Path) -> None:
+    # Prepare: the site config says cpu, 0.5 GiB, 2 loader workers, pinned memory, no cuDNN autotuning; the
+    # coordinator's recipe asks for cuda and 80 GiB
+    path = _site(tmp_path, device="cpu", device_memory_gb=0.5, loader_workers=2, pin_memory=True,
+                 cudnn_benchmark=False)
+    node = node_config_for(load_site_config(path))
+    recipe = compose_config(["train.device=cuda", "train.device_memory_gb=80"])
+
+    # Execute
+    env = NodeEnv.resolve(node, {})
+    cfg = env.recipe(recipe)
+
+    # Assert
+    assert node[keys.NODE_DEVICE] == "cpu" and node[keys.NODE_DEVICE_MEMORY_GB] == 0.5
+    assert 'device="cpu"' in node_config_arg(node) and "cudnn-benchmark=false" in node_config_arg(node)
+    assert (cfg.train.device, cfg.train.device_memory_gb, cfg.train.loader_workers, cfg.train.pin_memory) == (
+        "cpu", 0.5, 2, True)
+    assert env.cudnn_benchmark is False
+    assert cfg.train.lr == recipe.train.lr  # the learning recipe stays the coordinator's
+    # a simulated hospital follows the recipe
+    simulated = NodeEnv.resolve({keys.NODE_PARTITION_ID: 0}, {})
+    assert simulated.recipe(recipe) is recipe and simulated.cudnn_benchmark is True

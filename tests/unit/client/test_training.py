@@ -79,3 +79,33 @@ def test_dp_batches_are_fetched_whole_and_may_be_empty():
     np.testing.assert_array_equal(x.numpy(), images[[2, 0]])
     assert y.tolist() == [0, 0]
     assert tuple(empty_x.shape) == (0, 1, 2, 2) and tuple(empty_y.shape) == (0,)
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_loader_workers_and_pinned_memory_train_the_same_weights(tmp_path, private):
+    # Prepare: the images in memory, then on the site's disk (ImageFiles) read ahead by a worker process
+    from medfed.client.training import DPTraining
+    from medfed.common.data.image_files import ImageFiles
+
+    data = _data(40)
+    (tmp_path / "decoded").mkdir()
+    for index, image in enumerate(data.images):
+        np.save(tmp_path / "decoded" / f"i{index}.npy", image)
+    on_disk = ArrayDataset(images=ImageFiles(tmp_path / "decoded", np.array([f"i{i}" for i in range(40)]),  # type: ignore[arg-type]
+                                             (1, 28, 28), np.float32), labels=data.labels)
+    privacy = DPTraining(noise_multiplier=0.5, max_grad_norm=1.0) if private else None
+    weights = []
+    for options in (["train.loader_workers=0"], ["train.loader_workers=1", "train.pin_memory=true"]):
+        cfg = compose_config(["train.batch_size=16", *options])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2)
+
+        # Execute
+        source = data if options == ["train.loader_workers=0"] else on_disk
+        result = train_epochs(model, source, cfg.train, epochs=2, n_classes=2, spatial_dims=2, seed=3,
+                              privacy=privacy)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        assert result.num_examples == 40
+
+    # Assert: the batches' membership and order depend neither on where the images are nor on how they are read
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
