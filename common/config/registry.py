@@ -110,8 +110,8 @@ _STRATEGIES: dict[str, type[StrategyConfig]] = {
 GROUPS: Mapping[str, SchemaGroup] = MappingProxyType({
     "dataset": SchemaGroup("dataset", {"folder": FolderConfig, "medmnist": MedMNISTConfig,
                                        "synthetic": SyntheticConfig}, selector="source", what="dataset source"),
-    "model": SchemaGroup("model", {"resnet18": ResNetConfig, "scatternet": ScatterNetConfig, "smallcnn": ModelConfig},
-                         selector="name"),
+    "model": SchemaGroup("model", {"densenet121": ModelConfig, "resnet18": ResNetConfig, "scatternet": ScatterNetConfig,
+                                   "smallcnn": ModelConfig}, selector="name"),
     "strategy": SchemaGroup("strategy", _STRATEGIES, selector="name", what="strategy"),
     "federation": SchemaGroup("federation", {"default": FederationConfig}),
     "train": SchemaGroup("train", {"default": TrainConfig}),

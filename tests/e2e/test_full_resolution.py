@@ -1,5 +1,6 @@
-"""Full-resolution sites through the real simulation: a 128 px image folder and 64^3 NIfTI volumes each train one
-round (issue 25). The images are decoded once into the site cache and read from there a batch at a time."""
+"""Full-resolution sites through the real simulation: a 128 px image folder (medfed's CNN) and 64^3 NIfTI volumes
+(MONAI's DenseNet-121) each train one round (issue 25). The images are decoded once into the site cache and read
+from there a batch at a time."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_a_64_cubed_nifti_volume_federation_trains_a_round(tmp_path: Path) -> No
     overrides = ["dataset=folder", f"dataset.data_paths=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
                  f"dataset.test_data_path={tmp_path / 'test'}", "dataset.classes=[0,1]", "dataset.spatial_dims=3",
                  "dataset.image_size=64", "federation.hospitals=2", "train.rounds=1", "train.batch_size=4",
-                 "model.width=8"]
+                 "model=densenet121", "model.width=4"]
 
     # Execute
     result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *overrides], tmp_path)

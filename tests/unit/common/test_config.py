@@ -62,7 +62,7 @@ def test_group_option_switches_schema_and_overrides_apply():
     ("overrides", "match"),
     [
         (["dataset=foo"], r"dataset='foo' is not a known dataset option; choose one of: folder, medmnist, synthetic"),
-        (["model=bogus"], r"model='bogus' is not a known model option; choose one of: resnet18, scatternet, smallcnn"),
+        (["model=bogus"], r"model='bogus' is not a known model option; choose one of: densenet121, resnet18, scatternet, smallcnn"),
         (["federation.partition=bogus"], r"federation.partition='bogus' is not allowed; choose one of: iid, dirichlet, quantity"),
         (["train.optimizer=lbfgs"], r"train.optimizer='lbfgs' is not allowed; choose one of: adamw, adam, sgd"),
         (["privacy=dp", "privacy.accountant=pld"], r"privacy.accountant='pld' is not allowed; choose one of: rdp"),
