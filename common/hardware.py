@@ -161,6 +161,10 @@ class MemoryEstimate:
     per_sample_gradients: int  # DP-SGD only: every image's gradient, and the largest convolution's unfolded input
     batch: int  # images per forward pass the activations were sized for
     reserve: int = 0  # outside the model's tensors: a CUDA context
+    # the evaluation pass (no gradients, train.eval_batch_size images): parameters, and the widest layer's input and
+    # output twice over (what is alive at once, a residual branch's input included); 0 when not estimated
+    evaluation: int = 0
+    eval_batch: int = 0
 
     @property
     def total(self) -> int:
@@ -170,8 +174,9 @@ class MemoryEstimate:
 
     @property
     def required(self) -> int:
-        """What a device must hold: the sum times :data:`SAFETY_FACTOR`, plus the reserve."""
-        return math.ceil(self.total * SAFETY_FACTOR) + self.reserve
+        """What a device must hold: the larger of training's sum and the evaluation pass, times
+        :data:`SAFETY_FACTOR`, plus the reserve."""
+        return math.ceil(max(self.total, self.evaluation) * SAFETY_FACTOR) + self.reserve
 
     def describe(self) -> str:
         parts = [f"parameters {_gib(self.parameters)}", f"gradients {_gib(self.gradients)}",
@@ -181,6 +186,8 @@ class MemoryEstimate:
             parts.append(f"per-sample gradients {_gib(self.per_sample_gradients)}")
         if self.reserve:
             parts.append(f"CUDA context {_gib(self.reserve)}")
+        if self.evaluation:
+            parts.append(f"evaluation {_gib(self.evaluation)} at {self.eval_batch} images per pass")
         return ", ".join(parts)
 
 
@@ -200,17 +207,19 @@ def _bytes_of(output: Any) -> int:
 
 def _output_bytes(
     model: nn.Module, batch: torch.Tensor, half: bool, params: dict[str, torch.Tensor]
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Bytes of every leaf module's output in one training-mode forward pass (the input counted too; under
-    autocast, ``half``, convolutions and linear layers give 2-byte outputs), and of the largest trainable
-    convolution's input and unfolded input (what DP-SGD's per-sample gradient of that layer works on)."""
-    total, unfold = [_bytes_of(batch)], [0]
+    autocast, ``half``, convolutions and linear layers give 2-byte outputs), of the largest trainable
+    convolution's input and unfolded input (what DP-SGD's per-sample gradient of that layer works on), and of the
+    widest leaf's input and output together (float32: what a pass without gradients holds at once)."""
+    total, unfold, widest = [_bytes_of(batch)], [0], [0]
     trainable = {id(m) for m in model.modules()
                  if isinstance(m, nn.modules.conv._ConvNd) and m.weight.requires_grad}
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         size = _bytes_of(output)
         total[0] += size // 2 if half and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) else size
+        widest[0] = max(widest[0], size + (_bytes_of(args[0]) if args else 0))
         if id(module) in trainable and isinstance(output, torch.Tensor):
             conv = cast(nn.modules.conv._ConvNd, module)
             positions = output.numel() // max(1, output.shape[1])  # images x output positions
@@ -228,10 +237,12 @@ def _output_bytes(
         for handle in handles:
             handle.remove()
         model.train(training)
-    return total[0], unfold[0]
+    return total[0], unfold[0], widest[0]
 
 
-def _activation_bytes(model: nn.Module, input_shape: Sequence[int], batch: int, half: bool) -> tuple[int, int]:
+def _activation_bytes(
+    model: nn.Module, input_shape: Sequence[int], batch: int, half: bool
+) -> tuple[int, int, int]:
     """:func:`_output_bytes` of a forward pass of ``batch`` images, on the ``meta`` device (shapes only, nothing
     allocated); a model whose forward needs real values is measured at one image on its own device and scaled."""
     named = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
@@ -241,8 +252,8 @@ def _activation_bytes(model: nn.Module, input_shape: Sequence[int], batch: int, 
     except Exception:  # noqa: BLE001 - a forward that reads values (or builds tensors elsewhere) cannot run on meta
         logger.debug("the meta-device forward failed; measuring one image on the model's device", exc_info=True)
     device = next((t.device for t in named.values()), torch.device("cpu"))
-    outputs, unfold = _output_bytes(model, torch.zeros((1, *input_shape), device=device), half, named)
-    return outputs * batch, unfold * batch
+    outputs, unfold, widest = _output_bytes(model, torch.zeros((1, *input_shape), device=device), half, named)
+    return outputs * batch, unfold * batch, widest * batch
 
 
 def _poisson_high(batch: int) -> int:
@@ -261,6 +272,7 @@ def estimate_training_memory(
     optimizer: str = "adamw",
     momentum: float = 0.9,
     device: torch.device | None = None,
+    eval_batch_size: int | None = None,
 ) -> MemoryEstimate:
     """What training ``model`` on images of ``input_shape`` (one image: channels, then spatial sizes) needs.
 
@@ -272,7 +284,10 @@ def estimate_training_memory(
     batch of one pass is at most ``physical_batch_size`` (Opacus' BatchMemoryManager) and each image's gradient of
     every trainable parameter is held as well (per-sample gradients: trainable parameters x that batch, float32),
     with the largest trainable convolution's input and unfolded input (its per-sample gradient's workspace).
-    ``device`` adds :data:`CUDA_CONTEXT_BYTES` on a GPU.
+    ``device`` adds :data:`CUDA_CONTEXT_BYTES` on a GPU. With ``eval_batch_size`` the evaluation pass is estimated
+    too (no gradients: the parameters and twice the widest layer's input plus output at that batch; at full
+    resolution the default ``train.eval_batch_size`` of 256 can need more than training at batch 32), and the
+    device must hold the larger of the two.
 
     Accuracy, measured on a 2-core CPU with torch 2.13 (the rise of a fresh process's peak resident memory,
     ``ru_maxrss``, over one epoch of two AdamW steps above its resident memory before the model was built, after a
@@ -285,7 +300,7 @@ def estimate_training_memory(
     measurements varied by about 15 %. :attr:`MemoryEstimate.required` (times :data:`SAFETY_FACTOR`) was thus never
     below 1.3 x the measured peak, and at most about 3 x it (3.6 x with CPU bfloat16). Not measured on a GPU:
     cuDNN's workspaces and the caching allocator's fragmentation come on top there, which the margin is meant to
-    cover; the data loader's batches in flight and the evaluation pass are left out.
+    cover; the data loader's batches in flight are left out.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * _FLOAT_BYTES for p in trainable)
@@ -293,7 +308,7 @@ def estimate_training_memory(
     moments = {"adamw": 2, "adam": 2, "sgd": 1 if momentum > 0 else 0}.get(str(optimizer), 2)
     batch = min(physical_batch_size, _poisson_high(batch_size)) if dp else batch_size
     half = amp_dtype is not None
-    outputs, unfold = _activation_bytes(model, input_shape, batch, half)
+    outputs, unfold, widest = _activation_bytes(model, input_shape, batch, half)
     activations = 2 * outputs
     if half:
         activations += sum(p.numel() for p in trainable) * 2
@@ -305,6 +320,8 @@ def estimate_training_memory(
         per_sample_gradients=trainable_bytes * batch + unfold if dp else 0,
         batch=batch,
         reserve=CUDA_CONTEXT_BYTES if device is not None and device.type == "cuda" else 0,
+        evaluation=stored + 2 * math.ceil(widest * eval_batch_size / batch) if eval_batch_size else 0,
+        eval_batch=eval_batch_size or 0,
     )
 
 
@@ -319,7 +336,8 @@ def estimate_for_config(
     dtype = None if dp else amp_dtype(str(cfg.train.amp), device, dp=False)
     return estimate_training_memory(model, input_shape, cfg.train.batch_size, dp=dp, physical_batch_size=physical,
                                     amp_dtype=dtype, optimizer=str(cfg.train.optimizer),
-                                    momentum=cfg.train.momentum, device=device)
+                                    momentum=cfg.train.momentum, device=device,
+                                    eval_batch_size=cfg.train.eval_batch_size)
 
 
 def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
@@ -356,8 +374,11 @@ def fit_problem(estimate: MemoryEstimate, available_bytes: int | None, where: st
     return (
         f"{where}: training this model needs about {_gib(estimate.required)} ({estimate.describe()}; "
         f"x{SAFETY_FACTOR:g} margin), but {_gib(available_bytes)} are available. To fit: a smaller train.batch_size "
-        "(under DP, a smaller privacy.max_physical_batch_size: the same logical batch in smaller passes), a smaller "
-        "image size, a smaller model (e.g. model=smallcnn or a smaller model.width), or a device with more memory."
+        "(under DP, a smaller privacy.max_physical_batch_size: the same logical batch in smaller passes)"
+        + (", a smaller train.eval_batch_size (the evaluation pass needs the most)"
+           if estimate.evaluation > estimate.total else "")
+        + ", a smaller image size, a smaller model (e.g. model=smallcnn or a smaller model.width), or a device with "
+        "more memory."
     )
 
 

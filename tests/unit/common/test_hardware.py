@@ -253,6 +253,64 @@ def test_a_gpu_adds_the_cuda_context():
     assert est.required == math.ceil(est.total * SAFETY_FACTOR) + est.reserve
 
 
+def test_the_evaluation_pass_counts_when_its_batch_needs_more_than_training():
+    # Prepare: 128 px images, training at batch 8, evaluation at the default 256
+    cfg = compose_config(["dataset.image_size=128", "train.batch_size=8"])
+    model = build_task_model(cfg, spatial_dims=2, in_channels=1, n_classes=2)
+
+    # Execute
+    est = estimate_for_config(cfg, model, (1, 128, 128), CPU)
+    small = estimate_for_config(compose_config(["dataset.image_size=128", "train.batch_size=8",
+                                                "train.eval_batch_size=8"]), model, (1, 128, 128), CPU)
+    problem = fit_problem(est, est.required - 1, "x")
+
+    # Assert: the device must hold the larger pass; the refusal names the key that shrinks it
+    assert est.eval_batch == 256 and est.evaluation > est.total
+    assert est.required == math.ceil(est.evaluation * SAFETY_FACTOR)
+    assert small.evaluation < small.total and small.required == math.ceil(small.total * SAFETY_FACTOR)
+    assert problem is not None and "evaluation" in problem and "train.eval_batch_size" in problem
+    assert "train.eval_batch_size" not in (fit_problem(small, small.required - 1, "x") or "")
+
+
+_EVAL_PROBE = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from medfed.common.config import compose_config
+    from medfed.common.hardware import estimate_for_config
+    from medfed.common.inference import predict_logits
+    from medfed.common.models.ssl import build_task_model
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    cfg = compose_config(["dataset.image_size=128", "train.eval_batch_size=128"])
+    model = build_task_model(cfg, spatial_dims=2, in_channels=1, n_classes=2)
+    images = np.random.default_rng(0).random((128, 1, 128, 128), dtype=np.float32)
+    predict_logits(model, images[:2], batch_size=2)  # warm-up
+    with open("/proc/self/clear_refs", "w") as handle:  # the kernel's peak restarts from the current memory
+        handle.write("5")
+    base = status("VmRSS")
+    predict_logits(model, images, batch_size=128)
+    estimate = estimate_for_config(cfg, model, (1, 128, 128), torch.device("cpu"))
+    print(json.dumps({"measured": status("VmHWM") - base, "evaluation": estimate.evaluation}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_evaluation_estimate_is_within_the_stated_factor_of_the_measured_peak():
+    # Prepare / Execute: one evaluation pass of smallcnn at 128 px, batch 128, in a fresh process
+    done = subprocess.run([sys.executable, "-c", _EVAL_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+
+    # Assert: never under the measured peak (measured 2026-12-07: 1.15-2.0 x it), at most 3 x it
+    assert found["measured"] <= found["evaluation"] <= 3 * found["measured"], found
+
+
 _PROBE = textwrap.dedent("""
     import json, sys
     import numpy as np
