@@ -14,8 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-N_IMAGES = 3000
-SIZE = 96  # decoded float32: 36 KiB an image, 105 MiB for the site
+N_IMAGES = 6000
+SIZE = 96  # decoded float32: 36 KiB an image, 211 MiB for the site
 
 _TRAIN = textwrap.dedent(
     """
@@ -62,7 +62,7 @@ _TRAIN = textwrap.dedent(
 
 
 def test_a_site_larger_than_its_memory_allowance_trains_from_its_disk_cache(tmp_path: Path) -> None:
-    # Prepare: a class-subfolder PNG site whose decoded images take 105 MiB
+    # Prepare: a class-subfolder PNG site whose decoded images take 211 MiB
     from PIL import Image
 
     rng = np.random.default_rng(0)
