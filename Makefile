@@ -18,7 +18,7 @@ demo: $(VENV)/.installed  # local-only vs FedAvg vs FedAvg + DP on the BreastMNI
 
 test: $(VENV)/.installed
 	$(PY) tests/typecheck.py
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests  # the 30 slowest tests listed: CI has a time budget
 
 typecheck: $(VENV)/.installed
 	$(PY) tests/typecheck.py

@@ -26,6 +26,7 @@ from medfed.client.personalization import (
 )
 from medfed.client.training import derive_seed, select_device, train_epochs
 from medfed.common import keys
+from medfed.common.compression import compress_update
 from medfed.common.config import Config, DPConfig
 from medfed.common.data import SiteData
 from medfed.common.errors import PrivacyBudgetExceeded
@@ -93,6 +94,10 @@ def train_round(
         shared_state(model, received, local), received, cfg.federation, env.partition_id,
         derive_seed(cfg.train.seed, "attack", server_round),
     )
+    if cfg.strategy.compression != "none":  # the update in fewer bytes; the coordinator decodes it (after DP's noise)
+        weights = {name: torch.from_numpy(array) for name, array in compress_update(
+            {k: v.numpy() for k, v in weights.items()}, received, cfg.strategy.compression,
+            seed=derive_seed(cfg.train.seed, "compress", server_round, site.site_id)).items()}
     metrics: dict[str, float | int] = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,

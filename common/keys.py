@@ -11,6 +11,7 @@ from enum import StrEnum
 
 __all__ = [
     "SiteRefusal",
+    "BYTES_UP",
     "site_refusal",
     "ENSEMBLE_PREFIX",
     "ENSEMBLE_TEST_PREFIX",
@@ -96,6 +97,7 @@ SITE = "site"
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # FedProx: the proximal weight Flower's FedProx puts in the train ConfigRecord
 SITE_ID = "site-id"
+BYTES_UP = "bytes-up"  # the coordinator's own measure of a training reply's size (never sent by a hospital)
 # after the last round (evaluate messages): which final stage, and its parameters
 FINAL_STAGE = "final-stage"  # STAGE_CALIBRATE or STAGE_RELIABILITY
 STAGE_CALIBRATE = "calibrate"  # reply: the validation NLL sum at each temperature

@@ -31,7 +31,13 @@ from medfed.common.models import load_checkpoint, require_dp_compatible
 from medfed.common.models.ssl import build_task_model, ssl_loss
 from medfed.common.representation import representation_quality
 from medfed.common.models.pretrained import load_pretrained
-from medfed.server.final import audit_federated, calibrate_federated, operating_point, uncertainty_on_test_set
+from medfed.server.final import (
+    audit_federated,
+    calibrate_federated,
+    final_nodes,
+    operating_point,
+    uncertainty_on_test_set,
+)
 from medfed.server.grid import PromptGrid
 from medfed.server.runs import RunDirectory
 from medfed.server.secure_aggregation import run_secure_aggregation
@@ -94,8 +100,9 @@ def _final_evaluation(
     if cfg.task == "ssl":  # no classifier: nothing to calibrate or to be uncertain about
         tracker.add_compute(time.perf_counter() - started)
         return out
+    asked = final_nodes(grid, cfg.strategy.fraction_evaluate, cfg.strategy.min_evaluate_nodes, cfg.train.seed)
     if cfg.evaluate.final_stages:
-        calibration = calibrate_federated(grid, state, timeout=cfg.strategy.round_timeout_s)
+        calibration = calibrate_federated(grid, state, timeout=cfg.strategy.round_timeout_s, node_ids=asked)
         calibration["round"] = best_round
         if cfg.evaluate.calibrate:  # (without it, the stages only carried the request for Grad-CAM maps)
             temperature = calibration["temperature"]
@@ -104,7 +111,7 @@ def _final_evaluation(
             out["gradcam_saved"] = calibration.get("gradcam_saved", {})
     if cfg.evaluate.audit:  # membership inference at each hospital that allows it, against the selected model
         out["audit"] = audit_federated(grid, state, shadows=cfg.evaluate.audit_shadows,
-                                       timeout=cfg.strategy.round_timeout_s)
+                                       timeout=cfg.strategy.round_timeout_s, node_ids=asked)
         out["audit"]["round"] = best_round
     best = tracker.state.best
     chosen = operating_point(cfg, model, state, test_set, best.val if best is not None else {}, best_round)
@@ -160,7 +167,8 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     inner = _inner_strategy(cfg, tracker, run_dir, model, start_round)
     strategy = ObservedStrategy(inner, round_offset=start_round,
                                 max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
-                                node_names=_node_names(context.run_config))
+                                node_names=_node_names(context.run_config),
+                                compression=cfg.strategy.compression)
     rounds = _RoundRecorder(cfg, model, test_set, tracker, strategy, inner, start_round)
     final_arrays = _train(grid, context, cfg, model, strategy, rounds, tracker, cfg.train.rounds - start_round)
     extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}

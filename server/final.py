@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,18 +41,31 @@ from medfed.common.models.weights import load_checkpoint
 from medfed.common.uncertainty import mc_dropout_proba, mean_proba, predictive_entropy, referral_curve
 from medfed.server.runs import RunDirectory
 
-__all__ = ["audit_federated", "calibrate_federated", "operating_point", "uncertainty_on_test_set"]
+__all__ = ["audit_federated", "calibrate_federated", "final_nodes", "operating_point", "uncertainty_on_test_set"]
 
 logger = logging.getLogger(__name__)
 
 
+def final_nodes(grid: Grid, fraction: float, minimum: int, seed: int) -> list[int]:
+    """The hospitals the final stages ask: every connected one, or, with ``strategy.fraction_evaluate`` < 1, as
+    many as a round's evaluation asks (``max(int(fraction x connected), minimum)``, Flower's rule), drawn once with
+    ``seed`` so every stage asks the same ones (a 1,000-hospital simulation calibrates on its sample, not on all)."""
+    node_ids = sorted(int(n) for n in grid.get_node_ids())
+    wanted = min(len(node_ids), max(int(len(node_ids) * fraction), minimum))
+    if wanted >= len(node_ids):
+        return node_ids
+    return sorted(random.Random(seed).sample(node_ids, wanted))
+
+
 def _send(
-    grid: Grid, state: Mapping[str, np.ndarray], config: dict[str, Any], timeout: float | None
+    grid: Grid, state: Mapping[str, np.ndarray], config: dict[str, Any], timeout: float | None,
+    node_ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, Mapping[str, Any]], list[dict[str, str]]]:
-    """One evaluate message with the model and ``config`` to every connected hospital; their metrics by site id,
-    and the hospitals that failed (with the PHI-free reason they sent) or did not answer."""
+    """One evaluate message with the model and ``config`` to each of ``node_ids`` (default: every connected
+    hospital); their metrics by site id, and the hospitals that failed (with the PHI-free reason they sent) or did
+    not answer."""
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-    node_ids = list(grid.get_node_ids())
+    node_ids = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
     messages = [
         Message(
             content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord(config)}),
@@ -112,13 +126,13 @@ def _on_one_grid(
 
 
 def calibrate_federated(
-    grid: Grid, state: Mapping[str, np.ndarray], *, timeout: float | None
+    grid: Grid, state: Mapping[str, np.ndarray], *, timeout: float | None, node_ids: Sequence[int] | None = None
 ) -> dict[str, Any]:
-    """Fit one temperature for the model ``state`` on every hospital's validation split; the result's
-    ``temperature`` is None (with ``skipped``: why) when no hospital returned usable sums."""
+    """Fit one temperature for the model ``state`` on the validation splits of ``node_ids`` (default: every
+    hospital); the result's ``temperature`` is None (with ``skipped``: why) when no hospital returned usable sums."""
     grid_t = list(TEMPERATURES)
     replies, failed = _send(
-        grid, state, {keys.FINAL_STAGE: keys.STAGE_CALIBRATE, keys.TEMPERATURES: grid_t}, timeout
+        grid, state, {keys.FINAL_STAGE: keys.STAGE_CALIBRATE, keys.TEMPERATURES: grid_t}, timeout, node_ids
     )
     usable = {site: m for site, m in replies.items() if keys.NLL_SUMS in m and _count(m) > 0}
     usable, other_grids, grid_t = _on_one_grid(usable, grid_t)
@@ -141,7 +155,7 @@ def calibrate_federated(
         logger.warning("the fitted temperature %.4g is at the edge of the grid", temperature)
 
     replies, failed_2 = _send(
-        grid, state, {keys.FINAL_STAGE: keys.STAGE_RELIABILITY, keys.TEMPERATURE: temperature}, timeout
+        grid, state, {keys.FINAL_STAGE: keys.STAGE_RELIABILITY, keys.TEMPERATURE: temperature}, timeout, node_ids
     )
     result["dropped"] = failed + failed_2
     sites: dict[str, Any] = {}
@@ -255,12 +269,13 @@ AUDIT_NOTE = ("membership inference by each hospital on its own data (members: i
 
 
 def audit_federated(
-    grid: Grid, state: Mapping[str, np.ndarray], *, shadows: int, timeout: float | None
+    grid: Grid, state: Mapping[str, np.ndarray], *, shadows: int, timeout: float | None,
+    node_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Ask every hospital to attack the model ``state`` with membership inference on its own data; the summary's
-    ``audit``: each answering site's attack AUC and TPR at 1 % and 0.1 % FPR per attack, and the worst (largest)
-    over sites, beside the hospitals that refused or failed."""
-    replies, failed = _send(grid, state, {keys.FINAL_STAGE: keys.STAGE_AUDIT}, timeout)
+    """Ask each of ``node_ids`` (default: every hospital) to attack the model ``state`` with membership inference
+    on its own data; the summary's ``audit``: each answering site's attack AUC and TPR at 1 % and 0.1 % FPR per
+    attack, and the worst (largest) over sites, beside the hospitals that refused or failed."""
+    replies, failed = _send(grid, state, {keys.FINAL_STAGE: keys.STAGE_AUDIT}, timeout, node_ids)
     sites: dict[str, dict[str, dict[str, float]]] = {}
     for site, m in sorted(replies.items()):
         for key, value in m.items():

@@ -11,17 +11,19 @@ such as ``server-round`` stay absolute).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from medfed.common import keys
+from medfed.common.compression import CompressionError, decompress_update
 from medfed.strategies.validation import check_updates
 
-__all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop"]
+__all__ = ["ObservedStrategy", "RoundObservations", "SiteDrop", "reply_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +48,21 @@ class RoundObservations:
     dropped: list[SiteDrop] = field(default_factory=list)
 
 
+def reply_bytes(msg: Message) -> int:
+    """The size of a reply as it travelled: the bytes of every object Flower serialises for it (its records and
+    arrays), as a hospital's audit log counts what it sends."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
 class ObservedStrategy(Strategy):
     """Delegate to ``inner``; remember each site's metrics and failures of the current round."""
 
     def __init__(self, inner: Strategy, *, round_offset: int = 0, max_update_norm_ratio: float = 10.0,
-                 node_names: Mapping[int, str] | None = None) -> None:
+                 node_names: Mapping[int, str] | None = None, compression: str = "none") -> None:
         self.inner = inner
+        self.compression = compression  # strategy.compression: how the hospitals' training replies are encoded
         # deployment: the names the coordinator registered hospitals under, for one that never replied (a
         # hospital that replied is named by the site id it sends)
         self.node_names = dict(node_names or {})
@@ -111,6 +122,28 @@ class ObservedStrategy(Strategy):
         messages = list(messages)
         self._asked[phase] = messages  # Flower gives each its message id when it sends them
         return messages
+
+    def _decoded(self, replies: list[Message]) -> list[Message]:
+        """The replies with compressed updates decoded to full weights (:mod:`common.compression`); a reply that is
+        not the update ``strategy.compression`` says is recorded as a drop with the reason."""
+        if self.compression == "none" or self._global is None:
+            return replies
+        reference = dict(zip(self._global.keys(), self._global.to_numpy_ndarrays(), strict=True))
+        kept = []
+        for msg in replies:
+            record = None if msg.has_error() else msg.content.array_records.get(keys.ARRAYS)
+            if record is not None:
+                try:
+                    weights = decompress_update(dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True)),
+                                                reference, self.compression)
+                except CompressionError as exc:
+                    site = self._site_id(msg)
+                    self.current.dropped.append(SiteDrop(site_id=site, phase="train", reason=f"update rejected: {exc}"))
+                    logger.warning("%s: update rejected: %s", site, exc)
+                    continue
+                msg.content[keys.ARRAYS] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in weights.items()))
+            kept.append(msg)
+        return kept
 
     def _validated(self, replies: list[Message]) -> list[Message]:
         """The replies whose update may be aggregated; the others are recorded as drops with the reason."""
@@ -181,8 +214,11 @@ class ObservedStrategy(Strategy):
             return None, None
         received = self._ordered(replies)
         earlier_drops = len(self.current.dropped)
-        replies = self._validated(received)
+        sizes = {self._site_id(m): reply_bytes(m) for m in received if not m.has_error()}
+        replies = self._validated(self._decoded(received))
         self.current.train = self._observe(replies, "train", also_answered=received)
+        for site, metrics in self.current.train.items():  # the coordinator's measure, whatever a site claims
+            metrics[keys.BYTES_UP] = float(sizes[site])
         drops = self.current.dropped[earlier_drops:]
         if received and not self.current.train and all(keys.site_refusal(d.reason) is keys.SiteRefusal.PRIVACY_BUDGET for d in drops):
             self.stopped_after = server_round + self.round_offset

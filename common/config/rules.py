@@ -30,6 +30,7 @@ __all__ = [
     "no_batch_norm_with_privacy",
     "no_batch_norm_with_secure_aggregation",
     "no_class_weighting_with_dp",
+    "compression_after_the_privacy",
     "no_fedprox_with_dp",
     "no_mixed_precision_with_dp",
     "no_personalization_with_privacy",
@@ -144,6 +145,25 @@ def secure_aggregation_needs_fedavg(cfg: Config) -> None:
             f"strategy={cfg.strategy.name} cannot run with privacy.secure_aggregation=true: SecAgg+ gives the "
             "coordinator only the sum of the updates, and this strategy needs each one. Use strategy=fedavg, or "
             "turn secure aggregation off."
+        )
+
+
+def compression_after_the_privacy(cfg: Config) -> None:
+    """A compressed update is decoded at the coordinator; only local DP (noise added before) leaves it untouched."""
+    if cfg.strategy.compression == "none":
+        return
+    if cfg.privacy.secure_aggregation:
+        raise ConfigError(
+            f"strategy.compression={cfg.strategy.compression} cannot run with secure aggregation "
+            f"(privacy={cfg.privacy.name}, privacy.secure_aggregation=true): SecAgg+ quantises the updates itself "
+            "before masking them. Set strategy.compression=none, or turn secure aggregation off."
+        )
+    if cfg.privacy.name == "central_dp":
+        raise ConfigError(
+            f"strategy.compression={cfg.strategy.compression} cannot run with privacy=central_dp: the coordinator "
+            "adds noise sized for updates clipped to privacy.clipping_norm, and rounding a clipped update can push "
+            "it past that norm, so the epsilon would not hold. Use strategy.compression=none, or privacy=dp (each "
+            "hospital noises its update before compressing it)."
         )
 
 
@@ -282,6 +302,7 @@ RULES: tuple[Rule, ...] = (
     no_batch_norm_with_privacy,
     no_batch_norm_with_secure_aggregation,
     secure_aggregation_needs_fedavg,
+    compression_after_the_privacy,
     no_fedprox_with_dp,
     no_class_weighting_with_dp,
     distributed_dp_trains_a_classifier_with_every_hospital,

@@ -20,6 +20,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_COMPRESSIONS = ("none", "fp16", "int8")  # common.compression.COMPRESSIONS (a test keeps the two equal)
+
 
 @dataclass
 class StrategyConfig:
@@ -33,8 +35,14 @@ class StrategyConfig:
     min_available_nodes: int = 2
     round_timeout_s: float = 3600.0  # how long each phase of a round waits for replies before going on without
     max_update_norm_ratio: float = 10.0  # reject an update farther from the global model than this x the median; 0 off
+    compression: str = "none"  # what a hospital sends: none (float32 weights), fp16 or int8 updates (common.compression)
 
     def __post_init__(self) -> None:
+        if self.compression not in _COMPRESSIONS:
+            raise ConfigError(
+                f"strategy.compression={self.compression!r} is not known; choose one of: {', '.join(_COMPRESSIONS)} "
+                "(none: float32 weights; fp16: half the bytes; int8: about a quarter, stochastically rounded)."
+            )
         require_fraction("strategy.fraction_train", self.fraction_train)
         require_fraction("strategy.fraction_evaluate", self.fraction_evaluate, low_open=False)
         for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):

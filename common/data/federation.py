@@ -129,13 +129,9 @@ def _site_seed(fed: FederationConfig, index: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def build_sites(splits: DatasetSplits, fed: FederationConfig, *, dataset_seed: int = 0) -> list[SiteData]:
-    """Share ``splits.train`` out to ``fed.hospitals`` hospitals, each with a stratified local validation split.
-
-    Datasets marked ``info.simulate_scanners`` (the synthetic one) get each hospital's scanner style
-    (:func:`common.data.synthetic.scanner_effect` with the site index and ``dataset_seed``).
-    """
-    parts = partition_indices(
+def _partitions(splits: DatasetSplits, fed: FederationConfig) -> list[np.ndarray]:
+    """Which images of ``splits.train`` each hospital holds (indices only: cheap for any number of hospitals)."""
+    return partition_indices(
         splits.train.labels,
         fed.hospitals,
         fed.partition,
@@ -143,19 +139,32 @@ def build_sites(splits: DatasetSplits, fed: FederationConfig, *, dataset_seed: i
         seed=fed.seed,
         min_size=fed.min_samples,
     )
-    sites = []
-    for index, part in enumerate(parts):
-        local = splits.train.subset(part)
-        if splits.info.simulate_scanners:
-            local = ArrayDataset(images=scanner_effect(local.images, index, dataset_seed), labels=local.labels)
-        keep, held = stratified_split(local.labels, fed.val_fraction, seed=_site_seed(fed, index))
-        site = SiteData(site_id_for(index), train=local.subset(keep), val=local.subset(held), info=splits.info)
-        logger.debug(
-            "%s: %d train, %d val, class counts %s",
-            site.site_id, len(site.train), len(site.val), site.train.class_counts(splits.info.n_classes).tolist(),
-        )
-        sites.append(site)
-    return sites
+
+
+def _build_site(splits: DatasetSplits, fed: FederationConfig, index: int, part: np.ndarray,
+                dataset_seed: int) -> SiteData:
+    """Hospital ``index`` holding the images ``part`` of the pool, with its stratified local validation split."""
+    local = splits.train.subset(part)
+    if splits.info.simulate_scanners:
+        local = ArrayDataset(images=scanner_effect(local.images, index, dataset_seed), labels=local.labels)
+    keep, held = stratified_split(local.labels, fed.val_fraction, seed=_site_seed(fed, index))
+    site = SiteData(site_id_for(index), train=local.subset(keep), val=local.subset(held), info=splits.info)
+    logger.debug(
+        "%s: %d train, %d val, class counts %s",
+        site.site_id, len(site.train), len(site.val), site.train.class_counts(splits.info.n_classes).tolist(),
+    )
+    return site
+
+
+def build_sites(splits: DatasetSplits, fed: FederationConfig, *, dataset_seed: int = 0) -> list[SiteData]:
+    """Share ``splits.train`` out to ``fed.hospitals`` hospitals, each with a stratified local validation split.
+
+    Datasets marked ``info.simulate_scanners`` (the synthetic one) get each hospital's scanner style
+    (:func:`common.data.synthetic.scanner_effect` with the site index and ``dataset_seed``). Every site is in
+    memory at once; :func:`load_site` builds one at a time.
+    """
+    parts = _partitions(splits, fed)
+    return [_build_site(splits, fed, index, part, dataset_seed) for index, part in enumerate(parts)]
 
 
 def _source_identity(dataset: DatasetConfig) -> dict[str, Any] | None:
@@ -271,8 +280,10 @@ def load_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> Site
 def _load_full_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -> SiteData:
     """Hospital ``index``'s data, i.e. ``build_sites(...)[index]``; cached under ``cache_dir`` when given.
 
-    On a cache miss every site's file is written (building one site costs as much as building all). With a cache
-    folder, the process also keeps what it read in memory (callers must not modify the arrays).
+    On a cache miss every site's file is written (the pool is loaded once for all of them), building and writing one
+    site at a time, so memory holds the pool and one site however many hospitals there are; without a cache folder
+    only the site asked for is built. With a cache folder, the process also keeps what it read in memory, up to
+    ``_MEMORY_LIMIT_BYTES`` (callers must not modify the arrays).
     """
     if not 0 <= index < cfg.federation.hospitals:
         raise ConfigError(
@@ -293,13 +304,20 @@ def _load_full_site(cfg: Config, index: int, *, cache_dir: Path | None = None) -
                 return _remember(memory_key, _site_from_arrays(cached))
             except (KeyError, ValueError, TypeError, SiteDataError) as exc:
                 logger.warning("Ignoring cache file site-%d.npz with a bad layout (%s).", index, exc)
-    sites = build_sites(load_splits(cfg.dataset), cfg.federation, dataset_seed=_dataset_seed(cfg.dataset))
-    if folder is not None:
-        for site_index, site in enumerate(sites):
-            _write_atomic(folder / f"site-{site_index}.npz", _site_arrays(site))
-            _remember((str(folder.resolve()), site_index), site)
-        logger.info("Cached %d sites under cache key %s", len(sites), folder.name)
-    return sites[index]
+    splits = load_splits(cfg.dataset)
+    parts = _partitions(splits, cfg.federation)
+    seed = _dataset_seed(cfg.dataset)
+    if folder is None:  # only the site asked for
+        return _build_site(splits, cfg.federation, index, parts[index], seed)
+    wanted = None
+    for site_index, part in enumerate(parts):  # one site in memory at a time (1,000 sites: the pool and one site)
+        site = _build_site(splits, cfg.federation, site_index, part, seed)
+        _write_atomic(folder / f"site-{site_index}.npz", _site_arrays(site))
+        if site_index == index:
+            wanted = site
+    logger.info("Cached %d sites under cache key %s", len(parts), folder.name)
+    assert wanted is not None  # index is in range (checked above)
+    return _remember((str(folder.resolve()), index), wanted)
 
 
 def _folder_info(dataset: FolderConfig) -> DatasetInfo:

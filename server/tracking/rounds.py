@@ -37,6 +37,7 @@ class SiteRound:
     epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
     delta: float | None = None
     integer_overflow: int | None = None  # distributed DP: values of the site's integer sum the range clipped
+    bytes_up: int | None = None  # the size of the site's training reply as the coordinator received it
     # personalisation: the site's personalised model (global + its own layers) and, after the last round, its
     # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
     personal: dict[str, dict[str, float]] | None = None
@@ -63,6 +64,8 @@ class SiteRound:
             record["epsilon"], record["delta"] = self.epsilon, self.delta
         if self.integer_overflow is not None:
             record["integer_overflow"] = self.integer_overflow
+        if self.bytes_up is not None:
+            record["bytes_up"] = self.bytes_up
         if self.personal is not None:
             record["personal"] = self.personal
         if self.finetuned is not None:
@@ -98,6 +101,8 @@ def site_rounds(
         site.delta = metrics.get(keys.DELTA)
         if keys.INTEGER_OVERFLOW in metrics:
             site.integer_overflow = int(metrics[keys.INTEGER_OVERFLOW])
+        if keys.BYTES_UP in metrics:
+            site.bytes_up = int(metrics[keys.BYTES_UP])
     for site_id, metrics in evaluate.items():
         site = sites.setdefault(site_id, SiteRound())
         site.eval_s = metrics.get(keys.EVAL_TIME_S, 0.0)

@@ -16,7 +16,7 @@ from medfed.common.config import ModelConfig, compose_config, run_config_from_ov
 from medfed.common.data import load_test_set
 from medfed.common.metrics import ECE_BINS
 from medfed.common.models import build_model
-from medfed.server.final import calibrate_federated, uncertainty_on_test_set
+from medfed.server.final import calibrate_federated, final_nodes, uncertainty_on_test_set
 from medfed.server.runs import RunDirectory
 from tests.conftest import instruction, reply
 
@@ -104,6 +104,26 @@ def test_a_failing_hospital_is_left_out_with_its_reason(tmp_path, task_identity)
     assert result["sites_fitted"] == ["hospital-0", "hospital-2"]
     assert [d["node"] for d in result["dropped"]] == ["1", "1"]  # both stages
     assert "IncompatibleUpdateError" in result["dropped"][0]["reason"]
+
+
+def test_the_final_stages_ask_a_rounds_share_of_the_hospitals(tmp_path, task_identity):
+    # Prepare: a stand-in for a large federation's grid
+    class Many:
+        def get_node_ids(self):
+            return list(range(1000, 0, -1))
+
+    # Execute / Assert: every hospital by default; with fraction_evaluate < 1, Flower's count (at least the minimum),
+    # the same draw for the same seed (both calibration stages ask the same hospitals), another for another seed
+    assert final_nodes(Many(), 1.0, 2, seed=0) == list(range(1, 1001))
+    sample = final_nodes(Many(), 0.01, 2, seed=0)
+    assert len(sample) == 10 and sample == sorted(sample) and set(sample) <= set(range(1, 1001))
+    assert final_nodes(Many(), 0.01, 2, seed=0) == sample != final_nodes(Many(), 0.01, 2, seed=1)
+    assert len(final_nodes(Many(), 0.001, 25, seed=0)) == 25
+    # and calibration asks only the nodes it is given: hospital 1 is not asked, so it is neither fitted nor dropped
+    grid = ClientAppGrid(tmp_path, [])
+    result = calibrate_federated(grid, _trained_state(tmp_path), timeout=None, node_ids=[0, 2])
+    assert result["sites_fitted"] == ["hospital-0", "hospital-2"] and result["dropped"] == []
+    assert {m.metadata.src_node_id for m in grid.replies} == {0, 2}
 
 
 def test_calibration_is_skipped_when_no_hospital_answers(tmp_path, task_identity):
