@@ -54,6 +54,14 @@ CacheOpt = Annotated[
     Path | None, typer.Option("--cache-dir", help="Simulated sites' decoded-data cache (default ~/.cache/medfed).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's INFO logs.")]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Run the simulated hospitals on this Ray cluster: auto (the one `ray start` started on this machine) or "
+        "HOST:PORT of its head node; the same as the override federation.ray_address=...",
+    ),
+]
 StateOpt = Annotated[
     Path | None,
     typer.Option(
@@ -72,6 +80,35 @@ class RunDirectoryInUse(ConfigError):
             f"--run-dir {run_dir} already holds a run (metrics.jsonl exists). Continue it with "
             f"`medfed simulate --resume {run_dir}`, or choose another --run-dir."
         )
+
+
+class RayAddressTwice(ConfigError):
+    """--ray-address and a federation.ray_address override disagree."""
+
+    def __init__(self, option: str, override: str) -> None:
+        super().__init__(
+            f"--ray-address {option} and the override {override} name two clusters; give the cluster once (the "
+            "option is the same as the override)."
+        )
+
+
+def _with_ray_address(overrides: list[str], ray_address: str | None, *, resumed: bool = False) -> list[str]:
+    """``overrides`` with ``--ray-address`` as the override ``federation.ray_address`` (quoted for Hydra, so an IPv6
+    ``[::1]:6379`` parses). An override naming another cluster is refused; a resumed run's own is replaced (where a
+    run continues is not part of its recipe)."""
+    if ray_address is None:
+        return overrides
+    value = f"'{ray_address}'" if "'" not in ray_address else ray_address
+    kept = []
+    for given in overrides:
+        key, _, other = given.partition("=")
+        if key.lstrip("+~") == "federation.ray_address":
+            if resumed:
+                continue
+            if other.strip("'\"") != ray_address:
+                raise RayAddressTwice(ray_address, given)
+        kept.append(given)
+    return [*kept, f"federation.ray_address={value}"]
 
 
 class ResumeWithOverrides(ConfigError):
@@ -149,11 +186,12 @@ def simulate(
     ] = None,
     cache_dir: CacheOpt = None,
     state_dir: StateOpt = None,
+    ray_address: RayAddressOpt = None,
     verbose: VerboseOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON on stdout (progress and plans go to stderr).")] = False,
 ) -> None:
-    """Simulate a federation of hospitals on one machine (Flower simulation runtime)."""
+    """Simulate a federation of hospitals on one machine, or on a Ray cluster (Flower simulation runtime)."""
     from medfed.simulation.launcher import run_simulation
     from medfed.server.runs import RunDirectory
 
@@ -165,7 +203,7 @@ def simulate(
             if overrides:
                 raise ResumeWithOverrides()
             target = RunDirectory(resume)
-            overrides = target.read_overrides()
+            overrides = _with_ray_address(target.read_overrides(), ray_address, resumed=True)
             cfg = compose_config(overrides)
             checkpoint = target.last_checkpoint_path
             done = 0
@@ -176,7 +214,7 @@ def simulate(
             run_path = resume
             out.print(f"resuming [bold]{resume}[/] after round {done} of {cfg.train.rounds}")
         else:
-            overrides = list(overrides or [])
+            overrides = _with_ray_address(list(overrides or []), ray_address)
             run_path = run_dir or _default_run_dir("sim")
             cfg = _prepare(overrides, run_path, fresh=True)
             done = 0
@@ -184,6 +222,8 @@ def simulate(
                 f"simulating [bold]{cfg.federation.hospitals}[/] hospitals on [bold]{cfg.dataset.name}[/] "
                 f"({cfg.federation.partition}), {cfg.train.rounds} rounds of {cfg.strategy.name} -> {run_path}"
             )
+            if cfg.federation.ray_address:
+                out.print(f"on the Ray cluster at [bold]{cfg.federation.ray_address}[/] (this process joins it)")
             if cfg.privacy.name == "dp":  # every hospital's plan, before round 1 (what each will spend)
                 print_plans(out, cfg, site_plans(cfg, _cache_dir(cache_dir), _state_dir(state_dir)))
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, out, skip_rounds=done):

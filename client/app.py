@@ -9,7 +9,8 @@ or :func:`~medfed.client.evaluation.final_stage`. No helper below this module se
 node keeps between messages reaches them through :class:`_ContextState`.
 
 What a reply may carry is fixed here: the model's weights (``ArrayRecord``), scalar metrics (``MetricRecord``:
-sample counts, losses, validation metrics, timings) and the site id (``ConfigRecord``). Any exception inside the
+sample counts, losses, validation metrics, timings) and the site id (``ConfigRecord``; in simulation on Ray also
+the Ray node that computed it, :mod:`~medfed.client.placement`). Any exception inside the
 handlers is logged in full at the site only; what Flower forwards to the server is a PHI-free one-liner
 (exception type and a fixed explanation, or the text of medfed's own errors with every path and file name
 replaced, :func:`~medfed.client.redact.public_text`).
@@ -47,6 +48,7 @@ from medfed.client.distributed_round import SecAggSettings, distributed_round
 from medfed.client.evaluation import FinalStage, evaluate_round, final_stage
 from medfed.client.local_round import train_round
 from medfed.client.node import NodeEnv
+from medfed.client.placement import simulation_placement
 from medfed.client.preflight import check_hardware
 from medfed.client.privacy import SitOut
 from medfed.client.redact import public_text
@@ -181,8 +183,9 @@ def _load(msg: Message, request: _Request) -> tuple[SiteData, torch.nn.Module]:
     cfg, env = request.cfg, request.env
     if env.threads is not None:  # a deployed hospital decides its own CPU use
         configure_threads(env.threads, 1)
-    else:
-        configure_threads(cfg.federation.threads, cfg.federation.parallel)
+    else:  # a simulated one: federation.threads, else the CPUs Ray reserves it, else the cores shared by the trainers
+        cpus = int(cfg.federation.cpus_per_hospital)
+        configure_threads(cfg.federation.threads or max(0, cpus), cfg.federation.parallel)
     site = resolve_site(cfg, env)
     model = build_task_model(
         cfg, spatial_dims=site.info.spatial_dims, in_channels=site.info.channels, n_classes=site.info.n_classes
@@ -251,7 +254,7 @@ def _reply(
         content[keys.ARRAYS] = ArrayRecord(weights)
     record: dict[str, int | float | list[int] | list[float]] = {**metrics}
     content[keys.METRICS] = MetricRecord(record)
-    content[keys.SITE] = ConfigRecord({keys.SITE_ID: site.site_id})
+    content[keys.SITE] = ConfigRecord({keys.SITE_ID: site.site_id, **simulation_placement()})
     return Message(content=content, reply_to=msg)
 
 

@@ -79,6 +79,7 @@ __all__ = [
     "SERVER_ROUND",
     "SITE",
     "SITE_ID",
+    "RAY_NODE",
     "STATE_CONFIG",
     "STATE_ANSWERED",
     "STATE_LEDGER",
@@ -97,6 +98,8 @@ SITE = "site"
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # FedProx: the proximal weight Flower's FedProx puts in the train ConfigRecord
 SITE_ID = "site-id"
+# simulation on Ray only (never sent by a deployed hospital): the id of the Ray node a reply was computed on
+RAY_NODE = "ray-node"
 BYTES_UP = "bytes-up"  # the coordinator's own measure of a training reply's size (never sent by a hospital)
 # after the last round (evaluate messages): which final stage, and its parameters
 FINAL_STAGE = "final-stage"  # STAGE_CALIBRATE or STAGE_RELIABILITY

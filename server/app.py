@@ -311,7 +311,7 @@ class _RoundRecorder:
         dropped = [{"site": d.site_id, "phase": d.phase, "reason": d.reason} for d in observed.dropped]
         self.tracker.record_round(
             server_round + self.start_round,
-            sites=site_rounds(observed.train, observed.evaluate),
+            sites=site_rounds(observed.train, observed.evaluate, nodes=observed.nodes),
             test=test_metrics,
             arrays=state,
             server_s=server_s,

@@ -46,6 +46,8 @@ class RoundObservations:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     dropped: list[SiteDrop] = field(default_factory=list)
+    # simulation on Ray: the Ray node that computed each site's reply (its training's, else its evaluation's)
+    nodes: dict[str, str] = field(default_factory=dict)
 
 
 def reply_bytes(msg: Message) -> int:
@@ -188,6 +190,10 @@ class ObservedStrategy(Strategy):
             for record in msg.content.metric_records.values():
                 metrics.update({k: float(v) for k, v in record.items() if not isinstance(v, list)})
             seen[site] = metrics
+            for site_record in msg.content.config_records.values():
+                node = site_record.get(keys.RAY_NODE)
+                if isinstance(node, str) and node:
+                    self.current.nodes.setdefault(site, node)
         self._asked.pop(phase, None)
         return seen
 

@@ -43,6 +43,22 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture
+def no_simulation_runtime(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Fail the test if `medfed simulate` gets as far as starting (or joining) Ray, then Flower: its checks must
+    refuse first. The list records any attempt."""
+    from medfed.simulation import launcher
+
+    started: list[bool] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        started.append(True)
+        raise AssertionError("Ray and Flower must not start")
+
+    monkeypatch.setattr(launcher, "_ray_started_early", refuse)
+    return started
+
+
+@pytest.fixture
 def task_identity() -> Iterator[None]:
     """The running task's identity, which Flower stamps on every Message it builds (set by its app processes)."""
     from flwr.supercore.task_identity import TaskIdentity

@@ -37,6 +37,7 @@ class SiteRound:
     epsilon: float | None = None  # with DP: the site's cumulative epsilon after this round (all runs on its data)
     delta: float | None = None
     integer_overflow: int | None = None  # distributed DP: values of the site's integer sum the range clipped
+    ray_node: str | None = None  # simulation on Ray: the node that computed the site's reply (training's first)
     bytes_up: int | None = None  # the size of the site's training reply as the coordinator received it
     # personalisation: the site's personalised model (global + its own layers) and, after the last round, its
     # locally fine-tuned one: {"val": {...}, "test": {...}} (test in simulation only)
@@ -64,6 +65,8 @@ class SiteRound:
             record["epsilon"], record["delta"] = self.epsilon, self.delta
         if self.integer_overflow is not None:
             record["integer_overflow"] = self.integer_overflow
+        if self.ray_node is not None:
+            record["ray_node"] = self.ray_node
         if self.bytes_up is not None:
             record["bytes_up"] = self.bytes_up
         if self.personal is not None:
@@ -88,9 +91,11 @@ def _personal_parts(metrics: Mapping[str, float], val_prefix: str, test_prefix: 
 
 
 def site_rounds(
-    train: Mapping[str, Mapping[str, float]], evaluate: Mapping[str, Mapping[str, float]]
+    train: Mapping[str, Mapping[str, float]], evaluate: Mapping[str, Mapping[str, float]],
+    *, nodes: Mapping[str, str] | None = None,
 ) -> dict[str, SiteRound]:
-    """Per-site records of a round from the scalar metrics each hospital replied with, by site id."""
+    """Per-site records of a round from the scalar metrics each hospital replied with, by site id (``nodes``: the
+    Ray node each site's reply was computed on, in simulation)."""
     sites: dict[str, SiteRound] = {}
     for site_id, metrics in train.items():
         site = sites.setdefault(site_id, SiteRound(trained=True))
@@ -133,6 +138,9 @@ def site_rounds(
         site.ensemble = _personal_parts(metrics, keys.ENSEMBLE_PREFIX, keys.ENSEMBLE_TEST_PREFIX)
         if site.finetuned is not None and keys.FINETUNED_EPOCH in metrics:
             site.finetuned["epoch"] = int(metrics[keys.FINETUNED_EPOCH])
+    for site_id, node in (nodes or {}).items():
+        if site_id in sites:
+            sites[site_id].ray_node = node
     return sites
 
 

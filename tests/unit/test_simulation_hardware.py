@@ -14,20 +14,7 @@ from medfed.simulation import launcher
 runner = CliRunner()
 
 
-@pytest.fixture
-def no_flower(monkeypatch):
-    """Fail the test if the simulation runtime (Ray, then Flower) is started."""
-    started = []
-
-    def refuse(*args, **kwargs):
-        started.append(True)
-        raise AssertionError("Ray and Flower must not start")
-
-    monkeypatch.setattr(launcher, "_ray_started_early", refuse)
-    return started
-
-
-def test_simulate_refuses_a_model_too_big_for_the_declared_memory(tmp_path, no_flower):
+def test_simulate_refuses_a_model_too_big_for_the_declared_memory(tmp_path, no_simulation_runtime):
     # Execute
     result = runner.invoke(app, ["simulate", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"),
                                  "dataset.n_train=240", "dataset.n_test=60", "train.device_memory_gb=0.01"])
@@ -37,7 +24,7 @@ def test_simulate_refuses_a_model_too_big_for_the_declared_memory(tmp_path, no_f
     assert result.exit_code == 2, result.output
     assert "train.device_memory_gb=0.01 on cpu: training this model needs about" in text
     assert "train.batch_size" in text and "privacy.max_physical_batch_size" in text
-    assert not no_flower and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not no_simulation_runtime and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_model_that_fits_the_declared_memory_passes(tmp_path):
