@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -115,6 +116,7 @@ def simulate(args: list[str], run_dir: Path, work: Path) -> dict[str, Any]:
     """``medfed simulate ARGS`` in its own process (session), its memory sampled; the run's figures."""
     command = [sys.executable, "-m", "medfed.cli.main", "simulate", "--run-dir", str(run_dir),
                "--cache-dir", str(work / "cache"), *args]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time (the cache folder is kept)
     started = time.perf_counter()
     log = (work / f"{run_dir.name}.log").open("w")
     proc = subprocess.Popen(command, cwd=work, env=_env(work), stdout=log, stderr=subprocess.STDOUT,

@@ -26,6 +26,7 @@ from medfed.common import keys
 from medfed.common.config import Config, run_config_from_overrides
 from medfed.common.environment import APP_SECTION, flower_environment
 from medfed.common.errors import ConfigError
+from medfed.simulation.polling import sparse_polling
 from medfed.simulation.ray_cluster import require_capacity, require_reachable, resolve_address, unreachable
 
 __all__ = ["check_hardware", "hospital_resources", "run_simulation"]
@@ -113,18 +114,19 @@ def run_simulation(
             # Flower creates the Run; ClientApps read the run config from the app directory's defaults, the
             # ServerApp from this context (its run id is informational: the Grid carries the real one).
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-            _run_simulation(
-                num_supernodes=cfg.federation.hospitals,
-                exit_event=_exit_event(),
-                client_app=client_app,
-                server_app=server_app,
-                backend_name="ray",
-                backend_config=backend_config,
-                server_app_context=context,
-                app_dir=app_dir,
-                is_app=True,  # nodes read their run config from app_dir only when it is an app directory
-                verbose_logging=verbose,
-            )
+            with sparse_polling():  # the engine asks only nodes with a message waiting (1,000 hospitals, 10 asked)
+                _run_simulation(
+                    num_supernodes=cfg.federation.hospitals,
+                    exit_event=_exit_event(),
+                    client_app=client_app,
+                    server_app=server_app,
+                    backend_name="ray",
+                    backend_config=backend_config,
+                    server_app_context=context,
+                    app_dir=app_dir,
+                    is_app=True,  # nodes read their run config from app_dir only when it is an app directory
+                    verbose_logging=verbose,
+                )
 
 
 def hospital_resources(cfg: Config) -> dict[str, float]:
