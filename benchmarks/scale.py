@@ -3,9 +3,9 @@
 1. Scale: `medfed simulate` (a real Flower simulation, its own process) with 10, 100 and 1,000 simulated hospitals,
    10 asked per round to train and 10 to evaluate (`strategy.fraction_train = fraction_evaluate = 10 / N`, every
    `min_*_nodes` 10), each hospital holding 20 synthetic 28 x 28 images (`dataset.n_train = 20 N`: 16 train, 4
-   validation), `--rounds` rounds (5). Per N: seconds per round (the mean of rounds 2.., from metrics.jsonl's
-   `elapsed_s`; round 1 also pays Ray's workers and the sites' cache), round 1's seconds, the run's wall time, and
-   its peak memory sampled every 0.2 s over the whole process tree (the driver, Ray's GCS, raylet and workers):
+   validation), `--rounds` rounds (8), `--repeats` runs (2) of each N, the Ns alternating. Per N: seconds per round
+   (the median of every run's rounds 2.., from metrics.jsonl's `elapsed_s`; round 1 also pays Ray's workers and the
+   sites' cache), round 1's seconds and the wall time (medians), and the peak memory sampled every 0.2 s over the whole process tree (the driver, Ray's GCS, raylet and workers):
    the sum of PSS (proportional set size: a shared page counted once in all, the memory the run really holds)
    and, for reference, the sum of RSS (shared pages, e.g. torch's libraries in every worker, counted per process).
    Floors: 1,000 hospitals run, peak <= 8 GiB, seconds per round at 1,000 <= 1.5 x at 10.
@@ -137,7 +137,8 @@ def simulate(args: list[str], run_dir: Path, work: Path) -> dict[str, Any]:
     elapsed = [line["elapsed_s"] for line in lines]
     per_round = np.diff(elapsed)
     trained = [s for line in lines for s in line["sites"].values() if s.get("trained")]
-    return {"wall_s": wall, "round1_s": elapsed[0], "s_per_round": float(per_round.mean()) if per_round.size else None,
+    return {"wall_s": wall, "round1_s": elapsed[0], "round_s": [float(x) for x in per_round],
+            "s_per_round": float(np.median(per_round)) if per_round.size else None,
             "rounds": len(lines), "peak_pss": sampler.peak_pss, "peak_rss_sum": sampler.peak_rss,
             "processes": sampler.processes, "trained_per_round": len(trained) / max(1, len(lines)),
             "bytes_up": [s["bytes_up"] for s in trained if "bytes_up" in s],
@@ -145,20 +146,31 @@ def simulate(args: list[str], run_dir: Path, work: Path) -> dict[str, Any]:
             "best_round": (summary.get("best") or {}).get("round"), "command": " ".join(["medfed", *command[3:]])}
 
 
-def scale_part(work: Path, sizes: list[int], rounds: int, asked: int) -> list[dict[str, Any]]:
+def scale_part(work: Path, sizes: list[int], rounds: int, asked: int, repeats: int) -> list[dict[str, Any]]:
+    """Each size ``repeats`` times, the sizes alternating (10, 100, 1000, 10, ...), so load that other work puts on
+    a shared machine falls on every size alike; per size the median of all its later rounds' seconds."""
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    for repeat in range(repeats):
+        for n in sizes:
+            fraction = min(1.0, asked / n)
+            args = [f"federation.hospitals={n}", f"dataset.n_train={20 * n}", "dataset.n_test=400",
+                    f"strategy.fraction_train={fraction:.6g}", f"strategy.fraction_evaluate={fraction:.6g}",
+                    f"strategy.min_train_nodes={asked}", f"strategy.min_evaluate_nodes={asked}",
+                    f"strategy.min_available_nodes={asked}", f"train.rounds={rounds}"]
+            run = simulate(args, work / f"scale-{n}", work)
+            print(f"{n:>5} hospitals (run {repeat + 1}): {run['s_per_round']:.2f} s/round (round 1 "
+                  f"{run['round1_s']:.1f} s), wall {run['wall_s']:.0f} s, peak PSS {run['peak_pss'] / GIB:.2f} GiB "
+                  f"(RSS sum {run['peak_rss_sum'] / GIB:.2f} GiB, {run['processes']} processes)", flush=True)
+            runs[n].append(run)
     rows = []
-    for n in sizes:
-        fraction = min(1.0, asked / n)
-        args = [f"federation.hospitals={n}", f"dataset.n_train={20 * n}", "dataset.n_test=400",
-                f"strategy.fraction_train={fraction:.6g}", f"strategy.fraction_evaluate={fraction:.6g}",
-                f"strategy.min_train_nodes={asked}", f"strategy.min_evaluate_nodes={asked}",
-                f"strategy.min_available_nodes={asked}", f"train.rounds={rounds}"]
-        row = {"hospitals": n, "asked": asked, **simulate(args, work / f"scale-{n}", work)}
-        row.pop("bytes_up")
-        print(f"{n:>5} hospitals: {row['s_per_round']:.2f} s/round (round 1 {row['round1_s']:.1f} s), wall "
-              f"{row['wall_s']:.0f} s, peak PSS {row['peak_pss'] / GIB:.2f} GiB (RSS sum "
-              f"{row['peak_rss_sum'] / GIB:.2f} GiB, {row['processes']} processes)", flush=True)
-        rows.append(row)
+    for n, done in runs.items():
+        seconds = [s for run in done for s in run["round_s"]]
+        rows.append({"hospitals": n, "asked": asked, "runs": len(done), "rounds": done[0]["rounds"],
+                     "s_per_round": float(np.median(seconds)), "round_s": seconds,
+                     "round1_s": float(np.median([r["round1_s"] for r in done])),
+                     "wall_s": float(np.median([r["wall_s"] for r in done])),
+                     "peak_pss": max(r["peak_pss"] for r in done), "peak_rss_sum": max(r["peak_rss_sum"] for r in done),
+                     "processes": max(r["processes"] for r in done), "command": done[0]["command"]})
     return rows
 
 
@@ -194,12 +206,14 @@ def _doc(result: dict[str, Any]) -> str:
     out = [START, "", f"`python benchmarks/scale.py` ({result['date']}, {result['machine']}; no GPU).", ""]
     if scale:
         out += ["Simulated hospitals, 10 asked per round (train and evaluate), 20 synthetic images each, "
-                f"{scale[0]['rounds']} rounds; memory = the whole process tree (driver, Ray's GCS, raylet, workers), "
-                "sampled every 0.2 s:", "",
+                f"{scale[0]['rounds']} rounds, {scale[0]['runs']} runs of each size alternating; s / round = the median "
+                "of every run's rounds 2.. (min-max in brackets), round 1 and wall = medians; memory = the whole process "
+                "tree (driver, Ray's GCS, raylet, workers), sampled every 0.2 s, the larger run's peak:", "",
                 "| hospitals simulated | s / round (rounds 2..) | round 1 s | wall s | peak PSS (GiB) | "
                 "peak RSS sum (GiB) | processes |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in scale:
-            out.append(f"| {r['hospitals']} | {r['s_per_round']:.2f} | {r['round1_s']:.1f} | {r['wall_s']:.0f} | "
+            out.append(f"| {r['hospitals']} | {r['s_per_round']:.2f} ({min(r['round_s']):.2f}-{max(r['round_s']):.2f}) | "
+                       f"{r['round1_s']:.1f} | {r['wall_s']:.0f} | "
                        f"{r['peak_pss'] / GIB:.2f} | {r['peak_rss_sum'] / GIB:.2f} | {r['processes']} |")
         first, last = scale[0], scale[-1]
         out += ["", f"Seconds per round at {last['hospitals']} simulated / at {first['hospitals']}: "
@@ -229,19 +243,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "scale")
     parser.add_argument("--only", choices=["scale", "compression"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--asked", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each size, alternating")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.rounds = [10, 30], 2
+        args.sizes, args.rounds, args.repeats = [10, 30], 2, 1
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "scale-quick.json" if args.quick else REPO / "benchmarks" / "results" / "scale.json"
     result: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     result.update(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, {os.cpu_count()} cores")
     if args.only in (None, "scale"):
-        result["scale"] = scale_part(args.work, args.sizes, args.rounds, args.asked)
+        result["scale"] = scale_part(args.work, args.sizes, args.rounds, args.asked, args.repeats)
     if args.only in (None, "compression"):
         result["compression"] = compression_part(args.work, args.data_dir, args.quick)
     results_path.write_text(json.dumps(result, indent=1))
