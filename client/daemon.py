@@ -36,11 +36,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from medfed.client.site import SiteConfig, node_config_for
 from medfed.common.environment import flower_environment, script
 from medfed.common.errors import ConfigError
 from medfed.common.processes import stop_tree
+
+if TYPE_CHECKING:  # the site module imports torch: the SuperExec process (`python -m medfed.client.daemon
+    from medfed.client.site import SiteConfig  # superexec`) never needs it (measured: 1.8 s and ~200 MiB each)
 
 __all__ = ["HospitalDaemon", "child_environment", "node_config_arg", "supernode_command"]
 
@@ -72,6 +75,8 @@ def child_environment(site: SiteConfig) -> dict[str, str]:
 
 def supernode_command(site: SiteConfig, *, insecure: bool = False) -> list[str]:
     """The ``flower-supernode`` command line of a hospital."""
+    from medfed.client.site import node_config_for
+
     command = [script("flower-supernode"), "--superlink", site.superlink, "--isolation", "process",
                "--host", "127.0.0.1", "--port", str(site.runtime_port),
                "--node-config", node_config_arg(node_config_for(site))]

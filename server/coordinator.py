@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ class Coordinator:
     # --- the SuperLink ------------------------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
         host, port = split_address(self.address, host_required=False)  # Flower puts an IPv6 host in brackets
-        command = [script("flower-superlink"), "--enable-supernode-auth", "--database", str(self.dir / "state.db"),
+        # Flower's flower-superlink, its SQLite state waiting longer for a lock (medfed.server.superlink)
+        command = [sys.executable, "-m", "medfed.server.superlink", "--enable-supernode-auth", "--database",
+                   str(self.dir / "state.db"),
                    "--disable-runtime-dependency-installation", "--host", host or "0.0.0.0", "--port", str(port)]
         if self.insecure:
             command.append("--insecure")
