@@ -174,6 +174,9 @@ def audit_table(summary: Mapping[str, Any]) -> Table | None:
 def print_summary(console: Console, summary: Mapping[str, Any], title: str) -> None:
     """The run's final tables: the summary, the decision threshold (binary tasks) and the privacy audit (if any)."""
     console.print(folded(summary_table(summary, title)))
+    if summary.get("stopped"):  # early stopping, or every hospital at its privacy cap
+        console.print(f"stopped after round {summary.get('rounds')} of {summary.get('planned_rounds')}: "
+                      f"{summary['stopped']}", highlight=False, markup=False)
     for table in (operating_point_table(summary), audit_table(summary)):
         if table is not None:
             console.print(folded(table))

@@ -20,7 +20,8 @@ from medfed.cli.demo import demo
 from medfed.cli.deploy import register_commands
 from medfed.cli.display import RoundFollower, fail, make_console, print_summary
 from medfed.cli.privacy_plan import print_plans, privacy_app, site_plans
-from medfed.common.config import Config, compose_config, config_to_yaml
+from medfed.cli.tune import tune
+from medfed.common.config import Config, compose_config, config_to_yaml, overrides_with_config_file
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError, MedfedError
 
@@ -44,6 +45,7 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(privacy_app, name="privacy")
 register_commands(app)
 app.command()(demo)
+app.command()(tune)
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -60,6 +62,14 @@ RayAddressOpt = Annotated[
         "--ray-address",
         help="Run the simulated hospitals on this Ray cluster: auto (the one `ray start` started on this machine) or "
         "HOST:PORT of its head node; the same as the override federation.ray_address=...",
+    ),
+]
+ConfigFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config-file",
+        help="A recipe file: a list of key=value overrides (e.g. the best.yaml `medfed tune` writes, or a run's "
+        "overrides.json); the overrides given on the command line come after it and win.",
     ),
 ]
 StateOpt = Annotated[
@@ -116,8 +126,8 @@ class ResumeWithOverrides(ConfigError):
 
     def __init__(self) -> None:
         super().__init__(
-            "--resume continues a run with the config it was started with; drop the overrides, or start a new "
-            "run with --run-dir."
+            "--resume continues a run with the config it was started with; drop the overrides (and --config-file), "
+            "or start a new run with --run-dir."
         )
 
 
@@ -190,6 +200,7 @@ def simulate(
     verbose: VerboseOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON on stdout (progress and plans go to stderr).")] = False,
+    config_file: ConfigFileOpt = None,
 ) -> None:
     """Simulate a federation of hospitals on one machine, or on a Ray cluster (Flower simulation runtime)."""
     from medfed.simulation.launcher import run_simulation
@@ -200,7 +211,7 @@ def simulate(
     t0 = time.time()
     try:
         if resume is not None:
-            if overrides:
+            if overrides or config_file is not None:
                 raise ResumeWithOverrides()
             target = RunDirectory(resume)
             overrides = _with_ray_address(target.read_overrides(), ray_address, resumed=True)
@@ -214,7 +225,7 @@ def simulate(
             run_path = resume
             out.print(f"resuming [bold]{resume}[/] after round {done} of {cfg.train.rounds}")
         else:
-            overrides = _with_ray_address(list(overrides or []), ray_address)
+            overrides = _with_ray_address(overrides_with_config_file(config_file, overrides), ray_address)
             run_path = run_dir or _default_run_dir("sim")
             cfg = _prepare(overrides, run_path, fresh=True)
             done = 0
@@ -253,14 +264,15 @@ def simulate(
         )
 
 
-def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool):
+def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cache_dir: Path | None, verbose: bool,
+              config_file: Path | None = None):
     from medfed.simulation.baselines import run_centralized, run_local
     from medfed.server.runs import RunDirectory
 
     _setup_logging(verbose)
     t0 = time.time()
     try:
-        overrides = list(overrides or [])
+        overrides = overrides_with_config_file(config_file, overrides)
         run_path = run_dir or _default_run_dir(kind)
         cfg = _prepare(overrides, run_path, fresh=True)
         console.print(
@@ -284,18 +296,20 @@ def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cach
 
 @baseline_app.command("centralized")
 def baseline_centralized(
-    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False
+    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False,
+    config_file: ConfigFileOpt = None,
 ) -> None:
     """All hospitals' training data pooled into one model (the upper reference)."""
-    _baseline("centralized", overrides, run_dir, cache_dir, verbose)
+    _baseline("centralized", overrides, run_dir, cache_dir, verbose, config_file)
 
 
 @baseline_app.command("local")
 def baseline_local(
-    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False
+    overrides: Overrides = None, run_dir: RunDirOpt = None, cache_dir: CacheOpt = None, verbose: VerboseOpt = False,
+    config_file: ConfigFileOpt = None,
 ) -> None:
     """Each hospital alone, on its own data (the lower reference)."""
-    _baseline("local", overrides, run_dir, cache_dir, verbose)
+    _baseline("local", overrides, run_dir, cache_dir, verbose, config_file)
 
 
 @app.command()

@@ -311,6 +311,7 @@ def write_report(run_dir: Path) -> Path:
 <h1>medfed run {html.escape(run_dir.name)}</h1>
 <p>{_fmt(summary.get("mode"))}: {_fmt(summary.get("rounds"))} of {_fmt(summary.get("planned_rounds"))} rounds,
 wall {_fmt(_finite(summary.get("wall_s")))} s. Model selection on validation data; the test set only reports.</p>
+{f'<p>Stopped: {html.escape(str(summary["stopped"]))}</p>' if summary.get("stopped") else ""}
 <h2>Results</h2>
 {_summary_tables(summary)}
 <h2>Plots</h2>

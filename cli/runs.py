@@ -13,6 +13,7 @@ from rich.table import Table
 
 from medfed.cli.coordination import CoordDir, launch_run, open_coordinator
 from medfed.cli.display import fail, folded, make_console
+from medfed.common.config import overrides_with_config_file
 from medfed.common.errors import MedfedError
 
 __all__ = ["runs_app", "train"]
@@ -33,6 +34,9 @@ def train(
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish and show its summary.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="With --wait: print the summary as JSON on stdout (progress goes to stderr).")] = False,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config-file", help="A recipe file (a list of key=value overrides, e.g. the best.yaml of `medfed tune`); "
+        "the overrides given here come after it and win.")] = None,
 ) -> None:
     """Launch a training run on the coordinator's hospitals (the recipe: model, strategy, rounds, privacy)."""
     from medfed.cli.display import RoundFollower, print_summary
@@ -41,8 +45,10 @@ def train(
     out = err_console if as_json else console
 
     try:
-        if resume and run_dir is not None and not overrides:
+        if resume and run_dir is not None and not overrides and config_file is None:
             overrides = RunDirectory(run_dir).read_overrides()
+        else:
+            overrides = overrides_with_config_file(config_file, overrides)
         run_id, run_path, cfg = launch_run(directory, list(overrides or []), run_dir, resume=resume)
     except MedfedError as exc:
         fail(exc)

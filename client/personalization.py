@@ -191,7 +191,7 @@ def personalised_metrics(
     the ensemble's (the mean of the global model's and these models' probabilities); on the validation split, and in
     simulation also on the global test set (a deployed hospital has none)."""
     device = select_device(cfg.train.device)
-    test = load_test_set(cfg, cache_dir=env.cache_dir)[1] if env.simulated else None
+    test = load_test_set(cfg, cache_dir=env.cache_dir)[1] if env.simulated and cfg.evaluate.test_split else None
     members: list[tuple[np.ndarray, np.ndarray | None]] = []  # (validation, test) probabilities of each model
 
     def probabilities(candidate: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:

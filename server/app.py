@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfed.common import keys
 from medfed.common.config import CentralDPConfig, Config, DPConfig, compose_config, config_to_yaml, overrides_from_run_config
-from medfed.common.data import ArrayDataset, DatasetInfo, load_test_set
+from medfed.common.data import ArrayDataset, DatasetInfo, load_dataset_info, load_test_set
 from medfed.common.environment import software_versions
 from medfed.common.errors import ConfigError, DatasetUnavailableError
 from medfed.common.inference import evaluate
@@ -56,13 +56,20 @@ def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in arrays.to_torch_state_dict().items()}
 
 
-def _test_set(cfg: Config, simulation: bool, cache_dir: Path) -> tuple[DatasetInfo, ArrayDataset]:
-    """The dataset's description and global test split: the model is built from it and evaluated on it.
+def _test_set(cfg: Config, simulation: bool, cache_dir: Path) -> tuple[DatasetInfo, ArrayDataset | None]:
+    """The dataset's description and global test split: the model is built from it and evaluated on it (no test
+    split when the run withholds it: ``evaluate.test_split=false``, a simulated `medfed tune` trial).
 
     In deployment the coordinator holds no hospital's images; it needs the task's public test split (a MedMNIST
     test split under ``dataset.data_path``, the generated synthetic one, or a test folder). A test folder's images
     are decoded once into ``cache_dir`` and read from there a batch at a time (memory bounded by the batch).
     """
+    if not cfg.evaluate.test_split:
+        if not simulation:
+            raise ConfigError("evaluate.test_split=false withholds the test split from simulated runs (`medfed tune` "
+                              "trials); a deployment's coordinator evaluates on the public test split. Drop the "
+                              "override.")
+        return load_dataset_info(cfg, cache_dir=cache_dir), None
     try:
         return load_test_set(cfg, cache_dir=cache_dir)
     except DatasetUnavailableError as exc:
@@ -163,14 +170,17 @@ def _run(grid: Grid, context: Context, cfg: Config, overrides: list[str], run_di
     model = _initial_model(cfg, info, simulation, resume=bool(context.run_config.get(keys.RUN_RESUME)))
     start_round, tracker_state = _resume_point(context, cfg, overrides, run_dir, model)
     tracker = RunTracker(run_dir, mode=cfg.strategy.name, total_rounds=cfg.train.rounds, t0=t0, state=tracker_state,
-                         snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard)
+                         snapshots=cfg.evaluate.snapshots, tensorboard=cfg.tracking.tensorboard,
+                         patience=cfg.train.patience)
     inner = _inner_strategy(cfg, tracker, run_dir, model, start_round)
     strategy = ObservedStrategy(inner, round_offset=start_round,
                                 max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
                                 node_names=_node_names(context.run_config),
                                 compression=cfg.strategy.compression)
     rounds = _RoundRecorder(cfg, model, test_set, tracker, strategy, inner, start_round)
-    final_arrays = _train(grid, context, cfg, model, strategy, rounds, tracker, cfg.train.rounds - start_round)
+    # (a resumed run that had stopped early trains no further)
+    remaining = 0 if tracker.stopped_early is not None else cfg.train.rounds - start_round
+    final_arrays = _train(grid, context, cfg, model, strategy, rounds, tracker, remaining)
     extra: dict[str, Any] = {"stopped": strategy.stop_reason} if strategy.stop_reason is not None else {}
     extra.update(_final_evaluation(grid, cfg, run_dir, model, test_set, tracker, final_arrays))
     summary = tracker.finish(final_arrays, extra=extra or None)
@@ -318,6 +328,8 @@ class _RoundRecorder:
             dropped=dropped,
             strategy_state=strategy_state(self.inner),
         )
+        if self.tracker.stopped_early is not None:  # train.patience ran out: no more rounds are sent
+            self.strategy.stop(server_round + self.start_round, self.tracker.stopped_early)
         return MetricRecord({f"test-{k}": v for k, v in (test_metrics or {}).items() if math.isfinite(v)})
 
     def _note_central_privacy(self) -> None:

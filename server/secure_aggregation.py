@@ -58,6 +58,13 @@ class _RecordingFedAvg(FedAvg):
         self._record = record
         self._train: dict[int, dict[str, dict[str, float]]] = {}
         self._dropped: dict[int, list[dict[str, str]]] = {}
+        self.stopped = False  # early stopping (train.patience): later rounds ask no hospital
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        return [] if self.stopped else super().configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        return [] if self.stopped else super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
@@ -205,6 +212,7 @@ def run_secure_aggregation(
         tracker.record_round(
             server_round + start_round, sites=sites, test=test, arrays=state, server_s=server_s, dropped=dropped
         )
+        strategy.stopped = tracker.stopped_early is not None
 
     n = cfg.federation.hospitals
     common: dict[str, Any] = {

@@ -75,7 +75,7 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
     private = _pooled_dp(cfg, len(pooled))
     cfg.tracking.require_runtime()
     tracker = RunTracker(run_dir, mode="centralized", total_rounds=cfg.train.rounds, t0=t0,
-                         tensorboard=cfg.tracking.tensorboard)
+                         tensorboard=cfg.tracking.tensorboard, patience=cfg.train.patience)
     recipe = private.recipe(cfg.train) if private is not None else cfg.train
     trained_rounds = 0
     for server_round in range(1, cfg.train.rounds + 1):
@@ -101,6 +101,8 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
             server_round, sites=rounds, test=test, arrays=_numpy_state(model),
             server_s=(result.seconds if result else 0.0) + test_s,
         )
+        if tracker.stopped_early is not None:
+            break
     return tracker.finish(_numpy_state(model))
 
 
@@ -160,7 +162,7 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
     trained = [0] * len(sites)
     cfg.tracking.require_runtime()
     tracker = RunTracker(run_dir, mode="local", total_rounds=cfg.train.rounds, t0=t0,
-                         tensorboard=cfg.tracking.tensorboard)
+                         tensorboard=cfg.tracking.tensorboard, patience=cfg.train.patience)
     for server_round in range(1, cfg.train.rounds + 1):
         rounds: dict[str, SiteRound] = {}
         for index, (site, model, optimizer) in enumerate(zip(sites, models, optimizers, strict=True)):
@@ -188,4 +190,6 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
             values = [r.test[key] for r in rounds.values() if r.test is not None and np.isfinite(r.test[key])]
             mean_test[key] = float(np.mean(values)) if values else float("nan")
         tracker.record_round(server_round, sites=rounds, test=mean_test, arrays=None)
+        if tracker.stopped_early is not None:
+            break
     return tracker.finish(None)

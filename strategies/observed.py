@@ -77,13 +77,19 @@ class ObservedStrategy(Strategy):
         # the round in which no hospital could train any more (every one refused at its privacy cap): later rounds
         # send nothing
         self.stopped_after: int | None = None
+        self._stop_reason = _STOP_REASON
         # metered DP: each site's noised training-set size (sent once per run), its FedAvg weight
         self._noised_sizes: dict[str, float] = {}
 
     @property
     def stop_reason(self) -> str | None:
         """Why the run stopped early, or None while it runs."""
-        return _STOP_REASON if self.stopped_after is not None else None
+        return self._stop_reason if self.stopped_after is not None else None
+
+    def stop(self, after_round: int, reason: str) -> None:
+        """Send nothing more after ``after_round`` (absolute), for ``reason`` (early stopping, say)."""
+        if self.stopped_after is None:
+            self.stopped_after, self._stop_reason = after_round, reason
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
     def take_observations(self) -> RoundObservations:

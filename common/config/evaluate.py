@@ -31,6 +31,9 @@ class EvaluateConfig:
     # trains itself); only attack AUC and TPRs leave, outside DP's guarantee (docs/operations.md)
     audit: bool = False
     audit_shadows: int = 0
+    # whether the run reads the test split at all (simulation): false for `medfed tune`'s trials, whose choices must
+    # rest on validation data only; the loader then refuses the test split and no test metrics are reported
+    test_split: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.calibrate, bool):
@@ -38,6 +41,8 @@ class EvaluateConfig:
         require_count("evaluate.mc_samples", self.mc_samples, minimum=2, meaning="stochastic passes with dropout on")
         require_count("evaluate.snapshots", self.snapshots, minimum=2, meaning="global models of the last rounds")
         require_count("evaluate.gradcam_samples", self.gradcam_samples, minimum=1, meaning="maps per hospital")
+        if not isinstance(self.test_split, bool):
+            raise ConfigError(f"evaluate.test_split={self.test_split!r} is not allowed; it must be true or false.")
         if not isinstance(self.audit, bool):
             raise ConfigError(f"evaluate.audit={self.audit!r} is not allowed; it must be true or false.")
         if isinstance(self.audit_shadows, bool) or not isinstance(self.audit_shadows, int) or \

@@ -72,6 +72,10 @@ class TrainConfig:
     # exponential moving average of the trained weights over a round's steps (free post-processing under DP);
     # 0 = off, else the decay per step in (0, 1)
     ema_decay: float = 0.0
+    # early stopping on federated validation: the run stops once this many rounds in a row have not beaten the
+    # best validation round (model selection's rule: weighted validation AUC, else loss) and reports that best
+    # round; 0 = every planned round runs
+    patience: int = 0
     # the hardware (medfed.common.hardware; a deployed hospital's site config overrides device, device_memory_gb,
     # loader_workers and pin_memory): auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     device: str = "auto"
@@ -111,6 +115,9 @@ class TrainConfig:
             raise ConfigError(f"train.aug_views={self.aug_views!r} is out of range; it must be an integer in [1, 64] "
                               "(1: no augmentation multiplicity).")
         require_fraction("train.ema_decay", self.ema_decay, low_open=False, high_open=True)
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"train.patience={self.patience!r} is out of range; it must be an integer >= 0 (0: no "
+                              "early stopping; N: stop after N rounds without a better validation round).")
         require_device_spec("train.device", self.device)
         require_choice("train.amp", self.amp, AMP_MODES)
         require_positive("train.device_memory_gb", self.device_memory_gb, allow_zero=True)

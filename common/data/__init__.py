@@ -12,6 +12,8 @@ from medfed.common.data.federation import (
     build_sites,
     cache_key,
     load_site,
+    WithheldTestSplit,
+    load_dataset_info,
     load_splits,
     load_test_set,
     site_id_for,
@@ -41,6 +43,8 @@ __all__ = [
     "site_id_for",
     "stratified_split",
     "to_tensor_dataset",
+    "WithheldTestSplit",
+    "load_dataset_info",
 ]
 
 logger = logging.getLogger(__name__)

@@ -40,9 +40,11 @@ __all__ = [
     "folder_site_spec",
     "forget_loaded_sites",
     "load_site",
+    "load_dataset_info",
     "load_splits",
     "load_test_set",
     "site_id_for",
+    "WithheldTestSplit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -365,9 +367,29 @@ def _folder_test_set(cfg: Config, dataset: FolderConfig, cache_dir: Path | None)
     return ArrayDataset.concat(parts)
 
 
+class WithheldTestSplit(ConfigError):
+    """Something asked for the test split of a run that must not read it (``evaluate.test_split=false``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This run withholds the test split (evaluate.test_split=false: a `medfed tune` trial, whose choices rest "
+            "on validation data only), and something asked to read it. Run with evaluate.test_split=true to report "
+            "test metrics."
+        )
+
+
+def load_dataset_info(cfg: Config, *, cache_dir: Path | None = None) -> DatasetInfo:
+    """The dataset's description (classes, channels, size) without reading its test split: the first simulated
+    hospital's."""
+    return load_site(cfg, 0, cache_dir=cache_dir).info
+
+
 def load_test_set(cfg: Config, *, cache_dir: Path | None = None) -> tuple[DatasetInfo, ArrayDataset]:
     """The global test set (the official test split; for synthetic data a mix of scanner styles; for folders the
-    test folder or the hospitals' ``split=test`` images)."""
+    test folder or the hospitals' ``split=test`` images). Refused (:class:`WithheldTestSplit`) when the run
+    withholds it (``evaluate.test_split=false``)."""
+    if not cfg.evaluate.test_split:
+        raise WithheldTestSplit()
     source = _source(cfg.dataset)
     if source.test_set is not None:
         return source.test_set(cfg, cache_dir)

@@ -2,7 +2,7 @@
 
 The checkpoint keeps the tracker state as the plain mapping it always held (``{"compute_s", "wall_s", "best",
 "site_best", "site_sizes", "last", "dropped_total", "site_privacy", "accountant_state", "run_privacy",
-"personal_best", "ensemble_best", "finetuned", "mode"}``, strict JSON values): :meth:`TrackerState.to_checkpoint`
+"personal_best", "ensemble_best", "finetuned", "mode", "noised_auc_max", "privacy_assumptions", "improved", "stopped_early"}``, strict JSON values): :meth:`TrackerState.to_checkpoint`
 writes exactly that, and :meth:`TrackerState.from_checkpoint` reads it back, missing keys taking their defaults, so
 checkpoints written before the state was typed resume unchanged. Non-finite metrics come back as ``None``
 (checkpoint metadata is strict JSON); selection treats ``None`` like nan.
@@ -132,6 +132,11 @@ class TrackerState:
     finetuned: PartSelection | None = None
     # metered DP evaluation: the highest noised validation AUC seen so far (the one-standard-error rule)
     noised_auc_max: float | None = None
+    # early stopping (train.patience): the latest round whose validation was strictly better than every earlier
+    # round's (a tie is no improvement, though selection lets it win), and why the run stopped before its planned
+    # rounds (None while it runs on)
+    improved: RoundResult | None = None
+    stopped_early: str | None = None
 
     def note_sites(self, sites: Mapping[str, SiteRound]) -> None:
         """Keep each site's latest sizes (a missing value keeps the earlier one) and privacy spent."""
@@ -161,6 +166,8 @@ class TrackerState:
             "mode": mode,
             "noised_auc_max": self.noised_auc_max,
             "privacy_assumptions": self.privacy_assumptions,
+            "improved": _optional(self.improved, RoundResult.as_dict),
+            "stopped_early": self.stopped_early,
         }
 
     @classmethod
@@ -183,4 +190,6 @@ class TrackerState:
             ensemble_best=_optional(data.get("ensemble_best"), PartSelection.from_dict),
             finetuned=_optional(data.get("finetuned"), PartSelection.from_dict),
             noised_auc_max=_optional(data.get("noised_auc_max"), float),
+            improved=_optional(data.get("improved"), RoundResult.from_dict),
+            stopped_early=_optional(data.get("stopped_early"), str),
         )

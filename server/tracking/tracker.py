@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.common.metrics import selection_key
 from medfed.server.runs import RunDirectory
 from medfed.server.tracking.checkpoints import Checkpoints
 from medfed.server.tracking.rounds import SiteRound, round_record, weighted_metrics
@@ -47,10 +48,13 @@ class RunTracker:
         snapshots: int = 0,
         tensorboard: bool = False,
         sinks: Sequence[RoundSink] = (),
+        patience: int = 0,
     ) -> None:
         """``state``: the tracker state a checkpoint holds (``--resume``); ``sinks``: more outputs (a console
-        display, say) that see every round's record and the summary after the run's own files."""
+        display, say) that see every round's record and the summary after the run's own files; ``patience``:
+        ``train.patience`` (0: no early stopping)."""
         self.run_dir = run_dir
+        self.patience = patience
         self.mode = mode
         self.total_rounds = total_rounds
         self.t0 = t0
@@ -68,6 +72,12 @@ class RunTracker:
     def best_round(self) -> int | None:
         """The round selection has chosen so far (None before any)."""
         return self.state.best.server_round if self.state.best is not None else None
+
+    @property
+    def stopped_early(self) -> str | None:
+        """Why the run stops before its planned rounds (``train.patience`` ran out), or None: the runner sends no
+        more rounds once this is set, and a resumed run that had stopped trains no further."""
+        return self.state.stopped_early
 
     @property
     def last_round(self) -> int | None:
@@ -127,12 +137,28 @@ class RunTracker:
         if select_global(state, server_round, val, test) and arrays is not None:
             self._checkpoints.save_best(server_round, arrays)
         state.last = RoundResult(server_round, val, dict(test) if test is not None else None)
+        if val and (state.improved is None or _improves(val, state.improved.val)):
+            state.improved = RoundResult(server_round, val)
+        self._check_patience(server_round)
         if arrays is not None:
             self._checkpoints.save_round(server_round, arrays, tracker=self.checkpoint_state(),
                                          strategy_state=strategy_state)
         for sink in self._sinks:
             sink.on_round(record)
         return record
+
+    def _check_patience(self, server_round: int) -> None:
+        """Stop early (before the round is checkpointed, so a resumed run stays stopped) once ``patience`` rounds
+        in a row have not improved on the best validation so far; never after the last planned round."""
+        improved = self.state.improved
+        if (self.patience <= 0 or self.state.stopped_early is not None or improved is None
+                or server_round >= self.total_rounds or server_round - improved.server_round < self.patience):
+            return
+        self.state.stopped_early = (
+            f"early stopping: {server_round - improved.server_round} rounds without a better validation than round "
+            f"{improved.server_round}'s (train.patience={self.patience}); stopped after round {server_round} of "
+            f"{self.total_rounds}")
+        logger.info("%s", self.state.stopped_early)
 
     # --- end -----------------------------------------------------------------------------------------------------
     def finish(
@@ -142,6 +168,8 @@ class RunTracker:
         if arrays is not None:
             self._checkpoints.save_final(arrays, self.last_round)
         summary = self._summary.build(self.state, wall_s=self.wall_s())
+        if self.state.stopped_early is not None:
+            summary["stopped"] = self.state.stopped_early
         if extra:
             summary.update(extra)
         try:
@@ -155,6 +183,22 @@ class RunTracker:
         """Close every sink (the TensorBoard writer, if one was opened)."""
         for sink in self._sinks:
             sink.close()
+
+
+IMPROVEMENT = 1e-6
+"""Early stopping's tolerance: a validation number that moved by less than this is a tie (a learning rate too
+small to move the weights still moves a zero bias by ~1e-12, and so the loss)."""
+
+
+def _improves(val: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Whether ``val`` is better than ``than`` in model selection's order (AUC, balanced accuracy, loss), each
+    number by more than :data:`IMPROVEMENT`."""
+    for new, old in zip(selection_key(val), selection_key(than), strict=True):
+        if new > old + IMPROVEMENT:
+            return True
+        if new < old - IMPROVEMENT:
+            return False
+    return False
 
 
 def _run_privacy(state: TrackerState) -> dict[str, Any] | None:

@@ -138,6 +138,21 @@ def test_int8_updates_send_a_quarter_of_the_bytes_and_still_learn(tmp_path):
     assert summary["best"]["test"]["auc"] >= 0.95
 
 
+def test_patience_stops_a_run_whose_validation_no_longer_improves_and_reports_its_best_round(tmp_path):
+    # Prepare: a learning rate so small that float32 weights cannot move: every round's validation ties round 1's
+    # (no improvement), so train.patience=2 stops the 6-round run after round 3
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "federation.hospitals=2",
+                      "train.rounds=6", "train.lr=1e-12", "train.patience=2"], tmp_path)
+
+    # Assert: three rounds recorded, the final stages ran, the summary says why it stopped and which round is best
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = _assert_run_outputs(tmp_path / "run", 3)
+    assert summary["rounds"] == 3 and summary["planned_rounds"] == 6
+    assert "train.patience=2" in summary["stopped"] and "stopped after round 3 of 6" in summary["stopped"]
+    assert "calibration" in summary
+    assert "stopped after round 3 of 6" in result.stdout  # the CLI's summary says so too
+
+
 def test_breastmnist_simulation_learns(tmp_path):
     from tests.conftest import require_medmnist
 

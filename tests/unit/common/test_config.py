@@ -237,3 +237,4 @@ def test_renamed_data_path_keys_still_compose_with_a_deprecation_warning(old, ne
     with pytest.warns(FutureWarning, match=f"{old.split('=')[0]} is deprecated.*it is now {new}"):
         cfg = compose_config([group, old, *extra])
     assert getattr(cfg.dataset, field) == value
+

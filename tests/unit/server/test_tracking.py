@@ -294,7 +294,8 @@ def test_tracker_state_round_trips_through_the_checkpoint_format(tmp_path):
     # Assert: the same mapping comes back (nan as None: checkpoint metadata is strict JSON), with its types
     assert list(meta["tracker"]) == ["compute_s", "wall_s", "best", "site_best", "site_sizes", "last", "dropped_total",
                                      "site_privacy", "accountant_state", "run_privacy", "personal_best",
-                                     "ensemble_best", "finetuned", "mode", "noised_auc_max", "privacy_assumptions"]
+                                     "ensemble_best", "finetuned", "mode", "noised_auc_max", "privacy_assumptions",
+                                     "improved", "stopped_early"]
     assert restored.to_checkpoint(wall_s=meta["tracker"]["wall_s"], mode="fedavg") == meta["tracker"]
     assert restored.best.server_round == 1 and restored.last.val["auc"] is None
     assert restored.run_privacy.run_epsilon == pytest.approx(1.0) and restored.accountant_state == {"steps": 2}
@@ -393,3 +394,89 @@ def test_noised_validation_selects_the_latest_round_within_one_standard_error_of
     assert [r for r, auc in rounds.items() if select_global(exact, r, {"auc": auc}, None)] == [1, 2, 5]
     restored = TrackerState.from_checkpoint(state.to_checkpoint(wall_s=1.0, mode="fedavg"))
     assert restored.noised_auc_max == 0.83
+
+
+@pytest.mark.parametrize(("aucs", "patience", "stops_after"), [
+    ((0.6, 0.8, 0.7, 0.75, 0.9, 0.95), 2, 4),  # rounds 3 and 4 do not beat round 2's 0.8
+    ((0.6, 0.8, 0.7, 0.85, 0.7, 0.7), 2, None),  # round 4 improves; round 6 would stop: it is the planned end
+    ((0.6, 0.8, 0.8, 0.8, 0.9, 0.9), 2, 4),  # a tie is no improvement (though selection lets it win)
+    ((0.6, 0.5, 0.4, 0.3, 0.2, 0.1), 0, None),  # patience 0: every planned round
+])
+def test_patience_stops_after_that_many_rounds_without_a_better_validation_and_reports_the_best(
+        tmp_path, aucs, patience, stops_after):
+    # Prepare: a 6-round run whose weighted validation AUCs are `aucs`
+    tracker = RunTracker(RunDirectory(tmp_path / "run"), mode="fedavg", total_rounds=6, t0=time.time(),
+                         patience=patience)
+    arrays = {"w": np.zeros(2, dtype=np.float32)}
+
+    # Execute: the runner records rounds until the tracker says stop
+    recorded = 0
+    for server_round, auc in enumerate(aucs, start=1):
+        tracker.record_round(server_round, sites=_sites(auc, auc), test=None, arrays=arrays)
+        recorded = server_round
+        if tracker.stopped_early is not None:
+            break
+    summary = tracker.finish(arrays)
+
+    # Assert: stopped where patience ran out (never at the planned end: that is no early stop), the best
+    # validation round reported
+    expected = stops_after if stops_after is not None and stops_after < 6 else 6
+    assert recorded == expected and summary["rounds"] == expected and summary["planned_rounds"] == 6
+    if stops_after is not None and stops_after < 6:
+        assert f"train.patience={patience}" in summary["stopped"] and f"after round {expected} of 6" in summary["stopped"]
+    else:
+        assert tracker.stopped_early is None and "stopped" not in summary
+    best_auc = max(aucs[:expected])
+    assert summary["best"]["val"]["auc"] == pytest.approx(best_auc)
+
+
+def test_a_run_stopped_early_stays_stopped_when_resumed(tmp_path):
+    # Prepare: a run stopped by patience after round 3; its checkpoint
+    from medfed.common.models.weights import load_checkpoint
+
+    run = RunDirectory(tmp_path / "run")
+    tracker = RunTracker(run, mode="fedavg", total_rounds=10, t0=time.time(), patience=2)
+    arrays = {"w": np.zeros(2, dtype=np.float32)}
+    for server_round, auc in ((1, 0.9), (2, 0.8), (3, 0.7)):
+        tracker.record_round(server_round, sites=_sites(auc, auc), test=None, arrays=arrays)
+    assert tracker.stopped_early is not None
+
+    # Execute: the tracker a resumed session builds from the last checkpoint
+    _, meta = load_checkpoint(run.last_checkpoint_path)
+    resumed = RunTracker(run, mode="fedavg", total_rounds=10, t0=time.time(), patience=2, state=meta["tracker"])
+
+    # Assert: still stopped (the runner trains no further), with the same reason and the same improvement round
+    assert meta["round"] == 3 and resumed.stopped_early == tracker.stopped_early
+    assert resumed.state.improved is not None and resumed.state.improved.server_round == 1
+
+
+@pytest.mark.parametrize(("bad", "says"), [(-1, "must be an integer >= 0"), (1.5, "could not be converted to Integer"),
+                                           (True, "could not be converted to Integer")])
+def test_patience_must_be_a_whole_number_of_rounds(bad, says):
+    from medfed.common.config import compose_config
+    from medfed.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"train.patience.*{says}"):
+        compose_config([f"train.patience={bad}"])
+
+
+def test_a_change_below_a_millionth_is_no_improvement_for_patience(tmp_path):
+    # Prepare: the same AUC every round, the loss falling by 1e-12 a round (a learning rate too small to matter
+    # still moves zero biases), then by 0.01
+    tracker = RunTracker(RunDirectory(tmp_path / "run"), mode="fedavg", total_rounds=6, t0=time.time(), patience=2)
+    arrays = {"w": np.zeros(2, dtype=np.float32)}
+
+    def sites(loss: float) -> dict[str, SiteRound]:
+        return {"hospital-0": SiteRound(n_train=40, n_val=10, train_loss=0.5, train_s=1.0, eval_s=0.1,
+                                        val={"auc": 0.8, "acc": 0.5, "loss": loss})}
+
+    # Execute / Assert: rounds 2 and 3 are ties of round 1; patience runs out after round 3
+    for server_round, loss in ((1, 0.7), (2, 0.7 - 1e-12), (3, 0.7 - 2e-12)):
+        tracker.record_round(server_round, sites=sites(loss), test=None, arrays=arrays)
+    assert tracker.stopped_early is not None and "than round 1's" in tracker.stopped_early
+
+    # and a loss 0.01 lower is an improvement
+    other = RunTracker(RunDirectory(tmp_path / "other"), mode="fedavg", total_rounds=6, t0=time.time(), patience=2)
+    for server_round, loss in ((1, 0.7), (2, 0.69), (3, 0.69)):
+        other.record_round(server_round, sites=sites(loss), test=None, arrays=arrays)
+    assert other.stopped_early is None and other.state.improved.server_round == 2

@@ -1,0 +1,112 @@
+"""medfed tune's parts that need no simulation: the search space (default and from a file), recipe files
+(--config-file), the test split withheld by the loader. The search itself runs in tests/e2e/test_tune.py."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from medfed.common.config import compose_config, overrides_with_config_file, read_config_file, write_config_file
+from medfed.common.data import WithheldTestSplit, load_dataset_info, load_test_set
+from medfed.common.errors import ConfigError
+from medfed.simulation.tuning import Param, default_space, read_space, space_from
+
+SMALL = ["dataset.n_train=120", "dataset.n_test=40", "federation.hospitals=2"]
+
+
+def test_a_space_file_gives_float_int_log_and_choice_ranges(tmp_path):
+    # Prepare
+    path = tmp_path / "space.yaml"
+    path.write_text("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\ntrain.local_epochs: {low: 1, high: 4}\n"
+                    "train.batch_size: [16, 32]\ntrain.optimizer: {choices: [adamw, sgd]}\n")
+
+    # Execute
+    space = {p.key: p for p in read_space(path)}
+
+    # Assert
+    assert space["train.lr"] == Param("train.lr", 1e-4, 1e-2, log=True)
+    assert space["train.local_epochs"].integer and (space["train.local_epochs"].low, space["train.local_epochs"].high) == (1, 4)
+    assert space["train.batch_size"].choices == (16, 32) and space["train.optimizer"].choices == ("adamw", "sgd")
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("train.lr: {low: 0.1, high: 0.01}", "is not a range"),
+    ("train.lr: {low: 0, high: 1, log: true}", "both > 0 with log"),
+    ("train.lr: {low: 0.1, high: 1, step: 2}", "unknown fields \\['step'\\]"),
+    ("train.lr: 0.1", "is not a search range"),
+    ("train.batch_size: {choices: []}", "non-empty list"),
+    ("- train.lr", "must be a mapping of config keys"),
+])
+def test_a_bad_space_file_is_refused_naming_the_key_and_what_is_allowed(tmp_path, text, says):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+
+    with pytest.raises(ConfigError, match=says):
+        read_space(path)
+
+
+def test_the_default_space_follows_the_strategy_and_privacy_and_overrides_pin_keys():
+    # Execute
+    fedprox = {p.key for p in default_space(compose_config([*SMALL, "strategy=fedprox"]))}
+    fedadam = {p.key for p in default_space(compose_config([*SMALL, "strategy=fedadam"]))}
+    dp = {p.key for p in default_space(compose_config([*SMALL, "privacy=dp"]))}
+    kept, pinned = space_from("default", compose_config(SMALL), [*SMALL, "train.lr=0.01"])
+
+    # Assert: each strategy's own knobs are searched, DP adds the clipping norm, an override is not searched
+    assert "strategy.mu" in fedprox and {"strategy.eta", "strategy.tau"} <= fedadam
+    assert "privacy.max_grad_norm" in dp and "privacy.max_grad_norm" not in fedprox
+    assert pinned == ["train.lr"] and "train.lr" not in {p.key for p in kept}
+    # every default range composes at both ends (a key that does not exist would be refused)
+    for p in default_space(compose_config([*SMALL, "strategy=fedadam", "privacy=dp"])):
+        for value in p.choices or (p.low, p.high):
+            compose_config([*SMALL, "strategy=fedadam", "privacy=dp", f"{p.key}={value}"])
+
+
+def test_a_recipe_file_round_trips_and_the_command_line_wins(tmp_path):
+    # Prepare
+    path = tmp_path / "best.yaml"
+    write_config_file(path, ["train.lr=0.003", "train.rounds=4"], "medfed tune: best of 3 trials\ntrial 1")
+
+    # Execute
+    read = read_config_file(path)
+    merged = overrides_with_config_file(path, ["train.rounds=7"])
+
+    # Assert: comments kept, overrides in order, the command line's last (Hydra: the later wins)
+    text = path.read_text()
+    assert text.startswith("# medfed tune: best of 3 trials\n# trial 1\n") and yaml.safe_load(text)["overrides"] == read
+    assert read == ["train.lr=0.003", "train.rounds=4"]
+    assert compose_config(merged).train.rounds == 7 and compose_config(merged).train.lr == pytest.approx(0.003)
+
+
+def test_a_run_directorys_overrides_json_is_a_recipe_file(tmp_path):
+    path = tmp_path / "overrides.json"
+    path.write_text('[\n "train.rounds=3",\n "train.lr=0.01"\n]\n')
+
+    assert read_config_file(path) == ["train.rounds=3", "train.lr=0.01"]
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("train: {lr: 0.1}", "has the keys \\['train'\\]"),
+    ("overrides: [train.lr]", "list of key=value overrides"),
+    ("{{{", "could not be read as YAML"),
+])
+def test_a_bad_recipe_file_is_refused_saying_what_it_must_hold(tmp_path, text, says):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError, match=says):
+        read_config_file(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        read_config_file(tmp_path / "missing.yaml")
+
+
+def test_a_run_that_withholds_the_test_split_cannot_load_it_and_still_knows_the_dataset(tmp_path):
+    # Prepare
+    withheld = compose_config([*SMALL, "evaluate.test_split=false"])
+
+    # Execute / Assert: the loader refuses, saying why and how to get test metrics; the dataset's description comes
+    # from a hospital's data
+    with pytest.raises(WithheldTestSplit, match="evaluate.test_split=true"):
+        load_test_set(withheld, cache_dir=tmp_path)
+    info = load_dataset_info(withheld, cache_dir=tmp_path)
+    assert info == load_test_set(compose_config(SMALL), cache_dir=tmp_path)[0]
