@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from medfed.cli.demo import demo
 from medfed.cli.deploy import register_commands
@@ -22,6 +23,7 @@ from medfed.cli.display import RoundFollower, fail, make_console, print_summary
 from medfed.cli.privacy_plan import print_plans, privacy_app, site_plans
 from medfed.cli.tune import tune
 from medfed.common.config import Config, compose_config, config_to_yaml, overrides_with_config_file
+from medfed.common.config.advice import advisories
 from medfed.common.environment import flower_environment
 from medfed.common.errors import ConfigError, MedfedError
 
@@ -235,6 +237,8 @@ def simulate(
             )
             if cfg.federation.ray_address:
                 out.print(f"on the Ray cluster at [bold]{cfg.federation.ray_address}[/] (this process joins it)")
+            for advice in advisories(cfg):
+                err_console.print(f"[yellow]warning:[/] {escape(advice)}", highlight=False)
             if cfg.privacy.name == "dp":  # every hospital's plan, before round 1 (what each will spend)
                 print_plans(out, cfg, site_plans(cfg, _cache_dir(cache_dir), _state_dir(state_dir)))
         with RoundFollower(RunDirectory(run_path).metrics_path, cfg.train.rounds, out, skip_rounds=done):

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from medfed.cli.coordination import CoordDir, launch_run, open_coordinator
 from medfed.cli.display import fail, folded, make_console
 from medfed.common.config import overrides_with_config_file
+from medfed.common.config.advice import advisories
 from medfed.common.errors import MedfedError
 
 __all__ = ["runs_app", "train"]
@@ -54,6 +56,8 @@ def train(
         fail(exc)
         return
     out.print(f"run {run_id} launched -> {run_path}")
+    for advice in advisories(cfg, deployment=True):
+        err_console.print(f"[yellow]warning:[/] {escape(advice)}", highlight=False)
     online = sum(1 for node in open_coordinator(directory).nodes() if node.get("status") == "online")
     if online < cfg.strategy.min_available_nodes:
         err_console.print(

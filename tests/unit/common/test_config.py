@@ -238,3 +238,23 @@ def test_renamed_data_path_keys_still_compose_with_a_deprecation_warning(old, ne
         cfg = compose_config([group, old, *extra])
     assert getattr(cfg.dataset, field) == value
 
+
+@pytest.mark.parametrize(("overrides", "deployment", "warned"), [
+    (["strategy=krum", "federation.partition=dirichlet", "federation.hospitals=5"], False, True),
+    (["strategy=krum", "federation.partition=iid", "federation.hospitals=5"], False, False),  # alike data: its use
+    (["strategy=multikrum", "strategy.num_nodes_to_select=3", "federation.partition=dirichlet",
+      "federation.hospitals=5"], False, False),  # keeps most of the round
+    (["strategy=multikrum", "strategy.num_nodes_to_select=2", "federation.partition=quantity",
+      "federation.hospitals=5"], False, True),
+    (["strategy=krum", "strategy.min_train_nodes=3"], True, True),  # deployment: real data are rarely alike
+    (["strategy=fedmedian", "federation.partition=dirichlet"], False, False),
+])
+def test_krum_under_label_skew_is_warned_about_with_the_measured_reason_and_what_to_use(overrides, deployment,
+                                                                                        warned):
+    from medfed.common.config.advice import advisories
+
+    advice = advisories(compose_config(overrides), deployment=deployment)
+
+    assert bool(advice) == warned
+    if warned:
+        assert "fedmedian" in advice[0] and "0.415" in advice[0] and "label" in advice[0]
