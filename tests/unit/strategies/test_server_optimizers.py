@@ -68,7 +68,7 @@ def _run(strategy, rounds=ROUNDS, start: int = 1, x: float = X0) -> list[float]:
     return trajectory
 
 
-def _adam_by_hand(yogi: bool, eta=0.01, tau=1e-3, b1=0.9, b2=0.99) -> list[float]:
+def _adam_by_hand(yogi: bool, eta=1e-3, tau=1e-3, b1=0.9, b2=0.99) -> list[float]:  # (the schema's defaults)
     x, m, v, out = X0, 0.0, 0.0, []
     for t, values in enumerate(ROUNDS, start=1):
         x32 = float(np.float32(x))
