@@ -36,7 +36,7 @@ from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from medfed.cli.display import fail, fmt, folded, make_console
-from medfed.common.config import Config, compose_config, config_to_yaml
+from medfed.common.config import Config, compose_config, config_to_yaml, override_key
 from medfed.common.errors import DatasetUnavailableError, MedfedError
 
 __all__ = ["DEMO_FEDERATION", "DEMO_PRIVATE", "DEMO_RECIPE", "DEMO_THREADS", "DemoRow", "DemoStep", "demo",
@@ -96,14 +96,10 @@ class DemoRow:
     run_dir: str
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _merged(base: Sequence[str], extra: Sequence[str]) -> tuple[str, ...]:
     """``base`` without the keys ``extra`` sets, then ``extra`` (Hydra refuses a key given twice)."""
-    named = {_key(o) for o in extra}
-    return tuple(o for o in base if _key(o) not in named) + tuple(extra)
+    named = {override_key(o) for o in extra}
+    return tuple(o for o in base if override_key(o) not in named) + tuple(extra)
 
 
 def demo_steps(data_dir: Path, *, dp: bool = True, extra: Sequence[str] = ()) -> list[DemoStep]:

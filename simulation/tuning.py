@@ -34,9 +34,10 @@ from typing import Any
 
 import yaml
 
-from medfed.common.config import Config, compose_config, write_config_file
+from medfed.common.config import Config, compose_config, override_key, write_config_file
 from medfed.common.errors import ConfigError
 from medfed.common.processes import stop_tree
+from medfed.server.runs import RunDirectory
 
 __all__ = ["Param", "TrialResult", "TuneResult", "default_space", "read_space", "run_tune", "space_from"]
 
@@ -144,14 +145,10 @@ def default_space(cfg: Config) -> list[Param]:
     return space
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def space_from(spec: str | Path, cfg: Config, overrides: Sequence[str]) -> tuple[list[Param], list[str]]:
     """The search space (``default`` or a file) less the keys the command line pins; and the pinned keys."""
     space = default_space(cfg) if str(spec) == "default" else read_space(Path(spec))
-    pinned = {_key(o) for o in overrides}
+    pinned = {override_key(o) for o in overrides}
     kept = [p for p in space if p.key not in pinned]
     if not kept:
         raise ConfigError("Every key of the search space is pinned by an override; nothing is left to search. Drop "
@@ -200,18 +197,6 @@ class TuneResult:
         out = asdict(self)
         out["best_config"] = str(self.best_config) if self.best_config is not None else None
         return out
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return out
 
 
 def _auc(record: Mapping[str, Any]) -> float | None:
@@ -265,7 +250,7 @@ class _Trials:
         try:
             while True:
                 done = process.poll() is not None
-                lines = _lines(run_dir / "metrics.jsonl")
+                lines = RunDirectory(run_dir).read_metrics()
                 for record in lines[seen:]:
                     auc = _auc(record)
                     if auc is not None:
@@ -284,12 +269,11 @@ class _Trials:
                     raise RuntimeError(result.error)
                 time.sleep(0.5)
             result.rounds = seen
-            summary_path = run_dir / "summary.json"
-            if process.returncode != 0 or not summary_path.is_file():
+            if process.returncode != 0 or not RunDirectory(run_dir).summary_path.is_file():
                 tail = (self.out / f"trial-{trial.number:03d}.log").read_text(errors="replace")[-600:]
                 result.error = f"medfed simulate exited with {process.returncode}: {tail.strip()}"
                 raise RuntimeError(result.error)
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            summary = RunDirectory(run_dir).read_summary()
             best_entry = summary.get("best") or {}
             value = _auc(best_entry)
             result.best_round = best_entry.get("round")
@@ -344,7 +328,7 @@ def run_tune(
             from None
     if trials < 1 or parallel < 1:
         raise ConfigError(f"--trials {trials} and --parallel {parallel} must both be >= 1.")
-    base = [o for o in overrides if _key(o) != "evaluate.test_split"]
+    base = [o for o in overrides if override_key(o) != "evaluate.test_split"]
     if len(base) != len(overrides):
         raise ConfigError("medfed tune withholds the test split from every trial itself; drop the "
                           "evaluate.test_split override.")

@@ -55,7 +55,12 @@ from medfed.common.config.choices import (
     Task,
 )
 from medfed.common.config.compose import compose_config, register_schemas
-from medfed.common.config.config_file import overrides_with_config_file, read_config_file, write_config_file
+from medfed.common.config.config_file import (
+    override_key,
+    overrides_with_config_file,
+    read_config_file,
+    write_config_file,
+)
 from medfed.common.config.dataset import DatasetConfig, FolderConfig, MedMNISTConfig, SyntheticConfig
 from medfed.common.config.evaluate import EvaluateConfig, TrackingConfig
 from medfed.common.config.federation import FederationConfig
@@ -78,6 +83,7 @@ from medfed.common.config.strategy import (
 from medfed.common.config.train import AugmentConfig, TrainConfig
 
 __all__ = [
+    "override_key",
     "overrides_with_config_file",
     "read_config_file",
     "write_config_file",

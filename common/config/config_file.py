@@ -15,7 +15,12 @@ import yaml
 
 from medfed.common.errors import ConfigError
 
-__all__ = ["overrides_with_config_file", "read_config_file", "write_config_file"]
+__all__ = ["override_key", "overrides_with_config_file", "read_config_file", "write_config_file"]
+
+
+def override_key(override: str) -> str:
+    """The key an override sets (``train.lr`` of ``+train.lr=0.1``; Hydra's append and delete markers dropped)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def read_config_file(path: Path) -> list[str]:

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from medfed.common.config.config_file import override_key
+
 if TYPE_CHECKING:
     from medfed.common.config.schema import Config
 
@@ -50,7 +52,7 @@ mean gradient is SGD with momentum (one step per round, so few rounds: each spen
 
 
 def _named_keys(overrides: Iterable[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    return {override_key(o) for o in overrides if "=" in o}
 
 
 def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
