@@ -65,8 +65,10 @@ def run_medfed(args: list[str], *, cwd: Path, timeout: float) -> tuple[int, floa
     return proc.returncode, time.time() - started, out
 
 
-def bench_dataset(name: str, data_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
-    recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else RECIPES[name]
+def bench_dataset(name: str, data_dir: Path, work: Path, quick: bool, recipe: list[str] | None = None
+                  ) -> dict[str, Any]:
+    """Centralized, local-only and FedAvg runs of ``name`` with ``recipe`` (default: :data:`RECIPES`)."""
+    recipe = ["train.rounds=2", "train.local_epochs=1"] if quick else (RECIPES[name] if recipe is None else recipe)
     common = ["dataset=medmnist", f"dataset.name={name}", f"dataset.data_path={data_dir}", *FEDERATION, *recipe]
     results: dict[str, Any] = {"overrides": common}
     for method, command in (
@@ -116,14 +118,32 @@ def floors(name: str, r: dict[str, Any]) -> list[tuple[str, bool | None]]:
     return checks
 
 
+def method_cells(r: dict[str, Any]) -> list[tuple[str, str, str, str, dict[str, Any]]]:
+    """Each method's table cells (method, test AUC, test ACC, best round) and its record; local-only as the mean
+    and min-max over the hospitals' own models."""
+    cells = []
+    for method in ("centralized", "local", "fedavg"):
+        m = r[method]
+        if method == "local":
+            a, c = m["local"]["test_auc"], m["local"]["test_acc"]
+            cells.append((method, f"{a['mean']:.4f} ({a['min']:.3f}-{a['max']:.3f})",
+                          f"{c['mean']:.4f} ({c['min']:.3f}-{c['max']:.3f})", "per site", m))
+        else:
+            cells.append((method, f"{m['test_auc']:.4f}", f"{m['test_acc']:.4f}", str(m["best_round"]), m))
+    return cells
+
+
+def measured(total_s: float, command: str) -> list[str]:
+    """A benchmark section's first lines: where and when it was measured, and the command that reproduces it."""
+    return [f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, no GPU, "
+            f"Python {platform.python_version()}; whole script {total_s / 60:.1f} min. Reproduce with:",
+            "", f"    {command}", ""]
+
+
 def render(results: dict[str, Any], demo: dict[str, Any], total_s: float, command: str) -> str:
     lines = [
         START,
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, no GPU, "
-        f"Python {platform.python_version()}; whole script {total_s / 60:.1f} min. Reproduce with:",
-        "",
-        f"    {command}",
-        "",
+        *measured(total_s, command),
         "5 hospitals, Dirichlet(alpha=0.5) label skew, seed 0, model `smallcnn` (130k parameters, GroupNorm), "
         "AdamW lr 1e-3, batch 32. Test AUC/ACC on the official test split at the best-validation round "
         "(local-only: each hospital's own model at its own best round; mean, min-max over hospitals). "
@@ -134,15 +154,7 @@ def render(results: dict[str, Any], demo: dict[str, Any], total_s: float, comman
     ]
     for name, r in results.items():
         budget = " ".join(o.split(".", 1)[1] for o in r["overrides"] if o.startswith("train."))
-        for method in ("centralized", "local", "fedavg"):
-            m = r[method]
-            if method == "local":
-                a, c = m["local"]["test_auc"], m["local"]["test_acc"]
-                auc = f"{a['mean']:.4f} ({a['min']:.3f}-{a['max']:.3f})"
-                acc = f"{c['mean']:.4f} ({c['min']:.3f}-{c['max']:.3f})"
-                best = "per site"
-            else:
-                auc, acc, best = f"{m['test_auc']:.4f}", f"{m['test_acc']:.4f}", str(m["best_round"])
+        for method, auc, acc, best, m in method_cells(r):
             lines.append(
                 f"| {name} | {budget} | {method} | {auc} | {acc} | {best} | {m['wall_s']:.1f} | "
                 f"{m['compute_s']:.1f} | {m['overhead']:.3f} |"

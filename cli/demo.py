@@ -182,7 +182,7 @@ def _row(step: DemoStep, cfg: Config, summary: dict[str, Any], wall_s: float, ru
         key=step.key, label=step.label, what=step.what,
         test_auc=_number(test.get("auc")), test_acc=_number(test.get("acc")),
         test_auc_range=(float(spread["min"]), float(spread["max"])) if spread else None,
-        best_round=best.get("round"), recipe=f"{cfg.model.name} {cfg.train.rounds}x{cfg.train.local_epochs}",
+        best_round=best.get("round"), recipe=f"{cfg.model.name} {cfg.train.rounds}x{cfg.train.work()}",
         epsilon=privacy.get("max_epsilon"), wall_s=wall_s, run_dir=str(run_path),
     )
 

@@ -281,7 +281,7 @@ def _baseline(kind: str, overrides: list[str] | None, run_dir: Path | None, cach
         cfg = _prepare(overrides, run_path, fresh=True)
         console.print(
             f"{kind} baseline on [bold]{cfg.dataset.name}[/] ({cfg.federation.hospitals} hospitals' data), "
-            f"{cfg.train.rounds} x {cfg.train.local_epochs} epochs -> {run_path}"
+            f"{cfg.train.rounds} rounds x {cfg.train.work()} -> {run_path}"
         )
         if cfg.task != "classify":
             raise ConfigError(

@@ -97,8 +97,12 @@ def _offline_lira(cfg: Config, site: SiteData, model: torch.nn.Module, pool: Arr
                   shadows: int) -> np.ndarray:
     """Offline LiRA scores of every pool image (see the module docstring)."""
     rng = np.random.default_rng(derive_seed(cfg.train.seed, "audit", site.site_id))
-    epochs = min(_MAX_SHADOW_EPOCHS, max(1, cfg.train.rounds * cfg.train.local_epochs))
     recipe = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, max(1, len(pool) // 2)))
+    # the run's epochs, or its steps (as many as one hospital trained in the run), within the same cap
+    epochs, steps = min(_MAX_SHADOW_EPOCHS, max(1, cfg.train.rounds * cfg.train.local_epochs)), 0
+    if not cfg.train.local_epochs:
+        per_epoch = -(-max(1, len(pool) // 2) // recipe.batch_size)
+        epochs, steps = 0, min(_MAX_SHADOW_EPOCHS * per_epoch, cfg.train.rounds * cfg.train.local_steps)
     out_logits: list[list[float]] = [[] for _ in range(len(pool))]
     for k in range(shadows):
         inside = rng.random(len(pool)) < 0.5
@@ -110,7 +114,7 @@ def _offline_lira(cfg: Config, site: SiteData, model: torch.nn.Module, pool: Arr
             reset = getattr(module, "reset_parameters", None)
             if callable(reset) and any(p.requires_grad for p in module.parameters(recurse=False)):
                 reset()
-        train_epochs(shadow, pool.subset(np.flatnonzero(inside)), recipe, epochs=epochs,
+        train_epochs(shadow, pool.subset(np.flatnonzero(inside)), recipe, epochs=epochs, steps=steps,
                      n_classes=site.info.n_classes, spatial_dims=site.info.spatial_dims,
                      seed=derive_seed(cfg.train.seed, "shadow-train", site.site_id, k),
                      device=select_device(cfg.train.device))

@@ -138,7 +138,7 @@ def start_private_round(
             cap,
             n_train=len(site.train),
             batch_size=cfg.train.batch_size,
-            local_epochs=cfg.train.local_epochs,
+            local_epochs=cfg.train.dp_epochs,
             rounds_left=cfg.train.rounds - server_round + 1,
             entries=entries,
             run_id=run_id,
@@ -301,7 +301,7 @@ def preview_run(cfg: Config, dp: DPConfig, site: SiteData, env: NodeEnv) -> RunP
     reserved = planned_evaluations(cfg, dp, env, run_id=-1, server_round=1, entries=[])
     try:
         plan = plan_round(dp, cap, n_train=len(site.train), batch_size=cfg.train.batch_size,
-                          local_epochs=cfg.train.local_epochs, rounds_left=cfg.train.rounds, entries=entries,
+                          local_epochs=cfg.train.dp_epochs, rounds_left=cfg.train.rounds, entries=entries,
                           run_id=-1, reserved=reserved, server_round=1)
     except PrivacyBudgetExceeded as exc:
         return dataclasses.replace(base, refusal=str(exc))

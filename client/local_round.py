@@ -24,7 +24,7 @@ from medfed.client.personalization import (
     save_kept_layers,
     shared_state,
 )
-from medfed.client.training import derive_seed, select_device, train_epochs
+from medfed.client.training import derive_seed, round_work, select_device, train_epochs
 from medfed.common import keys
 from medfed.common.compression import compress_update
 from medfed.common.config import Config, DPConfig
@@ -56,7 +56,8 @@ def train_round(
     server_round: int,
     proximal_mu: float = 0.0,
 ) -> RoundResult:
-    """Train the received global model on this hospital's training split for ``train.local_epochs``.
+    """Train the received global model on this hospital's training split for ``train.local_steps`` steps
+    (or ``train.local_epochs`` epochs).
 
     With ``privacy=dp`` the site first plans the round under its own cap (refusing with a PHI-free reason when
     the round would pass it), records the round in its ledger, then trains with Opacus DP-SGD. A metered DP round
@@ -76,11 +77,10 @@ def train_round(
         model,
         site.train,
         recipe,
-        epochs=recipe.local_epochs,
+        **round_work(recipe, server_round, private=private is not None),
         n_classes=site.info.n_classes,
         spatial_dims=site.info.spatial_dims,
         seed=derive_seed(cfg.train.seed, server_round, site.site_id),
-        lr=cfg.train.round_lr(server_round),
         device=select_device(cfg.train.device),
         privacy=private.training() if private is not None else None,
         proximal_mu=proximal_mu,

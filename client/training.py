@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "configure_threads",
     "derive_seed",
     "make_optimizer",
+    "round_work",
     "select_device",
     "set_lr",
     "train_epochs",
@@ -116,6 +118,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def round_work(cfg: TrainConfig, server_round: int, *, private: bool = False, sites: int = 1) -> dict[str, Any]:
+    """:func:`train_epochs`' work and rate arguments for round ``server_round`` of the recipe ``cfg``: its
+    ``local_epochs`` epochs, or ``local_steps`` steps (times ``sites``: the centralized baseline does, per round, the
+    steps of all the hospitals it pools), with the per-step rate of :meth:`TrainConfig.step_lr` (warm-up, schedule).
+    DP-SGD (``private``) trains ``local_epochs`` Poisson-sampled epochs at the round's one rate."""
+    if private:
+        return {"epochs": cfg.dp_epochs, "lr": cfg.round_lr(server_round)}
+    steps = 0 if cfg.local_epochs else cfg.local_steps * sites
+    return {"epochs": cfg.local_epochs, "steps": steps, "step_lr": functools.partial(cfg.step_lr, server_round)}
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate (a persistent optimizer following the round schedule); each parameter group keeps its
     ``lr_scale`` (the encoder's discriminative factor)."""
@@ -187,7 +200,9 @@ def train_epochs(
     n_classes: int,
     spatial_dims: int,
     seed: int,
+    steps: int = 0,
     lr: float | None = None,
+    step_lr: Callable[[float], float] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
     privacy: DPTraining | None = None,
@@ -195,10 +210,13 @@ def train_epochs(
     criterion: nn.Module | None = None,
     feature_cache: Path | None = None,
 ) -> LocalTrainResult:
-    """Train ``model`` in place for ``epochs`` passes over ``data``.
+    """Train ``model`` in place for ``epochs`` passes over ``data``, or for exactly ``steps`` optimizer steps when
+    ``steps`` > 0 (reshuffled passes, the last one cut short; ``train.local_steps``; not with DP-SGD).
 
     A new optimizer is made unless one is passed (the centralized baseline keeps its optimizer across calls;
-    a federated round starts fresh from the global weights); ``lr`` (the round's rate) overrides ``train.lr``.
+    a federated round starts fresh from the global weights); ``lr`` (the round's rate) overrides ``train.lr``, and
+    ``step_lr`` (the share of the call's steps done, in (0, 1], to a rate; :meth:`TrainConfig.step_lr`) sets it
+    before each step instead (not with DP-SGD, whose step count is random).
     Shuffling and augmentation are seeded by ``seed``. With ``privacy`` the same loop runs Opacus DP-SGD: Poisson
     sampling (an epoch is ``ceil(n / batch_size)`` logical batches), per-sample clipping and Gaussian noise, with
     logical batches split to ``max_physical_batch_size`` in memory. ``model`` itself stays unwrapped.
@@ -220,6 +238,9 @@ def train_epochs(
                          "combined (see TrainConfig.class_weighting).")
     if len(data) == 0:
         raise ValueError("train_epochs() got an empty training split; a site needs at least one image.")
+    if privacy is not None and (steps > 0 or step_lr is not None):
+        raise ValueError("train_epochs(): DP-SGD counts its work in Poisson-sampled epochs at one rate; steps= and "
+                         "step_lr= are for non-private training.")
     started = time.perf_counter()  # everything local training does, optimizer set-up included
     device = device or select_device()
     model.to(device)
@@ -272,12 +293,19 @@ def train_epochs(
 
     summed_loss = getattr(criterion, "reduction", "mean") == "sum"  # DP-SGD's (hooks): the batch's sum, not mean
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
-    total_loss, total_seen, steps = 0.0, 0, 0
-    for epoch in range(epochs):
+    max_steps = steps
+    planned = max_steps or epochs * -(-len(data) // cfg.batch_size)  # (a plain pass: ceil(n / batch) steps)
+    total_loss, total_seen, steps, epoch = 0.0, 0, 0, 0
+    while (steps < max_steps) if max_steps else (epoch < epochs):
         batches = (private.epoch_batches() if private
                    else contextlib.nullcontext(_batches(data, cfg, spatial_dims, generator, seed + epoch)))
+        epoch += 1
         with batches as epoch_batches:
             for images, labels in epoch_batches:
+                if max_steps and steps >= max_steps:
+                    break
+                if step_lr is not None:
+                    set_lr(optimizer, step_lr((steps + 1) / planned))
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 if per_sample_only:

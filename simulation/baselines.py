@@ -1,12 +1,14 @@
 """The two baselines a reviewer always asks for, on the same config, model and training budget as a federation.
 
-* centralized: every hospital's training split pooled into one model; ``train.rounds x train.local_epochs``
-  epochs; one "round" = ``local_epochs`` epochs; evaluated after each round on every hospital's validation split
+* centralized: every hospital's training split pooled into one model; one "round" is the work of all the
+  hospitals' rounds: ``train.local_steps`` steps times the number of hospitals (as many images as the federation
+  trains on per round), or ``train.local_epochs`` epochs of the pooled data (each hospital passes over its own
+  split once per epoch); evaluated after each round on every hospital's validation split
   (selection) and on the global test set (report). Under ``privacy=dp`` (and ``distributed_dp``) it is pooled
   DP-SGD: Opacus on the union of the data, its noise planned as one hospital holding all of it would plan its run
   (:func:`medfed.client.privacy.plan_round`: ``privacy.target_epsilon`` over the whole run, no cap, no
   evaluations reserved: the pooled reference evaluates exactly), its epsilon reported per round.
-* local: each hospital alone, the same number of epochs, its own model selected on its own validation split (under
+* local: each hospital alone, the same steps (or epochs) per round as in the federation, its own model selected on its own validation split (under
   ``privacy=dp``: DP-SGD at each hospital on its own data, planned the same way).
 
 Both write the same files as ``medfed simulate`` (server.runs), so results compare side by side.
@@ -29,6 +31,7 @@ from medfed.client.training import (
     configure_threads,
     derive_seed,
     make_optimizer,
+    round_work,
     select_device,
     train_epochs,
 )
@@ -82,9 +85,10 @@ def run_centralized(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: 
         result = None
         if private is None or (server_round - 1) % private.plan.period == 0:
             result = train_epochs(
-                model, pooled, recipe, epochs=recipe.local_epochs, n_classes=info.n_classes,
-                spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, "centralized"),
-                lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
+                model, pooled, recipe, **round_work(recipe, server_round, private=private is not None,
+                                                    sites=len(sites)),
+                n_classes=info.n_classes, spatial_dims=info.spatial_dims,
+                seed=derive_seed(cfg.train.seed, server_round, "centralized"), optimizer=optimizer, device=device,
                 privacy=private.training if private is not None else None,
             )
             trained_rounds += 1
@@ -129,7 +133,7 @@ def _pooled_dp(cfg: Config, n_train: int) -> _PooledDP | None:
     if not isinstance(dp, DPConfig):
         return None
     plan = plan_round(dp, SiteCap(max_delta=dp.delta), n_train=n_train, batch_size=cfg.train.batch_size,
-                      local_epochs=cfg.train.local_epochs, rounds_left=cfg.train.rounds, entries=[], run_id=0,
+                      local_epochs=cfg.train.dp_epochs, rounds_left=cfg.train.rounds, entries=[], run_id=0,
                       reserved=[], server_round=1)
     logger.info("pooled DP-SGD: noise multiplier %.4g, sampling rate %.4g, %d steps per round, every %d round(s)",
                 plan.noise_multiplier, plan.sample_rate, plan.steps, plan.period)
@@ -171,9 +175,9 @@ def run_local(cfg: Config, run_dir: RunDirectory, *, cache_dir: Path, t0: float 
             result = None
             if private is None or (server_round - 1) % private.plan.period == 0:
                 result = train_epochs(
-                    model, site.train, recipe, epochs=recipe.local_epochs, n_classes=info.n_classes,
-                    spatial_dims=info.spatial_dims, seed=derive_seed(cfg.train.seed, server_round, site.site_id),
-                    lr=cfg.train.round_lr(server_round), optimizer=optimizer, device=device,
+                    model, site.train, recipe, **round_work(recipe, server_round, private=private is not None),
+                    n_classes=info.n_classes, spatial_dims=info.spatial_dims,
+                    seed=derive_seed(cfg.train.seed, server_round, site.site_id), optimizer=optimizer, device=device,
                     privacy=private.training if private is not None else None,
                 )
                 trained[index] += 1

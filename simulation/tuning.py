@@ -122,11 +122,16 @@ def read_space(path: Path) -> list[Param]:
 
 
 def default_space(cfg: Config) -> list[Param]:
-    """The default search: the local recipe (learning rate, local epochs, batch, optimizer, schedule, weight decay),
-    the configured strategy's own options, and the clipping norm under ``privacy=dp``."""
+    """The default search: the local recipe (learning rate, local work, batch, optimizer, schedule, weight decay),
+    the configured strategy's own options, and the clipping norm under ``privacy=dp``. Local work is searched in
+    steps per round (the default recipe's unit), or in epochs under DP-SGD (whose plan counts epochs) and where the
+    recipe counts epochs."""
+    dp_sgd = cfg.privacy.name in ("dp", "distributed_dp")
+    work = (Param("train.local_epochs", 1, 5, integer=True) if dp_sgd or cfg.train.local_epochs
+            else Param("train.local_steps", 10, 200, log=True, integer=True))
     space = [
         Param("train.lr", 1e-4, 3e-2, log=True),
-        Param("train.local_epochs", 1, 5, integer=True),
+        work,
         Param("train.batch_size", choices=(16, 32, 64)),
         Param("train.optimizer", choices=("adamw", "sgd")),
         Param("train.lr_schedule", choices=("constant", "cosine")),

@@ -55,12 +55,28 @@ def _named_keys(overrides: Iterable[str]) -> set[str]:
     return {override_key(o) for o in overrides if "=" in o}
 
 
+def _epochs_under_dp_sgd(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Under ``privacy=dp`` / ``distributed_dp`` a round's local work is counted in epochs (the privacy plan and its
+    accountant count Poisson-sampled epochs): the default ``train.local_epochs=0`` (count in steps) becomes 1 there,
+    and an explicit ``train.local_steps`` is refused with the key to use instead."""
+    from medfed.common.errors import ConfigError
+
+    if cfg.privacy.name not in ("dp", "distributed_dp") or cfg.train.local_epochs > 0:
+        return cfg
+    if "train.local_steps" in _named_keys(overrides):
+        raise ConfigError(f"train.local_steps={cfg.train.local_steps} does not apply under privacy={cfg.privacy.name}:"
+                          " DP-SGD's privacy plan counts a round's work in Poisson-sampled epochs. Use "
+                          "train.local_epochs=N instead (default 1 under DP).")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_epochs=1))
+
+
 def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
     """``cfg`` with :data:`HEAD_DP_RECIPE` for every ``train`` key the overrides leave at its default, when the run
     is ``privacy=dp`` over a head-only model, or with :data:`DISTRIBUTED_DP_RECIPE` under ``privacy=distributed_dp``;
-    ``cfg`` itself otherwise."""
+    ``cfg`` itself otherwise. Under DP-SGD the local work is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
     from medfed.common.config.choices import Optimizer
 
+    cfg = _epochs_under_dp_sgd(cfg, overrides)
     head_only = cfg.model.name == "scatternet" or cfg.model.finetune == "linear_probe"
     if cfg.privacy.name == "distributed_dp":
         recipe = DISTRIBUTED_DP_RECIPE

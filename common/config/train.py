@@ -51,13 +51,21 @@ class TrainConfig:
     """The learning recipe: rounds, local epochs, optimizer and loss; identical for federated runs and baselines."""
 
     rounds: int = 5
-    local_epochs: int = 1
+    # a hospital's work per round: local_steps optimizer steps, whatever its size (a small site cycles through its
+    # images, a large one sees part of them), so sites of 4 and 4,000 images move the model alike; local_epochs > 0
+    # counts it in passes over the site's training split instead (and then wins). Under privacy=dp and
+    # distributed_dp it is always counted in epochs (the privacy plan counts Poisson-sampled epochs): 0 means 1 there
+    local_steps: int = 50
+    local_epochs: int = 0
     batch_size: int = 32
     eval_batch_size: int = 256
     optimizer: Optimizer = Optimizer.adamw  # adamw | adam | sgd
     lr: float = 1e-3
     lr_schedule: LRSchedule = LRSchedule.constant  # cosine: decay from lr to lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
+    # linear warm-up of the learning rate over the first warmup_rounds rounds, step by step (each hospital's steps
+    # in a round ramp from where the last round ended); 0 = none. Not under DP-SGD (its rounds keep one rate)
+    warmup_rounds: float = 1.0
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     # none | balanced (inverse class frequency of the hospital's training split; not with privacy=dp)
@@ -98,11 +106,43 @@ class TrainConfig:
         low = self.lr * self.lr_min_factor
         return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
 
+    def step_lr(self, server_round: int, done: float) -> float:
+        """The learning rate of a step ``done`` (in (0, 1]: the share of the round's steps done with this one) into
+        a round: the round's rate (:meth:`round_lr`), times the linear warm-up while the run is within its first
+        ``warmup_rounds`` rounds."""
+        lr = self.round_lr(server_round)
+        progress = server_round - 1 + done
+        if self.warmup_rounds > 0 and progress < self.warmup_rounds:
+            lr *= progress / self.warmup_rounds
+        return lr
+
+    def work(self) -> str:
+        """A round's local work in words: ``"50 steps"`` or ``"2 epochs"``."""
+        return f"{self.local_epochs} epochs" if self.local_epochs else f"{self.local_steps} steps"
+
+    @property
+    def dp_epochs(self) -> int:
+        """A DP-SGD round's Poisson-sampled epochs: ``local_epochs``, 1 where the recipe counts steps (the composed
+        config of a DP run already says 1; :mod:`medfed.common.config.private_recipes`)."""
+        return self.local_epochs or 1
+
     def __post_init__(self) -> None:
-        for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+        for key in ("rounds", "batch_size", "eval_batch_size"):
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"train.{key}={value!r} is out of range; it must be >= 1.")
+        for key in ("local_steps", "local_epochs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{key}={value!r} is out of range; it must be an integer >= 0.")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("train.local_steps=0 with train.local_epochs=0 leaves a round no work; set "
+                              "train.local_steps=N (optimizer steps per round at every hospital, the default 50) or "
+                              "train.local_epochs=N (passes over each hospital's training split).")
+        if not isinstance(self.warmup_rounds, (int, float)) or isinstance(self.warmup_rounds, bool) \
+                or not 0 <= self.warmup_rounds <= self.rounds:
+            raise ConfigError(f"train.warmup_rounds={self.warmup_rounds!r} is out of range; it must be a number in "
+                              f"[0, train.rounds={self.rounds}] (0: no warm-up).")
         require_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         require_choice("train.class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         require_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)

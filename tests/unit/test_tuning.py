@@ -56,10 +56,15 @@ def test_the_default_space_follows_the_strategy_and_privacy_and_overrides_pin_ke
     assert "strategy.mu" in fedprox and {"strategy.eta", "strategy.tau"} <= fedadam
     assert "privacy.max_grad_norm" in dp and "privacy.max_grad_norm" not in fedprox
     assert pinned == ["train.lr"] and "train.lr" not in {p.key for p in kept}
+    # local work is searched in the recipe's unit: steps by default, epochs under DP-SGD or an epoch recipe
+    assert "train.local_steps" in fedprox and "train.local_epochs" not in fedprox
+    assert "train.local_epochs" in dp and "train.local_steps" not in dp
+    assert "train.local_epochs" in {p.key for p in default_space(compose_config([*SMALL, "train.local_epochs=2"]))}
     # every default range composes at both ends (a key that does not exist would be refused)
-    for p in default_space(compose_config([*SMALL, "strategy=fedadam", "privacy=dp"])):
-        for value in p.choices or (p.low, p.high):
-            compose_config([*SMALL, "strategy=fedadam", "privacy=dp", f"{p.key}={value}"])
+    for extra in (["strategy=fedadam", "privacy=dp"], ["strategy=fedprox"]):
+        for p in default_space(compose_config([*SMALL, *extra])):
+            for value in p.choices or (p.low, p.high):
+                compose_config([*SMALL, *extra, f"{p.key}={value}"])
 
 
 def test_a_recipe_file_round_trips_and_the_command_line_wins(tmp_path):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from medfed.client.training import class_weights, make_optimizer, train_epochs
+from medfed.client.training import class_weights, make_optimizer, round_work, train_epochs
 from medfed.common.config import compose_config
+from medfed.common.errors import ConfigError
 from medfed.common.data import ArrayDataset
 from medfed.common.models import build_model
 
@@ -32,6 +33,64 @@ def test_num_examples_counts_samples_not_batches_and_loss_drops():
     # Assert
     assert first.num_examples == 70 and first.steps == 3  # 3 batches of up to 32, but 70 samples
     assert later.loss < first.loss
+
+
+def test_default_recipe_gives_sites_of_4_and_400_images_the_same_local_steps():
+    # Prepare: the default recipe counts a round's work in optimizer steps (here 7 of them, to stay quick)
+    default = compose_config([]).train
+    assert default.local_epochs == 0 and default.local_steps > 0
+    cfg = compose_config(["train.local_steps=7"]).train
+
+    # Execute
+    steps = {}
+    for n in (4, 400):
+        model = build_model(compose_config([]).model, spatial_dims=2, in_channels=1, n_classes=2)
+        steps[n] = train_epochs(model, _data(n), cfg, **round_work(cfg, 1), n_classes=2, spatial_dims=2,
+                                seed=0).steps
+    by_epoch = compose_config(["train.local_epochs=1"]).train
+    model = build_model(compose_config([]).model, spatial_dims=2, in_channels=1, n_classes=2)
+    one_pass = train_epochs(model, _data(400), by_epoch, **round_work(by_epoch, 1), n_classes=2, spatial_dims=2,
+                            seed=0).steps
+
+    # Assert: equal work at both sites; counted in epochs, the large site takes 13 steps (ceil(400 / 32))
+    assert steps == {4: 7, 400: 7}
+    assert one_pass == 13
+    assert round_work(cfg, 1, sites=5)["steps"] == 35  # the centralized baseline: all five hospitals' steps
+
+
+def test_warm_up_ramps_the_rate_step_by_step_over_the_first_rounds():
+    cfg = compose_config(["train.rounds=4", "train.warmup_rounds=2", "train.lr=0.01"]).train
+    assert cfg.step_lr(1, 0.5) == pytest.approx(0.01 * 0.25)
+    assert cfg.step_lr(2, 0.5) == pytest.approx(0.01 * 0.75)
+    assert cfg.step_lr(3, 0.1) == pytest.approx(0.01)
+    no_warm_up = compose_config(["train.warmup_rounds=0", "train.lr=0.01"]).train
+    assert no_warm_up.step_lr(1, 0.1) == pytest.approx(0.01)
+
+    # the rate reaches the optimizer at every step: the last step of round 1 (warm-up of one round) has the full rate
+    seen: list[float] = []
+    one = compose_config(["train.local_steps=4", "train.warmup_rounds=1", "train.lr=0.01"]).train
+    model = build_model(compose_config([]).model, spatial_dims=2, in_channels=1, n_classes=2)
+    optimizer = make_optimizer(model, one)
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    train_epochs(model, _data(), one, **round_work(one, 1), n_classes=2, spatial_dims=2, seed=0, optimizer=optimizer)
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["train.local_steps=0"], "train.local_epochs=N"),
+    (["train.local_steps=-3"], "train.local_steps=-3"),
+    (["train.rounds=3", "train.warmup_rounds=4"], "train.warmup_rounds=4"),
+    (["privacy=dp", "train.local_steps=10"], "train.local_epochs=N instead"),
+])
+def test_local_work_values_are_refused_with_the_fix(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        compose_config(overrides)
+
+
+def test_dp_sgd_counts_local_work_in_epochs():
+    assert compose_config(["privacy=dp"]).train.local_epochs == 1
+    assert compose_config(["privacy=dp", "train.local_epochs=3"]).train.local_epochs == 3
+    assert compose_config(["privacy=central_dp"]).train.local_epochs == 0  # (server-side noise: local steps as usual)
 
 
 def test_balanced_class_weights_by_hand():
