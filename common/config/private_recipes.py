@@ -1,4 +1,5 @@
-"""Training defaults that ``privacy=dp`` picks for models whose head alone trains on fixed features.
+"""Training defaults that a run's privacy or task picks: ``privacy=dp`` for models whose head alone trains on fixed
+features, ``privacy=distributed_dp``, and self-supervised pretraining (``task=ssl``, :data:`SSL_RECIPE`).
 
 DP-SGD wants other settings than plain training: few trainable weights, large (for a small site: full) batches, so
 that the noise, which is the same whatever the batch, is small beside the batch's summed gradient; plain SGD with
@@ -23,7 +24,7 @@ from medfed.common.config.config_file import override_key
 if TYPE_CHECKING:
     from medfed.common.config.schema import Config
 
-__all__ = ["DISTRIBUTED_DP_RECIPE", "HEAD_DP_RECIPE", "with_private_recipe"]
+__all__ = ["DISTRIBUTED_DP_RECIPE", "HEAD_DP_RECIPE", "SSL_RECIPE", "with_private_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ DISTRIBUTED_DP_RECIPE: dict[str, Any] = {
 mean gradient is SGD with momentum (one step per round, so few rounds: each spends privacy)."""
 
 
+SSL_RECIPE: dict[str, Any] = {
+    "batch_size": 128,
+    "lr": 3e-3,
+    "rounds": 10,
+}
+"""``train.*`` defaults of self-supervised pretraining (``task=ssl``) without DP-SGD: SimCLR contrasts each image
+with the rest of its batch, so it wants large batches, a larger step and more rounds than supervised training
+(docs/benchmarks.md, "Label scarcity"); masked image modelling takes the same."""
+
+
 def _named_keys(overrides: Iterable[str]) -> set[str]:
     return {override_key(o) for o in overrides if "=" in o}
 
@@ -72,8 +83,8 @@ def _epochs_under_dp_sgd(cfg: Config, overrides: Iterable[str]) -> Config:
 
 def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
     """``cfg`` with :data:`HEAD_DP_RECIPE` for every ``train`` key the overrides leave at its default, when the run
-    is ``privacy=dp`` over a head-only model, or with :data:`DISTRIBUTED_DP_RECIPE` under ``privacy=distributed_dp``;
-    ``cfg`` itself otherwise. Under DP-SGD the local work is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
+    is ``privacy=dp`` over a head-only model, with :data:`DISTRIBUTED_DP_RECIPE` under ``privacy=distributed_dp``, or
+    with :data:`SSL_RECIPE` for ``task=ssl`` without DP-SGD; ``cfg`` itself otherwise. Under DP-SGD the local work is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
     from medfed.common.config.choices import Optimizer
 
     cfg = _epochs_under_dp_sgd(cfg, overrides)
@@ -82,6 +93,8 @@ def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
         recipe = DISTRIBUTED_DP_RECIPE
     elif cfg.privacy.name == "dp" and head_only and cfg.task == "classify":
         recipe = HEAD_DP_RECIPE
+    elif cfg.task == "ssl" and cfg.privacy.name not in ("dp", "distributed_dp"):
+        recipe = SSL_RECIPE
     else:
         return cfg
     named = _named_keys(overrides)

@@ -134,3 +134,13 @@ def test_an_images_masked_modelling_loss_does_not_depend_on_the_other_images():
 
     np.testing.assert_allclose(every[1:], without_first)
     assert np.all(every > 0) and len(set(np.round(every, 6))) == 6
+
+
+def test_ssl_pretraining_takes_its_own_defaults_and_explicit_values_win():
+    ssl = compose_config(["task=ssl"]).train
+    assert (ssl.batch_size, ssl.lr, ssl.rounds) == (128, 3e-3, 10)
+    assert compose_config(["task=ssl", "train.batch_size=64"]).train.batch_size == 64
+    supervised = compose_config([]).train
+    assert (supervised.batch_size, supervised.rounds) == (32, 5)
+    # under DP-SGD (masked image modelling) the privacy recipe's defaults stand: no larger batch by default
+    assert compose_config(["task=ssl", "ssl.method=mim", "privacy=dp"]).train.batch_size == 32
