@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,25 @@ def benchmark_parser(doc: str | None, work: str, datasets: list[str]) -> argpars
     parser.add_argument("--quick", action="store_true", help="2 rounds x 1 epoch: checks the script, not the figures")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     return parser
+
+
+def per_dataset(doc: str | None, script: str, bench: Callable[[str, Path, Path, bool], dict[str, Any]],
+                render: Callable[[dict[str, Any], float, str], str], *, start: str, end: str, heading: str) -> None:
+    """A benchmark script's main: parse the common options, run ``bench`` on each dataset, print ``render``'s
+    section and (unless ``--quick``) write it into the doc and the results into ``benchmarks/results/SCRIPT.json``."""
+    args = benchmark_parser(doc, script, ["pneumoniamnist", "breastmnist"]).parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    require_medmnist(args.data_dir, args.datasets)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results = {name: bench(name, args.data_dir.resolve(), args.work.resolve(), args.quick) for name in args.datasets}
+    total = time.time() - started
+    section = render(results, total, f"python benchmarks/{script}.py" + (" --quick" if args.quick else ""))
+    print(section)
+    if not args.quick:
+        write_doc(section, args.doc, start=start, end=end, heading=heading)
+        out = REPO / "benchmarks" / "results" / f"{script}.json"
+        out.write_text(json.dumps({"results": results, "total_s": total}, indent=2) + "\n")
 
 
 def require_medmnist(data_dir: Path, names: list[str]) -> None:

@@ -13,24 +13,14 @@ Writes docs/benchmarks.md (between the `quickstart` markers) and benchmarks/resu
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import (  # noqa: E402
-    REPO,
-    bench_dataset,
-    benchmark_parser,
-    measured,
-    method_cells,
-    require_medmnist,
-    write_doc,
-)
+from baselines import bench_dataset, measured, method_cells, per_dataset  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quickstart")
 
@@ -72,22 +62,9 @@ def render(results: dict[str, Any], total_s: float, command: str) -> str:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, "quickstart", ["pneumoniamnist", "breastmnist"]).parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    require_medmnist(args.data_dir, args.datasets)
-    args.work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    results = {name: bench_dataset(name, args.data_dir.resolve(), args.work.resolve(), args.quick, RECIPE)
-               for name in args.datasets}
-    total = time.time() - started
-    command = "python benchmarks/quickstart.py" + (" --quick" if args.quick else "")
-    section = render(results, total, command)
-    print(section)
-    if not args.quick:
-        write_doc(section, args.doc, start=START, end=END,
-                  heading="Quickstart with the default recipe: FedAvg vs centralized vs local-only")
-        out = REPO / "benchmarks" / "results" / "quickstart.json"
-        out.write_text(json.dumps({"results": results, "total_s": total}, indent=2) + "\n")
+    per_dataset(__doc__, "quickstart", lambda name, data, work, quick: bench_dataset(name, data, work, quick, RECIPE),
+                render, start=START, end=END,
+                heading="Quickstart with the default recipe: FedAvg vs centralized vs local-only")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines import REPO, benchmark_parser, measured, require_medmnist, run_medfed, write_doc  # noqa: E402
+from baselines import REPO, measured, per_dataset, run_medfed  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ssl_defaults")
 
@@ -87,20 +86,8 @@ def render(results: dict[str, Any], total_s: float, command: str) -> str:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, "ssl-defaults", ["pneumoniamnist", "breastmnist"]).parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    require_medmnist(args.data_dir, args.datasets)
-    args.work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    results = {name: bench(name, args.data_dir.resolve(), args.work.resolve(), args.quick) for name in args.datasets}
-    total = time.time() - started
-    section = render(results, total, "python benchmarks/ssl_defaults.py" + (" --quick" if args.quick else ""))
-    print(section)
-    if not args.quick:
-        write_doc(section, args.doc, start=START, end=END,
-                  heading="Self-supervised pretraining with its defaults: SimCLR vs scratch at 10 % labels")
-        out = REPO / "benchmarks" / "results" / "ssl_defaults.json"
-        out.write_text(json.dumps({"results": results, "total_s": total}, indent=2) + "\n")
+    per_dataset(__doc__, "ssl_defaults", bench, render, start=START, end=END,
+                heading="Self-supervised pretraining with its defaults: SimCLR vs scratch at 10 % labels")
 
 
 if __name__ == "__main__":
