@@ -119,7 +119,8 @@ def _offline_lira(cfg: Config, site: SiteData, model: torch.nn.Module, pool: Arr
                      seed=derive_seed(cfg.train.seed, "shadow-train", site.site_id, k),
                      device=select_device(cfg.train.device))
         shadow.eval()
-        phi = true_class_logit(predict_logits(shadow, pool.subset(np.flatnonzero(~inside)).images, batch_size=cfg.train.eval_batch_size,
+        outside = pool.subset(np.flatnonzero(~inside)).images
+        phi = true_class_logit(predict_logits(shadow, outside, batch_size=cfg.train.eval_batch_size,
                                               device=select_device(cfg.train.device)), pool.labels[~inside])
         for index, value in zip(np.flatnonzero(~inside), phi, strict=True):
             out_logits[int(index)].append(float(value))

@@ -8,8 +8,8 @@
   DP-SGD: Opacus on the union of the data, its noise planned as one hospital holding all of it would plan its run
   (:func:`medfed.client.privacy.plan_round`: ``privacy.target_epsilon`` over the whole run, no cap, no
   evaluations reserved: the pooled reference evaluates exactly), its epsilon reported per round.
-* local: each hospital alone, the same steps (or epochs) per round as in the federation, its own model selected on its own validation split (under
-  ``privacy=dp``: DP-SGD at each hospital on its own data, planned the same way).
+* local: each hospital alone, the same steps (or epochs) per round as in the federation, its own model selected on
+  its own validation split (under ``privacy=dp``: DP-SGD at each hospital on its own data, planned the same way).
 
 Both write the same files as ``medfed simulate`` (server.runs), so results compare side by side.
 """

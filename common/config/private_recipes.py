@@ -84,7 +84,8 @@ def _epochs_under_dp_sgd(cfg: Config, overrides: Iterable[str]) -> Config:
 def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
     """``cfg`` with :data:`HEAD_DP_RECIPE` for every ``train`` key the overrides leave at its default, when the run
     is ``privacy=dp`` over a head-only model, with :data:`DISTRIBUTED_DP_RECIPE` under ``privacy=distributed_dp``, or
-    with :data:`SSL_RECIPE` for ``task=ssl`` without DP-SGD; ``cfg`` itself otherwise. Under DP-SGD the local work is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
+    with :data:`SSL_RECIPE` for ``task=ssl`` without DP-SGD; ``cfg`` itself otherwise. Under DP-SGD the local work
+    is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
     from medfed.common.config.choices import Optimizer
 
     cfg = _epochs_under_dp_sgd(cfg, overrides)
