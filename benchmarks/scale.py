@@ -11,8 +11,9 @@
    Floors: 1,000 hospitals run, peak <= 8 GiB, seconds per round at 1,000 <= 1.5 x at 10.
 2. Compression: PneumoniaMNIST, 5 hospitals, Dirichlet 0.5, seed 0, `train.rounds=20 train.local_epochs=1`,
    everything else default (the README's quickstart before the default counted steps), with
-   `strategy.compression=none|fp16|int8`: test AUC (round chosen on validation), the bytes every training reply had when the coordinator received it (metrics.jsonl `bytes_up`: mean and max
-   per hospital per round) against the float32 model. Floors: none <= 1.02 x, int8 <= 0.27 x the float32 model,
+   `strategy.compression=none|fp16|int8`: test AUC (round chosen on validation), the bytes every training reply
+   had when the coordinator received it (metrics.jsonl `bytes_up`: mean and max per hospital per round) against the
+   float32 model. Floors: none <= 1.02 x, int8 <= 0.27 x the float32 model,
    int8's AUC within 0.005 of none's.
 
     python benchmarks/scale.py                     # both parts, ~30 min on 2 cores
