@@ -22,6 +22,9 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.e2e
 
 FAST = ["dataset.n_train=600", "dataset.n_test=200", "federation.hospitals=3"]
+# fewer local steps than the default 50, for tests of what a run does rather than how well it learns (not under
+# DP-SGD, which counts epochs and refuses train.local_steps)
+FEW_STEPS = "train.local_steps=10"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -179,7 +182,7 @@ def test_breastmnist_simulation_learns(tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # Prepare: start a 3-round FedAdam run and kill it as soon as round 1 is checkpointed
-    recipe = ["--cache-dir", "cache", *FAST, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
+    recipe = ["--cache-dir", "cache", *FAST, FEW_STEPS, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
     args = ["simulate", "--run-dir", "run", *recipe]
     proc = subprocess.Popen(
         [sys.executable, "-m", "medfed.cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
@@ -305,8 +308,8 @@ def test_same_command_gives_the_same_numbers(tmp_path):
     records = []
     for name in ("a", "b"):
         result = _medfed(
-            ["simulate", "--run-dir", name, "--cache-dir", "cache", *FAST, "federation.partition=dirichlet",
-             "train.rounds=2"],
+            ["simulate", "--run-dir", name, "--cache-dir", "cache", *FAST, FEW_STEPS,
+             "federation.partition=dirichlet", "train.rounds=2"],
             tmp_path,
         )
         assert result.returncode == 0, result.stdout[-3000:]
@@ -424,10 +427,10 @@ def test_a_run_starts_from_a_pretrained_encoder_and_probes_it_linearly(tmp_path)
 def test_federated_ssl_then_a_supervised_run_from_its_encoder(tmp_path, method):
     # Execute: SSL pretraining over 3 hospitals (no labels), then 10 % labels fine-tuning its encoder
     ssl = _medfed(["simulate", "--run-dir", "ssl", "--cache-dir", "cache", *FAST, "train.rounds=2", "task=ssl",
-                   f"ssl.method={method}", "model.width=16"], tmp_path)
+                   f"ssl.method={method}", "model.width=16", FEW_STEPS, "train.batch_size=32"], tmp_path)
     assert ssl.returncode == 0, ssl.stdout[-3000:]
     encoder = tmp_path / "ssl" / "best_model.pt"
-    tuned = _medfed(["simulate", "--run-dir", "tuned", "--cache-dir", "cache", *FAST, "train.rounds=2",
+    tuned = _medfed(["simulate", "--run-dir", "tuned", "--cache-dir", "cache", *FAST, FEW_STEPS, "train.rounds=2",
                      "model.width=16", f"model.pretrained={encoder}", "dataset.label_fraction=0.1"], tmp_path)
 
     # Assert: the SSL run selected on its validation pretext loss and measured its encoder's test embeddings
