@@ -11,11 +11,11 @@ import pytest
 from medfed.client.ledger import SKELLAM, LedgerEntry
 from medfed.common.models.weights import load_checkpoint
 
-from tests.e2e.test_simulation import FAST, _assert_run_outputs, _medfed
+from tests.e2e.test_simulation import FAST_DP, _assert_run_outputs, _medfed
 
 pytestmark = pytest.mark.e2e
 
-DDP = ["--cache-dir", "cache", *FAST, "privacy=distributed_dp", "privacy.target_epsilon=4", "train.rounds=2"]
+DDP = ["--cache-dir", "cache", *FAST_DP, "privacy=distributed_dp", "privacy.target_epsilon=4", "train.rounds=2"]
 
 
 def _ledgers(state: object) -> dict[str, list[LedgerEntry]]:

@@ -47,7 +47,8 @@ def test_a_128_px_png_folder_federation_trains_a_round(tmp_path: Path) -> None:
                                                                                 / f"img{i}.png")
     overrides = ["dataset=folder", f"dataset.data_paths=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
                  f"dataset.test_data_path={tmp_path / 'test'}", "dataset.classes=[0,1]", "dataset.image_size=128",
-                 "federation.hospitals=2", "train.rounds=1", "train.batch_size=8"]
+                 "federation.hospitals=2", "train.rounds=1", "train.batch_size=8",
+                 "train.local_epochs=1"]
 
     # Execute
     result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *overrides], tmp_path)
@@ -79,6 +80,7 @@ def test_a_64_cubed_nifti_volume_federation_trains_a_round(tmp_path: Path) -> No
     overrides = ["dataset=folder", f"dataset.data_paths=[{tmp_path / 'hospital-a'},{tmp_path / 'hospital-b'}]",
                  f"dataset.test_data_path={tmp_path / 'test'}", "dataset.classes=[0,1]", "dataset.spatial_dims=3",
                  "dataset.image_size=64", "federation.hospitals=2", "train.rounds=1", "train.batch_size=4",
+                 "train.local_epochs=1",
                  "model=densenet121", "model.width=4"]
 
     # Execute

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from medfed.common.models.weights import load_checkpoint
-from tests.e2e.test_simulation import FAST, _assert_run_outputs, _medfed
+from tests.e2e.test_simulation import FAST, FAST_DP, _assert_run_outputs, _medfed
 
 pytestmark = pytest.mark.e2e
 
 
 def test_dp_simulation_reports_cumulative_epsilon_and_a_capped_site_sits_out(tmp_path):
     # Prepare: hospital-0 allows almost nothing, the others accept the run's target
-    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST,
+    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST_DP,
             "train.rounds=3", "privacy=dp", "privacy.target_epsilon=3", "federation.site_max_epsilon_each=[0.01,8,8]"]
 
     # Execute
@@ -91,7 +91,7 @@ def test_secagg_plus_aggregates_to_the_same_weights_as_plain_fedavg(tmp_path):
 
 def test_scatternet_under_dp_a_small_cap_site_trains_and_the_run_reports_its_threshold_and_audit(tmp_path):
     # Prepare: hospital-0's own cap (1) is far below the run's target (8); the run asks for the privacy audit
-    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST, "train.rounds=3",
+    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST_DP, "train.rounds=3",
             "privacy=dp", "model=scatternet", "federation.site_max_epsilon_each=[1,8,8]", "evaluate.audit=true",
             "evaluate.audit_shadows=2"]
 

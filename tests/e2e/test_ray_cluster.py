@@ -21,7 +21,7 @@ from tests.ray_cluster import LocalRayCluster
 pytestmark = pytest.mark.e2e
 
 RECIPE = ["dataset.n_train=600", "dataset.n_test=200", "train.rounds=2", "federation.hospitals=4",
-          "federation.cpus_per_hospital=1", "federation.threads=1"]
+          "federation.cpus_per_hospital=1", "federation.threads=1", "train.local_steps=10"]
 
 
 def test_hospitals_run_on_both_nodes_of_a_ray_cluster_with_the_outputs_of_a_local_run(tmp_path):

@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.e2e.test_simulation import FAST, _medfed
+from tests.e2e.test_simulation import FAST_DP, _medfed
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -33,7 +33,7 @@ def _chromium() -> str:
 def test_report_of_a_private_run_renders_every_plot_in_chromium(tmp_path):
     browser = _chromium()
     # Prepare: a DP run with dropout, MC dropout, a snapshot ensemble and Grad-CAM maps at the hospitals
-    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST, "train.rounds=3",
+    args = ["simulate", "--run-dir", "run", "--cache-dir", "cache", "--state-dir", "state", *FAST_DP, "train.rounds=3",
             "privacy=dp", "privacy.target_epsilon=8", "model.dropout=0.2", "evaluate.mc_samples=4",
             "evaluate.snapshots=2", "evaluate.gradcam_samples=2"]
     result = _medfed(args, tmp_path)

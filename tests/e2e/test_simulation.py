@@ -21,10 +21,11 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
-FAST = ["dataset.n_train=600", "dataset.n_test=200", "federation.hospitals=3"]
-# fewer local steps than the default 50, for tests of what a run does rather than how well it learns (not under
-# DP-SGD, which counts epochs and refuses train.local_steps)
+# a small synthetic federation; FAST also takes 10 local steps a round instead of the default 50 (these tests check
+# what a run does, not how well it learns), FAST_DP not: DP-SGD counts epochs and refuses train.local_steps
+FAST_DP = ["dataset.n_train=600", "dataset.n_test=200", "federation.hospitals=3"]
 FEW_STEPS = "train.local_steps=10"
+FAST = [*FAST_DP, FEW_STEPS]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -93,7 +94,7 @@ def _assert_run_outputs(run_dir: Path, rounds: int, *, metered: bool = False) ->
 
 def test_default_synthetic_simulation_learns(tmp_path):
     # Execute
-    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=2"], tmp_path)
+    result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST_DP, "train.rounds=2"], tmp_path)
 
     # Assert
     assert result.returncode == 0, result.stdout[-3000:]
@@ -182,7 +183,7 @@ def test_breastmnist_simulation_learns(tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # Prepare: start a 3-round FedAdam run and kill it as soon as round 1 is checkpointed
-    recipe = ["--cache-dir", "cache", *FAST, FEW_STEPS, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
+    recipe = ["--cache-dir", "cache", *FAST, "train.rounds=3", "strategy=fedadam", "strategy.eta=0.003"]
     args = ["simulate", "--run-dir", "run", *recipe]
     proc = subprocess.Popen(
         [sys.executable, "-m", "medfed.cli.main", *args], cwd=tmp_path, env=_env(tmp_path),
@@ -236,10 +237,10 @@ def test_baselines_write_the_same_outputs(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["centralized", "local"])
 def test_baselines_under_dp_train_with_dp_sgd_within_the_target(tmp_path, kind):
     # Execute: the same baseline without and with privacy=dp
-    common = ["--cache-dir", "cache", *FAST, "train.rounds=2", "train.batch_size=64"]
-    plain = _medfed(["baseline", kind, "--run-dir", "plain", *common], tmp_path)
-    private = _medfed(["baseline", kind, "--run-dir", "dp", *common, "privacy=dp", "privacy.target_epsilon=2"],
-                      tmp_path)
+    common = ["--cache-dir", "cache", "train.rounds=2", "train.batch_size=64"]
+    plain = _medfed(["baseline", kind, "--run-dir", "plain", *FAST, *common], tmp_path)
+    private = _medfed(["baseline", kind, "--run-dir", "dp", *FAST_DP, *common, "privacy=dp",
+                       "privacy.target_epsilon=2"], tmp_path)
 
     # Assert: every site row states an epsilon that grows to at most the target, and the results differ
     assert plain.returncode == 0 and private.returncode == 0, private.stdout[-3000:]
@@ -275,7 +276,7 @@ def test_batch_norm_federation_averages_running_statistics(tmp_path):
     # Execute: model.norm=batch, 3 hospitals, 2 rounds
     result = _medfed(["simulate", "--run-dir", "run", "--cache-dir", "cache", *FAST, "train.rounds=2",
                       "model.norm=batch"], tmp_path)
-    refused = _medfed(["simulate", "--run-dir", "run-dp", "--cache-dir", "cache", *FAST, "model.norm=batch",
+    refused = _medfed(["simulate", "--run-dir", "run-dp", "--cache-dir", "cache", *FAST_DP, "model.norm=batch",
                        "privacy=dp"], tmp_path, timeout=120)
 
     # Assert: the global model carries trained (averaged) running statistics and no integer batch counter
@@ -308,8 +309,8 @@ def test_same_command_gives_the_same_numbers(tmp_path):
     records = []
     for name in ("a", "b"):
         result = _medfed(
-            ["simulate", "--run-dir", name, "--cache-dir", "cache", *FAST, FEW_STEPS,
-             "federation.partition=dirichlet", "train.rounds=2"],
+            ["simulate", "--run-dir", name, "--cache-dir", "cache", *FAST, "federation.partition=dirichlet",
+             "train.rounds=2"],
             tmp_path,
         )
         assert result.returncode == 0, result.stdout[-3000:]
@@ -427,10 +428,10 @@ def test_a_run_starts_from_a_pretrained_encoder_and_probes_it_linearly(tmp_path)
 def test_federated_ssl_then_a_supervised_run_from_its_encoder(tmp_path, method):
     # Execute: SSL pretraining over 3 hospitals (no labels), then 10 % labels fine-tuning its encoder
     ssl = _medfed(["simulate", "--run-dir", "ssl", "--cache-dir", "cache", *FAST, "train.rounds=2", "task=ssl",
-                   f"ssl.method={method}", "model.width=16", FEW_STEPS, "train.batch_size=32"], tmp_path)
+                   f"ssl.method={method}", "model.width=16", "train.batch_size=32"], tmp_path)
     assert ssl.returncode == 0, ssl.stdout[-3000:]
     encoder = tmp_path / "ssl" / "best_model.pt"
-    tuned = _medfed(["simulate", "--run-dir", "tuned", "--cache-dir", "cache", *FAST, FEW_STEPS, "train.rounds=2",
+    tuned = _medfed(["simulate", "--run-dir", "tuned", "--cache-dir", "cache", *FAST, "train.rounds=2",
                      "model.width=16", f"model.pretrained={encoder}", "dataset.label_fraction=0.1"], tmp_path)
 
     # Assert: the SSL run selected on its validation pretext loss and measured its encoder's test embeddings
