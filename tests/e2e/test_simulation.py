@@ -261,7 +261,7 @@ def test_3d_colour_federation_runs(tmp_path):
         [
             "simulate", "--run-dir", "run", "--cache-dir", "cache", "model=resnet18", "model.width=8",
             "dataset.spatial_dims=3", "dataset.channels=3", "dataset.image_size=12", "dataset.n_train=120",
-            "dataset.n_test=40", "federation.hospitals=2", "train.rounds=1",
+            "dataset.n_test=40", "federation.hospitals=2", "train.rounds=1", "train.local_epochs=1",
         ],
         tmp_path,
     )
