@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from medfed.common.config import Config, compose_config, override_key, write_config_file
+from medfed.common.config import Config, DPConfig, compose_config, override_key, write_config_file
 from medfed.common.errors import ConfigError
 from medfed.common.processes import stop_tree
 from medfed.server.runs import RunDirectory
@@ -126,7 +126,7 @@ def default_space(cfg: Config) -> list[Param]:
     the configured strategy's own options, and the clipping norm under ``privacy=dp``. Local work is searched in
     steps per round (the default recipe's unit), or in epochs under DP-SGD (whose plan counts epochs) and where the
     recipe counts epochs."""
-    dp_sgd = cfg.privacy.name in ("dp", "distributed_dp")
+    dp_sgd = isinstance(cfg.privacy, DPConfig)  # (privacy=dp and distributed_dp)
     work = (Param("train.local_epochs", 1, 5, integer=True) if dp_sgd or cfg.train.local_epochs
             else Param("train.local_steps", 10, 200, log=True, integer=True))
     space = [

@@ -70,9 +70,10 @@ def _epochs_under_dp_sgd(cfg: Config, overrides: Iterable[str]) -> Config:
     """Under ``privacy=dp`` / ``distributed_dp`` a round's local work is counted in epochs (the privacy plan and its
     accountant count Poisson-sampled epochs): the default ``train.local_epochs=0`` (count in steps) becomes 1 there,
     and an explicit ``train.local_steps`` is refused with the key to use instead."""
+    from medfed.common.config.privacy import DPConfig
     from medfed.common.errors import ConfigError
 
-    if cfg.privacy.name not in ("dp", "distributed_dp") or cfg.train.local_epochs > 0:
+    if not isinstance(cfg.privacy, DPConfig) or cfg.train.local_epochs > 0:
         return cfg
     if "train.local_steps" in _named_keys(overrides):
         raise ConfigError(f"train.local_steps={cfg.train.local_steps} does not apply under privacy={cfg.privacy.name}:"
@@ -87,6 +88,7 @@ def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
     with :data:`SSL_RECIPE` for ``task=ssl`` without DP-SGD; ``cfg`` itself otherwise. Under DP-SGD the local work
     is counted in epochs (:func:`_epochs_under_dp_sgd`)."""
     from medfed.common.config.choices import Optimizer
+    from medfed.common.config.privacy import DPConfig
 
     cfg = _epochs_under_dp_sgd(cfg, overrides)
     head_only = cfg.model.name == "scatternet" or cfg.model.finetune == "linear_probe"
@@ -94,7 +96,7 @@ def with_private_recipe(cfg: Config, overrides: Iterable[str]) -> Config:
         recipe = DISTRIBUTED_DP_RECIPE
     elif cfg.privacy.name == "dp" and head_only and cfg.task == "classify":
         recipe = HEAD_DP_RECIPE
-    elif cfg.task == "ssl" and cfg.privacy.name not in ("dp", "distributed_dp"):
+    elif cfg.task == "ssl" and not isinstance(cfg.privacy, DPConfig):
         recipe = SSL_RECIPE
     else:
         return cfg
