@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,19 +59,19 @@ def _state_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 def _test_set(cfg: Config, simulation: bool, cache_dir: Path) -> tuple[DatasetInfo, ArrayDataset | None]:
     """The dataset's description and global test split: the model is built from it and evaluated on it (no test
-    split when the run withholds it: ``evaluate.test_split=false``, a simulated `medfed tune` trial).
+    split when the run withholds it: ``evaluate.test_split=false``, a `medfed tune` trial).
 
     In deployment the coordinator holds no hospital's images; it needs the task's public test split (a MedMNIST
     test split under ``dataset.data_path``, the generated synthetic one, or a test folder). A test folder's images
     are decoded once into ``cache_dir`` and read from there a batch at a time (memory bounded by the batch).
     """
-    if not cfg.evaluate.test_split:
-        if not simulation:
-            raise ConfigError("evaluate.test_split=false withholds the test split from simulated runs (`medfed tune` "
-                              "trials); a deployment's coordinator evaluates on the public test split. Drop the "
-                              "override.")
+    if not cfg.evaluate.test_split and simulation:
         return load_dataset_info(cfg, cache_dir=cache_dir), None
     try:
+        if not cfg.evaluate.test_split:  # a deployment's `medfed tune` trial: the public test split only describes
+            # the task (classes, channels, size) to build the model; no image of it is evaluated
+            return load_test_set(replace(cfg, evaluate=replace(cfg.evaluate, test_split=True)),
+                                 cache_dir=cache_dir)[0], None
         return load_test_set(cfg, cache_dir=cache_dir)
     except DatasetUnavailableError as exc:
         if simulation:

@@ -1,8 +1,9 @@
-"""`medfed tune`: a hyperparameter search over a simulated federation's recipe.
+"""`medfed tune`: a hyperparameter search over a federation's recipe.
 
 Optuna (a maintained library: TPE sampler, median pruner) proposes the recipe of each trial; every trial is a
-normal `medfed simulate` run in its own run directory (``<out>/trial-NNN``), started as a process of its own and
-followed through its ``metrics.jsonl``. After each round the trial reports the best federated validation AUC so far
+normal run in its own run directory (``<out>/trial-NNN``), followed through its ``metrics.jsonl``: a `medfed
+simulate` process of its own (:func:`simulation_launcher`), or, with `medfed tune --dir`, a real run on a
+coordinator's hospitals (``medfed.cli.tune.deployment_launcher``, whose hospitals' own ledgers are charged). After each round the trial reports the best federated validation AUC so far
 (the weighted mean of the hospitals' validation AUCs, model selection's number) and the pruner stops a trial that
 trails the median of the earlier trials at the same round (the process is stopped by its PID). A trial's value is
 the validation AUC of its best-validation round.
@@ -30,16 +31,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from medfed.common.config import Config, DPConfig, compose_config, override_key, write_config_file
-from medfed.common.errors import ConfigError
+from medfed.common.errors import ConfigError, MedfedError
 from medfed.common.processes import stop_tree
 from medfed.server.runs import RunDirectory
 
-__all__ = ["Param", "TrialResult", "TuneResult", "default_space", "read_space", "run_tune", "space_from"]
+__all__ = ["Launcher", "Param", "SimulatedTrial", "TrialResult", "TrialRun", "TuneResult", "default_space", "read_space",
+           "reported_spend", "run_tune", "simulation_launcher", "space_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,25 +211,77 @@ def _auc(record: Mapping[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-class _Trials:
-    """Runs one trial: the `medfed simulate` process, followed round by round, pruned through Optuna."""
+class TrialRun(Protocol):
+    """One trial's run, started by a :data:`Launcher`: followed through its run directory, stopped when pruned."""
 
-    def __init__(self, out: Path, base: list[str], space: list[Param], *, cache_dir: Path | None,
-                 state_dir: Path, trial_timeout_s: float, progress: Callable[[str], None], rounds: int) -> None:
+    def ended(self) -> bool:
+        """Whether the run has ended (finished, failed or stopped)."""
+
+    def failure(self) -> str | None:
+        """Once ended: why the run has no summary (None when it finished)."""
+
+    def stop(self) -> None:
+        """Stop the run now (a pruned or timed-out trial)."""
+
+
+# (run directory, overrides, log file) -> the started run
+Launcher = Callable[[Path, list[str], Path], TrialRun]
+
+
+class SimulatedTrial:
+    """A trial as a `medfed simulate` process of its own (its output in the trial's log file)."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("w", encoding="utf-8")
+        self.process = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "COLUMNS": "160"})
+
+    def ended(self) -> bool:
+        if self.process.poll() is None:
+            return False
+        self._out.close()
+        return True
+
+    def failure(self) -> str | None:
+        if self.process.returncode == 0:
+            return None
+        tail = self.log.read_text(errors="replace")[-600:]
+        return f"medfed simulate exited with {self.process.returncode}: {tail.strip()}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            stop_tree(self.process.pid, timeout=10)  # its process tree, by PID
+            self.process.wait(timeout=30)
+        self._out.close()
+
+
+def simulation_launcher(*, cache_dir: Path | None, state_dir: Path) -> Launcher:
+    """Trials as simulations on this machine, charged to the simulated hospitals' ledgers in ``state_dir``."""
+
+    def launch(run_dir: Path, overrides: list[str], log: Path) -> TrialRun:
+        command = [sys.executable, "-m", "medfed.cli.main", "simulate", "--run-dir", str(run_dir),
+                   "--state-dir", str(state_dir)]
+        if cache_dir is not None:
+            command += ["--cache-dir", str(cache_dir)]
+        return SimulatedTrial([*command, *overrides], log)
+
+    return launch
+
+
+class _Trials:
+    """Runs one trial: started by the launcher, followed round by round through its ``metrics.jsonl``, pruned
+    through Optuna."""
+
+    def __init__(self, out: Path, base: list[str], space: list[Param], *, launcher: Launcher,
+                 trial_timeout_s: float, progress: Callable[[str], None], rounds: int) -> None:
         self.out, self.base, self.space = out, base, space
-        self.cache_dir, self.state_dir = cache_dir, state_dir
+        self.launcher = launcher
         self.trial_timeout_s = trial_timeout_s
         self.progress = progress
         self.rounds = rounds
         self.results: dict[int, TrialResult] = {}
         self._lock = threading.Lock()
-
-    def command(self, run_dir: Path, overrides: list[str]) -> list[str]:
-        command = [sys.executable, "-m", "medfed.cli.main", "simulate", "--run-dir", str(run_dir),
-                   "--state-dir", str(self.state_dir)]
-        if self.cache_dir is not None:
-            command += ["--cache-dir", str(self.cache_dir)]
-        return [*command, *overrides]
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -245,16 +299,15 @@ class _Trials:
                           f"{earlier.val_auc:.4f} (not run again)")
             return earlier.val_auc
         overrides = [*self.base, *(f"{k}={_value(v)}" for k, v in params.items()), WITHHOLD_TEST]
-        run_dir = self.out / f"trial-{trial.number:03d}"
+        run_dir = (self.out / f"trial-{trial.number:03d}").resolve()
         started = time.monotonic()
         result = TrialResult(trial.number, "failed", params, None, None, 0, 0.0, str(run_dir))
-        log = (self.out / f"trial-{trial.number:03d}.log").open("w", encoding="utf-8")
-        process = subprocess.Popen(self.command(run_dir, overrides), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "COLUMNS": "160"})
+        run: TrialRun | None = None
         seen, best = 0, -math.inf
         try:
+            run = self.launcher(run_dir, overrides, self.out / f"trial-{trial.number:03d}.log")
             while True:
-                done = process.poll() is not None
+                done = run.ended()
                 lines = RunDirectory(run_dir).read_metrics()
                 for record in lines[seen:]:
                     auc = _auc(record)
@@ -274,9 +327,9 @@ class _Trials:
                     raise RuntimeError(result.error)
                 time.sleep(0.5)
             result.rounds = seen
-            if process.returncode != 0 or not RunDirectory(run_dir).summary_path.is_file():
-                tail = (self.out / f"trial-{trial.number:03d}.log").read_text(errors="replace")[-600:]
-                result.error = f"medfed simulate exited with {process.returncode}: {tail.strip()}"
+            failure = run.failure()
+            if failure is not None or not RunDirectory(run_dir).summary_path.is_file():
+                result.error = failure or "the run ended without a summary.json"
                 raise RuntimeError(result.error)
             summary = RunDirectory(run_dir).read_summary()
             best_entry = summary.get("best") or {}
@@ -287,11 +340,12 @@ class _Trials:
                 raise RuntimeError(result.error)
             result.state, result.val_auc = "complete", value
             return value
+        except MedfedError as exc:  # the launch was refused (e.g. the coordinator did not answer): a failed trial
+            result.error = str(exc)
+            raise RuntimeError(result.error) from None
         finally:
-            if process.poll() is None:
-                stop_tree(process.pid, timeout=10)  # a pruned or timed-out trial: its process, by PID
-                process.wait(timeout=30)
-            log.close()
+            if run is not None and not run.ended():
+                run.stop()  # a pruned or timed-out trial
             result.rounds = max(result.rounds, seen)
             result.wall_s = time.monotonic() - started
             with self._lock:
@@ -311,6 +365,20 @@ def _ledger_spend(state_dir: Path, delta: float) -> dict[str, float]:
             for ledger in site_ledgers(state_dir) if ledger.entries()}
 
 
+def reported_spend(run_dirs: Sequence[Path]) -> dict[str, float]:
+    """Each hospital's cumulative epsilon as it reported it in the runs' ``metrics.jsonl`` (the largest figure: its
+    ledger's total after its last charge, runs before the search included), by site id. In a deployment this is
+    what the coordinator can know of the hospitals' ledgers."""
+    spent: dict[str, float] = {}
+    for run_dir in run_dirs:
+        for record in RunDirectory(run_dir).read_metrics():
+            for site, entry in (record.get("sites") or {}).items():
+                epsilon = entry.get("epsilon")
+                if isinstance(epsilon, (int, float)) and math.isfinite(epsilon):
+                    spent[site] = max(spent.get(site, 0.0), float(epsilon))
+    return spent
+
+
 def run_tune(
     overrides: Sequence[str],
     *,
@@ -323,9 +391,12 @@ def run_tune(
     state_dir: Path | None = None,
     trial_timeout_s: float = 24 * 3600.0,
     progress: Callable[[str], None] = lambda line: None,
+    launcher: Launcher | None = None,
 ) -> TuneResult:
     """Search ``trials`` recipes of the federation ``overrides`` describes; write ``<out>/tune.json`` and
-    ``<out>/best.yaml``; return what was found."""
+    ``<out>/best.yaml``; return what was found. ``launcher`` starts each trial's run (default: a simulation on this
+    machine, charged to the ledgers in ``state_dir``; `medfed tune --dir` passes one that launches real runs on a
+    coordinator's hospitals, whose own ledgers are charged)."""
     try:
         import optuna
     except ImportError:
@@ -359,8 +430,9 @@ def run_tune(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, trials // 5)),
                                            n_warmup_steps=max(2, rounds // 3)),
     )
-    runner = _Trials(out, base, params, cache_dir=cache_dir, state_dir=state, trial_timeout_s=trial_timeout_s,
-                     progress=progress, rounds=rounds)
+    simulated = launcher is None
+    runner = _Trials(out, base, params, launcher=launcher or simulation_launcher(cache_dir=cache_dir, state_dir=state),
+                     trial_timeout_s=trial_timeout_s, progress=progress, rounds=rounds)
     started = time.monotonic()
     # a failed trial is recorded and the search goes on (one bad recipe never ends a search)
     study.optimize(runner, n_trials=trials, n_jobs=parallel, catch=(RuntimeError,))
@@ -376,7 +448,11 @@ def run_tune(
             f"read)\ntrial {best.number}: validation AUC {best.val_auc:.4f} at round {best.best_round} "
             f"({best.run_dir})\nrun it: medfed simulate --config-file {best_config}  (or medfed train --dir COORD "
             "--config-file ...)"))
+    if simulated:
+        spent = _ledger_spend(state, float(getattr(cfg.privacy, "delta", 1e-5))) if state.is_dir() else {}
+    else:  # a deployment's ledgers are the hospitals' own: what they reported
+        spent = reported_spend([Path(r.run_dir) for r in results if r.state != "repeat"])
     result = TuneResult(results, best, best_config, time.monotonic() - started, base, [p.describe() for p in params],
-                        _ledger_spend(state, float(getattr(cfg.privacy, "delta", 1e-5))) if state.is_dir() else {})
+                        spent)
     (out / "tune.json").write_text(json.dumps(result.as_dict(), indent=1, default=str) + "\n", encoding="utf-8")
     return result

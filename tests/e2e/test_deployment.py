@@ -397,3 +397,49 @@ def test_distributed_dp_over_tls_with_three_hospitals(tmp_path: Path) -> None:
                         assert rec["elements"] == 0, rec
             masked = [e for e in sent if any("masked" in k for r in e["records"].values() for k in r.get("keys", []))]
             assert len(masked) == 2, sent
+
+
+def test_tune_drives_real_runs_and_charges_each_dp_trial_to_the_hospitals_ledgers(tmp_path: Path) -> None:
+    """`medfed tune --dir`: each trial is a real run on the coordinator's two hospitals; under DP the command says
+    what the search costs and asks first; every trial is in each hospital's own ledger; no run reads the test
+    split."""
+    space = tmp_path / "space.yaml"
+    space.write_text("privacy.max_grad_norm: {low: 0.5, high: 2.0}\n")
+    with _deploy(tmp_path, [True, True]) as dep:
+        out = tmp_path / "tune"
+        args = ["tune", "--dir", str(dep.coord), *RECIPE, "train.rounds=1", "strategy.min_available_nodes=2",
+                "privacy=dp", "privacy.target_epsilon=2", "privacy.exact_metrics=true", "--trials", "2", "--space",
+                str(space), "--out", str(out)]
+
+        # Execute: answered "n", it starts nothing; answered "y", the search runs
+        refused = subprocess.run([MEDFED, *args], env=dep.env, input="n\n", capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0
+        assert "each hospital's own privacy ledger" in refused.stderr and "up to 4 for the whole search" in \
+            refused.stderr, refused.stderr
+        assert _medfed(["runs", "list", "--dir", str(dep.coord), "--json"], dep.env).stdout.strip() == "[]"
+        done = subprocess.run([MEDFED, *args], env=dep.env, input="y\n", capture_output=True, text=True, timeout=900)
+        listed = json.loads(_medfed(["runs", "list", "--dir", str(dep.coord), "--json"], dep.env).stdout)
+
+    # Assert: two real runs, both complete, none with a test metric; the recipe written
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads((out / "tune.json").read_text())
+    assert [t["state"] for t in found["trials"]] == ["complete", "complete"], found["trials"]
+    assert sorted(r["run-dir"] for r in listed) == sorted(t["run_dir"] for t in found["trials"])  # the coordinator's
+    for trial in found["trials"]:
+        run = Path(trial["run_dir"])
+        assert run.parent == out.resolve()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["best"]["test"] is None and "uncertainty" not in summary
+        assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
+        assert "evaluate.test_split=false" in json.loads((run / "overrides.json").read_text())
+    assert "privacy.max_grad_norm=" in (out / "best.yaml").read_text()
+    # each hospital's own ledger holds both trials; the search reports what the hospitals reported
+    from medfed.client.ledger import site_ledgers
+
+    for site in dep.sites:
+        [ledger] = site_ledgers(site / "state")
+        assert len({e.run_id for e in ledger.entries() if e.kind == "train"}) == 2, ledger.entries()
+    assert set(found["privacy_spent"]) == {"hospital-a", "hospital-b"}
+    assert all(2.0 < eps <= 4.0 + 1e-9 for eps in found["privacy_spent"].values()), found["privacy_spent"]
+    assert "privacy ledgers after the search" in done.stdout

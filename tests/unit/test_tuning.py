@@ -115,3 +115,37 @@ def test_a_run_that_withholds_the_test_split_cannot_load_it_and_still_knows_the_
         load_test_set(withheld, cache_dir=tmp_path)
     info = load_dataset_info(withheld, cache_dir=tmp_path)
     assert info == load_test_set(compose_config(SMALL), cache_dir=tmp_path)[0]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--parallel", "2"], "--parallel 2 with --dir: in a deployment the trials run one at a time"),
+    (["--state-dir", "s"], "--state-dir with --dir: in a deployment each hospital keeps its own"),
+    (["--cache-dir", "c"], "--cache-dir with --dir"),
+])
+def test_a_deployment_search_refuses_the_options_only_a_simulation_honours(tmp_path, extra, says):
+    from typer.testing import CliRunner
+
+    from medfed.cli.main import app
+
+    done = CliRunner().invoke(app, ["tune", "--dir", str(tmp_path), "--trials", "2", "--out", str(tmp_path / "t"),
+                                    *extra], env={"COLUMNS": "300"})
+    assert done.exit_code != 0 and says in " ".join(done.output.split()), done.output
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_spend_a_deployment_search_reports_is_each_hospitals_largest_reported_epsilon(tmp_path):
+    import json
+
+    from medfed.simulation.tuning import reported_spend
+
+    runs = []
+    for number, rounds in enumerate([[{"a": 0.5, "b": 0.4}, {"a": 1.0, "b": None}], [{"a": 1.7}]]):
+        run = tmp_path / f"trial-{number}"
+        run.mkdir()
+        lines = [{"round": r + 1, "sites": {site: ({"epsilon": eps} if eps is not None else {})
+                                            for site, eps in sites.items()}} for r, sites in enumerate(rounds)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        runs.append(run)
+    runs.append(tmp_path / "trial-never-started")  # a trial whose launch failed: no run directory
+
+    assert reported_spend(runs) == {"a": 1.7, "b": 0.4}
