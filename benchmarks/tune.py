@@ -82,7 +82,7 @@ def main() -> None:
 
     best, default, central = (_summary(args.work / k) for k in ("best", "default", "centralized"))
     trials = found["trials"]
-    states = {s: sum(1 for t in trials if t["state"] == s) for s in ("complete", "pruned", "failed")}
+    states = {s: sum(1 for t in trials if t["state"] == s) for s in ("complete", "pruned", "failed", "repeat")}
     best_trial = found["best"]
     best_auc = _test_auc(best)
     results = {
@@ -113,7 +113,8 @@ def main() -> None:
         f"| centralized baseline, default recipe | {results['centralized']['val_auc']:.4f} | "
         f"{results['centralized']['test_auc']:.4f} | {central_wall:.0f} |", "",
         f"The search: {len(trials)} trials ({states['complete']} complete, {states['pruned']} pruned by the median "
-        f"pruner, {states['failed']} failed) in {tune_wall / 60:.1f} min wall, one trial at a time "
+        f"pruner, {states['failed']} failed, {states['repeat']} a recipe already run) in {tune_wall / 60:.1f} min "
+        f"wall, {'one trial' if args.parallel == 1 else f'{args.parallel} trials'} at a time "
         f"(`--parallel {args.parallel}`). Best trial's values: "
         + ", ".join(f"`{k}={v}`" for k, v in best_trial["params"].items()) + ".", "",
         f"Floor (issue 26): validation-selected test AUC >= {FLOOR} with the default smallcnn: "
