@@ -64,11 +64,26 @@ class DeploymentTrial:
     def ended(self) -> bool:
         if self.target.summary_path.exists():
             return True
-        if time.monotonic() >= self._next_status:
-            self._next_status = time.monotonic() + self.STATUS_EVERY_S
+        if time.monotonic() < self._next_status:
+            return False
+        self._next_status = time.monotonic() + self.STATUS_EVERY_S
+        try:
             status = self.coordinator.status(self.run_id)
-            self.status = str(status[0].get("status", "")) if status else ""
-        return self.status.startswith("finished")  # (failure() looks for the summary once more)
+        except MedfedError as exc:  # the coordinator restarting: ask again later (--trial-timeout bounds the wait)
+            logger.warning("run %s: the coordinator did not answer (%s); asking again in %.0f s", self.run_id, exc,
+                           self.STATUS_EVERY_S)
+            return False
+        self.status = str(status[0].get("status", "")) if status else ""
+        if not self.status.startswith("finished"):
+            return False
+        # a coordinator restart resumes a run that was cut off as a new run writing the same directory: follow it
+        resumed = self.coordinator.runs().get(str(self.run_id), {}).get("resumed-as")
+        if resumed is not None and not self.target.summary_path.exists():
+            logger.info("run %s was resumed as run %s after a coordinator restart; following it", self.run_id,
+                        resumed)
+            self.run_id, self.status = int(resumed), ""
+            return False
+        return True  # (failure() looks for the summary once more)
 
     def failure(self) -> str | None:
         if self.target.summary_path.exists():
