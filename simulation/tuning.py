@@ -185,6 +185,7 @@ class TrialResult:
     wall_s: float
     run_dir: str
     error: str | None = None
+    started_s: float = 0.0  # when it started, seconds after the search did (trials run at once overlap)
 
 
 @dataclass
@@ -275,6 +276,7 @@ class _Trials:
 
     def __init__(self, out: Path, base: list[str], space: list[Param], *, launcher: Launcher,
                  trial_timeout_s: float, progress: Callable[[str], None], rounds: int) -> None:
+        self.started = time.monotonic()
         self.out, self.base, self.space = out, base, space
         self.launcher = launcher
         self.trial_timeout_s = trial_timeout_s
@@ -301,7 +303,8 @@ class _Trials:
         overrides = [*self.base, *(f"{k}={_value(v)}" for k, v in params.items()), WITHHOLD_TEST]
         run_dir = (self.out / f"trial-{trial.number:03d}").resolve()
         started = time.monotonic()
-        result = TrialResult(trial.number, "failed", params, None, None, 0, 0.0, str(run_dir))
+        result = TrialResult(trial.number, "failed", params, None, None, 0, 0.0, str(run_dir),
+                             started_s=started - self.started)
         run: TrialRun | None = None
         seen, best = 0, -math.inf
         try:

@@ -41,9 +41,10 @@ def test_a_three_trial_tune_writes_a_recipe_that_reproduces_its_best_trial_witho
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: [0.000001, 0.003]\ntrain.local_epochs: {low: 1, high: 2}\n")
 
-    # Execute: the search, then the best recipe as a normal run (which reads the test split once)
+    # Execute: the search, two trials at a time, then the best recipe as a normal run (which reads the test split
+    # once)
     result = _medfed(["tune", *FEDERATION, "--trials", "3", "--space", str(space), "--out", "tune",
-                      "--cache-dir", "cache"], tmp_path)
+                      "--cache-dir", "cache", "--parallel", "2"], tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     found = json.loads((tmp_path / "tune" / "tune.json").read_text())
     again = _medfed(["simulate", "--config-file", "tune/best.yaml", "--run-dir", "again", "--cache-dir", "cache"],
@@ -54,6 +55,11 @@ def test_a_three_trial_tune_writes_a_recipe_that_reproduces_its_best_trial_witho
     # (2-round trials are never pruned; a recipe the sampler proposes again is not run again: state "repeat")
     assert [t["number"] for t in found["trials"]] == [0, 1, 2]
     assert {t["state"] for t in found["trials"]} <= {"complete", "repeat"}, found["trials"]
+    # trials 0 and 1 ran at once (each a simulation process of its own)
+    first, second = found["trials"][0], found["trials"][1]
+    assert "(2 at a time)" in result.stdout
+    assert second["state"] == "repeat" or abs(first["started_s"] - second["started_s"]) < min(
+        first["wall_s"], second["wall_s"]), found["trials"]
     for trial in (t for t in found["trials"] if t["state"] == "complete"):
         run = Path(trial["run_dir"]) if Path(trial["run_dir"]).is_absolute() else tmp_path / trial["run_dir"]
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
