@@ -374,7 +374,10 @@ def reported_spend(run_dirs: Sequence[Path]) -> dict[str, float]:
     what the coordinator can know of the hospitals' ledgers."""
     spent: dict[str, float] = {}
     for run_dir in run_dirs:
-        for record in RunDirectory(run_dir).read_metrics():
+        run = RunDirectory(run_dir)
+        # the rounds' lines, and the summary (its figures include the releases after the last round)
+        records = [*run.read_metrics(), *([run.read_summary()] if run.summary_path.is_file() else [])]
+        for record in records:
             for site, entry in (record.get("sites") or {}).items():
                 epsilon = entry.get("epsilon")
                 if isinstance(epsilon, (int, float)) and math.isfinite(epsilon):

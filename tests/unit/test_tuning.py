@@ -146,6 +146,8 @@ def test_the_spend_a_deployment_search_reports_is_each_hospitals_largest_reporte
                                             for site, eps in sites.items()}} for r, sites in enumerate(rounds)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
         runs.append(run)
+    # the first run's summary: b's releases after the last round (calibration) took it to 0.6
+    (runs[0] / "summary.json").write_text(json.dumps({"sites": {"a": {"epsilon": 1.1}, "b": {"epsilon": 0.6}}}))
     runs.append(tmp_path / "trial-never-started")  # a trial whose launch failed: no run directory
 
-    assert reported_spend(runs) == {"a": 1.7, "b": 0.4}
+    assert reported_spend(runs) == {"a": 1.7, "b": 0.6}
