@@ -60,11 +60,15 @@ def test_the_default_space_follows_the_strategy_and_privacy_and_overrides_pin_ke
     assert "train.local_steps" in fedprox and "train.local_epochs" not in fedprox
     assert "train.local_epochs" in dp and "train.local_steps" not in dp
     assert "train.local_epochs" in {p.key for p in default_space(compose_config([*SMALL, "train.local_epochs=2"]))}
-    # every default range composes at both ends (a key that does not exist would be refused)
+    # every default range composes at both ends, and every choice (a key that does not exist would be refused);
+    # the keys are independent, so each config takes one value of every key at once
     for extra in (["strategy=fedadam", "privacy=dp"], ["strategy=fedprox"]):
-        for p in default_space(compose_config([*SMALL, *extra])):
-            for value in p.choices or (p.low, p.high):
-                compose_config([*SMALL, *extra, f"{p.key}={value}"])
+        space = default_space(compose_config([*SMALL, *extra]))
+        for i in range(max(len(p.choices or (p.low, p.high)) for p in space)):
+            values = [f"{p.key}={(p.choices or (p.low, p.high))[min(i, len(p.choices or (1, 2)) - 1)]}"
+                      for p in space]
+            cfg = compose_config([*SMALL, *extra, *values])
+            assert cfg.train.batch_size in (16, 32, 64) and cfg.train.lr in (1e-4, 3e-2)
 
 
 def test_a_recipe_file_round_trips_and_the_command_line_wins(tmp_path):
