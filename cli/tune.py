@@ -112,11 +112,13 @@ def tune(
     overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides of the federation (key=value).")] = None,
     trials: Annotated[int, typer.Option("--trials", help="How many recipes to try.")] = 20,
     space: Annotated[str, typer.Option(
-        "--space", help="`default` (lr, local epochs, batch, optimizer, schedule, weight decay, the strategy's own "
+        "--space", help="`default` (lr, local steps (epochs under DP-SGD), batch, optimizer, schedule, weight decay, "
+        "the strategy's own "
         "options, the clipping norm under DP) or a YAML file mapping each key to `{low: A, high: B}` (add `log: "
         "true` for a log scale) or to a list of choices.")] = "default",
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Where the trials' run directories, tune.json and best.yaml go (default runs/tune-<time>).")] = None,
+        "--out", help="Where the trials' run directories, tune.json and best.yaml go (default runs/tune-<time>).",
+    )] = None,
     parallel: Annotated[int, typer.Option(
         "--parallel", help="Trials run at once (each a simulation of its own: give each enough cores).")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="The sampler's seed.")] = 0,

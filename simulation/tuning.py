@@ -3,10 +3,11 @@
 Optuna (a maintained library: TPE sampler, median pruner) proposes the recipe of each trial; every trial is a
 normal run in its own run directory (``<out>/trial-NNN``), followed through its ``metrics.jsonl``: a `medfed
 simulate` process of its own (:func:`simulation_launcher`), or, with `medfed tune --dir`, a real run on a
-coordinator's hospitals (``medfed.cli.tune.deployment_launcher``, whose hospitals' own ledgers are charged). After each round the trial reports the best federated validation AUC so far
-(the weighted mean of the hospitals' validation AUCs, model selection's number) and the pruner stops a trial that
-trails the median of the earlier trials at the same round (the process is stopped by its PID). A trial's value is
-the validation AUC of its best-validation round.
+coordinator's hospitals (``medfed.cli.tune.deployment_launcher``, whose hospitals' own ledgers are charged). After
+each round the trial reports the best federated validation AUC so far (the weighted mean of the hospitals'
+validation AUCs, model selection's number) and the pruner stops a trial that trails the median of the earlier
+trials at the same round (the run is stopped: a simulation's process by its PID, a deployment's run on the
+coordinator). A trial's value is the validation AUC of its best-validation round.
 
 The test split is never read by the search: every trial runs with ``evaluate.test_split=false``, under which the
 data loader refuses the test split (:class:`medfed.common.data.WithheldTestSplit`) and no test metric is computed.
@@ -40,8 +41,8 @@ from medfed.common.errors import ConfigError, MedfedError
 from medfed.common.processes import stop_tree
 from medfed.server.runs import RunDirectory
 
-__all__ = ["Launcher", "Param", "SimulatedTrial", "TrialResult", "TrialRun", "TuneResult", "default_space", "read_space",
-           "reported_spend", "run_tune", "simulation_launcher", "space_from"]
+__all__ = ["Launcher", "Param", "SimulatedTrial", "TrialResult", "TrialRun", "TuneResult", "default_space",
+           "read_space", "reported_spend", "run_tune", "simulation_launcher", "space_from"]
 
 logger = logging.getLogger(__name__)
 
