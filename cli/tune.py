@@ -56,6 +56,7 @@ class DeploymentTrial:
         self.coordinator = open_coordinator(directory)
         self.run_id, self.run_dir, _ = launch_run(directory, overrides, run_dir)
         self.target = RunDirectory(self.run_dir)
+        self.log = log
         self.status = ""
         self._next_status = time.monotonic() + self.STATUS_EVERY_S
         log.write_text(f"run {self.run_id} launched on the coordinator {directory} -> {self.run_dir}\nits ServerApp "
@@ -70,8 +71,8 @@ class DeploymentTrial:
         try:
             status = self.coordinator.status(self.run_id)
         except MedfedError as exc:  # the coordinator restarting: ask again later (--trial-timeout bounds the wait)
-            logger.warning("run %s: the coordinator did not answer (%s); asking again in %.0f s", self.run_id, exc,
-                           self.STATUS_EVERY_S)
+            logger.warning("run %s: the coordinator did not answer (%s); asking again in %.0f s", self.run_id,
+                           str(exc).splitlines()[0][:200], self.STATUS_EVERY_S)
             return False
         self.status = str(status[0].get("status", "")) if status else ""
         if not self.status.startswith("finished"):
@@ -79,8 +80,11 @@ class DeploymentTrial:
         # a coordinator restart resumes a run that was cut off as a new run writing the same directory: follow it
         resumed = self.coordinator.runs().get(str(self.run_id), {}).get("resumed-as")
         if resumed is not None and not self.target.summary_path.exists():
-            logger.info("run %s was resumed as run %s after a coordinator restart; following it", self.run_id,
-                        resumed)
+            logger.warning("run %s was resumed as run %s after a coordinator restart; following it", self.run_id,
+                           resumed)
+            with self.log.open("a", encoding="utf-8") as handle:
+                handle.write(f"resumed as run {resumed} after a coordinator restart; its log: medfed runs logs "
+                             f"{resumed} --dir {self.directory}\n")
             self.run_id, self.status = int(resumed), ""
             return False
         return True  # (failure() looks for the summary once more)
@@ -100,7 +104,18 @@ class DeploymentTrial:
 
 
 def deployment_launcher(directory: Path) -> Launcher:
-    """Trials as real runs on the coordinator in ``directory``."""
+    """Trials as real runs on the coordinator in ``directory``; refused (before anything is written) when it is no
+    coordinator directory or its coordinator does not answer."""
+    from medfed.cli.coordination import open_coordinator
+    from medfed.common.errors import ServiceUnavailable
+
+    coordinator = open_coordinator(directory)
+    try:
+        coordinator.status()
+    except MedfedError as exc:
+        raise ServiceUnavailable(
+            f"The coordinator in {directory} does not answer ({str(exc).splitlines()[0][:300]}). Start it first: "
+            f"medfed coordinator start --dir {directory}") from None
 
     def launch(run_dir: Path, overrides: list[str], log: Path) -> TrialRun:
         return DeploymentTrial(directory, run_dir, overrides, log)
@@ -179,12 +194,20 @@ def tune(
         console.print("privacy ledgers after the search, as the hospitals reported them (earlier runs included): " +
                       ", ".join(f"{site} epsilon {eps:.3g}" for site, eps in sorted(result.privacy_spent.items())),
                       highlight=False)
+    if result.interrupted:
+        err_console.print(f"interrupted after {len(result.trials)} trial(s): the runs in progress were stopped; "
+                          f"{target}/tune.json holds every trial so far", highlight=False)
     if result.best is None:
-        fail(MedfedError(f"no trial completed; see the trial logs in {target}/"))
+        if result.interrupted:
+            raise typer.Exit(130)
+        fail(MedfedError(f"no trial completed; each trial's reason is in {target}/tune.json and the table above"))
         return
+    again = (f"medfed train --dir {coordinator} --config-file {result.best_config}" if coordinator is not None
+             else f"medfed simulate --config-file {result.best_config}")
     console.print(f"best: trial {result.best.number}, validation AUC {result.best.val_auc:.4f}; recipe "
-                  f"{result.best_config}\nrun it (with the test set): medfed simulate --config-file "
-                  f"{result.best_config}", highlight=False, soft_wrap=True)
+                  f"{result.best_config}\nrun it (with the test set): {again}", highlight=False, soft_wrap=True)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
 def _check_deployment_options(*, parallel: int, cache_dir: Path | None, state_dir: Path | None) -> None:

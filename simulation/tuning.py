@@ -21,15 +21,17 @@ ledgers like any run (tuning spends privacy too): the trials share one state fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,9 +180,13 @@ class TrialResult:
     """One trial: its recipe, what it reached on validation, how it ended."""
 
     number: int
-    state: str  # complete | pruned | failed | repeat (the sampler proposed a recipe already run: its value reused)
+    # complete | pruned | failed | interrupted (the search was stopped meanwhile: its run stopped too) | repeat (the
+    # sampler proposed a recipe already run: its value reused)
+    state: str
     params: dict[str, Any]
-    val_auc: float | None  # its best-validation round's weighted validation AUC (the trial's value)
+    # its best-validation round's weighted validation AUC (the trial's value); a pruned or interrupted trial's best
+    # so far
+    val_auc: float | None
     best_round: int | None
     rounds: int  # rounds it recorded
     wall_s: float
@@ -201,6 +207,7 @@ class TuneResult:
     space: list[str]
     # under DP: each simulated hospital's ledger (by its data's fingerprint): the epsilon the whole search spent
     privacy_spent: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: the trials before it, and its runs stopped
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -285,6 +292,7 @@ class _Trials:
         self.rounds = rounds
         self.results: dict[int, TrialResult] = {}
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # the search was interrupted: every trial stops its run
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -321,11 +329,13 @@ class _Trials:
                         trial.report(best, int(record["round"]))
                     seen += 1
                     if math.isfinite(best) and int(record["round"]) < self.rounds and trial.should_prune():
-                        result.state = "pruned"
+                        result.state, result.val_auc = "pruned", best
                         raise optuna.TrialPruned(f"round {record['round']}: best validation AUC {best:.4f} trails "
                                                  "the median of the earlier trials")
                 if done:
                     break
+                if self.stopping.is_set():
+                    raise KeyboardInterrupt
                 if time.monotonic() - started > self.trial_timeout_s:
                     result.error = f"ran past --trial-timeout {self.trial_timeout_s:g} s"
                     raise RuntimeError(result.error)
@@ -347,6 +357,13 @@ class _Trials:
         except MedfedError as exc:  # the launch was refused (e.g. the coordinator did not answer): a failed trial
             result.error = str(exc)
             raise RuntimeError(result.error) from None
+        except KeyboardInterrupt:  # the search was interrupted: this trial's run is stopped (finally)
+            self.stopping.set()
+            result.state, result.error = "interrupted", "the search was interrupted"
+            result.val_auc = best if math.isfinite(best) else None
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError(result.error) from None  # (a worker of --parallel: recorded, the others stop)
+            raise
         finally:
             if run is not None and not run.ended():
                 run.stop()  # a pruned or timed-out trial
@@ -367,6 +384,27 @@ def _ledger_spend(state_dir: Path, delta: float) -> dict[str, float]:
 
     return {ledger.fingerprint: float(epsilon_spent(ledger.entries(), delta))
             for ledger in site_ledgers(state_dir) if ledger.entries()}
+
+
+@contextlib.contextmanager
+def _interruptible(stopping: threading.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM (a closed terminal, a service stop) set ``stopping``, which every trial checks to stop its
+    run, and raise KeyboardInterrupt in the main thread. Without this a SIGTERM would end the command and leave the
+    running trial's run going (on a coordinator, until it finished)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+        raise KeyboardInterrupt
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def reported_spend(run_dirs: Sequence[Path]) -> dict[str, float]:
@@ -441,8 +479,15 @@ def run_tune(
     runner = _Trials(out, base, params, launcher=launcher or simulation_launcher(cache_dir=cache_dir, state_dir=state),
                      trial_timeout_s=trial_timeout_s, progress=progress, rounds=rounds)
     started = time.monotonic()
-    # a failed trial is recorded and the search goes on (one bad recipe never ends a search)
-    study.optimize(runner, n_trials=trials, n_jobs=parallel, catch=(RuntimeError,))
+    interrupted = False
+    try:
+        with _interruptible(runner.stopping):
+            # a failed trial is recorded and the search goes on (one bad recipe never ends a search)
+            study.optimize(runner, n_trials=trials, n_jobs=parallel, catch=(RuntimeError,))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running trials' runs were stopped; keep what was found
+        interrupted = True
+        progress(f"interrupted: the running trials' runs were stopped; {out}/tune.json and best.yaml hold the "
+                 "trials that completed")
     results = [runner.results[n] for n in sorted(runner.results)]
     complete = [r for r in results if r.state == "complete" and r.val_auc is not None]
     best = max(complete, key=lambda r: (r.val_auc, -r.number)) if complete else None
@@ -460,6 +505,6 @@ def run_tune(
     else:  # a deployment's ledgers are the hospitals' own: what they reported
         spent = reported_spend([Path(r.run_dir) for r in results if r.state != "repeat"])
     result = TuneResult(results, best, best_config, time.monotonic() - started, base, [p.describe() for p in params],
-                        spent)
+                        spent, interrupted=interrupted)
     (out / "tune.json").write_text(json.dumps(result.as_dict(), indent=1, default=str) + "\n", encoding="utf-8")
     return result

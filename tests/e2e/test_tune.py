@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,51 @@ def test_a_dp_tune_asks_first_and_charges_every_trial_to_the_hospitals_ledgers(t
     found = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert len(found["privacy_spent"]) == 2 and all(0 < e <= 2 * 2 + 1e-9 for e in found["privacy_spent"].values())
     assert "privacy spent by the whole search" in result.stdout
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs of the processes whose command line names ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_sigterm_stops_the_running_trial_and_keeps_what_the_search_found(tmp_path):
+    # Prepare: a search whose trials take several rounds
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "200"}
+    out = tmp_path / "tune"
+    proc = subprocess.Popen([sys.executable, "-m", "medfed.cli.main", "tune", *FEDERATION, "train.rounds=30",
+                             "--trials", "3", "--out", str(out), "--cache-dir", "cache"], cwd=tmp_path, env=env,
+                            text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        # Execute: SIGTERM to the command alone (as a service stop sends it) once its first trial has a round
+        deadline = time.monotonic() + 240
+        while not (out / "trial-000" / "metrics.jsonl").is_file() or not (
+                out / "trial-000" / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    # Assert: the command says so and exits 130, the trial's simulation is gone, tune.json keeps the trial
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted after 1 trial(s)" in output
+    assert _processes_naming(str(out / "trial-000")) == []
+    found = json.loads((out / "tune.json").read_text())
+    assert found["interrupted"] is True
+    [trial] = found["trials"]
+    assert trial["state"] == "interrupted" and 1 <= trial["rounds"] < 30 and found["best"] is None

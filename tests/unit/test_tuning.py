@@ -122,6 +122,7 @@ def test_a_run_that_withholds_the_test_split_cannot_load_it_and_still_knows_the_
 
 
 @pytest.mark.parametrize("extra, says", [
+    ([], "is not a coordinator directory; create it with `medfed coordinator init`"),  # checked before any trial
     (["--parallel", "2"], "--parallel 2 with --dir: in a deployment the trials run one at a time"),
     (["--state-dir", "s"], "--state-dir with --dir: in a deployment each hospital keeps its own"),
     (["--cache-dir", "c"], "--cache-dir with --dir"),
