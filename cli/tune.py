@@ -15,7 +15,7 @@ from rich.table import Table
 
 from medfed.cli.display import fail, folded, make_console
 from medfed.common.config import compose_config, overrides_with_config_file
-from medfed.common.errors import ConfigError, MedfedError
+from medfed.common.errors import MedfedError
 
 if TYPE_CHECKING:
     from medfed.simulation.tuning import Launcher, TrialRun
@@ -212,13 +212,13 @@ def tune(
 
 def _check_deployment_options(*, parallel: int, cache_dir: Path | None, state_dir: Path | None) -> None:
     """Refuse the options of a simulated search that a deployment's search cannot honour."""
-    if parallel != 1:
-        raise ConfigError(f"--parallel {parallel} with --dir: in a deployment the trials run one at a time (each is "
-                          "a run on every hospital's machine); drop --parallel.")
+    if parallel != 1:  # (usage errors of the command line, not of a config key)
+        raise typer.BadParameter(f"--parallel {parallel} with --dir: in a deployment the trials run one at a time "
+                                 "(each is a run on every hospital's machine); drop --parallel.")
     for name, value in (("--cache-dir", cache_dir), ("--state-dir", state_dir)):
         if value is not None:
-            raise ConfigError(f"{name} with --dir: in a deployment each hospital keeps its own data cache and privacy "
-                              f"ledger on its machine; drop {name}.")
+            raise typer.BadParameter(f"{name} with --dir: in a deployment each hospital keeps its own data cache and "
+                                     f"privacy ledger on its machine; drop {name}.")
 
 
 def _short(value: object) -> str:
