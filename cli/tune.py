@@ -168,7 +168,6 @@ def tune(
             err_console.print(notice, highlight=False, markup=False)
             if not yes and not typer.confirm("Start the search?", default=False, err=True):
                 raise typer.Exit(1)
-        console.print(f"tuning {trials} trials ({parallel} at a time) -> {target}", highlight=False)
         result = run_tune(base, trials=trials, space=space, out=target, parallel=parallel, seed=seed,
                           cache_dir=cache_dir, state_dir=state_dir, trial_timeout_s=trial_timeout, launcher=launcher,
                           progress=lambda line: err_console.print(line, highlight=False, markup=False))

@@ -465,6 +465,7 @@ def run_tune(
         raise ConfigError(f"--out {out} already holds a search (tune.json or trial-* folders); choose another --out "
                           "(each trial is a run directory of its own).")
     out.mkdir(parents=True, exist_ok=True)
+    progress(f"tuning {trials} trials ({parallel} at a time) -> {out}")  # (once every check has passed)
     state = state_dir if state_dir is not None else out / "state"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rounds = cfg.train.rounds
