@@ -3,12 +3,14 @@ again, the test split never read by the search, a DP search charged to the hospi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ pytestmark = pytest.mark.e2e
 FEDERATION = ["dataset.n_train=240", "dataset.n_test=80", "federation.hospitals=2", "train.rounds=2"]
 
 
-def _medfed(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+@contextlib.contextmanager
+def _started(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    """`medfed ARGS...` in a session of its own (output and errors on one pipe); afterwards the whole session is
+    killed by its PID (the trials included)."""
     env = {**os.environ, "FLWR_HOME": str(cwd / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO_ROOT),
            "COLUMNS": "200"}
@@ -27,14 +32,19 @@ def _medfed(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
                             stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+        yield proc
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # by PID: the session we started (trials included)
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+
+def _medfed(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    with _started(args, cwd) as proc:
+        out, _ = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 def test_a_three_trial_tune_writes_a_recipe_that_reproduces_its_best_trial_without_reading_the_test_split(tmp_path):
@@ -126,14 +136,9 @@ def _processes_naming(text: str) -> list[int]:
 
 def test_a_sigterm_stops_the_running_trial_and_keeps_what_the_search_found(tmp_path):
     # Prepare: a search whose trials take several rounds
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "200"}
     out = tmp_path / "tune"
-    proc = subprocess.Popen([sys.executable, "-m", "medfed.cli.main", "tune", *FEDERATION, "train.rounds=30",
-                             "--trials", "3", "--out", str(out), "--cache-dir", "cache"], cwd=tmp_path, env=env,
-                            text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
+    args = ["tune", *FEDERATION, "train.rounds=30", "--trials", "3", "--out", str(out), "--cache-dir", "cache"]
+    with _started(args, tmp_path) as proc:
         # Execute: SIGTERM to the command alone (as a service stop sends it) once its first trial has a round
         deadline = time.monotonic() + 240
         while not (out / "trial-000" / "metrics.jsonl").is_file() or not (
@@ -142,12 +147,6 @@ def test_a_sigterm_stops_the_running_trial_and_keeps_what_the_search_found(tmp_p
             time.sleep(0.5)
         os.kill(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
 
     # Assert: the command says so and exits 130, the trial's simulation is gone, tune.json keeps the trial
     assert proc.returncode == 130, output[-3000:]
