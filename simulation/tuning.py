@@ -367,7 +367,9 @@ class _Trials:
         finally:
             if run is not None and not run.ended():
                 run.stop()  # a pruned or timed-out trial
-            result.rounds = max(result.rounds, seen)
+            # the rounds its run directory holds once the run has stopped (a round written between the last read
+            # and an interruption counts too)
+            result.rounds = max(result.rounds, seen, len(RunDirectory(run_dir).read_metrics()))
             result.wall_s = time.monotonic() - started
             with self._lock:
                 self.results[trial.number] = result
