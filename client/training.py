@@ -25,7 +25,7 @@ from torch import nn
 
 from medfed.client.frozen_features import ViewMeanCrossEntropy, frozen_head, has_fixed_front_end
 from medfed.common.config import AugmentConfig, TrainConfig
-from medfed.common.data import ArrayDataset, AugmentedDataset, build_augmentation
+from medfed.common.data import ArrayDataset, build_batch_augmentation
 from medfed.common.hardware import amp_dtype, needs_grad_scaler, resolve_device, use_channels_last
 
 __all__ = [
@@ -151,43 +151,30 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
 
 
 def _batches(
-    data: ArrayDataset, cfg: TrainConfig, spatial_dims: int, generator: torch.Generator, seed: int
+    data: ArrayDataset, cfg: TrainConfig, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
-    if augment is None:  # each batch read by one indexing op (from memory, or from the site's disk cache)
-        order = torch.randperm(len(data), generator=generator)
-        if cfg.loader_workers == 0 and not cfg.pin_memory:
-            labels = torch.from_numpy(data.labels)
-            for start in range(0, len(data), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                yield torch.from_numpy(np.ascontiguousarray(data.images[idx.numpy()])), labels[idx]
-            return
-        # the same batches, read ahead by worker processes and/or into pinned memory (the site's loader settings)
-        yield from torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size,
-                                               sampler=order.tolist(), collate_fn=_as_batched, **_loading(cfg))
+    """One shuffled pass in batches, each read by one indexing op (from memory, or from the site's disk cache)."""
+    order = torch.randperm(len(data), generator=generator)
+    if cfg.loader_workers == 0 and not cfg.pin_memory:
+        labels = torch.from_numpy(data.labels)
+        for start in range(0, len(data), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            yield torch.from_numpy(np.ascontiguousarray(data.images[idx.numpy()])), labels[idx]
         return
-    yield from torch.utils.data.DataLoader(
-        AugmentedDataset(data, augment), batch_size=cfg.batch_size, shuffle=True, generator=generator,
-        **_loading(cfg, augment)
-    )
+    # the same batches, read ahead by worker processes and/or into pinned memory (the site's loader settings)
+    yield from torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size,
+                                           sampler=order.tolist(), collate_fn=_as_batched, **_loading(cfg))
 
 
-def _loading(cfg: TrainConfig, augment: Any = None) -> dict[str, Any]:
+def _loading(cfg: TrainConfig) -> dict[str, Any]:
     """A DataLoader's worker and memory options from ``train.loader_workers`` / ``train.pin_memory`` (a site's
-    config sets them). Each worker reseeds its copy of the augmentation (by its id), so workers draw different
-    augmentations; the batches' membership and order never depend on the workers."""
+    config sets them). Augmentation runs on whole batches after loading (:class:`BatchAugmentation`), so the
+    workers only read; the batches' membership and order never depend on them."""
     # (pinned memory only speeds copies to a GPU; without one torch would warn and ignore it, at a cost)
     options: dict[str, Any] = {"num_workers": cfg.loader_workers,
                                "pin_memory": cfg.pin_memory and torch.cuda.is_available()}
     if cfg.loader_workers > 0:
         options["persistent_workers"] = False
-        if augment is not None and hasattr(augment, "set_random_state"):
-            base = derive_seed(cfg.seed, "loader")
-
-            def reseed(worker: int) -> None:
-                augment.set_random_state(seed=(base + worker) % 2**32)
-
-            options["worker_init_fn"] = reseed
     return options
 
 
@@ -267,8 +254,11 @@ def train_epochs(
                      else nn.CrossEntropyLoss(weight=weight, reduction="mean"))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    # train.augment: drawn at every step for each image of the batch, on the training device (the cached features
+    # of a fixed front end take none: their views were drawn once)
+    augment = build_batch_augmentation(cfg.augment, spatial_dims, seed=derive_seed(seed, "augment"))
     precision = amp_dtype(str(cfg.amp), device, dp=privacy is not None)  # (refused under DP before Opacus wraps)
-    private = _make_private(trained, optimizer, criterion, data, cfg, spatial_dims, seed, privacy) if privacy \
+    private = _make_private(trained, optimizer, criterion, data, cfg, seed, privacy) if privacy \
         else None
     forward: Callable[[torch.Tensor], Any] = private.model if private else trained
     if private is not None:
@@ -298,7 +288,7 @@ def train_epochs(
     total_loss, total_seen, steps, epoch = 0.0, 0, 0, 0
     while (steps < max_steps) if max_steps else (epoch < epochs):
         batches = (private.epoch_batches() if private
-                   else contextlib.nullcontext(_batches(data, cfg, spatial_dims, generator, seed + epoch)))
+                   else contextlib.nullcontext(_batches(data, cfg, generator)))
         epoch += 1
         with batches as epoch_batches:
             for images, labels in epoch_batches:
@@ -307,6 +297,8 @@ def train_epochs(
                 if step_lr is not None:
                     set_lr(optimizer, step_lr((steps + 1) / planned))
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if augment is not None:
+                    images = augment(images)
                 optimizer.zero_grad(set_to_none=True)
                 if per_sample_only:
                     images.requires_grad_(True)
@@ -418,7 +410,6 @@ def _make_private(
     criterion: nn.Module,
     data: ArrayDataset,
     cfg: TrainConfig,
-    spatial_dims: int,
     seed: int,
     privacy: DPTraining,
 ) -> _PrivateTraining:
@@ -428,14 +419,10 @@ def _make_private(
 
     import medfed.client.grad_samplers  # noqa: F401  (registers medfed's faster convolution per-sample gradients)
 
-    augment = build_augmentation(cfg.augment, spatial_dims, seed=seed)
     generator = None if privacy.secure_mode else torch.Generator().manual_seed(seed)
-    if augment is not None:
-        loader = torch.utils.data.DataLoader(AugmentedDataset(data, augment), batch_size=cfg.batch_size,
-                                             generator=generator, **_loading(cfg, augment))
-    else:  # whole batches by one indexing op, not image by image and stacked (as the non-DP path does)
-        loader = torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size, generator=generator,
-                                             collate_fn=_as_batched, **_loading(cfg))
+    # whole batches by one indexing op, not image by image and stacked (train.augment runs on the loaded batch)
+    loader = torch.utils.data.DataLoader(_BatchedTensors(data), batch_size=cfg.batch_size, generator=generator,
+                                         collate_fn=_as_batched, **_loading(cfg))
     engine = PrivacyEngine(accountant="rdp", secure_mode=privacy.secure_mode)
     noise = None if privacy.secure_mode else torch.Generator().manual_seed(seed + 1)
     ghost = privacy.grad_sample_mode == "ghost"

@@ -127,10 +127,10 @@ def read_space(path: Path) -> list[Param]:
 
 
 def default_space(cfg: Config) -> list[Param]:
-    """The default search: the local recipe (learning rate, local work, batch, optimizer, schedule, weight decay),
-    the configured strategy's own options, and the clipping norm under ``privacy=dp``. Local work is searched in
-    steps per round (the default recipe's unit), or in epochs under DP-SGD (whose plan counts epochs) and where the
-    recipe counts epochs."""
+    """The default search: the local recipe (learning rate, local work, batch, optimizer, schedule, weight decay,
+    augmentation on or off), the configured strategy's own options, and the clipping norm under ``privacy=dp``.
+    Local work is searched in steps per round (the default recipe's unit), or in epochs under DP-SGD (whose plan
+    counts epochs) and where the recipe counts epochs."""
     dp_sgd = isinstance(cfg.privacy, DPConfig)  # (privacy=dp and distributed_dp)
     work = (Param("train.local_epochs", 1, 5, integer=True) if dp_sgd or cfg.train.local_epochs
             else Param("train.local_steps", 10, 200, log=True, integer=True))
@@ -141,6 +141,9 @@ def default_space(cfg: Config) -> list[Param]:
         Param("train.optimizer", choices=("adamw", "sgd")),
         Param("train.lr_schedule", choices=("constant", "cosine")),
         Param("train.weight_decay", 1e-6, 1e-2, log=True),
+        # random flips, rotation with zoom, intensity at every step: small sites gain most (BreastMNIST validation
+        # AUC 0.837 against 0.778 with the default recipe), but not every task does; the search decides
+        Param("train.augment.enabled", choices=(False, True)),
     ]
     strategy = cfg.strategy.name
     if strategy == "fedprox":

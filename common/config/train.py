@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AugmentConfig:
-    """MONAI augmentation applied to training images (2D and 3D): flip, rotate, scale, intensity."""
+    """Augmentation of training images (2D and 3D) at every step: flip, rotate, scale, intensity
+    (:class:`~medfed.common.data.transforms.BatchAugmentation`)."""
 
     enabled: bool = False
     flip_prob: float = 0.5

@@ -21,15 +21,21 @@ from medfed.common.data.federation import (
 from medfed.common.data.medmnist import load_medmnist, medmnist_path
 from medfed.common.data.partition import partition_indices, stratified_split
 from medfed.common.data.synthetic import load_synthetic, scanner_effect
-from medfed.common.data.transforms import AugmentedDataset, build_augmentation, to_tensor_dataset
+from medfed.common.data.transforms import (
+    BatchAugmentation,
+    build_augmentation,
+    build_batch_augmentation,
+    to_tensor_dataset,
+)
 
 __all__ = [
     "ArrayDataset",
-    "AugmentedDataset",
+    "BatchAugmentation",
     "DatasetInfo",
     "DatasetSplits",
     "SiteData",
     "build_augmentation",
+    "build_batch_augmentation",
     "build_sites",
     "cache_key",
     "load_medmnist",

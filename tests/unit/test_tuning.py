@@ -55,6 +55,7 @@ def test_the_default_space_follows_the_strategy_and_privacy_and_overrides_pin_ke
     # Assert: each strategy's own knobs are searched, DP adds the clipping norm, an override is not searched
     assert "strategy.mu" in fedprox and {"strategy.eta", "strategy.tau"} <= fedadam
     assert "privacy.max_grad_norm" in dp and "privacy.max_grad_norm" not in fedprox
+    assert "train.augment.enabled" in fedprox and "train.augment.enabled" in dp
     assert pinned == ["train.lr"] and "train.lr" not in {p.key for p in kept}
     # local work is searched in the recipe's unit: steps by default, epochs under DP-SGD or an epoch recipe
     assert "train.local_steps" in fedprox and "train.local_epochs" not in fedprox
@@ -69,6 +70,7 @@ def test_the_default_space_follows_the_strategy_and_privacy_and_overrides_pin_ke
                       for p in space]
             cfg = compose_config([*SMALL, *extra, *values])
             assert cfg.train.batch_size in (16, 32, 64) and cfg.train.lr in (1e-4, 3e-2)
+            assert cfg.train.augment.enabled is (i > 0)
 
 
 def test_a_recipe_file_round_trips_and_the_command_line_wins(tmp_path):

@@ -140,8 +140,9 @@ def test_dp_batches_are_fetched_whole_and_may_be_empty():
     assert tuple(empty_x.shape) == (0, 1, 2, 2) and tuple(empty_y.shape) == (0,)
 
 
-@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
-def test_loader_workers_and_pinned_memory_train_the_same_weights(tmp_path, private):
+@pytest.mark.parametrize(("private", "augment"), [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["sgd", "dp-sgd", "sgd-augmented", "dp-sgd-augmented"])
+def test_loader_workers_and_pinned_memory_train_the_same_weights(tmp_path, private, augment):
     # Prepare: the images in memory, then on the site's disk (ImageFiles) read ahead by a worker process
     from medfed.client.training import DPTraining
     from medfed.common.data.image_files import ImageFiles
@@ -155,7 +156,7 @@ def test_loader_workers_and_pinned_memory_train_the_same_weights(tmp_path, priva
     privacy = DPTraining(noise_multiplier=0.5, max_grad_norm=1.0) if private else None
     weights = []
     for options in (["train.loader_workers=0"], ["train.loader_workers=1", "train.pin_memory=true"]):
-        cfg = compose_config(["train.batch_size=16", *options])
+        cfg = compose_config(["train.batch_size=16", f"train.augment.enabled={augment}", *options])
         torch.manual_seed(0)
         model = build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2)
 
@@ -166,5 +167,29 @@ def test_loader_workers_and_pinned_memory_train_the_same_weights(tmp_path, priva
         weights.append([p.detach().clone() for p in model.parameters()])
         assert result.num_examples == 40
 
-    # Assert: the batches' membership and order depend neither on where the images are nor on how they are read
+    # Assert: the batches' membership and order, and their augmentation (drawn on the loaded batch), depend neither
+    # on where the images are nor on how they are read
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_augmentation_is_drawn_at_every_step_and_seeded(private):
+    # Prepare
+    from medfed.client.training import DPTraining
+
+    privacy = DPTraining(noise_multiplier=0.5, max_grad_norm=1.0) if private else None
+
+    def trained(augment: bool, seed: int) -> torch.Tensor:
+        cfg = compose_config(["train.batch_size=16", f"train.augment.enabled={augment}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, spatial_dims=2, in_channels=1, n_classes=2)
+        train_epochs(model, _data(40), cfg.train, epochs=2, n_classes=2, spatial_dims=2, seed=seed, privacy=privacy)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    # Execute
+    plain, augmented, again, other_seed = trained(False, 3), trained(True, 3), trained(True, 3), trained(True, 4)
+
+    # Assert
+    assert not torch.equal(plain, augmented)  # the augmentation reached the training steps
+    assert torch.equal(augmented, again)
+    assert not torch.equal(augmented, other_seed)
