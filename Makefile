@@ -33,7 +33,7 @@ mutate: $(VENV)/.installed
 	$(PY) tests/mutate.py
 
 mutate-sample: $(VENV)/.installed
-	$(PY) tests/mutate.py --sample 7
+	$(PY) tests/mutate.py --sample '[13579]7'  # a fixed twentieth: CI's whole run has a 45-minute budget
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/baselines.py

@@ -11,7 +11,8 @@ maps ``medfed.client`` to the folder ``client/`` (as ``tests/typecheck.py`` expl
 package into ``build/mutate/medfed/<part>`` with the tests and runs mutmut there, from scratch each time.
 
     python tests/mutate.py                  # every mutant (tens of minutes on 2 cores)
-    python tests/mutate.py --sample 7       # the mutants whose number ends in 7: a fixed tenth (CI)
+    python tests/mutate.py --sample 7       # the mutants whose number ends in 7: a fixed tenth
+    python tests/mutate.py --sample '[13579]7'   # ... in 17, 37, 57, 77 or 97: a fixed twentieth (CI)
     python tests/mutate.py 'medfed.client.ledger.*'   # the mutants these names match (fnmatch), e.g. one module
     python tests/mutate.py --tests tests/unit/client/test_privacy_planning.py 'medfed.client.privacy.*'
                                             # a quick pass with fewer tests; rerun its survivors by name without it
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,10 +87,19 @@ def results(where: Path) -> dict[str, tuple[Counter[str], list[str]]]:
     return out
 
 
+def _suffix(text: str) -> str:
+    """``--sample``'s ending of a mutant's number: one digit, or one class of digits then a digit."""
+    if re.fullmatch(r"\d|\[\d+\]\d", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ending of a mutant's number; give one digit (7) or a "
+                                         "class of digits and a digit ('[13579]7')")
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample", type=int, choices=range(10), metavar="DIGIT",
-                        help="run only the mutants whose number ends in DIGIT (a fixed tenth of them)")
+    parser.add_argument("--sample", type=_suffix, metavar="ENDING",
+                        help="run only the mutants whose number ends so: a digit (7: a fixed tenth of them) or a "
+                             "digit class then a digit ('[13579]7': a fixed twentieth, CI's)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants checked at once")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"where to run (default {DEFAULT_DIR.relative_to(ROOT)})")
