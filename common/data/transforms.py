@@ -75,7 +75,7 @@ def build_augmentation(
 
 
 class _Augment:
-    """A picklable callable (DataLoader workers may be spawned) that returns a plain float32 tensor."""
+    """A picklable callable that returns a plain float32 tensor (MONAI's output may carry metadata)."""
 
     def __init__(self, compose: Callable[[torch.Tensor], object]) -> None:
         self.compose = compose

@@ -72,7 +72,7 @@ def test_tensor_dataset_shares_memory() -> None:
     assert np.shares_memory(images.numpy(), data.images)
 
 
-def test_augmentation_pickles_for_dataloader_workers() -> None:
+def test_augmentation_pickles() -> None:
     # Prepare
     import pickle
 
